@@ -1,0 +1,246 @@
+//! Where each backend's server comes from: an environment variable, a container, or an
+//! error that says how to get one.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::{LazyLock, Mutex};
+
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, Image, ImageExt};
+use testcontainers_modules::{kafka::apache, mongo, postgres, redis};
+use tokio::sync::OnceCell;
+
+use crate::error::{Error, Result};
+
+/// A server dbps tests run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Backend {
+    /// PostgreSQL, the relational store of most services.
+    Postgres,
+    /// Apache Kafka, the event transport.
+    Kafka,
+    /// MongoDB (or a server speaking its wire protocol), the document store.
+    Mongo,
+    /// Redis, the cache.
+    Redis,
+}
+
+impl Backend {
+    /// The environment variable that names this backend's server.
+    pub const fn env_var(self) -> &'static str {
+        match self {
+            Self::Postgres => "DBPS_POSTGRES_URL",
+            Self::Kafka => "DBPS_KAFKA_BROKERS",
+            Self::Mongo => "DBPS_MONGODB_URI",
+            Self::Redis => "DBPS_REDIS_URL",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Postgres => "postgres",
+            Self::Kafka => "kafka",
+            Self::Mongo => "mongodb",
+            Self::Redis => "redis",
+        })
+    }
+}
+
+/// The address of each backend, resolved at most once per test binary.
+static POSTGRES: OnceCell<String> = OnceCell::const_new();
+static KAFKA: OnceCell<String> = OnceCell::const_new();
+static MONGO: OnceCell<String> = OnceCell::const_new();
+static REDIS: OnceCell<String> = OnceCell::const_new();
+
+/// The address of `backend`'s server, from its variable or a container.
+pub(crate) async fn address(backend: Backend) -> Result<&'static str> {
+    cell(backend)
+        .get_or_try_init(|| resolve(backend, |var| std::env::var(var).ok(), start_container(backend)))
+        .await
+        .map(String::as_str)
+}
+
+/// The address of `backend` if this binary resolved it already.
+pub(crate) fn address_if_resolved(backend: Backend) -> Option<&'static str> {
+    cell(backend).get().map(String::as_str)
+}
+
+fn cell(backend: Backend) -> &'static OnceCell<String> {
+    match backend {
+        Backend::Postgres => &POSTGRES,
+        Backend::Kafka => &KAFKA,
+        Backend::Mongo => &MONGO,
+        Backend::Redis => &REDIS,
+    }
+}
+
+/// Picks the address: the variable if it is set and not empty, else the container that
+/// `start` brings up, else [`Error::NoServer`].
+pub(crate) async fn resolve(
+    backend: Backend,
+    lookup: impl Fn(&str) -> Option<String>,
+    start: impl Future<Output = std::result::Result<String, String>>,
+) -> Result<String> {
+    let var = backend.env_var();
+    if let Some(value) = lookup(var).filter(|v| !v.trim().is_empty()) {
+        return Ok(value.trim().to_owned());
+    }
+    start.await.map_err(|reason| Error::NoServer { backend, var, reason })
+}
+
+/// Containers are started on a runtime of their own that lives as long as the process,
+/// because the tests that share them each run on a runtime that stops when the test ends.
+static CONTAINER_RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("dbps-testkit-containers")
+        .enable_all()
+        .build()
+        .expect("dbps-testkit could not build its container runtime")
+});
+
+/// Started containers, kept alive for the whole test binary.
+static CONTAINERS: Mutex<Vec<(String, Box<dyn Any + Send>)>> = Mutex::new(Vec::new());
+
+/// Statics are never dropped, so `ContainerAsync`'s own removal never runs for shared
+/// containers; remove them when the test binary exits instead.
+#[dtor::dtor(unsafe)]
+fn remove_containers() {
+    let ids: Vec<String> = match CONTAINERS.lock() {
+        Ok(containers) => containers.iter().map(|(id, _)| id.clone()).collect(),
+        Err(_) => return,
+    };
+    if !ids.is_empty() {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "--force", "--volumes"])
+            .args(&ids)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+async fn start_container(backend: Backend) -> std::result::Result<String, String> {
+    let task = CONTAINER_RUNTIME.spawn(async move {
+        match backend {
+            Backend::Postgres => {
+                let image = postgres::Postgres::default().with_tag("16-alpine").with_cmd([
+                    "postgres",
+                    "-c",
+                    "wal_level=logical",
+                    "-c",
+                    "track_commit_timestamp=on",
+                    "-c",
+                    "max_connections=300",
+                ]);
+                let port = keep(image, 5432).await?;
+                Ok(format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"))
+            }
+            Backend::Kafka => {
+                let port = keep(apache::Kafka::default(), apache::KAFKA_PORT.as_u16()).await?;
+                Ok(format!("127.0.0.1:{port}"))
+            }
+            Backend::Mongo => {
+                let port = keep(mongo::Mongo::repl_set().with_tag("7"), 27017).await?;
+                Ok(format!("mongodb://127.0.0.1:{port}/?directConnection=true"))
+            }
+            Backend::Redis => {
+                let port = keep(redis::Redis::default().with_tag("7-alpine"), redis::REDIS_PORT).await?;
+                Ok(format!("redis://127.0.0.1:{port}"))
+            }
+        }
+    });
+    task.await.map_err(|e| format!("container task failed: {e}"))?
+}
+
+/// Starts `image`, keeps the container for the rest of the process and returns the host
+/// port mapped to `port`.
+async fn keep<I>(image: impl Into<testcontainers::ContainerRequest<I>>, port: u16) -> std::result::Result<u16, String>
+where
+    I: Image + 'static,
+{
+    let request: testcontainers::ContainerRequest<I> = image.into();
+    let container: ContainerAsync<I> = request.start().await.map_err(|e| e.to_string())?;
+    let host_port = container.get_host_port_ipv4(port).await.map_err(|e| e.to_string())?;
+    let id = container.id().to_owned();
+    CONTAINERS
+        .lock()
+        .map_err(|_| String::from("container registry poisoned"))?
+        .push((id, Box::new(container)));
+    Ok(host_port)
+}
+
+/// The address with any password replaced, for errors and logs.
+pub(crate) fn redact(address: &str) -> String {
+    let Some((scheme, rest)) = address.split_once("://") else {
+        return address.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return address.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => address.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn variable_wins_over_container() {
+        let address = resolve(
+            Backend::Redis,
+            |var| (var == "DBPS_REDIS_URL").then(|| String::from(" redis://10.0.0.1:6379 ")),
+            async { panic!("no container may be started when the variable is set") },
+        )
+        .await
+        .expect("resolved");
+        assert_eq!(address, "redis://10.0.0.1:6379");
+    }
+
+    #[tokio::test]
+    async fn container_used_when_variable_empty() {
+        let address = resolve(Backend::Kafka, |_| Some(String::new()), async {
+            Ok(String::from("127.0.0.1:32768"))
+        })
+        .await
+        .expect("resolved");
+        assert_eq!(address, "127.0.0.1:32768");
+    }
+
+    #[tokio::test]
+    async fn no_server_error_says_how_to_get_one() {
+        let error = resolve(Backend::Postgres, |_| None, async {
+            Err(String::from("client error: Socket not found: /var/run/docker.sock"))
+        })
+        .await
+        .expect_err("no server anywhere");
+        assert!(matches!(
+            error,
+            Error::NoServer {
+                backend: Backend::Postgres,
+                ..
+            }
+        ));
+        let message = error.to_string();
+        assert!(message.contains("DBPS_POSTGRES_URL is not set"), "{message}");
+        assert!(message.contains("scripts/stack.sh up"), "{message}");
+        assert!(message.contains("docker.sock"), "{message}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://dbps:secret@127.0.0.1:54320/postgres"),
+            "postgres://dbps:***@127.0.0.1:54320/postgres"
+        );
+        assert_eq!(redact("redis://127.0.0.1:63790"), "redis://127.0.0.1:63790");
+        assert_eq!(redact("127.0.0.1:59092"), "127.0.0.1:59092");
+        assert_eq!(redact("mongodb://user@h:1/"), "mongodb://user@h:1/");
+    }
+}
