@@ -81,9 +81,9 @@ impl Drop for TestPostgres {
     fn drop(&mut self) {
         let name = std::mem::take(&mut self.name);
         let admin = self.admin.clone();
-        let pool = self.pool.clone();
+        // The pool's connections live on the test's runtime, which is blocked while the
+        // cleanup runs; FORCE ends them from the server side instead.
         crate::run_cleanup("a postgres test database", async move {
-            pool.close().await;
             let mut conn = admin.connect().await.map_err(|e| e.to_string())?;
             // FORCE ends connections the test may have leaked (PostgreSQL 13 and later).
             conn.execute(sqlx::raw_sql(AssertSqlSafe(format!(

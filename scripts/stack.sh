@@ -1,0 +1,882 @@
+#!/usr/bin/env bash
+# Local development stack for dbps: PostgreSQL, Redis, Kafka (KRaft) and
+# FerretDB (MongoDB wire protocol), all as plain processes on 127.0.0.1 —
+# no Docker needed.
+#
+#   scripts/stack.sh up       install what is missing, start everything, wait until ready
+#   scripts/stack.sh down     stop what `up` started
+#   scripts/stack.sh status   show each server's state (exit 0 all up, 3 otherwise)
+#   scripts/stack.sh env      print the DBPS_* variables:  eval "$(scripts/stack.sh env)"
+#
+# State (data, logs, pid files) lives in <checkout>/.dbps/ (git-ignored).
+# Downloads and builds are cached in ${DBPS_CACHE_DIR:-$HOME/.cache/dbps}.
+#
+# Tunables (environment):
+#   DBPS_CACHE_DIR          download/build cache            (default: $HOME/.cache/dbps)
+#   DBPS_KAFKA_VERSION      org.apache.kafka:kafka_2.13     (default: 4.4.0)
+#   DBPS_FERRETDB_VERSION   github.com/FerretDB/FerretDB    (default: v1.24.2)
+#   DBPS_JAVA               java binary to run Kafka with   (default: first java >= 17 found)
+#   DBPS_KAFKA_HEAP_OPTS    Kafka JVM heap                  (default: -Xmx768m -Xms256m)
+#   DBPS_STACK_TIMEOUT      readiness deadline per server, seconds (default: 120)
+#
+# Users with Docker can use docker-compose.yml at the repo root instead.
+
+set -euo pipefail
+
+# ---------------------------------------------------------------------------
+# Layout and fixed settings
+# ---------------------------------------------------------------------------
+
+SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+ROOT="$(cd -- "$SCRIPT_DIR/.." && pwd -P)"
+DBPS_DIR="$ROOT/.dbps"
+CACHE_DIR="${DBPS_CACHE_DIR:-${HOME:-/root}/.cache/dbps}"
+
+HOST=127.0.0.1
+PG_PORT=54320
+REDIS_PORT=63790
+KAFKA_PORT=59092
+KAFKA_CONTROLLER_PORT=59093
+FERRET_PORT=57017
+FERRET_DEBUG_PORT=58088
+
+PG_USER=dbps
+PG_PASSWORD=dbps
+
+KAFKA_VERSION="${DBPS_KAFKA_VERSION:-4.4.0}"
+FERRET_VERSION="${DBPS_FERRETDB_VERSION:-v1.24.2}"
+KAFKA_HEAP_OPTS="${DBPS_KAFKA_HEAP_OPTS:--Xmx768m -Xms256m}"
+TIMEOUT="${DBPS_STACK_TIMEOUT:-120}"
+
+PG_DIR="$DBPS_DIR/postgres"          # may become a symlink, see pg_prepare_dirs
+REDIS_DIR="$DBPS_DIR/redis"
+KAFKA_DIR="$DBPS_DIR/kafka"
+FERRET_DIR="$DBPS_DIR/ferretdb"
+
+KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
+FERRET_BIN="$CACHE_DIR/ferretdb-$FERRET_VERSION/bin/ferretdb"
+
+SERVERS=(postgres redis kafka ferretdb)
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+is_root() { [[ "$(id -u)" -eq 0 ]]; }
+
+info() { printf '%s\n' "$*"; }
+warn() { printf 'stack.sh: warning: %s\n' "$*" >&2; }
+die() { printf 'stack.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# Path relative to the checkout root, for messages.
+rel() {
+  case "$1" in
+    "$ROOT"/*) printf '%s' "${1#"$ROOT"/}" ;;
+    *) printf '%s' "$1" ;;
+  esac
+}
+
+line() { # name state address [log]
+  if [[ -n "${4:-}" ]]; then
+    printf '%-9s %-9s %-17s (log: %s)\n' "$1" "$2" "$3" "$(rel "$4")"
+  else
+    printf '%-9s %-9s %s\n' "$1" "$2" "$3"
+  fi
+}
+
+# Report a failed server: which one, where its log is, and the log's tail.
+fail_server() { # name log message
+  local name="$1" log="$2" msg="$3"
+  printf '\n%-9s FAILED    %s\n' "$name" "$msg" >&2
+  if [[ -f "$log" ]]; then
+    printf -- '--- last 20 lines of %s ---\n' "$(rel "$log")" >&2
+    tail -n 20 "$log" >&2 || true
+    printf -- '--- end of %s ---\n' "$(rel "$log")" >&2
+  else
+    printf '(no log file at %s)\n' "$(rel "$log")" >&2
+  fi
+  exit 1
+}
+
+# True if something accepts TCP connections on HOST:port.
+port_open() {
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$HOST" "$1" 2>/dev/null
+}
+
+pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+
+# Pid from a pid file if that process is alive and its command line contains
+# the expected word (guards against pid reuse after a reboot).
+live_pid() { # pidfile expected-word
+  local pidfile="$1" word="$2" pid
+  [[ -f "$pidfile" ]] || return 1
+  pid="$(head -n 1 "$pidfile" 2>/dev/null | tr -dc '0-9')"
+  pid_alive "$pid" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$word" || return 1
+  printf '%s' "$pid"
+}
+
+# Prefix for `bash -c` that closes every inherited fd above 2, so that servers
+# keep neither our lock (fd 9) nor any pipe of whoever ran us (a CI runner
+# waiting for EOF on its output pipe would otherwise wait forever).
+# shellcheck disable=SC2016 # expanded by the inner bash
+CLOSE_FDS='for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-"; done 2>/dev/null'
+
+# Run a command with inherited fds closed (see CLOSE_FDS).
+# shellcheck disable=SC2016 # expanded by the inner bash
+run_detached() { bash -c "$CLOSE_FDS"'; exec "$@"' run_detached "$@"; }
+
+# Start a long-running command detached from this shell (own session, no
+# stdin), logging to a file; the pid file gets the pid of the command itself.
+spawn() { # pidfile logfile cmd...
+  local pidfile="$1" logfile="$2"
+  shift 2
+  rm -f "$pidfile"
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  setsid bash -c "$CLOSE_FDS"'; echo "$$" >"$0"; exec "$@"' "$pidfile" "$@" >>"$logfile" 2>&1 </dev/null 9>&- &
+  local i
+  for ((i = 0; i < 50; i++)); do
+    [[ -s "$pidfile" ]] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# Send SIGTERM to a pid and wait for it to exit (SIGKILL after $2 seconds).
+stop_pid() { # pid grace-seconds
+  local pid="$1" grace="$2" deadline
+  kill -TERM "$pid" 2>/dev/null || return 0
+  deadline=$((SECONDS + grace))
+  while pid_alive "$pid"; do
+    if ((SECONDS >= deadline)); then
+      warn "pid $pid did not exit after ${grace}s, sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      sleep 1
+      break
+    fi
+    sleep 0.2
+  done
+}
+
+# Keep the previous log around as <log>.1 and start a fresh one.
+rotate_log() {
+  [[ -f "$1" ]] && mv -f "$1" "$1.1"
+  : >"$1"
+}
+
+# ---------------------------------------------------------------------------
+# Installing what is missing
+# ---------------------------------------------------------------------------
+
+APT_UPDATED=0
+apt_install() { # packages...
+  local sudo=()
+  if ! is_root; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      sudo=(sudo -n)
+    else
+      die "missing packages: $*; install them with: sudo apt-get install -y $*"
+    fi
+  fi
+  command -v apt-get >/dev/null 2>&1 || die "missing packages: $* (and no apt-get to install them)"
+  info "installing: $* (apt-get)"
+  local log="$CACHE_DIR/apt.log"
+  mkdir -p "$CACHE_DIR"
+  if [[ "$APT_UPDATED" -eq 0 ]]; then
+    if ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >"$log" 2>&1; then
+      tail -n 20 "$log" >&2
+      die "apt-get update failed (log: $log)"
+    fi
+    APT_UPDATED=1
+  fi
+  if ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >>"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    die "apt-get install $* failed (log: $log)"
+  fi
+}
+
+# Newest PostgreSQL server bin dir (Debian layout), or pg_config's.
+find_pg_bin() {
+  local d best="" best_ver=0 v
+  for d in /usr/lib/postgresql/*/bin; do
+    [[ -x "$d/initdb" && -x "$d/pg_ctl" ]] || continue
+    v="$(basename "$(dirname "$d")")"
+    [[ "$v" =~ ^[0-9]+$ ]] || continue
+    if ((v > best_ver)); then best_ver="$v" best="$d"; fi
+  done
+  if [[ -z "$best" ]] && command -v pg_config >/dev/null 2>&1; then
+    d="$(pg_config --bindir 2>/dev/null || true)"
+    [[ -n "$d" && -x "$d/initdb" && -x "$d/pg_ctl" ]] && best="$d"
+  fi
+  [[ -n "$best" ]] && printf '%s' "$best"
+}
+
+java_major() { # java-binary -> spec version major (e.g. 17)
+  "$1" -XshowSettings:properties -version 2>&1 |
+    awk -F'= ' '/java.specification.version/ { v=$2; sub(/^1\./, "", v); sub(/\..*/, "", v); print v; exit }'
+}
+
+# First java >= 17: $DBPS_JAVA, $JAVA_HOME, PATH, then /usr/lib/jvm (newest first).
+find_java() {
+  local j m cands=()
+  [[ -n "${DBPS_JAVA:-}" ]] && cands+=("$DBPS_JAVA")
+  [[ -n "${JAVA_HOME:-}" ]] && cands+=("$JAVA_HOME/bin/java")
+  command -v java >/dev/null 2>&1 && cands+=("$(command -v java)")
+  for j in /usr/lib/jvm/*/bin/java; do cands+=("$j"); done
+  for j in "${cands[@]}"; do
+    [[ -x "$j" ]] || continue
+    m="$(java_major "$j" || true)"
+    if [[ "$m" =~ ^[0-9]+$ ]] && ((m >= 17)); then
+      printf '%s' "$j"
+      return 0
+    fi
+  done
+  return 1
+}
+
+find_go() {
+  if command -v go >/dev/null 2>&1; then
+    command -v go
+  elif [[ -x /usr/local/go/bin/go ]]; then
+    printf '%s' /usr/local/go/bin/go
+  else
+    return 1
+  fi
+}
+
+ensure_packages() {
+  local pkgs=()
+  [[ -n "$(find_pg_bin)" ]] || pkgs+=(postgresql)
+  { command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || pkgs+=(redis-server)
+  command -v mvn >/dev/null 2>&1 || pkgs+=(maven)
+  find_java >/dev/null || pkgs+=(openjdk-17-jre-headless)
+  if ((${#pkgs[@]})); then apt_install "${pkgs[@]}"; fi
+
+  PG_BIN="$(find_pg_bin)" || true
+  [[ -n "$PG_BIN" ]] || die "no PostgreSQL server found (looked in /usr/lib/postgresql/*/bin and pg_config --bindir)"
+  JAVA="$(find_java)" || die "no java >= 17 found (Kafka 4 needs it); set DBPS_JAVA=/path/to/java"
+  command -v redis-server >/dev/null 2>&1 || die "redis-server not found after install"
+  command -v mvn >/dev/null 2>&1 || die "mvn not found after install"
+  GO="$(find_go)" || die "go not found (needed once to build FerretDB $FERRET_VERSION; FerretDB 1.24 needs Go >= 1.24): install Go and put it on PATH"
+}
+
+# Kafka jars via Maven (scripts/kafka/pom.xml) into the cache, once per
+# version and pom content.
+ensure_kafka_libs() {
+  local pom="$SCRIPT_DIR/kafka/pom.xml" sum tmp log
+  sum="$(cksum <"$pom" | cut -d' ' -f1)"
+  if [[ -f "$KAFKA_LIBS/.complete" && "$(cat "$KAFKA_LIBS/.complete")" == "$sum" ]]; then
+    return 0
+  fi
+  info "kafka     fetching Apache Kafka $KAFKA_VERSION jars with Maven into $KAFKA_LIBS"
+  mkdir -p "$(dirname "$KAFKA_LIBS")"
+  tmp="$(dirname "$KAFKA_LIBS")/libs.tmp.$$"
+  log="$(dirname "$KAFKA_LIBS")/mvn.log"
+  rm -rf "$tmp"
+  if ! (cd "$SCRIPT_DIR/kafka" && mvn -q -B -f "$pom" -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp") >"$log" 2>&1; then
+    rm -rf "$tmp"
+    fail_server kafka "$log" "could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION with Maven"
+  fi
+  [[ -f "$tmp/kafka_2.13-$KAFKA_VERSION.jar" ]] || fail_server kafka "$log" "Maven did not produce kafka_2.13-$KAFKA_VERSION.jar"
+  printf '%s\n' "$sum" >"$tmp/.complete"
+  rm -rf "$KAFKA_LIBS"
+  mv "$tmp" "$KAFKA_LIBS"
+}
+
+# FerretDB binary built with the Go toolchain into the cache, once per version.
+# `go install ...@version` alone is not enough: the module ships without
+# build/version/version.txt (normally generated from git), and the binary then
+# panics at start-up. So build from a copy of the module source with that file
+# written.
+build_ferretdb() {
+  local src dir
+  src="$(cd "$CACHE_DIR" && "$GO" mod download -json "github.com/FerretDB/FerretDB@$FERRET_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
+  [[ -n "$src" && -d "$src" ]] || { echo "go mod download did not report a source dir" >&2; return 1; }
+  dir="$CACHE_DIR/ferretdb-$FERRET_VERSION/src.$BASHPID"
+  # runs in a background subshell: clean up however it ends
+  trap 'rm -rf "$dir" "$FERRET_BIN.tmp"' EXIT
+  rm -rf "$dir"
+  mkdir -p "$(dirname "$dir")"
+  cp -R "$src" "$dir"
+  chmod -R u+w "$dir"
+  printf '%s\n' "$FERRET_VERSION" >"$dir/build/version/version.txt"
+  printf '%s\n' "dbps-stack" >"$dir/build/version/package.txt"
+  (cd "$dir" && CGO_ENABLED=0 GOFLAGS=-buildvcs=false "$GO" build -trimpath -o "$FERRET_BIN.tmp" ./cmd/ferretdb)
+  "$FERRET_BIN.tmp" --version >/dev/null
+  mv -f "$FERRET_BIN.tmp" "$FERRET_BIN"
+}
+
+FERRET_BUILD_PID=""
+FERRET_BUILD_LOG="$CACHE_DIR/ferretdb-$FERRET_VERSION/build.log"
+start_ferretdb_build() {
+  [[ -x "$FERRET_BIN" ]] && return 0
+  info "ferretdb  building FerretDB $FERRET_VERSION with $("$GO" env GOVERSION) (one-time, ~1-2 min) into $(dirname "$FERRET_BIN")"
+  mkdir -p "$(dirname "$FERRET_BIN")"
+  : >"$FERRET_BUILD_LOG"
+  build_ferretdb >>"$FERRET_BUILD_LOG" 2>&1 </dev/null 9>&- &
+  FERRET_BUILD_PID=$!
+}
+finish_ferretdb_build() {
+  [[ -n "$FERRET_BUILD_PID" ]] || return 0
+  if ! wait "$FERRET_BUILD_PID"; then
+    fail_server ferretdb "$FERRET_BUILD_LOG" "building FerretDB $FERRET_VERSION failed (if Go is too old: FerretDB 1.24 needs Go >= 1.24)"
+  fi
+  FERRET_BUILD_PID=""
+}
+
+# ---------------------------------------------------------------------------
+# PostgreSQL (own cluster in .dbps/postgres/data)
+# ---------------------------------------------------------------------------
+
+PG_BIN=""
+PG_LOG="$PG_DIR/postgres.log"
+
+# Run a command as the cluster owner: `postgres` when we are root (initdb and
+# postgres refuse to run as root), else the current user.
+pg_as() {
+  if is_root; then
+    (cd / && runuser -u postgres -- "$@")
+  else
+    "$@"
+  fi
+}
+
+# Resolve PG_DIR (and paths under it) to where the cluster really lives.
+pg_paths() {
+  local real="$PG_DIR"
+  [[ -L "$PG_DIR" ]] && real="$(readlink -f "$PG_DIR")"
+  PG_REAL="$real"
+  PG_DATA="$real/data"
+  PG_LOG="$real/postgres.log"
+  PG_SOCK="$real/run"
+  # A unix socket path must fit in 107 bytes.
+  if ((${#PG_SOCK} + 16 > 100)); then
+    PG_SOCK="/tmp/dbps-pg-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)"
+  fi
+}
+
+pg_prepare_dirs() {
+  if [[ ! -e "$PG_DIR" ]]; then
+    mkdir -p "$DBPS_DIR"
+    if is_root && ! runuser -u postgres -- test -x "$DBPS_DIR" 2>/dev/null; then
+      # The postgres user cannot reach the checkout (e.g. it is under a
+      # mode-700 home directory): keep the cluster outside and link to it.
+      local alt
+      alt="/var/tmp/dbps-postgres-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)"
+      warn "user 'postgres' cannot traverse $(dirname "$DBPS_DIR"); keeping the cluster in $alt (linked from .dbps/postgres)"
+      mkdir -p "$alt"
+      ln -s "$alt" "$PG_DIR"
+    else
+      mkdir -p "$PG_DIR"
+    fi
+  fi
+  pg_paths
+  mkdir -p "$PG_REAL" "$PG_SOCK"
+  if is_root; then
+    id postgres >/dev/null 2>&1 || die "postgres: running as root, but there is no 'postgres' user to run the server as"
+    chown postgres:postgres "$PG_REAL" "$PG_SOCK"
+    [[ -d "$PG_DATA" ]] && chown -R postgres:postgres "$PG_DATA"
+    [[ -f "$PG_LOG" ]] && chown postgres:postgres "$PG_LOG"
+    runuser -u postgres -- test -w "$PG_REAL" 2>/dev/null ||
+      die "postgres: user 'postgres' cannot write to $PG_REAL (is a parent directory not traversable?)"
+  fi
+  chmod 700 "$PG_SOCK"
+}
+
+pg_pid() {
+  pg_paths
+  local pid
+  [[ -f "$PG_DATA/postmaster.pid" ]] || return 1
+  pid="$(head -n 1 "$PG_DATA/postmaster.pid" | tr -dc '0-9')"
+  pid_alive "$pid" || return 1
+  printf '%s' "$pid"
+}
+
+pg_probe() {
+  "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -t 2 >/dev/null 2>&1 || return 1
+  [[ "$(PGPASSWORD="$PG_PASSWORD" PGCONNECT_TIMEOUT=3 "$PG_BIN/psql" -X -q -A -t -w \
+    -h "$HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -c 'select 1' 2>/dev/null)" == 1 ]]
+}
+
+pg_write_conf() {
+  cat >"$PG_DATA/dbps.conf" <<EOF
+# Written by scripts/stack.sh on every start; edit the script, not this file.
+listen_addresses = '$HOST'
+port = $PG_PORT
+unix_socket_directories = '$PG_SOCK'
+password_encryption = 'scram-sha-256'
+wal_level = logical
+track_commit_timestamp = on
+max_connections = 300
+max_replication_slots = 20
+max_wal_senders = 20
+shared_buffers = 256MB
+max_wal_size = 2GB
+logging_collector = off
+log_line_prefix = '%m [%p] %q%u@%d '
+EOF
+  is_root && chown postgres:postgres "$PG_DATA/dbps.conf"
+  return 0
+}
+
+pg_initdb() {
+  local pwfile="$PG_REAL/.pwfile"
+  info "postgres  initdb $(rel "$PG_DATA") ($("$PG_BIN/postgres" --version))"
+  (umask 077 && printf '%s\n' "$PG_PASSWORD" >"$pwfile")
+  is_root && chown postgres:postgres "$pwfile"
+  if ! pg_as "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" --pwfile="$pwfile" \
+    --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --no-locale \
+    >"$PG_REAL/initdb.log" 2>&1; then
+    rm -f "$pwfile"
+    fail_server postgres "$PG_REAL/initdb.log" "initdb failed"
+  fi
+  rm -f "$pwfile"
+  printf "\n# dbps dev stack settings\ninclude_if_exists = 'dbps.conf'\n" >>"$PG_DATA/postgresql.conf"
+}
+
+pg_start() {
+  pg_prepare_dirs
+  if pg_pid >/dev/null; then
+    PG_STARTED=0
+    return 0
+  fi
+  if port_open "$PG_PORT"; then
+    fail_server postgres "$PG_LOG" "port $HOST:$PG_PORT is already in use by a process not started by stack.sh"
+  fi
+  [[ -f "$PG_DATA/PG_VERSION" ]] || pg_initdb
+  pg_write_conf
+  rotate_log "$PG_LOG"
+  is_root && chown postgres:postgres "$PG_LOG"
+  # shellcheck disable=SC2016 # expanded by the inner bash
+  if ! pg_as setsid bash -c "$CLOSE_FDS"'; exec "$@"' pg_ctl "$PG_BIN/pg_ctl" start -W -D "$PG_DATA" -l "$PG_LOG" >"$PG_REAL/pg_ctl.log" 2>&1 </dev/null 9>&-; then
+    cat "$PG_REAL/pg_ctl.log" >>"$PG_LOG" 2>/dev/null || true
+    fail_server postgres "$PG_LOG" "pg_ctl start failed"
+  fi
+  PG_STARTED=1
+}
+
+pg_wait() {
+  local deadline=$((SECONDS + TIMEOUT)) start=$SECONDS
+  until pg_probe; do
+    if ((SECONDS >= deadline)); then
+      fail_server postgres "$PG_LOG" "not ready after ${TIMEOUT}s (pg_isready/psql on $HOST:$PG_PORT)"
+    fi
+    if ((SECONDS - start > 3)) && ! pg_pid >/dev/null; then
+      fail_server postgres "$PG_LOG" "the server exited during start-up"
+    fi
+    sleep 0.3
+  done
+}
+
+pg_stop() {
+  pg_paths
+  if ! pg_pid >/dev/null; then
+    line postgres stopped "$HOST:$PG_PORT"
+    return 0
+  fi
+  if pg_as "$PG_BIN/pg_ctl" stop -D "$PG_DATA" -m fast -w -t 60 >/dev/null; then
+    line postgres stopped "$HOST:$PG_PORT"
+  else
+    warn "pg_ctl stop failed, see $(rel "$PG_LOG")"
+    return 1
+  fi
+}
+
+# ---------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------
+
+REDIS_PID="$REDIS_DIR/redis.pid"
+REDIS_LOG="$REDIS_DIR/redis.log"
+
+redis_pid() { live_pid "$REDIS_PID" redis-server; }
+
+redis_probe() {
+  [[ "$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
+}
+
+redis_start() {
+  mkdir -p "$REDIS_DIR"
+  if redis_pid >/dev/null; then
+    REDIS_STARTED=0
+    return 0
+  fi
+  if port_open "$REDIS_PORT"; then
+    fail_server redis "$REDIS_LOG" "port $HOST:$REDIS_PORT is already in use by a process not started by stack.sh"
+  fi
+  cat >"$REDIS_DIR/redis.conf" <<EOF
+# Written by scripts/stack.sh on every start.
+bind $HOST
+port $REDIS_PORT
+protected-mode yes
+daemonize yes
+pidfile $REDIS_PID
+logfile $REDIS_LOG
+dir $REDIS_DIR
+save ""
+appendonly no
+databases 16
+EOF
+  rotate_log "$REDIS_LOG"
+  rm -f "$REDIS_PID"
+  if ! run_detached redis-server "$REDIS_DIR/redis.conf" >>"$REDIS_LOG" 2>&1 </dev/null 9>&-; then
+    fail_server redis "$REDIS_LOG" "redis-server failed to start"
+  fi
+  REDIS_STARTED=1
+}
+
+redis_wait() {
+  local deadline=$((SECONDS + TIMEOUT)) start=$SECONDS
+  until redis_probe; do
+    if ((SECONDS >= deadline)); then
+      fail_server redis "$REDIS_LOG" "not ready after ${TIMEOUT}s (redis-cli -p $REDIS_PORT ping)"
+    fi
+    if ((SECONDS - start > 3)) && ! redis_pid >/dev/null; then
+      fail_server redis "$REDIS_LOG" "the server exited during start-up"
+    fi
+    sleep 0.2
+  done
+}
+
+redis_stop() {
+  local pid
+  if pid="$(redis_pid)"; then
+    stop_pid "$pid" 30
+  fi
+  rm -f "$REDIS_PID"
+  line redis stopped "$HOST:$REDIS_PORT"
+}
+
+# ---------------------------------------------------------------------------
+# Kafka (KRaft, combined broker + controller, node.id=1)
+# ---------------------------------------------------------------------------
+
+KAFKA_PID="$KAFKA_DIR/kafka.pid"
+KAFKA_LOG="$KAFKA_DIR/kafka.log"
+JAVA=""
+
+kafka_pid() { live_pid "$KAFKA_PID" kafka.Kafka; }
+
+# `status` of a broker started with another DBPS_CACHE_DIR: use the jars it runs with.
+kafka_use_running_libs() {
+  local libs
+  [[ -d "$KAFKA_LIBS" ]] && return 0
+  libs="$(cat "$KAFKA_DIR/libs.path" 2>/dev/null || true)"
+  if [[ -n "$libs" && -d "$libs" ]]; then KAFKA_LIBS="$libs"; fi
+}
+
+kafka_java() { # main-class args... (short-lived tool JVMs)
+  "$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dlog4j2.configurationFile="$SCRIPT_DIR/kafka/log4j2.properties" -Ddbps.kafka.loglevel=warn \
+    -cp "$KAFKA_LIBS/*" "$@"
+}
+
+# Real client round trip: ApiVersions against the broker, broker unfenced.
+kafka_probe() {
+  port_open "$KAFKA_PORT" || return 1
+  timeout 30 "$JAVA" -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dlog4j2.configurationFile="$SCRIPT_DIR/kafka/log4j2.properties" -Ddbps.kafka.loglevel=error \
+    -cp "$KAFKA_LIBS/*" org.apache.kafka.tools.BrokerApiVersionsCommand \
+    --bootstrap-server "$HOST:$KAFKA_PORT" >"$KAFKA_DIR/probe.out" 2>&1 || return 1
+  grep -q "^$HOST:$KAFKA_PORT (id: 1" "$KAFKA_DIR/probe.out" || return 1
+  ! grep -q 'isFenced: true' "$KAFKA_DIR/probe.out"
+}
+
+kafka_write_config() {
+  cat >"$KAFKA_DIR/server.properties" <<EOF
+# Written by scripts/stack.sh on every start; edit the script, not this file.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$KAFKA_DIR/data
+num.partitions=1
+default.replication.factor=1
+auto.create.topics.enable=true
+delete.topic.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=10
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+log.retention.hours=24
+log.segment.bytes=268435456
+EOF
+}
+
+kafka_format() {
+  local cid
+  if [[ ! -s "$KAFKA_DIR/cluster.id" ]]; then
+    cid="$(kafka_java kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)"
+    [[ -n "$cid" ]] || fail_server kafka "$KAFKA_DIR/format.log" "kafka-storage random-uuid failed"
+    printf '%s\n' "$cid" >"$KAFKA_DIR/cluster.id"
+  fi
+  cid="$(cat "$KAFKA_DIR/cluster.id")"
+  info "kafka     formatting $(rel "$KAFKA_DIR/data") (cluster id $cid)"
+  if ! kafka_java kafka.tools.StorageTool format --config "$KAFKA_DIR/server.properties" \
+    --cluster-id "$cid" --ignore-formatted >"$KAFKA_DIR/format.log" 2>&1; then
+    fail_server kafka "$KAFKA_DIR/format.log" "kafka-storage format failed"
+  fi
+}
+
+kafka_start() {
+  mkdir -p "$KAFKA_DIR/data"
+  if kafka_pid >/dev/null; then
+    KAFKA_STARTED=0
+    return 0
+  fi
+  if port_open "$KAFKA_PORT" || port_open "$KAFKA_CONTROLLER_PORT"; then
+    fail_server kafka "$KAFKA_LOG" "port $HOST:$KAFKA_PORT or $HOST:$KAFKA_CONTROLLER_PORT is already in use by a process not started by stack.sh"
+  fi
+  kafka_write_config
+  printf '%s\n' "$KAFKA_LIBS" >"$KAFKA_DIR/libs.path"
+  [[ -f "$KAFKA_DIR/data/meta.properties" ]] || kafka_format
+  rotate_log "$KAFKA_LOG"
+  # shellcheck disable=SC2086 # KAFKA_HEAP_OPTS is a list of JVM options
+  if ! spawn "$KAFKA_PID" "$KAFKA_LOG" "$JAVA" $KAFKA_HEAP_OPTS \
+    -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
+    -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$SCRIPT_DIR/kafka/log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties"; then
+    fail_server kafka "$KAFKA_LOG" "could not launch the JVM ($JAVA)"
+  fi
+  KAFKA_STARTED=1
+}
+
+kafka_wait() {
+  local deadline=$((SECONDS + TIMEOUT))
+  while :; do
+    if ! kafka_pid >/dev/null; then
+      fail_server kafka "$KAFKA_LOG" "the broker exited during start-up"
+    fi
+    if { [[ "$KAFKA_STARTED" -eq 0 ]] || grep -q 'Kafka Server started' "$KAFKA_LOG"; } && kafka_probe; then
+      return 0
+    fi
+    if ((SECONDS >= deadline)); then
+      fail_server kafka "$KAFKA_LOG" "not ready after ${TIMEOUT}s (ApiVersions on $HOST:$KAFKA_PORT)"
+    fi
+    sleep 0.5
+  done
+}
+
+kafka_stop() {
+  local pid
+  if pid="$(kafka_pid)"; then
+    stop_pid "$pid" 60
+  fi
+  rm -f "$KAFKA_PID"
+  line kafka stopped "$HOST:$KAFKA_PORT"
+}
+
+# ---------------------------------------------------------------------------
+# FerretDB 1.x (SQLite backend)
+# ---------------------------------------------------------------------------
+
+FERRET_PID="$FERRET_DIR/ferretdb.pid"
+FERRET_LOG="$FERRET_DIR/ferretdb.log"
+
+ferret_pid() { live_pid "$FERRET_PID" ferretdb; }
+
+# MongoDB wire protocol round trip in pure bash: OP_MSG {ping: 1, $db: "admin"},
+# expect an OP_MSG reply containing ok: 1.0 (double) or ok: 1 (int32).
+ferret_probe() (
+  exec 3<>"/dev/tcp/$HOST/$FERRET_PORT" || exit 1
+  # header: length 51, requestID 1, responseTo 0, opCode 2013 (OP_MSG);
+  # flagBits 0; section kind 0; BSON {ping: int32 1, $db: "admin"} (30 bytes)
+  # shellcheck disable=SC2016 # "$db" is the literal BSON key
+  printf '\x33\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\xdd\x07\x00\x00''\x00\x00\x00\x00''\x00''\x1e\x00\x00\x00\x10ping\x00\x01\x00\x00\x00\x02$db\x00\x06\x00\x00\x00admin\x00\x00' >&3 || exit 1
+  hex="$(timeout 5 dd bs=1 count=4 status=none <&3 | od -An -v -tx1 | tr -d ' \n')"
+  [[ ${#hex} -eq 8 ]] || exit 1
+  len=$((16#${hex:6:2}${hex:4:2}${hex:2:2}${hex:0:2}))
+  ((len >= 21 && len <= 65536)) || exit 1
+  hex+="$(timeout 5 dd bs=1 count=$((len - 4)) status=none <&3 | od -An -v -tx1 | tr -d ' \n')"
+  [[ "${hex:24:8}" == dd070000 ]] || exit 1
+  [[ "$hex" == *016f6b00000000000000f03f* || "$hex" == *106f6b0001000000* ]]
+)
+
+ferret_start() {
+  mkdir -p "$FERRET_DIR/data" "$FERRET_DIR/state"
+  if ferret_pid >/dev/null; then
+    FERRET_STARTED=0
+    return 0
+  fi
+  if port_open "$FERRET_PORT"; then
+    fail_server ferretdb "$FERRET_LOG" "port $HOST:$FERRET_PORT is already in use by a process not started by stack.sh"
+  fi
+  rotate_log "$FERRET_LOG"
+  if ! spawn "$FERRET_PID" "$FERRET_LOG" "$FERRET_BIN" \
+    --handler=sqlite \
+    --sqlite-url="file:$FERRET_DIR/data/" \
+    --listen-addr="$HOST:$FERRET_PORT" \
+    --debug-addr="$HOST:$FERRET_DEBUG_PORT" \
+    --state-dir="$FERRET_DIR/state" \
+    --telemetry=disable \
+    --log-level=info \
+    --log-format=text; then
+    fail_server ferretdb "$FERRET_LOG" "could not launch $FERRET_BIN"
+  fi
+  FERRET_STARTED=1
+}
+
+ferret_wait() {
+  local deadline=$((SECONDS + TIMEOUT))
+  until ferret_probe 2>/dev/null; do
+    if ! ferret_pid >/dev/null; then
+      fail_server ferretdb "$FERRET_LOG" "the server exited during start-up"
+    fi
+    if ((SECONDS >= deadline)); then
+      fail_server ferretdb "$FERRET_LOG" "not ready after ${TIMEOUT}s (OP_MSG ping on $HOST:$FERRET_PORT)"
+    fi
+    sleep 0.2
+  done
+}
+
+ferret_stop() {
+  local pid
+  if pid="$(ferret_pid)"; then
+    stop_pid "$pid" 30
+  fi
+  rm -f "$FERRET_PID"
+  line ferretdb stopped "$HOST:$FERRET_PORT"
+}
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+# Serialise concurrent up/down runs. Every server is started with fd 9 closed
+# so that it does not inherit (and keep holding) this lock.
+lock() {
+  mkdir -p "$DBPS_DIR"
+  exec 9>"$DBPS_DIR/stack.lock"
+  flock -w 900 9 || die "another scripts/stack.sh is still running (lock: $(rel "$DBPS_DIR/stack.lock"))"
+}
+
+ready_word() { if [[ "$1" -eq 1 ]]; then printf 'ready'; else printf 'running'; fi; }
+
+cmd_up() {
+  local t0=$SECONDS
+  lock
+  ensure_packages
+  start_ferretdb_build
+  ensure_kafka_libs
+  finish_ferretdb_build
+
+  pg_start
+  redis_start
+  kafka_start
+  ferret_start
+
+  pg_wait
+  line postgres "$(ready_word "$PG_STARTED")" "$HOST:$PG_PORT" "$PG_LOG"
+  redis_wait
+  line redis "$(ready_word "$REDIS_STARTED")" "$HOST:$REDIS_PORT" "$REDIS_LOG"
+  ferret_wait
+  line ferretdb "$(ready_word "$FERRET_STARTED")" "$HOST:$FERRET_PORT" "$FERRET_LOG"
+  kafka_wait
+  line kafka "$(ready_word "$KAFKA_STARTED")" "$HOST:$KAFKA_PORT" "$KAFKA_LOG"
+
+  info "stack up in $((SECONDS - t0))s — eval \"\$($(rel "$SCRIPT_DIR")/stack.sh env)\" to use it"
+}
+
+cmd_down() {
+  lock
+  PG_BIN="$(find_pg_bin)" || true
+  ferret_stop
+  kafka_stop
+  redis_stop
+  if [[ -n "$PG_BIN" ]]; then
+    pg_stop
+  else
+    line postgres stopped "$HOST:$PG_PORT"
+  fi
+}
+
+cmd_status() {
+  local down=0 state
+  PG_BIN="$(find_pg_bin)" || true
+  JAVA="$(find_java)" || true
+
+  state=stopped
+  if [[ -n "$PG_BIN" ]] && pg_pid >/dev/null; then
+    if pg_probe; then state=running; else state=unhealthy; fi
+  fi
+  [[ "$state" == running ]] || down=1
+  line postgres "$state" "$HOST:$PG_PORT" "$PG_LOG"
+
+  state=stopped
+  if redis_pid >/dev/null; then
+    if command -v redis-cli >/dev/null 2>&1 && redis_probe; then state=running; else state=unhealthy; fi
+  fi
+  [[ "$state" == running ]] || down=1
+  line redis "$state" "$HOST:$REDIS_PORT" "$REDIS_LOG"
+
+  state=stopped
+  kafka_use_running_libs
+  if kafka_pid >/dev/null; then
+    if [[ -n "$JAVA" ]] && kafka_probe; then state=running; else state=unhealthy; fi
+  fi
+  [[ "$state" == running ]] || down=1
+  line kafka "$state" "$HOST:$KAFKA_PORT" "$KAFKA_LOG"
+
+  state=stopped
+  if ferret_pid >/dev/null; then
+    if ferret_probe 2>/dev/null; then state=running; else state=unhealthy; fi
+  fi
+  [[ "$state" == running ]] || down=1
+  line ferretdb "$state" "$HOST:$FERRET_PORT" "$FERRET_LOG"
+
+  if ((down)); then return 3; fi
+  return 0
+}
+
+cmd_env() {
+  printf 'export DBPS_POSTGRES_URL=postgres://%s:%s@%s:%s/postgres\n' "$PG_USER" "$PG_PASSWORD" "$HOST" "$PG_PORT"
+  printf 'export DBPS_REDIS_URL=redis://%s:%s\n' "$HOST" "$REDIS_PORT"
+  printf 'export DBPS_KAFKA_BROKERS=%s:%s\n' "$HOST" "$KAFKA_PORT"
+  printf 'export DBPS_MONGODB_URI=mongodb://%s:%s/\n' "$HOST" "$FERRET_PORT"
+}
+
+usage() {
+  cat <<EOF
+usage: $(rel "$SCRIPT_DIR")/stack.sh up|down|status|env
+
+  up      install what is missing, start ${SERVERS[*]} on $HOST, wait until ready
+  down    stop the servers started by 'up'
+  status  print each server's state; exit 0 if all are up, 3 otherwise
+  env     print DBPS_* exports:  eval "\$($(rel "$SCRIPT_DIR")/stack.sh env)"
+EOF
+}
+
+main() {
+  case "${1:-}" in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status)
+      local rc=0
+      cmd_status || rc=$?
+      exit "$rc"
+      ;;
+    env) cmd_env ;;
+    -h | --help | help) usage ;;
+    *)
+      usage >&2
+      exit 2
+      ;;
+  esac
+}
+
+main "$@"
