@@ -10,12 +10,20 @@ use crate::server::{self, Backend};
 ///
 /// The server comes from `DBPS_POSTGRES_URL` (or a container); the role in that URL must
 /// be allowed to create databases. The test's own pool connects as the same role.
-#[derive(Debug)]
 pub struct TestPostgres {
     name: String,
     admin: PgConnectOptions,
     url: String,
     pool: PgPool,
+}
+
+/// Connection options carry the password, so `Debug` shows only the database.
+impl std::fmt::Debug for TestPostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestPostgres")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Creates a fresh database on the shared PostgreSQL server.

@@ -1,0 +1,163 @@
+//! The errors of dbps-core.
+
+/// Errors of envelopes, the wire format, Kafka and the inbox.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The payload is larger than the configured limit.
+    #[error("payload is {size} bytes, over the {limit} byte limit")]
+    PayloadTooLarge {
+        /// The payload's size in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The payload nests arrays and objects deeper than the configured limit.
+    #[error("payload nests {depth} levels deep, over the limit of {limit}")]
+    PayloadTooDeep {
+        /// The depth reached (counting stops just past the limit).
+        depth: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A message could not be serialised to JSON.
+    #[error("message could not be encoded as json")]
+    Encode(#[source] serde_json::Error),
+    /// A payload is not valid JSON or does not match the type it is decoded into.
+    #[error("payload of {message_type} v{version} could not be decoded")]
+    Decode {
+        /// The message type.
+        message_type: String,
+        /// The payload's schema version.
+        version: u32,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No Rust type is registered for this message type.
+    #[error("unknown message type {message_type}")]
+    UnknownType {
+        /// The message type.
+        message_type: String,
+    },
+    /// The type is known, but neither its current version nor an upcaster matches.
+    #[error("unknown schema version {version} of {message_type} (current is {current})")]
+    UnknownVersion {
+        /// The message type.
+        message_type: String,
+        /// The version the message carries.
+        version: u32,
+        /// The version the registered type has.
+        current: u32,
+    },
+    /// An upcaster refused a payload.
+    #[error("upcasting {message_type} from v{from} failed: {reason}")]
+    Upcast {
+        /// The message type.
+        message_type: String,
+        /// The version the upcaster starts from.
+        from: u32,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A message was decoded into a type whose message type differs.
+    #[error("message is a {actual}, not a {expected}")]
+    WrongType {
+        /// The type asked for.
+        expected: &'static str,
+        /// The type the message has.
+        actual: String,
+    },
+    /// A required CloudEvents attribute is missing from a Kafka message.
+    #[error("message lacks the required attribute {attribute}")]
+    MissingAttribute {
+        /// The attribute's CloudEvents name.
+        attribute: &'static str,
+    },
+    /// An attribute is present but not valid.
+    #[error("attribute {attribute} is invalid: {reason}")]
+    InvalidAttribute {
+        /// The attribute's CloudEvents name.
+        attribute: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Kafka refused or failed a request.
+    #[cfg(feature = "kafka")]
+    #[error("kafka {operation} failed")]
+    Kafka {
+        /// What was being done (`produce to orders.events`, `create topic x`, ...).
+        operation: String,
+        /// The client's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// PostgreSQL rejected a statement or could not be reached.
+    #[cfg(feature = "postgres")]
+    #[error("postgres {operation} failed")]
+    Postgres {
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// MongoDB rejected a request or could not be reached.
+    #[cfg(feature = "mongodb")]
+    #[error("mongodb {operation} failed")]
+    Mongo {
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// The MongoDB deployment does not support multi-document transactions.
+    #[cfg(feature = "mongodb")]
+    #[error(
+        "the mongodb deployment does not support transactions (a replica set or sharded cluster is needed); \
+         use the non-transactional mode"
+    )]
+    TransactionsUnsupported,
+    /// A message was not sent because an earlier message with the same key in its batch
+    /// failed; sending it would have broken the key's order. Send it again later.
+    #[error("message with key {key} held back after an earlier message with that key failed")]
+    HeldBack {
+        /// The message key (aggregate id).
+        key: String,
+    },
+    /// The consumer runner or publisher was shut down.
+    #[error("shut down")]
+    ShutDown,
+}
+
+impl Error {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            #[cfg(feature = "kafka")]
+            Self::Kafka { source, .. } => crate::kafka::is_transient(source),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { source, .. } => crate::inbox::pg::is_transient(source),
+            #[cfg(feature = "mongodb")]
+            Self::Mongo { source, .. } => {
+                source.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
+                    || source.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
+                    || matches!(
+                        *source.kind,
+                        mongodb::error::ErrorKind::Io(_)
+                            | mongodb::error::ErrorKind::ConnectionPoolCleared { .. }
+                            | mongodb::error::ErrorKind::ServerSelection { .. }
+                    )
+            }
+            Self::HeldBack { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Results of dbps-core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,170 @@
+//! The PostgreSQL inbox.
+
+use std::fmt;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::{PgConnection, PgPool};
+
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::handler::{Handler, HandlerError};
+
+/// The inbox table's migrations (`dbps_inbox`). Compose them with the service's own in
+/// the migration runner.
+pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/inbox");
+
+/// A handler whose effect runs inside the inbox's transaction.
+///
+/// Everything done through `conn` commits together with the inbox record, or not at
+/// all. Do not commit or roll back yourself; return an error to roll back.
+pub trait TxHandler: Send + Sync + 'static {
+    /// Applies the message's effect.
+    fn handle(
+        &self,
+        conn: &mut PgConnection,
+        message: &Envelope,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Applies each message's effect exactly once, by recording `(consumer, message id)` in
+/// `dbps_inbox` in the same transaction as the effect.
+///
+/// A message delivered again finds its record and is skipped (its offset is then
+/// committed as usual). Two deliveries racing each other — after a rebalance, say — are
+/// serialised by the table's primary key: the second waits for the first to commit, then
+/// skips.
+///
+/// ```no_run
+/// use dbps_core::inbox::pg::{PgInbox, TxHandler};
+/// use dbps_core::kafka::{ConsumerRunner, HandlerError, KafkaConfig};
+/// use dbps_core::Envelope;
+///
+/// struct CacheCustomer;
+///
+/// impl TxHandler for CacheCustomer {
+///     async fn handle(&self, conn: &mut sqlx::PgConnection, message: &Envelope) -> Result<(), HandlerError> {
+///         sqlx::query("insert into customer_cache (id) values ($1) on conflict do nothing")
+///             .bind(&message.aggregate_id)
+///             .execute(conn)
+///             .await
+///             .map_err(dbps_core::inbox::pg::classify)?;
+///         Ok(())
+///     }
+/// }
+///
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), dbps_core::Error> {
+/// let handler = PgInbox::new(pool, "quote-customer-cache", CacheCustomer);
+/// let runner = ConsumerRunner::builder(KafkaConfig::new("127.0.0.1:9092"), "quote-service", handler)
+///     .topic("customer.customer.events")
+///     .build()?;
+/// runner.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// # Ok(()) }
+/// ```
+pub struct PgInbox<H> {
+    pool: PgPool,
+    consumer: String,
+    handler: H,
+}
+
+impl<H> fmt::Debug for PgInbox<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgInbox")
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: TxHandler> PgInbox<H> {
+    /// An inbox for `consumer` (a name unique per effect, stable across deployments)
+    /// around `handler`.
+    pub fn new(pool: PgPool, consumer: impl Into<String>, handler: H) -> Self {
+        Self {
+            pool,
+            consumer: consumer.into(),
+            handler,
+        }
+    }
+
+    /// The wrapped handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// The consumer name the records are kept under.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Applies `message` unless it was applied before. Returns whether it was applied now.
+    pub async fn apply(&self, message: &Envelope) -> Result<bool, HandlerError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let inserted =
+            sqlx::query("insert into dbps_inbox (consumer, message_id) values ($1, $2) on conflict do nothing")
+                .bind(&self.consumer)
+                .bind(&message.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await.map_err(classify)?;
+            metrics::counter!("dbps_inbox_duplicates_total", "consumer" => self.consumer.clone()).increment(1);
+            tracing::debug!(consumer = %self.consumer, message_id = %message.id, "duplicate skipped");
+            return Ok(false);
+        }
+        self.handler.handle(&mut tx, message).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(true)
+    }
+}
+
+impl<H: TxHandler> Handler for PgInbox<H> {
+    async fn handle(&self, message: &Envelope) -> Result<(), HandlerError> {
+        self.apply(message).await.map(|_| ())
+    }
+}
+
+/// Deletes inbox records older than `window`, returning how many. Run it periodically;
+/// the window must exceed the longest time a message can be redelivered after it was
+/// first handled (Kafka retention of the consumed topics is a safe bound).
+pub async fn purge_older_than(pool: &PgPool, window: Duration) -> Result<u64> {
+    let window = sqlx::postgres::types::PgInterval::try_from(window)
+        .map_err(|e| Error::Config(format!("inbox purge window: {e}")))?;
+    let result = sqlx::query("delete from dbps_inbox where received_at < now() - $1")
+        .bind(window)
+        .execute(pool)
+        .await
+        .map_err(|source| Error::Postgres {
+            operation: "purge inbox",
+            source,
+        })?;
+    Ok(result.rows_affected())
+}
+
+/// Classifies a database error for the consumer runner: connection trouble,
+/// serialisation failures, deadlocks and lock timeouts are transient; everything else
+/// (constraint violations, bad SQL) is permanent.
+pub fn classify(error: sqlx::Error) -> HandlerError {
+    if is_transient(&error) {
+        HandlerError::transient(error)
+    } else {
+        HandlerError::permanent(error)
+    }
+}
+
+/// Whether a database error may go away when the statement is retried.
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            matches!(
+                db.code().as_deref(),
+                // serialization_failure, deadlock_detected, lock_not_available, query_canceled,
+                // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections
+                Some("40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300")
+            ) || db.code().is_some_and(|c| c.starts_with("08"))
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,857 @@
+//! The consumer runner: at-least-once handling, ordered per partition, concurrent across
+//! partitions, with retries and a dead-letter topic.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::{KafkaConfig, KafkaPublisher};
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::handler::Handler;
+use crate::wire;
+
+/// How transient failures are retried: exponential backoff with jitter, bounded.
+///
+/// When the attempts run out, the message goes to the dead-letter topic with the last
+/// error, so that one broken message does not stop its partition forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Delay before the first retry.
+    pub initial_delay: Duration,
+    /// Longest delay between two attempts.
+    pub max_delay: Duration,
+    /// Retries after the first attempt.
+    pub max_retries: usize,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+            max_retries: 8,
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn delays(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.initial_delay)
+            .with_max_delay(self.max_delay)
+            .with_max_times(self.max_retries)
+            .with_jitter()
+            .build()
+    }
+}
+
+/// Names of the headers a dead-lettered record carries besides its original headers.
+pub mod dead_letter_header {
+    /// Why the message was dead-lettered.
+    pub const REASON: &str = "dbps-dlq-reason";
+    /// The topic it was read from.
+    pub const TOPIC: &str = "dbps-dlq-topic";
+    /// The partition it was read from.
+    pub const PARTITION: &str = "dbps-dlq-partition";
+    /// Its offset there.
+    pub const OFFSET: &str = "dbps-dlq-offset";
+    /// The consumer group that gave up on it.
+    pub const GROUP: &str = "dbps-dlq-group";
+    /// When (RFC 3339).
+    pub const FAILED_AT: &str = "dbps-dlq-failed-at";
+}
+
+/// What a runner did before it stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Messages whose handler succeeded.
+    pub handled: u64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: u64,
+}
+
+/// Builds a [`ConsumerRunner`].
+#[derive(Debug)]
+pub struct ConsumerRunnerBuilder<H> {
+    config: KafkaConfig,
+    group_id: String,
+    topics: Vec<String>,
+    handler: H,
+    dead_letter_topic: Option<String>,
+    retry: RetryPolicy,
+    commit_interval: Duration,
+    max_queued_per_partition: usize,
+}
+
+impl<H: Handler> ConsumerRunnerBuilder<H> {
+    /// Adds a topic to consume.
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topics.push(topic.into());
+        self
+    }
+
+    /// The dead-letter topic (default: `<group id>.dlq`). It must exist, or the broker
+    /// must create topics on first use.
+    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter_topic = Some(topic.into());
+        self
+    }
+
+    /// How transient failures are retried.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// How often handled offsets are committed (default 200 ms). Offsets are also
+    /// committed when partitions are revoked and when the runner stops.
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// How many fetched messages may wait for one partition's handler before that
+    /// partition's fetching pauses (default 1,000).
+    pub fn max_queued_per_partition(mut self, max: usize) -> Self {
+        self.max_queued_per_partition = max.max(1);
+        self
+    }
+
+    /// Checks the configuration and builds the runner.
+    pub fn build(self) -> Result<ConsumerRunner<H>> {
+        if self.topics.is_empty() {
+            return Err(Error::Config(String::from(
+                "a consumer runner needs at least one topic",
+            )));
+        }
+        for topic in &self.topics {
+            super::validate_topic_name(topic)?;
+        }
+        if self.group_id.trim().is_empty() {
+            return Err(Error::Config(String::from("a consumer runner needs a group id")));
+        }
+        for key in ["enable.auto.commit", "enable.auto.offset.store"] {
+            if self.config.get(key).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+                return Err(Error::Config(format!(
+                    "{key}=true would commit offsets of messages not yet handled; the runner commits itself"
+                )));
+            }
+        }
+        let dead_letter_topic = match self.dead_letter_topic {
+            Some(topic) => topic,
+            None => super::TopicNaming::default().dead_letter(&self.group_id)?,
+        };
+        super::validate_topic_name(&dead_letter_topic)?;
+        let publisher = KafkaPublisher::builder(self.config.clone()).build()?;
+        Ok(ConsumerRunner {
+            config: self.config,
+            group_id: self.group_id,
+            topics: self.topics,
+            handler: Arc::new(self.handler),
+            dead_letter_topic,
+            publisher,
+            retry: self.retry,
+            commit_interval: self.commit_interval,
+            max_queued_per_partition: self.max_queued_per_partition,
+        })
+    }
+}
+
+/// Runs a [`Handler`] for the messages of some topics under a consumer group.
+///
+/// - **At least once**: an offset is committed only after its message's handler
+///   succeeded or the message was dead-lettered. Nothing is auto-committed.
+/// - **Ordered per partition**, so per aggregate; partitions are handled concurrently,
+///   each by its own task.
+/// - **Retries** transient failures with exponential backoff and jitter
+///   ([`RetryPolicy`]); permanent failures, exhausted retries and messages that cannot be
+///   decoded go to the **dead-letter topic** with the reason, the original topic,
+///   partition and offset and the original headers, and the partition moves on.
+/// - **Rebalance-safe**: before a partition is revoked, its in-flight message finishes
+///   and its handled offsets are committed; nothing is committed for a partition the
+///   runner no longer owns.
+/// - **Graceful shutdown**: when the shutdown future completes the runner stops
+///   fetching, lets in-flight handlers finish, commits and leaves the group. Dropping the
+///   `run` future instead stops without committing, like a crash.
+///
+/// Metrics (through the `metrics` facade, labelled by `group` and `topic`):
+/// `dbps_consumer_messages_total{outcome=handled|dead_lettered}`,
+/// `dbps_consumer_retries_total`, `dbps_consumer_failures_total`,
+/// `dbps_consumer_handler_seconds`.
+pub struct ConsumerRunner<H> {
+    config: KafkaConfig,
+    group_id: String,
+    topics: Vec<String>,
+    handler: Arc<H>,
+    dead_letter_topic: String,
+    publisher: KafkaPublisher,
+    retry: RetryPolicy,
+    commit_interval: Duration,
+    max_queued_per_partition: usize,
+}
+
+impl<H> fmt::Debug for ConsumerRunner<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerRunner")
+            .field("config", &self.config)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> ConsumerRunner<H> {
+    /// A builder for a runner of `handler` in consumer group `group_id`.
+    pub fn builder(config: KafkaConfig, group_id: impl Into<String>, handler: H) -> ConsumerRunnerBuilder<H> {
+        ConsumerRunnerBuilder {
+            config,
+            group_id: group_id.into(),
+            topics: Vec::new(),
+            handler,
+            dead_letter_topic: None,
+            retry: RetryPolicy::default(),
+            commit_interval: Duration::from_millis(200),
+            max_queued_per_partition: 1000,
+        }
+    }
+
+    /// The dead-letter topic.
+    pub fn dead_letter_topic(&self) -> &str {
+        &self.dead_letter_topic
+    }
+
+    /// Runs until `shutdown` completes (graceful stop) or the consumer fails.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<RunSummary> {
+        let shared = Arc::new(Shared {
+            group_id: self.group_id.clone(),
+            stop: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            partitions: Mutex::new(HashMap::new()),
+            handled: std::sync::atomic::AtomicU64::new(0),
+            dead_lettered: std::sync::atomic::AtomicU64::new(0),
+        });
+        let context = RunnerContext {
+            shared: Arc::clone(&shared),
+        };
+        let consumer: BaseConsumer<RunnerContext> = self
+            .config
+            .client_config(&[("auto.offset.reset", "earliest")])
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create_with_context(context)
+            .map_err(|source| Error::Kafka {
+                operation: String::from("create consumer"),
+                source,
+            })?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(|source| Error::Kafka {
+            operation: format!("subscribe to {topics:?}"),
+            source,
+        })?;
+
+        let worker = Worker {
+            shared: Arc::clone(&shared),
+            handler: Arc::clone(&self.handler),
+            publisher: self.publisher.clone(),
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            retry: self.retry,
+        };
+        let poll = PollLoop {
+            consumer,
+            worker,
+            runtime: tokio::runtime::Handle::current(),
+            commit_interval: self.commit_interval,
+            max_queued: self.max_queued_per_partition,
+        };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("dbps-consumer-{}", self.group_id))
+            .spawn(move || {
+                let _ = done_tx.send(poll.run());
+            })
+            .map_err(|e| Error::Config(format!("could not start the consumer thread: {e}")))?;
+
+        // Dropping this future (a crash, in effect) stops the poll thread without a final
+        // commit: the guard's drop raises `abort`.
+        let guard = AbortOnDrop(Arc::clone(&shared));
+        tokio::pin!(done_rx);
+        let result = tokio::select! {
+            result = &mut done_rx => result,
+            () = shutdown => {
+                shared.stop.store(true, Ordering::SeqCst);
+                done_rx.await
+            }
+        };
+        std::mem::forget(guard);
+        result.map_err(|_| Error::ShutDown)??;
+        Ok(RunSummary {
+            handled: shared.handled.load(Ordering::Relaxed),
+            dead_lettered: shared.dead_lettered.load(Ordering::Relaxed),
+        })
+    }
+}
+
+struct AbortOnDrop(Arc<Shared>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort.store(true, Ordering::SeqCst);
+        self.0.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+type PartitionKey = (String, i32);
+
+/// State shared by the poll thread, the rebalance callbacks and the partition tasks.
+struct Shared {
+    group_id: String,
+    /// Stop fetching and end the run.
+    stop: AtomicBool,
+    /// The run future was dropped: stop without committing anything more.
+    abort: AtomicBool,
+    partitions: Mutex<HashMap<PartitionKey, Arc<PartitionState>>>,
+    handled: std::sync::atomic::AtomicU64,
+    dead_lettered: std::sync::atomic::AtomicU64,
+}
+
+/// One owned partition: its task's queue and what it has finished.
+struct PartitionState {
+    sender: Mutex<Option<mpsc::UnboundedSender<OwnedMessage>>>,
+    queued: AtomicUsize,
+    paused: AtomicBool,
+    /// Set when the partition is revoked or the runner stops: the task finishes its
+    /// in-flight message and drops the rest (they are fetched again by the next owner).
+    revoked: AtomicBool,
+    /// Offset to commit next (`last handled + 1`) and whether it was committed.
+    progress: Mutex<Progress>,
+    finished: (Mutex<bool>, Condvar),
+}
+
+#[derive(Default)]
+struct Progress {
+    next_offset: Option<i64>,
+    committed: bool,
+}
+
+impl PartitionState {
+    fn wait_finished(&self) {
+        let (lock, condvar) = &self.finished;
+        let mut finished = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while !*finished {
+            finished = condvar
+                .wait(finished)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn mark_finished(&self) {
+        let (lock, condvar) = &self.finished;
+        *lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        condvar.notify_all();
+    }
+}
+
+impl Shared {
+    /// Stops the tasks of `keys` (all partitions when `None`), waits until each has
+    /// finished its in-flight message, and returns their states.
+    fn stop_partitions(&self, keys: Option<&[PartitionKey]>) -> Vec<(PartitionKey, Arc<PartitionState>)> {
+        let stopped: Vec<_> = {
+            let mut partitions = self
+                .partitions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match keys {
+                Some(keys) => keys.iter().filter_map(|k| partitions.remove_entry(k)).collect(),
+                None => partitions.drain().collect(),
+            }
+        };
+        for (_, state) in &stopped {
+            state.revoked.store(true, Ordering::SeqCst);
+            // Closing the channel wakes a task that waits for its next message.
+            drop(
+                state
+                    .sender
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take(),
+            );
+        }
+        for (_, state) in &stopped {
+            state.wait_finished();
+        }
+        stopped
+    }
+
+    /// The offsets handled but not yet committed, marking them committed.
+    fn uncommitted(&self, states: &[(PartitionKey, Arc<PartitionState>)]) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), state) in states {
+            let mut progress = state.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let (Some(offset), false) = (progress.next_offset, progress.committed)
+                && list
+                    .add_partition_offset(topic, *partition, Offset::Offset(offset))
+                    .is_ok()
+            {
+                progress.committed = true;
+            }
+        }
+        list
+    }
+
+    fn snapshot(&self) -> Vec<(PartitionKey, Arc<PartitionState>)> {
+        let partitions = self
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        partitions.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect()
+    }
+}
+
+struct RunnerContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for RunnerContext {}
+
+impl ConsumerContext for RunnerContext {
+    /// Runs on the poll thread before partitions are taken away: their tasks finish the
+    /// in-flight message, and what they handled is committed while this runner still owns
+    /// the partitions.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let keys: Vec<PartitionKey> = match rebalance {
+            Rebalance::Revoke(list) => list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect(),
+            Rebalance::Assign(_) | Rebalance::Error(_) => return,
+        };
+        let stopped = self.shared.stop_partitions(Some(&keys));
+        if self.shared.abort.load(Ordering::SeqCst) {
+            return;
+        }
+        let offsets = self.shared.uncommitted(&stopped);
+        if offsets.count() > 0
+            && let Err(error) = consumer.commit(&offsets, CommitMode::Sync)
+        {
+            tracing::warn!(group = %self.shared.group_id, %error, "commit before revocation failed; the next owner may handle some messages again");
+        }
+        tracing::info!(group = %self.shared.group_id, partitions = keys.len(), "partitions revoked");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                tracing::info!(group = %self.shared.group_id, partitions = list.count(), "partitions assigned");
+            }
+            Rebalance::Error(error) => tracing::warn!(group = %self.shared.group_id, %error, "rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(error) = result {
+            tracing::warn!(group = %self.shared.group_id, %error, "offset commit failed; it is retried with the next one");
+        }
+    }
+}
+
+struct PollLoop<H> {
+    consumer: BaseConsumer<RunnerContext>,
+    worker: Worker<H>,
+    runtime: tokio::runtime::Handle,
+    commit_interval: Duration,
+    max_queued: usize,
+}
+
+impl<H: Handler> PollLoop<H> {
+    fn run(self) -> Result<()> {
+        let shared = Arc::clone(&self.worker.shared);
+        let mut last_commit = Instant::now();
+        while !shared.stop.load(Ordering::SeqCst) {
+            match self.consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(message)) => self.dispatch(message.detach()),
+                Some(Err(error)) => {
+                    // librdkafka reports broker trouble here and recovers by itself.
+                    tracing::warn!(group = %shared.group_id, %error, "consumer error");
+                }
+                None => {}
+            }
+            self.resume_drained();
+            if last_commit.elapsed() >= self.commit_interval {
+                self.commit(CommitMode::Async);
+                last_commit = Instant::now();
+            }
+        }
+        let stopped = shared.stop_partitions(None);
+        if !shared.abort.load(Ordering::SeqCst) {
+            let offsets = shared.uncommitted(&stopped);
+            if offsets.count() > 0 {
+                self.consumer
+                    .commit(&offsets, CommitMode::Sync)
+                    .map_err(|source| Error::Kafka {
+                        operation: String::from("final commit"),
+                        source,
+                    })?;
+            }
+        }
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    fn dispatch(&self, message: OwnedMessage) {
+        let key = (message.topic().to_owned(), message.partition());
+        let state = {
+            let mut partitions = self
+                .worker
+                .shared
+                .partitions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(
+                partitions
+                    .entry(key.clone())
+                    .or_insert_with(|| self.spawn_partition(&key)),
+            )
+        };
+        let queued = state.queued.fetch_add(1, Ordering::SeqCst) + 1;
+        let sent = state
+            .sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|sender| sender.send(message).is_ok());
+        if !sent {
+            // Only possible while the partition is being revoked; the next owner reads it.
+            state.queued.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        if queued >= self.max_queued && !state.paused.swap(true, Ordering::SeqCst) {
+            self.set_paused(&key, true);
+        }
+    }
+
+    fn spawn_partition(&self, (topic, partition): &PartitionKey) -> Arc<PartitionState> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let state = Arc::new(PartitionState {
+            sender: Mutex::new(Some(sender)),
+            queued: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
+            progress: Mutex::new(Progress::default()),
+            finished: (Mutex::new(false), Condvar::new()),
+        });
+        let worker = self.worker.clone();
+        let task_state = Arc::clone(&state);
+        let span = tracing::info_span!("dbps.partition", group = %worker.shared.group_id, topic = %topic, partition);
+        self.runtime
+            .spawn(async move { worker.run_partition(task_state, receiver).await }.instrument(span));
+        state
+    }
+
+    fn resume_drained(&self) {
+        for ((topic, partition), state) in self.worker.shared.snapshot() {
+            if state.paused.load(Ordering::SeqCst) && state.queued.load(Ordering::SeqCst) <= self.max_queued / 2 {
+                state.paused.store(false, Ordering::SeqCst);
+                self.set_paused(&(topic, partition), false);
+            }
+        }
+    }
+
+    fn set_paused(&self, (topic, partition): &PartitionKey, paused: bool) {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(topic, *partition);
+        let result = if paused {
+            self.consumer.pause(&list)
+        } else {
+            self.consumer.resume(&list)
+        };
+        if let Err(error) = result {
+            tracing::warn!(%topic, partition, paused, %error, "could not change the fetch state of a partition");
+        }
+    }
+
+    fn commit(&self, mode: CommitMode) {
+        let offsets = self.worker.shared.uncommitted(&self.worker.shared.snapshot());
+        if offsets.count() > 0
+            && let Err(error) = self.consumer.commit(&offsets, mode)
+        {
+            tracing::warn!(group = %self.worker.shared.group_id, %error, "offset commit failed");
+            // Mark them uncommitted again so that the next round retries.
+            for element in offsets.elements() {
+                let key = (element.topic().to_owned(), element.partition());
+                let partitions = self
+                    .worker
+                    .shared
+                    .partitions
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(state) = partitions.get(&key) {
+                    state
+                        .progress
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .committed = false;
+                }
+            }
+        }
+    }
+}
+
+/// What a partition task needs; cloned once per partition.
+struct Worker<H> {
+    shared: Arc<Shared>,
+    handler: Arc<H>,
+    publisher: KafkaPublisher,
+    dead_letter_topic: String,
+    retry: RetryPolicy,
+}
+
+impl<H> Clone for Worker<H> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            handler: Arc::clone(&self.handler),
+            publisher: self.publisher.clone(),
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            retry: self.retry,
+        }
+    }
+}
+
+/// How handling one message ended.
+enum Outcome {
+    Handled,
+    DeadLettered,
+    /// The partition was revoked mid-way: leave the offset uncommitted.
+    Abandoned,
+}
+
+impl<H: Handler> Worker<H> {
+    async fn run_partition(self, state: Arc<PartitionState>, mut receiver: mpsc::UnboundedReceiver<OwnedMessage>) {
+        while let Some(message) = receiver.recv().await {
+            state.queued.fetch_sub(1, Ordering::SeqCst);
+            if state.revoked.load(Ordering::SeqCst) {
+                break;
+            }
+            let offset = message.offset();
+            match self.process(&state, &message).await {
+                Outcome::Handled | Outcome::DeadLettered => {
+                    let mut progress = state.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    progress.next_offset = Some(offset + 1);
+                    progress.committed = false;
+                }
+                Outcome::Abandoned => break,
+            }
+        }
+        state.mark_finished();
+    }
+
+    async fn process(&self, state: &PartitionState, message: &OwnedMessage) -> Outcome {
+        let topic = message.topic().to_owned();
+        let labels = [("group", self.shared.group_id.clone()), ("topic", topic.clone())];
+        let envelope = match decode(message) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                return self
+                    .dead_letter(state, message, &format!("undecodable message: {error}"))
+                    .await;
+            }
+        };
+        let span = tracing::info_span!(
+            "dbps.consume",
+            message_type = %envelope.message_type,
+            message_id = %envelope.id,
+            aggregate_id = %envelope.aggregate_id,
+            offset = message.offset(),
+            trace_id = envelope.trace.trace_id().unwrap_or_default(),
+            traceparent = envelope.trace.traceparent.as_deref().unwrap_or_default(),
+        );
+        let mut delays = self.retry.delays();
+        loop {
+            let started = Instant::now();
+            let result = self.handler.handle(&envelope).instrument(span.clone()).await;
+            metrics::histogram!("dbps_consumer_handler_seconds", &labels).record(started.elapsed().as_secs_f64());
+            let error = match result {
+                Ok(()) => {
+                    self.shared.handled.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("dbps_consumer_messages_total", &with_outcome(&labels, "handled")).increment(1);
+                    return Outcome::Handled;
+                }
+                Err(error) => error,
+            };
+            metrics::counter!("dbps_consumer_failures_total", &labels).increment(1);
+            if !error.is_transient() {
+                return self.dead_letter(state, message, &error.to_string()).await;
+            }
+            let Some(delay) = delays.next() else {
+                let reason = format!(
+                    "retries exhausted after {} attempts: {error}",
+                    self.retry.max_retries + 1
+                );
+                return self.dead_letter(state, message, &reason).await;
+            };
+            tracing::warn!(parent: &span, %error, ?delay, "handler failed, retrying");
+            metrics::counter!("dbps_consumer_retries_total", &labels).increment(1);
+            if !self.sleep_unless_revoked(state, delay).await {
+                return Outcome::Abandoned;
+            }
+        }
+    }
+
+    /// Sends the original record to the dead-letter topic, retrying until the broker
+    /// accepted it: the offset must not move past a message that is neither handled nor
+    /// dead-lettered.
+    async fn dead_letter(&self, state: &PartitionState, message: &OwnedMessage, reason: &str) -> Outcome {
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                headers = headers.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let failed_at = Utc::now().to_rfc3339();
+        for (key, value) in [
+            (dead_letter_header::REASON, reason),
+            (dead_letter_header::TOPIC, message.topic()),
+            (dead_letter_header::PARTITION, &partition),
+            (dead_letter_header::OFFSET, &offset),
+            (dead_letter_header::GROUP, &self.shared.group_id),
+            (dead_letter_header::FAILED_AT, &failed_at),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut delays = RetryPolicy {
+            max_retries: usize::MAX,
+            ..self.retry
+        }
+        .delays();
+        loop {
+            let sent = self
+                .publisher
+                .publish_raw(
+                    &self.dead_letter_topic,
+                    message.key(),
+                    message.payload(),
+                    headers.clone(),
+                )
+                .await;
+            match sent {
+                Ok(_) => {
+                    self.shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    let labels = [
+                        ("group", self.shared.group_id.clone()),
+                        ("topic", message.topic().to_owned()),
+                        ("outcome", String::from("dead_lettered")),
+                    ];
+                    metrics::counter!("dbps_consumer_messages_total", &labels).increment(1);
+                    tracing::error!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        dead_letter_topic = %self.dead_letter_topic,
+                        %reason,
+                        "message dead-lettered"
+                    );
+                    return Outcome::DeadLettered;
+                }
+                Err(error) => {
+                    let delay = delays.next().unwrap_or(self.retry.max_delay);
+                    tracing::error!(%error, dead_letter_topic = %self.dead_letter_topic, "dead-lettering failed, retrying");
+                    if !self.sleep_unless_revoked(state, delay).await {
+                        return Outcome::Abandoned;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps for `delay` in short steps; false if the partition was revoked meanwhile.
+    async fn sleep_unless_revoked(&self, state: &PartitionState, delay: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + delay;
+        loop {
+            if state.revoked.load(Ordering::SeqCst) {
+                return false;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            tokio::time::sleep((deadline - now).min(Duration::from_millis(50))).await;
+        }
+    }
+}
+
+fn with_outcome(labels: &[(&'static str, String); 2], outcome: &str) -> [(&'static str, String); 3] {
+    [labels[0].clone(), labels[1].clone(), ("outcome", outcome.to_owned())]
+}
+
+/// Decodes a consumed record into an envelope.
+pub(crate) fn decode(message: &OwnedMessage) -> Result<Envelope> {
+    let timestamp = message
+        .timestamp()
+        .to_millis()
+        .and_then(DateTime::<Utc>::from_timestamp_millis);
+    let headers: Vec<(&str, Option<&[u8]>)> = match message.headers() {
+        Some(headers) => headers.iter().map(|h| (h.key, h.value)).collect(),
+        None => Vec::new(),
+    };
+    wire::decode(message.key(), headers, message.payload(), timestamp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::HandlerError;
+
+    #[test]
+    fn retry_delays_grow_and_are_bounded() {
+        let policy = RetryPolicy {
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(80),
+            max_retries: 6,
+        };
+        let delays: Vec<Duration> = policy.delays().collect();
+        assert_eq!(delays.len(), 6);
+        // Jitter adds up to one base delay on top of each step.
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(160)), "{delays:?}");
+        assert!(delays[0] >= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn handler_error_display_includes_the_cause_chain() {
+        let error = HandlerError::transient(Error::Config(String::from("pool closed")));
+        assert!(error.is_transient());
+        assert_eq!(
+            error.to_string(),
+            "transient handler failure: invalid configuration: pool closed"
+        );
+        let error: HandlerError = Error::UnknownType {
+            message_type: String::from("x.Y"),
+        }
+        .into();
+        assert!(!error.is_transient());
+    }
+}

@@ -1,0 +1,241 @@
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use super::KafkaConfig;
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::wire;
+
+/// Where the broker stored a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// The partition.
+    pub partition: i32,
+    /// The offset within the partition.
+    pub offset: i64,
+}
+
+/// Properties the publisher sets and a user may not change: without them a retried send
+/// could duplicate or reorder messages, or be acknowledged before it is durable.
+const REQUIRED: [(&str, &str); 2] = [("enable.idempotence", "true"), ("acks", "all")];
+
+/// Defaults a user may override.
+const DEFAULTS: [(&str, &str); 4] = [
+    ("linger.ms", "5"),
+    ("compression.type", "lz4"),
+    ("message.timeout.ms", "30000"),
+    ("queue.buffering.max.messages", "200000"),
+];
+
+/// Publishes envelopes to Kafka with an idempotent producer (`enable.idempotence=true`,
+/// `acks=all`), in the CloudEvents binary content mode of [`crate::wire`].
+///
+/// Every send reports its own [`Delivery`] or error; errors are classified by
+/// [`Error::is_transient`] so that callers retry only what can succeed later. Messages to
+/// one partition are delivered in the order they were handed over, also across retries
+/// inside the producer.
+///
+/// Cheap to clone: clones share one producer.
+#[derive(Clone)]
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    config: KafkaConfig,
+    enqueue_timeout: Duration,
+}
+
+impl fmt::Debug for KafkaPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaPublisher")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`KafkaPublisher`].
+#[derive(Debug, Clone)]
+pub struct KafkaPublisherBuilder {
+    config: KafkaConfig,
+    enqueue_timeout: Duration,
+}
+
+impl KafkaPublisherBuilder {
+    /// How long a send may wait for room in the producer's queue (default 30 s).
+    pub fn enqueue_timeout(mut self, timeout: Duration) -> Self {
+        self.enqueue_timeout = timeout;
+        self
+    }
+
+    /// Creates the producer. Fails if a property is invalid or contradicts idempotence.
+    pub fn build(self) -> Result<KafkaPublisher> {
+        for (key, required) in REQUIRED {
+            if let Some(value) = self.config.get(key).filter(|v| !v.eq_ignore_ascii_case(required)) {
+                return Err(Error::Config(format!(
+                    "{key}={value} contradicts the idempotent publisher, which needs {key}={required}"
+                )));
+            }
+        }
+        let mut client = self.config.client_config(&DEFAULTS);
+        for (key, value) in REQUIRED {
+            client.set(key, value);
+        }
+        let producer: FutureProducer = client.create().map_err(|source| Error::Kafka {
+            operation: String::from("create producer"),
+            source,
+        })?;
+        Ok(KafkaPublisher {
+            producer,
+            config: self.config,
+            enqueue_timeout: self.enqueue_timeout,
+        })
+    }
+}
+
+impl KafkaPublisher {
+    /// A builder for a publisher to the cluster `config` describes.
+    pub fn builder(config: KafkaConfig) -> KafkaPublisherBuilder {
+        KafkaPublisherBuilder {
+            config,
+            enqueue_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Publishes one envelope to `topic` and waits for the broker's acknowledgement.
+    pub async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<Delivery> {
+        let pending = self.enqueue(topic, envelope).await?;
+        settle(topic, pending.await)
+    }
+
+    /// Publishes a batch and waits for every acknowledgement. The results are in the
+    /// order of `messages`; messages for one partition are sent in that order.
+    ///
+    /// When a message cannot be handed to the producer (it is too large, say), the later
+    /// messages of the batch with the same key are not sent either and report
+    /// [`Error::HeldBack`]: sending them would put them on the topic before the failed
+    /// one.
+    pub async fn publish_batch<'a, I>(&self, messages: I) -> Vec<Result<Delivery>>
+    where
+        I: IntoIterator<Item = (&'a str, &'a Envelope)>,
+    {
+        let mut failed_keys: Vec<&str> = Vec::new();
+        let mut pending = Vec::new();
+        for (topic, envelope) in messages {
+            let key = envelope.aggregate_id.as_str();
+            if failed_keys.contains(&key) {
+                pending.push((topic, Err(Error::HeldBack { key: key.to_owned() })));
+                continue;
+            }
+            let enqueued = self.enqueue(topic, envelope).await;
+            if enqueued.is_err() {
+                failed_keys.push(key);
+            }
+            pending.push((topic, enqueued));
+        }
+        // Everything is in flight already; awaiting in order costs nothing extra.
+        let mut results = Vec::with_capacity(pending.len());
+        for (topic, enqueued) in pending {
+            results.push(match enqueued {
+                Ok(delivery) => settle(topic, delivery.await),
+                Err(error) => Err(error),
+            });
+        }
+        results
+    }
+
+    /// Publishes a raw record (used for dead letters, whose value may not be JSON).
+    pub(crate) async fn publish_raw(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<Delivery> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        let pending = self.send(topic, record).await?;
+        settle(topic, pending.await)
+    }
+
+    /// Waits until every message handed over so far was acknowledged or failed.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        self.producer
+            .flush(Timeout::After(timeout))
+            .map_err(|source| Error::Kafka {
+                operation: String::from("flush"),
+                source,
+            })
+    }
+
+    /// The configuration this publisher was built from (secrets redacted in `Debug`).
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    async fn enqueue(&self, topic: &str, envelope: &Envelope) -> Result<DeliveryFuture> {
+        let encoded = wire::encode(envelope)?;
+        let mut headers = OwnedHeaders::new_with_capacity(encoded.headers.len());
+        for (name, value) in &encoded.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let record = FutureRecord::to(topic)
+            .key(encoded.key)
+            .payload(encoded.value)
+            .headers(headers);
+        self.send(topic, record).await
+    }
+
+    /// Hands a record to the producer, waiting for room while its queue is full.
+    async fn send<K, P>(&self, topic: &str, mut record: FutureRecord<'_, K, P>) -> Result<DeliveryFuture>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        let deadline = tokio::time::Instant::now() + self.enqueue_timeout;
+        loop {
+            match self.producer.send_result(record) {
+                Ok(future) => return Ok(future),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((source, _)) => {
+                    return Err(Error::Kafka {
+                        operation: format!("produce to {topic}"),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+}
+
+type DeliveryOutcome =
+    std::result::Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
+
+fn settle(topic: &str, outcome: DeliveryOutcome) -> Result<Delivery> {
+    match outcome {
+        Ok(Ok(delivery)) => Ok(Delivery {
+            partition: delivery.partition,
+            offset: delivery.offset,
+        }),
+        Ok(Err((source, _))) => Err(Error::Kafka {
+            operation: format!("produce to {topic}"),
+            source,
+        }),
+        Err(_) => Err(Error::ShutDown),
+    }
+}

@@ -1,0 +1,251 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use super::KafkaConfig;
+use crate::error::{Error, Result};
+
+/// How topic names are formed from service, aggregate and consumer-group names.
+///
+/// The defaults: `<service>.<aggregate>.events` for an aggregate's events,
+/// `<service>.commands` for commands to a service, `<service>.replies` for replies to the
+/// service that sent commands, and `<group>.dlq` for a consumer group's dead letters.
+/// Each pattern may be replaced; `{service}`, `{aggregate}` and `{group}` are substituted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicNaming {
+    /// Pattern for event topics.
+    pub events: String,
+    /// Pattern for command topics.
+    pub commands: String,
+    /// Pattern for reply topics.
+    pub replies: String,
+    /// Pattern for dead-letter topics.
+    pub dead_letter: String,
+}
+
+impl Default for TopicNaming {
+    fn default() -> Self {
+        Self {
+            events: String::from("{service}.{aggregate}.events"),
+            commands: String::from("{service}.commands"),
+            replies: String::from("{service}.replies"),
+            dead_letter: String::from("{group}.dlq"),
+        }
+    }
+}
+
+impl TopicNaming {
+    /// The topic of `aggregate`'s events, owned by `service`.
+    pub fn events(&self, service: &str, aggregate: &str) -> Result<String> {
+        checked(
+            self.events
+                .replace("{service}", service)
+                .replace("{aggregate}", aggregate),
+        )
+    }
+
+    /// The topic of commands to `service`.
+    pub fn commands(&self, service: &str) -> Result<String> {
+        checked(self.commands.replace("{service}", service))
+    }
+
+    /// The topic of replies to `service`.
+    pub fn replies(&self, service: &str) -> Result<String> {
+        checked(self.replies.replace("{service}", service))
+    }
+
+    /// The dead-letter topic of consumer group `group`.
+    pub fn dead_letter(&self, group: &str) -> Result<String> {
+        checked(self.dead_letter.replace("{group}", group))
+    }
+}
+
+fn checked(name: String) -> Result<String> {
+    validate_topic_name(&name)?;
+    Ok(name)
+}
+
+/// Checks a topic name against Kafka's rules: 1 to 249 characters of `[a-zA-Z0-9._-]`,
+/// not `.` or `..`.
+pub fn validate_topic_name(name: &str) -> Result<()> {
+    let invalid = |reason: &str| Error::InvalidAttribute {
+        attribute: "topic",
+        reason: format!("{name:?} {reason}"),
+    };
+    if name.is_empty() || name.len() > 249 {
+        return Err(invalid("must have 1 to 249 characters"));
+    }
+    if name == "." || name == ".." {
+        return Err(invalid("is reserved"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(invalid(&format!(
+            "contains {c:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// A topic to provision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// The topic's name.
+    pub name: String,
+    /// Number of partitions (the unit of parallelism and of ordering).
+    pub partitions: i32,
+    /// Replication factor.
+    pub replication: i32,
+    /// How long records are kept (`retention.ms`); `None` keeps the broker's default.
+    pub retention: Option<Duration>,
+    /// Further topic configuration (`cleanup.policy`, `min.insync.replicas`, ...).
+    pub config: BTreeMap<String, String>,
+}
+
+impl TopicSpec {
+    /// A topic with `partitions` partitions, replication factor 1 and the broker's
+    /// default retention.
+    pub fn new(name: impl Into<String>, partitions: i32) -> Self {
+        Self {
+            name: name.into(),
+            partitions,
+            replication: 1,
+            retention: None,
+            config: BTreeMap::new(),
+        }
+    }
+
+    /// Sets the replication factor.
+    pub fn replication(mut self, replication: i32) -> Self {
+        self.replication = replication;
+        self
+    }
+
+    /// Sets the retention time.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
+    /// Sets a topic configuration entry.
+    pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// What [`ensure_topics`] did for one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicOutcome {
+    /// The topic was created.
+    Created,
+    /// The topic existed already; it was left as it is.
+    Existed,
+}
+
+/// Creates the topics that do not exist yet. Idempotent: a topic that exists is left
+/// alone and reported as [`TopicOutcome::Existed`].
+pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<Vec<TopicOutcome>> {
+    for spec in specs {
+        validate_topic_name(&spec.name)?;
+        if spec.partitions < 1 || spec.replication < 1 {
+            return Err(Error::Config(format!(
+                "topic {} needs at least one partition and one replica",
+                spec.name
+            )));
+        }
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        config.client_config(&[]).create().map_err(|source| Error::Kafka {
+            operation: String::from("create admin client"),
+            source,
+        })?;
+    let retention: Vec<Option<String>> = specs
+        .iter()
+        .map(|s| s.retention.map(|r| r.as_millis().to_string()))
+        .collect();
+    let new_topics: Vec<NewTopic<'_>> = specs
+        .iter()
+        .zip(&retention)
+        .map(|(spec, retention)| {
+            let mut topic = NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(spec.replication));
+            if let Some(retention) = retention {
+                topic = topic.set("retention.ms", retention);
+            }
+            for (key, value) in &spec.config {
+                topic = topic.set(key, value);
+            }
+            topic
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|source| Error::Kafka {
+            operation: String::from("create topics"),
+            source,
+        })?;
+    results
+        .into_iter()
+        .map(|result| match result {
+            Ok(_) => Ok(TopicOutcome::Created),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => Ok(TopicOutcome::Existed),
+            Err((name, code)) => Err(Error::Kafka {
+                operation: format!("create topic {name}"),
+                source: KafkaError::AdminOp(code),
+            }),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_naming() {
+        let naming = TopicNaming::default();
+        assert_eq!(
+            naming.events("customer", "customer").ok().as_deref(),
+            Some("customer.customer.events")
+        );
+        assert_eq!(naming.commands("inventory").ok().as_deref(), Some("inventory.commands"));
+        assert_eq!(naming.replies("quote").ok().as_deref(), Some("quote.replies"));
+        assert_eq!(
+            naming.dead_letter("email-service").ok().as_deref(),
+            Some("email-service.dlq")
+        );
+    }
+
+    #[test]
+    fn custom_patterns_are_substituted() {
+        let naming = TopicNaming {
+            events: String::from("prod.{service}.{aggregate}.v1"),
+            ..TopicNaming::default()
+        };
+        assert_eq!(
+            naming.events("quote", "quote").ok().as_deref(),
+            Some("prod.quote.quote.v1")
+        );
+    }
+
+    #[test]
+    fn invalid_topic_names_are_typed_errors() {
+        for bad in ["", ".", "..", "has space", "slash/name", "ü", &"x".repeat(250)] {
+            assert!(
+                matches!(
+                    validate_topic_name(bad),
+                    Err(Error::InvalidAttribute { attribute: "topic", .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(TopicNaming::default().events("bad service", "x").is_err());
+    }
+}

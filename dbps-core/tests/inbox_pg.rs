@@ -1,0 +1,249 @@
+//! The PostgreSQL inbox: each effect applied once, against the real servers.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{StockChanged, TestResult, eventually};
+use dbps_core::Envelope;
+use dbps_core::inbox::pg::{self, PgInbox, TxHandler};
+use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig, KafkaPublisher};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::oneshot;
+
+/// Adds the event's quantity to a running total: applied twice, the total is wrong.
+#[derive(Default)]
+struct AddToStock {
+    calls: AtomicUsize,
+    fail_after_write: bool,
+}
+
+impl TxHandler for AddToStock {
+    async fn handle(&self, conn: &mut PgConnection, message: &Envelope) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let event: StockChanged = serde_json::from_str(message.payload_json()).map_err(HandlerError::permanent)?;
+        sqlx::query(
+            "insert into stock (sku, on_hand, applied) values ($1, $2, 1)
+             on conflict (sku) do update set on_hand = stock.on_hand + excluded.on_hand, applied = stock.applied + 1",
+        )
+        .bind(&event.sku)
+        .bind(event.on_hand)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg::classify)?;
+        if self.fail_after_write {
+            return Err(HandlerError::transient("crashed after writing"));
+        }
+        Ok(())
+    }
+}
+
+async fn setup() -> Result<dbps_testkit::TestPostgres, Box<dyn std::error::Error + Send + Sync>> {
+    let db = dbps_testkit::postgres().await?;
+    pg::MIGRATOR.run(db.pool()).await?;
+    sqlx::query("create table stock (sku text primary key, on_hand bigint not null, applied int not null)")
+        .execute(db.pool())
+        .await?;
+    Ok(db)
+}
+
+async fn stock(pool: &PgPool, sku: &str) -> Result<(i64, i32), sqlx::Error> {
+    sqlx::query_as("select on_hand, applied from stock where sku = $1")
+        .bind(sku)
+        .fetch_one(pool)
+        .await
+}
+
+fn event(sku: &str, quantity: i64) -> Result<Envelope, dbps_core::Error> {
+    Envelope::event(
+        "inventory",
+        "stock",
+        sku,
+        &StockChanged {
+            sku: sku.into(),
+            on_hand: quantity,
+        },
+    )
+}
+
+#[tokio::test]
+async fn message_delivered_twice_is_applied_once() -> TestResult {
+    let db = setup().await?;
+    let inbox = PgInbox::new(db.pool().clone(), "stock-totals", AddToStock::default());
+    let message = event("sku-1", 5)?;
+    assert!(inbox.apply(&message).await?);
+    assert!(!inbox.apply(&message).await?, "the second delivery is a duplicate");
+    assert_eq!(stock(db.pool(), "sku-1").await?, (5, 1));
+
+    // Another consumer name is another effect: it applies the message itself.
+    let other = PgInbox::new(db.pool().clone(), "stock-audit", AddToStock::default());
+    assert!(other.apply(&message).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_apply_once() -> TestResult {
+    let db = setup().await?;
+    let inbox = Arc::new(PgInbox::new(db.pool().clone(), "stock-totals", AddToStock::default()));
+    let message = event("sku-1", 3)?;
+    let attempts: Vec<_> = (0..8)
+        .map(|_| {
+            let inbox = Arc::clone(&inbox);
+            let message = message.clone();
+            tokio::spawn(async move { inbox.apply(&message).await })
+        })
+        .collect();
+    let mut applied = 0;
+    for attempt in attempts {
+        applied += usize::from(attempt.await??);
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(stock(db.pool(), "sku-1").await?, (3, 1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn failed_effect_rolls_back_its_inbox_record() -> TestResult {
+    let db = setup().await?;
+    let failing = PgInbox::new(
+        db.pool().clone(),
+        "stock-totals",
+        AddToStock {
+            fail_after_write: true,
+            ..Default::default()
+        },
+    );
+    let message = event("sku-1", 4)?;
+    let error = failing.apply(&message).await.unwrap_err();
+    assert!(error.is_transient());
+    let (records,): (i64,) = sqlx::query_as("select count(*) from dbps_inbox")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(records, 0, "the inbox record rolled back with the effect");
+    assert!(stock(db.pool(), "sku-1").await.is_err(), "the effect rolled back");
+
+    let working = PgInbox::new(db.pool().clone(), "stock-totals", AddToStock::default());
+    assert!(working.apply(&message).await?, "the retry applies it");
+    assert_eq!(stock(db.pool(), "sku-1").await?, (4, 1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn old_records_are_purged() -> TestResult {
+    let db = setup().await?;
+    sqlx::query(
+        "insert into dbps_inbox (consumer, message_id, received_at)
+         select 'c', 'old-' || g, now() - interval '8 days' from generate_series(1, 30) g
+         union all select 'c', 'new-' || g, now() from generate_series(1, 5) g",
+    )
+    .execute(db.pool())
+    .await?;
+    let purged = pg::purge_older_than(db.pool(), Duration::from_secs(7 * 24 * 3600)).await?;
+    assert_eq!(purged, 30);
+    let (left,): (i64,) = sqlx::query_as("select count(*) from dbps_inbox")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(left, 5);
+    Ok(())
+}
+
+/// A consumer that handled messages but never committed their offsets dies; the group's
+/// next consumer gets every message again, and the inbox absorbs each duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_dropped_before_committing_redelivers_and_effects_apply_once() -> TestResult {
+    let db = setup().await?;
+    let kafka = dbps_testkit::kafka().await?;
+    let topic = kafka.create_topic("stock.events", 3).await?;
+    let dlq = kafka.create_topic("dlq", 1).await?;
+    let group = kafka.group_id("stock-totals");
+    let messages: Vec<Envelope> = (0..60)
+        .map(|i| event(&format!("sku-{}", i % 6), 1))
+        .collect::<Result<_, _>>()?;
+    let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers())).build()?;
+    for result in publisher
+        .publish_batch(messages.iter().map(|m| (topic.as_str(), m)))
+        .await
+    {
+        result?;
+    }
+
+    let first = Arc::new(PgInbox::new(db.pool().clone(), "stock-totals", AddToStock::default()));
+    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&first))
+        .topic(&topic)
+        .dead_letter_topic(&dlq)
+        .commit_interval(Duration::from_secs(3600))
+        .build()?;
+    let crashed = tokio::spawn(runner.run(std::future::pending()));
+    let pool = db.pool().clone();
+    eventually("all 60 effects applied", || {
+        let pool = pool.clone();
+        async move {
+            let (total,): (Option<i64>,) = sqlx::query_as("select sum(on_hand)::bigint from stock")
+                .fetch_one(&pool)
+                .await?;
+            Ok(total == Some(60))
+        }
+    })
+    .await?;
+    // The crash: the run future is dropped with nothing committed.
+    crashed.abort();
+    let _ = crashed.await;
+
+    let second = Arc::new(Counting {
+        inner: PgInbox::new(db.pool().clone(), "stock-totals", AddToStock::default()),
+        delivered: AtomicUsize::new(0),
+    });
+    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&second))
+        .topic(&topic)
+        .dead_letter_topic(&dlq)
+        .build()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    eventually("every message redelivered", || async {
+        Ok(second.delivered.load(Ordering::SeqCst) >= 60)
+    })
+    .await?;
+    let _ = stop.send(());
+    let summary = task.await??;
+    assert_eq!(summary.handled, 60, "all redelivered and acknowledged");
+    assert_eq!(
+        second.inner_calls(),
+        0,
+        "every redelivery was a duplicate the inbox skipped"
+    );
+
+    let (total, applied): (Option<i64>, Option<i64>) =
+        sqlx::query_as("select sum(on_hand)::bigint, sum(applied)::bigint from stock")
+            .fetch_one(db.pool())
+            .await?;
+    assert_eq!((total, applied), (Some(60), Some(60)), "each effect exactly once");
+    let (records,): (i64,) = sqlx::query_as("select count(*) from dbps_inbox")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(records, 60);
+    Ok(())
+}
+
+/// Counts the deliveries that reached the inner handler and succeeded.
+struct Counting<H> {
+    inner: H,
+    delivered: AtomicUsize,
+}
+
+impl<H: Handler> Handler for Counting<H> {
+    async fn handle(&self, message: &Envelope) -> Result<(), HandlerError> {
+        self.inner.handle(message).await?;
+        self.delivered.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Counting<PgInbox<AddToStock>> {
+    fn inner_calls(&self) -> usize {
+        self.inner.handler().calls.load(Ordering::SeqCst)
+    }
+}
