@@ -1,0 +1,85 @@
+//! Errors of the outbox.
+
+/// Errors returned by the outbox stores and the relay.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// The database could not be reached or rejected the statement.
+    #[cfg(feature = "postgres")]
+    #[error("outbox store {operation} failed")]
+    Store {
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The outbox tables are missing.
+    #[error("outbox table {table} missing: run the migrations (dbps_outbox::pg::MIGRATOR)")]
+    MissingTable {
+        /// The missing table.
+        table: &'static str,
+    },
+    /// A message was refused before it was written (payload limits, reserved headers,
+    /// an invalid topic name).
+    #[error("message refused")]
+    Message(#[source] dbps_core::Error),
+    /// Kafka failed.
+    #[error("publishing failed")]
+    Publish(#[source] dbps_core::Error),
+    /// A stored row could not be turned back into an envelope.
+    #[error("outbox row {id} is corrupt: {reason}")]
+    Corrupt {
+        /// The row's id.
+        id: i64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No parked message has this id.
+    #[error("no parked outbox message with id {id}")]
+    NotParked {
+        /// The id asked for.
+        id: i64,
+    },
+    /// Invalid configuration.
+    #[error("invalid outbox configuration: {0}")]
+    Config(String),
+}
+
+impl OutboxError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            #[cfg(feature = "postgres")]
+            Self::Store { source, .. } => {
+                matches!(
+                    source,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                ) || matches!(source, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01"))
+            }
+            Self::Publish(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+pub(crate) fn store(operation: &'static str) -> impl FnOnce(sqlx::Error) -> OutboxError {
+    move |source| match &source {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
+            let table = if db.message().contains("dbps_outbox_sequences") {
+                "dbps_outbox_sequences"
+            } else {
+                "dbps_outbox"
+            };
+            OutboxError::MissingTable { table }
+        }
+        _ => OutboxError::Store { operation, source },
+    }
+}
+
+/// Results of the outbox.
+pub type Result<T, E = OutboxError> = std::result::Result<T, E>;

@@ -1,0 +1,384 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dbps_core::{Envelope, MessageKind, TraceContext};
+use serde_json::value::RawValue;
+use sqlx::postgres::{PgListener, PgPool, PgRow};
+use sqlx::{Connection, PgConnection, Row};
+
+use super::{CHANNEL, LEASE_PARTITIONS};
+use crate::error::{OutboxError, Result, store};
+use crate::store::{Backlog, OutboxStore, Pending};
+
+/// Advisory-lock class of relay membership (`'dbps'` in ASCII).
+const MEMBER_CLASS: i32 = 0x6462_7073;
+/// Advisory-lock class of lease partitions.
+const PARTITION_CLASS: i32 = MEMBER_CLASS + 1;
+
+/// What happens to rows once Kafka acknowledged them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retention {
+    /// Delete them at once (the default): the table holds only the backlog.
+    #[default]
+    Delete,
+    /// Mark them published and delete them after this long (for audits and replays).
+    Keep(Duration),
+}
+
+/// What happens to an aggregate's later events when one of its events is parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoisonPolicy {
+    /// Later events keep flowing (the default). Consumers see the parked event's sequence
+    /// number missing and can wait for the replay or raise an alarm.
+    #[default]
+    Continue,
+    /// Later events of the same aggregate wait until the parked event is replayed or
+    /// discarded, so consumers never see them out of order. Other aggregates keep flowing.
+    HoldAggregate,
+}
+
+/// The relay's side of the PostgreSQL outbox.
+///
+/// Relay instances (one per service replica) share the outbox through session-level
+/// advisory locks on 32 hash partitions of the aggregate id: each takes a fair share,
+/// gives up its excess when another relay joins, and loses its locks with its connection
+/// if it dies, so the others take over. A partition changes hands only between batches,
+/// so per-aggregate order holds across relays.
+#[derive(Debug, Clone)]
+pub struct PgOutboxStore {
+    pool: PgPool,
+    retention: Retention,
+    poison: PoisonPolicy,
+}
+
+/// One relay instance's claim: its membership and partition locks (on a connection of
+/// its own) and its LISTEN connection.
+#[derive(Debug)]
+pub struct PgLease {
+    locks: PgConnection,
+    listener: PgListener,
+    member: i32,
+    owned: Vec<i32>,
+}
+
+impl PgOutboxStore {
+    /// A store over `pool`, deleting published rows and letting later events of a parked
+    /// event's aggregate flow.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            retention: Retention::default(),
+            poison: PoisonPolicy::default(),
+        }
+    }
+
+    /// Sets what happens to published rows.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sets what happens to the events after a parked one.
+    pub fn poison_policy(mut self, poison: PoisonPolicy) -> Self {
+        self.poison = poison;
+        self
+    }
+
+    /// The configured retention.
+    pub fn retention_policy(&self) -> Retention {
+        self.retention
+    }
+
+    /// Parked messages with their reasons, oldest first.
+    pub async fn parked(&self) -> Result<Vec<(Pending, String)>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_PENDING} where parked_at is not null order by id"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store("list parked"))?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    pending(row)?,
+                    row.try_get::<Option<String>, _>("park_reason")
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Puts a parked message back in line (after the cause was fixed): the relay publishes
+    /// it again. It keeps its id, so it goes out before later messages of its aggregate
+    /// that are still waiting.
+    pub async fn replay(&self, id: i64) -> Result<()> {
+        let result = sqlx::query(
+            "update dbps_outbox set parked_at = null, park_reason = null where id = $1 and parked_at is not null",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(store("replay"))?;
+        if result.rows_affected() == 0 {
+            return Err(OutboxError::NotParked { id });
+        }
+        sqlx::query("select pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&self.pool)
+            .await
+            .map_err(store("notify"))?;
+        tracing::info!(id, "parked outbox message replayed");
+        Ok(())
+    }
+
+    /// Deletes a parked message for good (an operator decided it must not be published).
+    pub async fn discard(&self, id: i64) -> Result<()> {
+        let result = sqlx::query("delete from dbps_outbox where id = $1 and parked_at is not null")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(store("discard"))?;
+        if result.rows_affected() == 0 {
+            return Err(OutboxError::NotParked { id });
+        }
+        tracing::warn!(id, "parked outbox message discarded");
+        Ok(())
+    }
+
+    async fn count_members(&self, lease: &mut PgLease) -> Result<i64> {
+        sqlx::query_scalar(
+            "select count(*) from pg_locks where locktype = 'advisory' and granted and objsubid = 2
+               and database = (select oid from pg_database where datname = current_database())
+               and classid = $1::bigint::oid",
+        )
+        .bind(MEMBER_CLASS)
+        .fetch_one(&mut lease.locks)
+        .await
+        .map_err(store("count relays"))
+    }
+}
+
+const SELECT_PENDING: &str = "select id, topic, message_id, kind, message_type, schema_version, source, aggregate_type,
+    aggregate_id, sequence, occurred_at, correlation_id, causation_id, reply_to, traceparent, tracestate,
+    headers, payload::text as payload, park_reason from dbps_outbox";
+
+fn pending(row: &PgRow) -> Result<Pending> {
+    let id: i64 = row.try_get("id").map_err(store("read row"))?;
+    let corrupt = |reason: String| OutboxError::Corrupt { id, reason };
+    let get = |e: sqlx::Error| corrupt(e.to_string());
+    let kind: String = row.try_get("kind").map_err(get)?;
+    let headers: Option<serde_json::Value> = row.try_get("headers").map_err(get)?;
+    let headers: BTreeMap<String, String> = match headers {
+        Some(value) => serde_json::from_value(value).map_err(|e| corrupt(format!("headers: {e}")))?,
+        None => BTreeMap::new(),
+    };
+    let payload: String = row.try_get("payload").map_err(get)?;
+    let schema_version: i32 = row.try_get("schema_version").map_err(get)?;
+    let envelope = Envelope {
+        id: row.try_get("message_id").map_err(get)?,
+        kind: MessageKind::parse(&kind).map_err(|e| corrupt(e.to_string()))?,
+        message_type: row.try_get("message_type").map_err(get)?,
+        schema_version: u32::try_from(schema_version).map_err(|e| corrupt(e.to_string()))?,
+        source: row.try_get("source").map_err(get)?,
+        aggregate_type: row.try_get("aggregate_type").map_err(get)?,
+        aggregate_id: row.try_get("aggregate_id").map_err(get)?,
+        sequence: row.try_get("sequence").map_err(get)?,
+        occurred_at: row.try_get::<DateTime<Utc>, _>("occurred_at").map_err(get)?,
+        correlation_id: row.try_get("correlation_id").map_err(get)?,
+        causation_id: row.try_get("causation_id").map_err(get)?,
+        reply_to: row.try_get("reply_to").map_err(get)?,
+        trace: TraceContext {
+            traceparent: row.try_get("traceparent").map_err(get)?,
+            tracestate: row.try_get("tracestate").map_err(get)?,
+        },
+        headers,
+        payload: RawValue::from_string(payload).map_err(|e| corrupt(format!("payload: {e}")))?,
+    };
+    Ok(Pending {
+        id,
+        topic: row.try_get("topic").map_err(get)?,
+        envelope,
+    })
+}
+
+impl OutboxStore for PgOutboxStore {
+    type Lease = PgLease;
+    type Id = i64;
+
+    async fn join(&self) -> Result<PgLease> {
+        let mut locks = self.pool.acquire().await.map_err(store("connect relay"))?.detach();
+        let member = loop {
+            let candidate = rand::random::<i32>() & i32::MAX;
+            let taken: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
+                .bind(MEMBER_CLASS)
+                .bind(candidate)
+                .fetch_one(&mut locks)
+                .await
+                .map_err(store("join relays"))?;
+            if taken {
+                break candidate;
+            }
+        };
+        let mut listener = PgListener::connect_with(&self.pool).await.map_err(store("listen"))?;
+        listener.listen(CHANNEL).await.map_err(store("listen"))?;
+        Ok(PgLease {
+            locks,
+            listener,
+            member,
+            owned: Vec::new(),
+        })
+    }
+
+    async fn rebalance(&self, lease: &mut PgLease) -> Result<()> {
+        let members = self.count_members(lease).await?.max(1);
+        let target = usize::try_from((i64::from(LEASE_PARTITIONS) + members - 1) / members).unwrap_or(1);
+        if lease.owned.len() > target {
+            let released = lease.owned.split_off(target);
+            sqlx::query("select pg_advisory_unlock($1, p) from unnest($2::int[]) p")
+                .bind(PARTITION_CLASS)
+                .bind(&released)
+                .execute(&mut lease.locks)
+                .await
+                .map_err(store("release partitions"))?;
+            tracing::info!(
+                member = lease.member,
+                released = released.len(),
+                owned = lease.owned.len(),
+                "relay released partitions"
+            );
+        } else if lease.owned.len() < target {
+            let need = i64::try_from(target - lease.owned.len()).unwrap_or(0);
+            // Volatile conditions are not pushed below the LIMIT, so locks are tried in
+            // random order only until enough were taken.
+            let taken: Vec<i32> = sqlx::query_scalar(
+                "select p from (select p from generate_series(0, $4 - 1) p where not (p = any($2)) order by random()) s
+                 where pg_try_advisory_lock($1, p) limit $3",
+            )
+            .bind(PARTITION_CLASS)
+            .bind(&lease.owned)
+            .bind(need)
+            .bind(LEASE_PARTITIONS)
+            .fetch_all(&mut lease.locks)
+            .await
+            .map_err(store("take partitions"))?;
+            if !taken.is_empty() {
+                lease.owned.extend(&taken);
+                lease.owned.sort_unstable();
+                tracing::info!(
+                    member = lease.member,
+                    taken = taken.len(),
+                    owned = lease.owned.len(),
+                    "relay took partitions"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn owns_any(&self, lease: &PgLease) -> bool {
+        !lease.owned.is_empty()
+    }
+
+    async fn fetch(&self, lease: &mut PgLease, limit: usize) -> Result<Vec<Pending>> {
+        let hold = match self.poison {
+            PoisonPolicy::Continue => "",
+            PoisonPolicy::HoldAggregate => {
+                " and not exists (select 1 from dbps_outbox p where p.parked_at is not null
+                   and p.aggregate_id = o.aggregate_id and p.id < o.id)"
+            }
+        };
+        let all = lease.owned.len() == usize::try_from(LEASE_PARTITIONS).unwrap_or(0);
+        let partitions = if all { "" } else { " and lease_partition = any($2)" };
+        let sql = format!(
+            "{SELECT_PENDING} o where published_at is null and parked_at is null{partitions}{hold} order by id limit $1"
+        );
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Fetched on the lease connection: a relay that lost it has lost its partitions
+        // too, and must not publish.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(limit)
+            .bind(&lease.owned)
+            .fetch_all(&mut lease.locks)
+            .await
+            .map_err(store("fetch"))?;
+        rows.iter().map(pending).collect()
+    }
+
+    async fn mark_published(&self, ids: &[i64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = match self.retention {
+            Retention::Delete => "delete from dbps_outbox where id = any($1)",
+            Retention::Keep(_) => "update dbps_outbox set published_at = now() where id = any($1)",
+        };
+        sqlx::query(sql)
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(store("mark published"))?;
+        Ok(())
+    }
+
+    async fn park(&self, id: &i64, reason: &str) -> Result<()> {
+        sqlx::query("update dbps_outbox set parked_at = now(), park_reason = $2 where id = $1")
+            .bind(id)
+            .bind(reason)
+            .execute(&self.pool)
+            .await
+            .map_err(store("park"))?;
+        Ok(())
+    }
+
+    async fn wait_for_commit(&self, lease: &mut PgLease, timeout: Duration) -> Result<bool> {
+        match tokio::time::timeout(timeout, lease.listener.recv()).await {
+            Ok(Ok(_)) => {
+                // Several commits may have been announced meanwhile; one fetch sees them all.
+                while lease.listener.next_buffered().is_some() {}
+                Ok(true)
+            }
+            Ok(Err(source)) => Err(OutboxError::Store {
+                operation: "listen",
+                source,
+            }),
+            Err(_) => Ok(false),
+        }
+    }
+
+    async fn purge_published(&self, older_than: Duration) -> Result<u64> {
+        let interval = sqlx::postgres::types::PgInterval::try_from(older_than)
+            .map_err(|e| OutboxError::Config(format!("retention: {e}")))?;
+        let result = sqlx::query("delete from dbps_outbox where published_at < now() - $1")
+            .bind(interval)
+            .execute(&self.pool)
+            .await
+            .map_err(store("purge"))?;
+        Ok(result.rows_affected())
+    }
+
+    async fn backlog(&self) -> Result<Backlog> {
+        let (pending, oldest, parked): (i64, Option<f64>, i64) = sqlx::query_as(
+            "select count(*) filter (where parked_at is null),
+                    extract(epoch from now() - min(created_at) filter (where parked_at is null))::float8,
+                    count(*) filter (where parked_at is not null)
+             from dbps_outbox where published_at is null",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(store("backlog"))?;
+        Ok(Backlog {
+            pending: u64::try_from(pending).unwrap_or(0),
+            oldest_age: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            parked: u64::try_from(parked).unwrap_or(0),
+        })
+    }
+
+    async fn leave(&self, lease: PgLease) -> Result<()> {
+        // Closing the connection releases every advisory lock it holds.
+        lease.locks.close().await.map_err(store("leave"))?;
+        Ok(())
+    }
+}

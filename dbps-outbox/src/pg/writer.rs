@@ -1,0 +1,165 @@
+use dbps_core::kafka::TopicNaming;
+use dbps_core::{Envelope, Message, PayloadLimits, TraceContext};
+use sqlx::PgConnection;
+
+use crate::error::{OutboxError, Result, store};
+
+/// What [`PgOutbox::enqueue`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The outbox row's id.
+    pub id: i64,
+    /// The message id.
+    pub message_id: String,
+    /// The aggregate sequence number given to the message (events only).
+    pub sequence: Option<i64>,
+}
+
+/// Writes messages into the outbox inside the caller's transaction.
+///
+/// ```no_run
+/// # use dbps_outbox::pg::PgOutbox;
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct CustomerCreated { id: String, name: String }
+/// # impl dbps_core::Message for CustomerCreated { const TYPE: &'static str = "customer.CustomerCreated"; }
+/// # async fn create(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let outbox = PgOutbox::new("customer");
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("insert into customers (id, name) values ($1, $2)").bind("c-1").bind("Ada").execute(&mut *tx).await?;
+/// outbox.enqueue_event(&mut tx, "customer", "c-1", &CustomerCreated { id: "c-1".into(), name: "Ada".into() }).await?;
+/// tx.commit().await?; // the customer and its event, or neither
+/// # Ok(()) }
+/// ```
+///
+/// Events get their aggregate's next sequence number; the row that holds it stays locked
+/// until the transaction ends, so two transactions on one aggregate are serialised and
+/// its sequence numbers follow commit order. Payload limits are checked before anything
+/// is written. A message without trace context starts a new trace.
+#[derive(Debug, Clone)]
+pub struct PgOutbox {
+    service: String,
+    naming: TopicNaming,
+    limits: PayloadLimits,
+}
+
+impl PgOutbox {
+    /// The outbox of `service` (the CloudEvents source of its messages), with the default
+    /// topic naming and payload limits.
+    pub fn new(service: impl Into<String>) -> Self {
+        Self {
+            service: service.into(),
+            naming: TopicNaming::default(),
+            limits: PayloadLimits::default(),
+        }
+    }
+
+    /// Uses another topic naming.
+    pub fn naming(mut self, naming: TopicNaming) -> Self {
+        self.naming = naming;
+        self
+    }
+
+    /// Uses other payload limits.
+    pub fn limits(mut self, limits: PayloadLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Enqueues an event about `aggregate_type`/`aggregate_id`, for the aggregate's events
+    /// topic (`<service>.<aggregate type>.events` by default).
+    pub async fn enqueue_event<M: Message>(
+        &self,
+        conn: &mut PgConnection,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        event: &M,
+    ) -> Result<Enqueued> {
+        let envelope =
+            Envelope::event(&self.service, aggregate_type, aggregate_id, event).map_err(OutboxError::Message)?;
+        let topic = self
+            .naming
+            .events(&self.service, aggregate_type)
+            .map_err(OutboxError::Message)?;
+        self.enqueue(conn, &topic, envelope).await
+    }
+
+    /// Enqueues any message (an event, a command or a reply) for `topic`. Events with an
+    /// aggregate type get the next sequence number of their aggregate.
+    pub async fn enqueue(&self, conn: &mut PgConnection, topic: &str, mut envelope: Envelope) -> Result<Enqueued> {
+        dbps_core::kafka::validate_topic_name(topic).map_err(OutboxError::Message)?;
+        self.limits
+            .check(envelope.payload_json())
+            .map_err(OutboxError::Message)?;
+        // Reserved header names are refused now rather than by the relay, after commit.
+        dbps_core::wire::encode(&envelope).map_err(OutboxError::Message)?;
+        if envelope.trace.traceparent.is_none() {
+            envelope.trace = TraceContext::new_root();
+        }
+        let headers = (!envelope.headers.is_empty())
+            .then(|| serde_json::to_value(&envelope.headers))
+            .transpose()
+            .map_err(|e| OutboxError::Config(format!("headers: {e}")))?;
+        let sequenced = envelope.kind == dbps_core::MessageKind::Event && envelope.aggregate_type.is_some();
+        // One round trip: take the next sequence number (locking the aggregate's row until
+        // commit), insert the message and announce it. NOTIFY coalesces identical
+        // notifications, so a transaction sends one however many messages it enqueues.
+        let row: (i64, Option<i64>) = sqlx::query_as(
+            r#"
+            with seq as (
+                insert into dbps_outbox_sequences as s (aggregate_type, aggregate_id, last_sequence)
+                select $7, $8, 1 where $20
+                on conflict (aggregate_type, aggregate_id) do update set last_sequence = s.last_sequence + 1
+                returning last_sequence
+            ), row as (
+                -- Selecting from `seq` makes the id (the relay's order) be drawn only after
+                -- the aggregate's sequence row is locked, so ids of one aggregate follow its
+                -- sequence numbers, which follow commit order.
+                insert into dbps_outbox (topic, message_id, kind, message_type, schema_version, source,
+                    aggregate_type, aggregate_id, sequence, occurred_at, correlation_id, causation_id,
+                    reply_to, traceparent, tracestate, headers, payload)
+                select $1, $2, $3, $4, $5, $6, $7, $8, coalesce(seq.last_sequence, $9), $10, $11,
+                    $12, $13, $14, $15, $16, $17::json
+                from (select) one left join seq on true
+                returning id, sequence
+            )
+            select id, sequence from row, lateral (select pg_notify($18, $19)) n
+            "#,
+        )
+        .bind(topic)
+        .bind(&envelope.id)
+        .bind(envelope.kind.as_str())
+        .bind(&envelope.message_type)
+        .bind(
+            i32::try_from(envelope.schema_version)
+                .map_err(|_| OutboxError::Config("schema version too large".into()))?,
+        )
+        .bind(&envelope.source)
+        .bind(&envelope.aggregate_type)
+        .bind(&envelope.aggregate_id)
+        .bind(envelope.sequence)
+        .bind(envelope.occurred_at)
+        .bind(&envelope.correlation_id)
+        .bind(&envelope.causation_id)
+        .bind(&envelope.reply_to)
+        .bind(&envelope.trace.traceparent)
+        .bind(&envelope.trace.tracestate)
+        .bind(headers)
+        .bind(envelope.payload_json())
+        .bind(super::CHANNEL)
+        .bind("")
+        .bind(sequenced)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(store("enqueue"))?;
+        metrics::counter!("dbps_outbox_enqueued_total", "service" => self.service.clone()).increment(1);
+        Ok(Enqueued {
+            id: row.0,
+            message_id: envelope.id,
+            sequence: row.1,
+        })
+    }
+}

@@ -1,0 +1,79 @@
+//! The seam between the relay and the database it drains.
+
+use std::time::Duration;
+
+use dbps_core::Envelope;
+
+use crate::error::Result;
+
+/// A committed message waiting to be published.
+#[derive(Debug, Clone)]
+pub struct Pending<Id = i64> {
+    /// The store's id of the message.
+    pub id: Id,
+    /// The topic to publish to.
+    pub topic: String,
+    /// The message.
+    pub envelope: Envelope,
+}
+
+/// How many messages wait, and for how long, for metrics and operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Backlog {
+    /// Messages committed and not yet published (parked ones excluded).
+    pub pending: u64,
+    /// Age of the oldest of them.
+    pub oldest_age: Option<Duration>,
+    /// Messages parked because Kafka refused them permanently.
+    pub parked: u64,
+}
+
+/// A store the relay drains: PostgreSQL here, MongoDB in its own module.
+///
+/// A relay instance works through a [`OutboxStore::Lease`]: its share of the outbox
+/// (hash partitions of the aggregate ids), which it renews and rebalances with the other
+/// relays of the same service, and through which it waits for new commits.
+pub trait OutboxStore: Send + Sync + 'static {
+    /// One relay instance's claim on part of the outbox.
+    type Lease: Send;
+
+    /// How the store identifies a stored message.
+    type Id: Clone + std::fmt::Debug + Send + Sync + 'static;
+
+    /// Joins the relays of this outbox.
+    fn join(&self) -> impl Future<Output = Result<Self::Lease>> + Send;
+
+    /// Takes this relay's fair share of partitions and gives up the excess. Called
+    /// between batches, so a partition changes hands only when nothing of it is in flight.
+    fn rebalance(&self, lease: &mut Self::Lease) -> impl Future<Output = Result<()>> + Send;
+
+    /// Whether this relay currently owns any partition.
+    fn owns_any(&self, lease: &Self::Lease) -> bool;
+
+    /// Up to `limit` unpublished, unparked messages of the owned partitions, in commit
+    /// order per aggregate.
+    fn fetch(
+        &self,
+        lease: &mut Self::Lease,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Pending<Self::Id>>>> + Send;
+
+    /// Records that Kafka acknowledged these messages.
+    fn mark_published(&self, ids: &[Self::Id]) -> impl Future<Output = Result<()>> + Send;
+
+    /// Parks a message that Kafka refused permanently, with the reason.
+    fn park(&self, id: &Self::Id, reason: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Waits until a commit may have added messages, or `timeout` passes. Returns
+    /// whether it was woken by a commit.
+    fn wait_for_commit(&self, lease: &mut Self::Lease, timeout: Duration) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Deletes published messages kept longer than the retention.
+    fn purge_published(&self, older_than: Duration) -> impl Future<Output = Result<u64>> + Send;
+
+    /// The current backlog.
+    fn backlog(&self) -> impl Future<Output = Result<Backlog>> + Send;
+
+    /// Leaves, releasing the lease so other relays take over at once.
+    fn leave(&self, lease: Self::Lease) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,579 @@
+//! The PostgreSQL outbox and its relay, against the real PostgreSQL and Kafka.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
+use dbps_core::{Envelope, Message, PayloadLimits};
+use dbps_outbox::pg::{MIGRATOR, PgOutbox, PgOutboxStore, PoisonPolicy, Retention};
+use dbps_outbox::{Backlog, OutboxError, OutboxStore, Pending, Relay, RelaySummary};
+use futures::StreamExt;
+use rdkafka::ClientConfig;
+use rdkafka::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+const DEADLINE: Duration = Duration::from_secs(90);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct QuoteChanged {
+    quote_id: String,
+    note: String,
+}
+
+impl Message for QuoteChanged {
+    const TYPE: &'static str = "quote.QuoteChanged";
+}
+
+struct Fixture {
+    db: dbps_testkit::TestPostgres,
+    kafka: dbps_testkit::TestKafka,
+    outbox: PgOutbox,
+    topic: String,
+}
+
+/// A database with the outbox tables and a topic for the quote aggregate's events.
+async fn fixture(partitions: i32) -> Result<Fixture, Box<dyn std::error::Error + Send + Sync>> {
+    let db = dbps_testkit::postgres().await?;
+    MIGRATOR.run(db.pool()).await?;
+    let kafka = dbps_testkit::kafka().await?;
+    let topic = kafka.create_topic("quote.quote.events", partitions).await?;
+    let naming = TopicNaming {
+        events: topic.clone(),
+        ..TopicNaming::default()
+    };
+    Ok(Fixture {
+        db,
+        kafka,
+        outbox: PgOutbox::new("quote").naming(naming),
+        topic,
+    })
+}
+
+fn publisher(brokers: &str) -> Result<KafkaPublisher, dbps_core::Error> {
+    KafkaPublisher::builder(KafkaConfig::new(brokers)).build()
+}
+
+fn start_relay<S: OutboxStore>(
+    relay: Relay<S>,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<RelaySummary, OutboxError>>,
+) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (stop, task)
+}
+
+fn fast(store: impl OutboxStore, brokers: &str) -> Result<Relay<impl OutboxStore>, dbps_core::Error> {
+    Ok(Relay::builder(store, publisher(brokers)?)
+        .rebalance_interval(Duration::from_millis(200))
+        .retry_delay(Duration::from_millis(50))
+        .build())
+}
+
+/// Reads records until `count` arrived, then keeps reading for `settle` to catch extras.
+async fn read(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    settle: Duration,
+) -> Result<Vec<OwnedMessage>, Box<dyn std::error::Error + Send + Sync>> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("check-{}", uuid::Uuid::now_v7()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut stream = consumer.stream();
+    let mut records = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while records.len() < count {
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| format!("only {} of {count} records arrived", records.len()))?;
+        records.push(next.ok_or("stream ended")??.detach());
+    }
+    while let Ok(Some(next)) = tokio::time::timeout(settle, stream.next()).await {
+        records.push(next?.detach());
+    }
+    Ok(records)
+}
+
+fn header<'a>(record: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    record
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// (aggregate id, sequence, message id) of each record, in topic order per partition.
+fn summarise(records: &[OwnedMessage]) -> Vec<(String, i64, String)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                header(r, "ce_subject").unwrap_or_default().to_owned(),
+                header(r, "ce_sequence").and_then(|s| s.parse().ok()).unwrap_or(-1),
+                header(r, "ce_id").unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Every aggregate's sequence numbers arrive as 1, 2, 3, ... (duplicates allowed only as
+/// repeats of what came before).
+fn assert_in_order(records: &[(String, i64, String)]) {
+    let mut highest: BTreeMap<&str, i64> = BTreeMap::new();
+    for (aggregate, sequence, _) in records {
+        let top = highest.entry(aggregate).or_insert(0);
+        assert!(
+            *sequence <= *top + 1,
+            "{aggregate}: sequence {sequence} after {top}: a gap"
+        );
+        if *sequence == *top + 1 {
+            *top = *sequence;
+        }
+    }
+}
+
+fn change(quote: &str, note: &str) -> QuoteChanged {
+    QuoteChanged {
+        quote_id: quote.into(),
+        note: note.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_transaction_publishes_nothing_and_committed_one_exactly_its_events() -> TestResult {
+    let f = fixture(1).await?;
+    let mut tx = f.db.pool().begin().await?;
+    f.outbox
+        .enqueue_event(&mut tx, "quote", "q-rolled-back", &change("q-rolled-back", "never"))
+        .await?;
+    tx.rollback().await?;
+
+    let mut tx = f.db.pool().begin().await?;
+    let a = f
+        .outbox
+        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "created"))
+        .await?;
+    let b = f
+        .outbox
+        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "priced"))
+        .await?;
+    tx.commit().await?;
+    assert_eq!((a.sequence, b.sequence), (Some(1), Some(2)));
+
+    let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
+    let records = read(f.kafka.brokers(), &f.topic, 2, Duration::from_secs(2)).await?;
+    let _ = stop.send(());
+    let summary = relay.await??;
+
+    let seen = summarise(&records);
+    assert_eq!(
+        seen,
+        vec![
+            ("q-1".into(), 1, a.message_id.clone()),
+            ("q-1".into(), 2, b.message_id.clone())
+        ]
+    );
+    assert_eq!(summary.published, 2);
+    let (left,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox")
+        .fetch_one(f.db.pool())
+        .await?;
+    assert_eq!(left, 0, "published rows are deleted by default");
+    let payload: serde_json::Value = serde_json::from_slice(records[1].payload().unwrap_or_default())?;
+    assert_eq!(payload["note"], "priced");
+    Ok(())
+}
+
+/// The classic BIGSERIAL gap: writers hold transactions open before COMMIT (taking ids
+/// early, becoming visible late) while others commit and some roll back. The relay runs
+/// throughout. The published set equals the committed set, in sequence order per aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_commits_and_rollbacks_publish_exactly_the_committed_set_in_order() -> TestResult {
+    let f = fixture(3).await?;
+    let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
+
+    let writers = 16;
+    let per_writer = 25;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let pool = f.db.pool().clone();
+        let outbox = f.outbox.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for i in 0..per_writer {
+                let aggregate = format!("q-{}", (w * 7 + i) % 10);
+                let mut tx = pool.begin().await?;
+                let enqueued = outbox
+                    .enqueue_event(&mut tx, "quote", &aggregate, &change(&aggregate, "x"))
+                    .await?;
+                match (w + i) % 10 {
+                    // Roll back one in ten.
+                    0 => tx.rollback().await?,
+                    // Hold one in five open before COMMIT.
+                    1 | 2 => {
+                        tokio::time::sleep(Duration::from_millis(50 + 20 * u64::try_from(i % 5).unwrap_or(0))).await;
+                        tx.commit().await?;
+                        committed.push(enqueued.message_id);
+                    }
+                    _ => {
+                        tx.commit().await?;
+                        committed.push(enqueued.message_id);
+                    }
+                }
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(committed)
+        }));
+    }
+    let mut committed = BTreeSet::new();
+    for task in tasks {
+        committed.extend(task.await??);
+    }
+    let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
+    let _ = stop.send(());
+    relay.await??;
+
+    let seen = summarise(&records);
+    let published: BTreeSet<String> = seen.iter().map(|(_, _, id)| id.clone()).collect();
+    assert_eq!(published.len(), seen.len(), "no duplicates in a run without crashes");
+    assert_eq!(published, committed, "published set = committed set");
+    assert_in_order(&seen);
+    // Sequences per aggregate are contiguous: rolled-back transactions did not burn one.
+    let mut per_aggregate: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (aggregate, sequence, _) in &seen {
+        per_aggregate.entry(aggregate.clone()).or_default().push(*sequence);
+    }
+    for (aggregate, sequences) in per_aggregate {
+        let expected: Vec<i64> = (1..=i64::try_from(sequences.len())?).collect();
+        assert_eq!(sequences, expected, "{aggregate}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_share_the_outbox_without_loss_or_reordering() -> TestResult {
+    let f = fixture(4).await?;
+    let store = PgOutboxStore::new(f.db.pool().clone());
+    let (stop_a, relay_a) = start_relay(fast(store.clone(), f.kafka.brokers())?);
+    let (stop_b, relay_b) = start_relay(fast(store.clone(), f.kafka.brokers())?);
+
+    let mut committed = BTreeSet::new();
+    for round in 0..30 {
+        let mut tx = f.db.pool().begin().await?;
+        for q in 0..20 {
+            let aggregate = format!("q-{q}");
+            let e = f
+                .outbox
+                .enqueue_event(&mut tx, "quote", &aggregate, &change(&aggregate, &round.to_string()))
+                .await?;
+            committed.insert(e.message_id);
+        }
+        tx.commit().await?;
+    }
+    let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
+    let _ = stop_a.send(());
+    let _ = stop_b.send(());
+    let (a, b) = (relay_a.await??, relay_b.await??);
+
+    let seen = summarise(&records);
+    let published: BTreeSet<String> = seen.iter().map(|(_, _, id)| id.clone()).collect();
+    assert_eq!(published, committed);
+    assert_in_order(&seen);
+    assert_eq!(
+        a.published + b.published,
+        600,
+        "each message published by exactly one relay: {a:?} {b:?}"
+    );
+    assert!(a.published > 0 && b.published > 0, "both relays worked: {a:?} {b:?}");
+    Ok(())
+}
+
+/// Delegates to the real store but "crashes" instead of marking: the relay stops right
+/// after the broker's acknowledgement.
+#[derive(Clone)]
+struct CrashBeforeMark {
+    inner: PgOutboxStore,
+    crashed: Arc<AtomicBool>,
+}
+
+impl OutboxStore for CrashBeforeMark {
+    type Lease = <PgOutboxStore as OutboxStore>::Lease;
+    type Id = i64;
+    async fn join(&self) -> dbps_outbox::Result<Self::Lease> {
+        self.inner.join().await
+    }
+    async fn rebalance(&self, lease: &mut Self::Lease) -> dbps_outbox::Result<()> {
+        self.inner.rebalance(lease).await
+    }
+    fn owns_any(&self, lease: &Self::Lease) -> bool {
+        self.inner.owns_any(lease)
+    }
+    async fn fetch(&self, lease: &mut Self::Lease, limit: usize) -> dbps_outbox::Result<Vec<Pending>> {
+        if self.crashed.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        self.inner.fetch(lease, limit).await
+    }
+    async fn mark_published(&self, _ids: &[i64]) -> dbps_outbox::Result<()> {
+        self.crashed.store(true, Ordering::SeqCst);
+        std::future::pending().await
+    }
+    async fn park(&self, id: &i64, reason: &str) -> dbps_outbox::Result<()> {
+        self.inner.park(id, reason).await
+    }
+    async fn wait_for_commit(&self, lease: &mut Self::Lease, timeout: Duration) -> dbps_outbox::Result<bool> {
+        self.inner.wait_for_commit(lease, timeout).await
+    }
+    async fn purge_published(&self, older_than: Duration) -> dbps_outbox::Result<u64> {
+        self.inner.purge_published(older_than).await
+    }
+    async fn backlog(&self) -> dbps_outbox::Result<Backlog> {
+        self.inner.backlog().await
+    }
+    async fn leave(&self, lease: Self::Lease) -> dbps_outbox::Result<()> {
+        self.inner.leave(lease).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> TestResult {
+    let f = fixture(1).await?;
+    let mut committed = Vec::new();
+    let mut tx = f.db.pool().begin().await?;
+    for i in 0..10 {
+        committed.push(
+            f.outbox
+                .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", &i.to_string()))
+                .await?
+                .message_id,
+        );
+    }
+    tx.commit().await?;
+
+    let crashing = CrashBeforeMark {
+        inner: PgOutboxStore::new(f.db.pool().clone()),
+        crashed: Arc::new(AtomicBool::new(false)),
+    };
+    let (_stop, relay) = start_relay(fast(crashing.clone(), f.kafka.brokers())?);
+    let first = read(f.kafka.brokers(), &f.topic, 10, Duration::from_millis(200)).await?;
+    assert!(crashing.crashed.load(Ordering::SeqCst), "acknowledged, not marked");
+    // The crash: the relay's task dies with its lease connection.
+    relay.abort();
+    let _ = relay.await;
+    let (left,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox")
+        .fetch_one(f.db.pool())
+        .await?;
+    assert_eq!(left, 10, "nothing was marked");
+
+    let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
+    let all = read(f.kafka.brokers(), &f.topic, 20, Duration::from_secs(1)).await?;
+    let _ = stop.send(());
+    relay.await??;
+
+    let seen = summarise(&all);
+    assert_eq!(seen.len(), 20, "every message twice: once before the crash, once after");
+    let ids: Vec<String> = seen.iter().map(|(_, _, id)| id.clone()).collect();
+    assert_eq!(ids[..10], committed[..]);
+    assert_eq!(ids[10..], committed[..], "the restart republished in order");
+    assert_eq!(summarise(&first)[..10], seen[..10]);
+    let (left,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox")
+        .fetch_one(f.db.pool())
+        .await?;
+    assert_eq!(left, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_the_fix() -> TestResult {
+    for policy in [PoisonPolicy::Continue, PoisonPolicy::HoldAggregate] {
+        let f = fixture(1).await?;
+        let mut tx = f.db.pool().begin().await?;
+        f.outbox
+            .enqueue_event(&mut tx, "quote", "q-big", &change("q-big", "ok"))
+            .await?;
+        let poison = f
+            .outbox
+            .enqueue_event(&mut tx, "quote", "q-big", &change("q-big", &"x".repeat(20_000)))
+            .await?;
+        let after = f
+            .outbox
+            .enqueue_event(&mut tx, "quote", "q-big", &change("q-big", "after"))
+            .await?;
+        let other = f
+            .outbox
+            .enqueue_event(&mut tx, "quote", "q-other", &change("q-other", "ok"))
+            .await?;
+        tx.commit().await?;
+
+        // A producer limited to 10 kB refuses the 20 kB event permanently.
+        let small =
+            KafkaPublisher::builder(KafkaConfig::new(f.kafka.brokers()).set("message.max.bytes", "10000")).build()?;
+        let store = PgOutboxStore::new(f.db.pool().clone()).poison_policy(policy);
+        let relay = Relay::builder(store.clone(), small)
+            .rebalance_interval(Duration::from_millis(200))
+            .build();
+        let (stop, task) = start_relay(relay);
+        let expected_now = if policy == PoisonPolicy::Continue { 3 } else { 2 };
+        let records = read(f.kafka.brokers(), &f.topic, expected_now, Duration::from_secs(1)).await?;
+        let _ = stop.send(());
+        let summary = task.await??;
+        assert_eq!(summary.parked, 1, "{policy:?}");
+        let ids: BTreeSet<String> = summarise(&records).into_iter().map(|(_, _, id)| id).collect();
+        assert!(ids.contains(&other.message_id), "other aggregates flow ({policy:?})");
+        assert_eq!(
+            ids.contains(&after.message_id),
+            policy == PoisonPolicy::Continue,
+            "{policy:?}"
+        );
+        assert!(!ids.contains(&poison.message_id));
+
+        let parked = store.parked().await?;
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].0.envelope.id, poison.message_id);
+        assert!(parked[0].1.contains("produce to"), "reason recorded: {}", parked[0].1);
+        assert_eq!(store.backlog().await?.parked, 1);
+
+        // The fix: a producer that accepts it. Replay, and it goes out (before the held
+        // event, under HoldAggregate).
+        store.replay(parked[0].0.id).await?;
+        let (stop, task) = start_relay(fast(store.clone(), f.kafka.brokers())?);
+        let all = read(f.kafka.brokers(), &f.topic, 4, Duration::from_secs(1)).await?;
+        let _ = stop.send(());
+        task.await??;
+        let seen = summarise(&all);
+        assert_eq!(seen.len(), 4, "{policy:?}");
+        if policy == PoisonPolicy::HoldAggregate {
+            assert_in_order(&seen);
+        }
+        assert!(store.parked().await?.is_empty());
+        assert!(matches!(
+            store.replay(parked[0].0.id).await,
+            Err(OutboxError::NotParked { .. })
+        ));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn kept_rows_are_purged_by_retention() -> TestResult {
+    let f = fixture(1).await?;
+    let store = PgOutboxStore::new(f.db.pool().clone()).retention(Retention::Keep(Duration::from_secs(3600)));
+    let mut tx = f.db.pool().begin().await?;
+    let a = f
+        .outbox
+        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "a"))
+        .await?;
+    let b = f
+        .outbox
+        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "b"))
+        .await?;
+    tx.commit().await?;
+    store.mark_published(&[a.id, b.id]).await?;
+    sqlx::query("update dbps_outbox set published_at = now() - interval '2 hours' where id = $1")
+        .bind(a.id)
+        .execute(f.db.pool())
+        .await?;
+    assert_eq!(store.purge_published(Duration::from_secs(3600)).await?, 1);
+    let (left,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox")
+        .fetch_one(f.db.pool())
+        .await?;
+    assert_eq!(left, 1);
+    assert_eq!(
+        store.backlog().await?,
+        Backlog {
+            pending: 0,
+            oldest_age: None,
+            parked: 0
+        }
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_anything_is_written() -> TestResult {
+    let f = fixture(1).await?;
+    let strict = f.outbox.clone().limits(PayloadLimits {
+        max_bytes: 100,
+        max_depth: 4,
+    });
+    let mut tx = f.db.pool().begin().await?;
+    let error = strict
+        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", &"x".repeat(200)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, OutboxError::Message(dbps_core::Error::PayloadTooLarge { .. })),
+        "{error:?}"
+    );
+    let envelope = Envelope::event("quote", "quote", "q-1", &change("q-1", "x"))?;
+    let error = f
+        .outbox
+        .enqueue(&mut tx, "not a topic!", envelope.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OutboxError::Message(dbps_core::Error::InvalidAttribute { attribute: "topic", .. })
+    ));
+    let mut spoofed = envelope;
+    spoofed.headers.insert("ce_id".into(), "x".into());
+    let error = f.outbox.enqueue(&mut tx, "quote.commands", spoofed).await.unwrap_err();
+    assert!(matches!(
+        error,
+        OutboxError::Message(dbps_core::Error::InvalidAttribute {
+            attribute: "headers",
+            ..
+        })
+    ));
+    tx.commit().await?;
+    let (rows,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox")
+        .fetch_one(f.db.pool())
+        .await?;
+    assert_eq!(rows, 0);
+
+    // Without the migrations, the error says what to do.
+    let bare = dbps_testkit::postgres().await?;
+    let mut tx = bare.pool().begin().await?;
+    let error = f
+        .outbox
+        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, OutboxError::MissingTable { .. }), "{error:?}");
+    assert!(error.to_string().contains("run the migrations"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn commands_and_replies_go_to_their_explicit_topic_unsequenced() -> TestResult {
+    let f = fixture(1).await?;
+    let command = Envelope::command("quote", "q-1", "quote.replies", &change("q-1", "reserve"))?;
+    let mut tx = f.db.pool().begin().await?;
+    let enqueued = f.outbox.enqueue(&mut tx, &f.topic, command).await?;
+    tx.commit().await?;
+    assert_eq!(enqueued.sequence, None);
+    let (kind, reply_to): (String, Option<String>) =
+        sqlx::query_as("select kind, reply_to from dbps_outbox where id = $1")
+            .bind(enqueued.id)
+            .fetch_one(f.db.pool())
+            .await?;
+    assert_eq!((kind.as_str(), reply_to.as_deref()), ("command", Some("quote.replies")));
+    Ok(())
+}
