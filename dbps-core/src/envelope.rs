@@ -90,6 +90,61 @@ impl TraceContext {
         }
     }
 
+    /// The trace context of the current `tracing` span, when an OpenTelemetry layer
+    /// records it (feature `opentelemetry`); `None` otherwise. Messages built inside a
+    /// span carry it, so the consumer's span continues the writer's trace.
+    pub fn current() -> Option<Self> {
+        #[cfg(feature = "opentelemetry")]
+        {
+            use opentelemetry::trace::TraceContextExt as _;
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            let context = tracing::Span::current().context();
+            let span = context.span();
+            let span_context = span.span_context();
+            if !span_context.is_valid() {
+                return None;
+            }
+            let state = span_context.trace_state().header();
+            Some(Self {
+                traceparent: Some(format!(
+                    "00-{}-{}-{:02x}",
+                    span_context.trace_id(),
+                    span_context.span_id(),
+                    span_context.trace_flags().to_u8()
+                )),
+                tracestate: (!state.is_empty()).then_some(state),
+            })
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        {
+            None
+        }
+    }
+
+    /// An OpenTelemetry context whose remote parent is this trace context, for making a
+    /// span its child; `None` if the `traceparent` is missing or malformed.
+    #[cfg(feature = "opentelemetry")]
+    pub fn otel_context(&self) -> Option<opentelemetry::Context> {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState};
+        let parent = self.traceparent.as_deref()?;
+        let parts: Vec<&str> = parent.split('-').collect();
+        let [_version, trace_id, span_id, flags] = parts.as_slice() else {
+            return None;
+        };
+        let trace_id = TraceId::from_hex(trace_id).ok()?;
+        let span_id = SpanId::from_hex(span_id).ok()?;
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        let state = self
+            .tracestate
+            .as_deref()
+            .and_then(|s| s.parse::<TraceState>().ok())
+            .unwrap_or_default();
+        let span_context = SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, state);
+        span_context
+            .is_valid()
+            .then(|| opentelemetry::Context::new().with_remote_span_context(span_context))
+    }
+
     /// A new trace with a random trace id, for a flow that starts here.
     pub fn new_root() -> Self {
         let trace_id = format!("{:032x}", rand::random::<u128>().max(1));
@@ -239,7 +294,7 @@ impl Envelope {
             correlation_id: None,
             causation_id: None,
             reply_to: None,
-            trace: TraceContext::default(),
+            trace: TraceContext::current().unwrap_or_default(),
             headers: BTreeMap::new(),
             payload,
         })

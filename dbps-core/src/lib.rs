@@ -52,6 +52,10 @@
 //! - `postgres` (default): the PostgreSQL inbox and migration runner (sqlx).
 //! - `kafka` (default): topics, `KafkaPublisher` and `ConsumerRunner` (rdkafka).
 //! - `mongodb`: idempotent updates and migrations for MongoDB.
+//! - `opentelemetry`: messages take their W3C trace context from the current `tracing`
+//!   span ([`TraceContext::current`]), and the consumer runner's span per message
+//!   continues the writer's trace. Without it, trace context still travels with every
+//!   message (`traceparent`, `tracestate`) and is recorded on the consumer's span.
 //!
 //! # Guarantees
 //!

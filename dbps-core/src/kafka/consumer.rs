@@ -682,6 +682,13 @@ impl<H: Handler> Worker<H> {
             trace_id = envelope.trace.trace_id().unwrap_or_default(),
             traceparent = envelope.trace.traceparent.as_deref().unwrap_or_default(),
         );
+        #[cfg(feature = "opentelemetry")]
+        if let Some(parent) = envelope.trace.otel_context() {
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            // Fails only when no OpenTelemetry layer is installed; then there is no trace
+            // to continue.
+            let _ = span.set_parent(parent);
+        }
         let mut delays = self.retry.delays();
         loop {
             let started = Instant::now();
