@@ -20,18 +20,13 @@ pub struct RelaySummary {
 /// Builds a [`Relay`].
 #[derive(Debug)]
 pub struct RelayBuilder<S> {
-    store: S,
-    publisher: KafkaPublisher,
-    batch_size: usize,
-    poll_interval: Duration,
-    rebalance_interval: Duration,
-    retry_delay: Duration,
+    relay: Relay<S>,
 }
 
 impl<S: OutboxStore> RelayBuilder<S> {
     /// Messages fetched and published per round (default 500).
     pub fn batch_size(mut self, batch_size: usize) -> Self {
-        self.batch_size = batch_size.max(1);
+        self.relay.batch_size = batch_size.max(1);
         self
     }
 
@@ -39,34 +34,27 @@ impl<S: OutboxStore> RelayBuilder<S> {
     /// (default 2 s). Notifications make new messages leave within milliseconds; the poll
     /// only covers notifications lost while the listening connection reconnected.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
+        self.relay.poll_interval = interval;
         self
     }
 
     /// How often the relay rebalances partitions with the other relays and reports its
     /// backlog metrics (default 10 s).
     pub fn rebalance_interval(mut self, interval: Duration) -> Self {
-        self.rebalance_interval = interval;
+        self.relay.rebalance_interval = interval;
         self
     }
 
     /// How long to wait after a failed round (database or broker trouble) before the
     /// next (default 500 ms).
     pub fn retry_delay(mut self, delay: Duration) -> Self {
-        self.retry_delay = delay;
+        self.relay.retry_delay = delay;
         self
     }
 
     /// Builds the relay.
     pub fn build(self) -> Relay<S> {
-        Relay {
-            store: self.store,
-            publisher: self.publisher,
-            batch_size: self.batch_size,
-            poll_interval: self.poll_interval,
-            rebalance_interval: self.rebalance_interval,
-            retry_delay: self.retry_delay,
-        }
+        self.relay
     }
 }
 
@@ -105,12 +93,14 @@ impl<S: OutboxStore> Relay<S> {
     /// it wait out broker outages instead of failing rounds; either way nothing is lost.
     pub fn builder(store: S, publisher: KafkaPublisher) -> RelayBuilder<S> {
         RelayBuilder {
-            store,
-            publisher,
-            batch_size: 500,
-            poll_interval: Duration::from_secs(2),
-            rebalance_interval: Duration::from_secs(10),
-            retry_delay: Duration::from_millis(500),
+            relay: Self {
+                store,
+                publisher,
+                batch_size: 500,
+                poll_interval: Duration::from_secs(2),
+                rebalance_interval: Duration::from_secs(10),
+                retry_delay: Duration::from_millis(500),
+            },
         }
     }
 
@@ -163,23 +153,22 @@ impl<S: OutboxStore> Relay<S> {
                 continue;
             }
             let batch = self.store.fetch(&mut lease, self.batch_size).await?;
-            if batch.is_empty() {
-                // Wait for a commit, but come back for the next rebalance in time.
+            let drained = batch.len() < self.batch_size;
+            if !batch.is_empty() {
+                let span = tracing::debug_span!("dbps.relay.batch", size = batch.len());
+                let (published, parked) = self.publish(batch).instrument(span).await?;
+                summary.published += published;
+                summary.parked += parked;
+            }
+            if drained {
+                // Nothing more is waiting: sleep until a commit is announced (one that
+                // committed while this round ran has been announced already), but come
+                // back for the next rebalance in time.
                 let until_rebalance =
                     last_rebalance.map_or(Duration::ZERO, |t| self.rebalance_interval.saturating_sub(t.elapsed()));
                 self.store
                     .wait_for_commit(&mut lease, self.poll_interval.min(until_rebalance))
                     .await?;
-                continue;
-            }
-            let full = batch.len() == self.batch_size;
-            let span = tracing::debug_span!("dbps.relay.batch", size = batch.len());
-            let (published, parked) = self.publish(batch).instrument(span).await?;
-            summary.published += published;
-            summary.parked += parked;
-            if !full {
-                // Fewer than a full batch: the backlog is drained; wait for the next commit.
-                continue;
             }
         }
     }

@@ -287,7 +287,15 @@ async fn two_relays_share_the_outbox_without_loss_or_reordering() -> TestResult 
         }
         tx.commit().await?;
     }
-    let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
+    let records = match read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await {
+        Ok(records) => records,
+        Err(error) => {
+            let (left,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox")
+                .fetch_one(f.db.pool())
+                .await?;
+            return Err(format!("{error}; {left} rows still in the outbox").into());
+        }
+    };
     let _ = stop_a.send(());
     let _ = stop_b.send(());
     let (a, b) = (relay_a.await??, relay_b.await??);

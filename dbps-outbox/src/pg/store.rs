@@ -148,22 +148,35 @@ impl PgOutboxStore {
         Ok(())
     }
 
-    async fn count_members(&self, lease: &mut PgLease) -> Result<i64> {
-        sqlx::query_scalar(
-            "select count(*) from pg_locks where locktype = 'advisory' and granted and objsubid = 2
-               and database = (select oid from pg_database where datname = current_database())
-               and classid = $1::bigint::oid",
+    /// How many relays are members, and which partitions anyone holds, in one look at
+    /// `pg_locks` (advisory locks are per database, so this sees this outbox only).
+    async fn lock_table(&self, lease: &mut PgLease) -> Result<(i64, Vec<i32>)> {
+        sqlx::query_as(
+            "select count(*) filter (where classid = $1::bigint::oid),
+                    coalesce(array_agg(objid::bigint::int) filter (where classid = $2::bigint::oid), '{}')
+             from pg_locks
+             where locktype = 'advisory' and granted and objsubid = 2
+               and database = (select oid from pg_database where datname = current_database())",
         )
         .bind(MEMBER_CLASS)
+        .bind(PARTITION_CLASS)
         .fetch_one(&mut lease.locks)
         .await
-        .map_err(store("count relays"))
+        .map_err(store("read relay locks"))
     }
 }
 
 const SELECT_PENDING: &str = "select id, topic, message_id, kind, message_type, schema_version, source, aggregate_type,
     aggregate_id, sequence, occurred_at, correlation_id, causation_id, reply_to, traceparent, tracestate,
     headers, payload::text as payload, park_reason from dbps_outbox";
+
+/// Fisher–Yates, so that relays starting together try partitions in different orders.
+fn shuffle(items: &mut [i32]) {
+    for i in (1..items.len()).rev() {
+        let j = rand::random_range(0..=i);
+        items.swap(i, j);
+    }
+}
 
 fn pending(row: &PgRow) -> Result<Pending> {
     let id: i64 = row.try_get("id").map_err(store("read row"))?;
@@ -233,7 +246,8 @@ impl OutboxStore for PgOutboxStore {
     }
 
     async fn rebalance(&self, lease: &mut PgLease) -> Result<()> {
-        let members = self.count_members(lease).await?.max(1);
+        let (members, held) = self.lock_table(lease).await?;
+        let members = members.max(1);
         let target = usize::try_from((i64::from(LEASE_PARTITIONS) + members - 1) / members).unwrap_or(1);
         if lease.owned.len() > target {
             let released = lease.owned.split_off(target);
@@ -250,26 +264,32 @@ impl OutboxStore for PgOutboxStore {
                 "relay released partitions"
             );
         } else if lease.owned.len() < target {
-            let need = i64::try_from(target - lease.owned.len()).unwrap_or(0);
-            // Volatile conditions are not pushed below the LIMIT, so locks are tried in
-            // random order only until enough were taken.
-            let taken: Vec<i32> = sqlx::query_scalar(
-                "select p from (select p from generate_series(0, $4 - 1) p where not (p = any($2)) order by random()) s
-                 where pg_try_advisory_lock($1, p) limit $3",
-            )
-            .bind(PARTITION_CLASS)
-            .bind(&lease.owned)
-            .bind(need)
-            .bind(LEASE_PARTITIONS)
-            .fetch_all(&mut lease.locks)
-            .await
-            .map_err(store("take partitions"))?;
-            if !taken.is_empty() {
-                lease.owned.extend(&taken);
+            // Try the partitions nobody holds, in random order, one lock per statement:
+            // a set-returning statement with a LIMIT may evaluate the lock function on
+            // more rows than it returns, and so take locks it never reports.
+            let mut free: Vec<i32> = (0..LEASE_PARTITIONS).filter(|p| !held.contains(p)).collect();
+            shuffle(&mut free);
+            let mut taken = 0;
+            for partition in free {
+                if lease.owned.len() >= target {
+                    break;
+                }
+                let locked: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
+                    .bind(PARTITION_CLASS)
+                    .bind(partition)
+                    .fetch_one(&mut lease.locks)
+                    .await
+                    .map_err(store("take partition"))?;
+                if locked {
+                    lease.owned.push(partition);
+                    taken += 1;
+                }
+            }
+            if taken > 0 {
                 lease.owned.sort_unstable();
                 tracing::info!(
                     member = lease.member,
-                    taken = taken.len(),
+                    taken,
                     owned = lease.owned.len(),
                     "relay took partitions"
                 );

@@ -33,7 +33,8 @@ pub struct Enqueued {
 /// Events get their aggregate's next sequence number; the row that holds it stays locked
 /// until the transaction ends, so two transactions on one aggregate are serialised and
 /// its sequence numbers follow commit order. Payload limits are checked before anything
-/// is written. A message without trace context starts a new trace.
+/// is written. A message without trace context takes the current span's (with dbps-core's
+/// `opentelemetry` feature) or starts a new trace.
 #[derive(Debug, Clone)]
 pub struct PgOutbox {
     service: String,
@@ -97,7 +98,7 @@ impl PgOutbox {
         // Reserved header names are refused now rather than by the relay, after commit.
         dbps_core::wire::encode(&envelope).map_err(OutboxError::Message)?;
         if envelope.trace.traceparent.is_none() {
-            envelope.trace = TraceContext::new_root();
+            envelope.trace = TraceContext::current().unwrap_or_else(TraceContext::new_root);
         }
         let headers = (!envelope.headers.is_empty())
             .then(|| serde_json::to_value(&envelope.headers))
