@@ -44,6 +44,60 @@ pub enum OutboxError {
     /// Invalid configuration.
     #[error("invalid outbox configuration: {0}")]
     Config(String),
+    /// MongoDB could not be reached or rejected the request.
+    #[cfg(feature = "mongodb")]
+    #[error("outbox store mongodb {operation} failed")]
+    Mongo {
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// The transactional MongoDB outbox was asked for on a deployment without
+    /// multi-document transactions.
+    #[cfg(feature = "mongodb")]
+    #[error(
+        "the mongodb deployment does not support transactions (a replica set or sharded cluster is needed): \
+         use MongoOutbox, which writes the events with the aggregate's own document"
+    )]
+    TransactionsUnsupported,
+    /// No document matched the filter of a write that carried messages: nothing was
+    /// written, no message was stored.
+    #[cfg(feature = "mongodb")]
+    #[error("no document in {collection} matches the filter: nothing was written")]
+    NoDocument {
+        /// The collection written to.
+        collection: String,
+    },
+    /// Other writers kept changing the document's outbox while this write was retried:
+    /// nothing was written. Retrying later may succeed.
+    #[cfg(feature = "mongodb")]
+    #[error("document {document} of {collection} kept changing during {attempts} attempts: nothing was written")]
+    Contention {
+        /// The collection written to.
+        collection: String,
+        /// The document's id.
+        document: String,
+        /// How many times the write was tried.
+        attempts: u32,
+    },
+    /// A stored MongoDB outbox entry could not be turned back into an envelope.
+    #[cfg(feature = "mongodb")]
+    #[error("outbox entry {id} is corrupt: {reason}")]
+    CorruptEntry {
+        /// The entry (`collection/document/key`).
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No parked MongoDB outbox entry has this id.
+    #[cfg(feature = "mongodb")]
+    #[error("no parked outbox entry {id}")]
+    NotParkedEntry {
+        /// The entry asked for (`collection/document/key`).
+        id: String,
+    },
 }
 
 impl OutboxError {
@@ -61,6 +115,10 @@ impl OutboxError {
                 ) || matches!(source, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01"))
             }
             Self::Publish(e) => e.is_transient(),
+            #[cfg(feature = "mongodb")]
+            Self::Mongo { source, .. } => crate::mongo::is_transient(source),
+            #[cfg(feature = "mongodb")]
+            Self::Contention { .. } => true,
             _ => false,
         }
     }

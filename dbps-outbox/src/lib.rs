@@ -30,6 +30,8 @@
 //! # Feature flags
 //!
 //! - `postgres` (default): [`pg::PgOutbox`] and [`pg::PgOutboxStore`].
+//! - `mongodb`: `mongo::MongoOutbox` (events in the aggregate's own document, no
+//!   transactions needed), `mongo::MongoTransactionalOutbox` and `mongo::MongoOutboxStore`.
 //!
 //! # Guarantees
 //!
@@ -49,9 +51,11 @@ mod error;
 mod relay;
 mod store;
 
+#[cfg(feature = "mongodb")]
+pub mod mongo;
 #[cfg(feature = "postgres")]
 pub mod pg;
 
 pub use error::{OutboxError, Result};
 pub use relay::{Relay, RelayBuilder, RelaySummary};
-pub use store::{Backlog, OutboxStore, Pending};
+pub use store::{Backlog, OutboxStore, Pending, PoisonPolicy, Retention};

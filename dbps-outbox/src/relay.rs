@@ -144,6 +144,7 @@ impl<S: OutboxStore> Relay<S> {
         loop {
             if last_rebalance.is_none_or(|t| t.elapsed() >= self.rebalance_interval) {
                 self.store.rebalance(&mut lease).await?;
+                self.purge().await;
                 self.report_backlog().await;
                 last_rebalance = Some(Instant::now());
             }
@@ -216,6 +217,17 @@ impl<S: OutboxStore> Relay<S> {
             return Err(OutboxError::Publish(error));
         }
         Ok((published, parked))
+    }
+
+    /// Deletes published messages past their retention (only under `Retention::Keep`).
+    async fn purge(&self) {
+        if let crate::Retention::Keep(keep) = self.store.retention_policy() {
+            match self.store.purge_published(keep).await {
+                Ok(0) => {}
+                Ok(purged) => tracing::debug!(purged, "published outbox messages purged"),
+                Err(error) => tracing::warn!(%error, "could not purge published outbox messages"),
+            }
+        }
     }
 
     async fn report_backlog(&self) {

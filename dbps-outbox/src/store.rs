@@ -6,6 +6,29 @@ use dbps_core::Envelope;
 
 use crate::error::Result;
 
+/// What happens to messages once Kafka acknowledged them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retention {
+    /// Delete them at once (the default): the outbox holds only its backlog.
+    #[default]
+    Delete,
+    /// Keep them marked as published, and delete them once they are this old (for audits
+    /// and replays). The relay purges them at every rebalance.
+    Keep(Duration),
+}
+
+/// What happens to an aggregate's later messages when one of its messages is parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoisonPolicy {
+    /// Later messages keep flowing (the default). Consumers see the parked message's
+    /// sequence number missing and can wait for the replay or raise an alarm.
+    #[default]
+    Continue,
+    /// Later messages of the same aggregate wait until the parked one is replayed or
+    /// discarded, so consumers never see them out of order. Other aggregates keep flowing.
+    HoldAggregate,
+}
+
 /// A committed message waiting to be published.
 #[derive(Debug, Clone)]
 pub struct Pending<Id = i64> {
@@ -67,6 +90,12 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Waits until a commit may have added messages, or `timeout` passes. Returns
     /// whether it was woken by a commit.
     fn wait_for_commit(&self, lease: &mut Self::Lease, timeout: Duration) -> impl Future<Output = Result<bool>> + Send;
+
+    /// How long published messages are kept; the relay purges older ones at every
+    /// rebalance.
+    fn retention_policy(&self) -> Retention {
+        Retention::Delete
+    }
 
     /// Deletes published messages kept longer than the retention.
     fn purge_published(&self, older_than: Duration) -> impl Future<Output = Result<u64>> + Send;

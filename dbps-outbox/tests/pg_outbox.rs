@@ -585,3 +585,78 @@ async fn commands_and_replies_go_to_their_explicit_topic_unsequenced() -> TestRe
     assert_eq!((kind.as_str(), reply_to.as_deref()), ("command", Some("quote.replies")));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_row_is_parked_instead_of_stopping_the_relay() -> TestResult {
+    let f = fixture(1).await?;
+    let mut tx = f.db.pool().begin().await?;
+    let bad = f
+        .outbox
+        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "a"))
+        .await?;
+    let good = f
+        .outbox
+        .enqueue_event(&mut tx, "quote", "q-2", &change("q-2", "b"))
+        .await?;
+    tx.commit().await?;
+    // Damage one row behind the outbox's back: a kind no envelope has.
+    sqlx::query("update dbps_outbox set kind = 'gossip' where id = $1")
+        .bind(bad.id)
+        .execute(f.db.pool())
+        .await?;
+
+    let store = PgOutboxStore::new(f.db.pool().clone());
+    let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
+    let records = read(f.kafka.brokers(), &f.topic, 1, Duration::from_secs(1)).await?;
+    let _ = stop.send(());
+    relay.await??;
+    assert_eq!(
+        summarise(&records).into_iter().map(|(_, _, id)| id).collect::<Vec<_>>(),
+        vec![good.message_id]
+    );
+    let parked = store.parked().await;
+    // Listing fails on the same corrupt row: the operator sees it in the error.
+    assert!(
+        matches!(parked, Err(OutboxError::Corrupt { id, .. }) if id == bad.id),
+        "{parked:?}"
+    );
+    let (reason,): (Option<String>,) = sqlx::query_as("select park_reason from dbps_outbox where id = $1")
+        .bind(bad.id)
+        .fetch_one(f.db.pool())
+        .await?;
+    assert!(reason.is_some_and(|r| r.contains("corrupt row") && r.contains("gossip")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_purges_kept_rows_once_their_retention_ends() -> TestResult {
+    let f = fixture(1).await?;
+    let store = PgOutboxStore::new(f.db.pool().clone()).retention(Retention::Keep(Duration::from_secs(2)));
+    let mut tx = f.db.pool().begin().await?;
+    for i in 0..3 {
+        f.outbox
+            .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", &i.to_string()))
+            .await?;
+    }
+    tx.commit().await?;
+    let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
+    read(f.kafka.brokers(), &f.topic, 3, Duration::from_millis(100)).await?;
+    let (kept,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox where published_at is not null")
+        .fetch_one(f.db.pool())
+        .await?;
+    assert_eq!(kept, 3, "published rows are kept for their retention");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (left,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox")
+            .fetch_one(f.db.pool())
+            .await?;
+        if left == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "kept rows never purged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(());
+    relay.await??;
+    Ok(())
+}

@@ -11,6 +11,12 @@
 //! The first two need no multi-document transaction, so they work on standalone servers
 //! and on MongoDB-protocol servers without transactions: the guard and the effect are one
 //! single-document write, which MongoDB applies atomically.
+//!
+//! FerretDB 1.x does not apply concurrent updates of one document atomically (it reads,
+//! changes and writes back the whole document), so there two [`update_once`] calls racing
+//! on one document can both pass the guard. Handle one aggregate's messages from one
+//! partition (the consumer runner does) and they never race; `insert_once` is safe either
+//! way, because it relies on the unique `_id`.
 
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};

@@ -3,7 +3,9 @@
 mod store;
 mod writer;
 
-pub use store::{PgLease, PgOutboxStore, PoisonPolicy, Retention};
+/// The policies are shared by every store; they are re-exported here for convenience.
+pub use crate::store::{PoisonPolicy, Retention};
+pub use store::{PgLease, PgOutboxStore};
 pub use writer::{Enqueued, PgOutbox};
 
 use sqlx::migrate::Migrator;

@@ -9,34 +9,12 @@ use sqlx::{Connection, PgConnection, Row};
 
 use super::{CHANNEL, LEASE_PARTITIONS};
 use crate::error::{OutboxError, Result, store};
-use crate::store::{Backlog, OutboxStore, Pending};
+use crate::store::{Backlog, OutboxStore, Pending, PoisonPolicy, Retention};
 
 /// Advisory-lock class of relay membership (`'dbps'` in ASCII).
 const MEMBER_CLASS: i32 = 0x6462_7073;
 /// Advisory-lock class of lease partitions.
 const PARTITION_CLASS: i32 = MEMBER_CLASS + 1;
-
-/// What happens to rows once Kafka acknowledged them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Retention {
-    /// Delete them at once (the default): the table holds only the backlog.
-    #[default]
-    Delete,
-    /// Mark them published and delete them after this long (for audits and replays).
-    Keep(Duration),
-}
-
-/// What happens to an aggregate's later events when one of its events is parked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PoisonPolicy {
-    /// Later events keep flowing (the default). Consumers see the parked event's sequence
-    /// number missing and can wait for the replay or raise an alarm.
-    #[default]
-    Continue,
-    /// Later events of the same aggregate wait until the parked event is replayed or
-    /// discarded, so consumers never see them out of order. Other aggregates keep flowing.
-    HoldAggregate,
-}
 
 /// The relay's side of the PostgreSQL outbox.
 ///
@@ -324,7 +302,20 @@ impl OutboxStore for PgOutboxStore {
             .fetch_all(&mut lease.locks)
             .await
             .map_err(store("fetch"))?;
-        rows.iter().map(pending).collect()
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match pending(row) {
+                Ok(message) => batch.push(message),
+                // A row that cannot become an envelope would fail every round: park it
+                // for an operator instead, and keep the rest flowing.
+                Err(OutboxError::Corrupt { id, reason }) => {
+                    tracing::error!(id, %reason, "corrupt outbox row parked");
+                    self.park(&id, &format!("corrupt row: {reason}")).await?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(batch)
     }
 
     async fn mark_published(&self, ids: &[i64]) -> Result<()> {
@@ -366,6 +357,10 @@ impl OutboxStore for PgOutboxStore {
             }),
             Err(_) => Ok(false),
         }
+    }
+
+    fn retention_policy(&self) -> Retention {
+        self.retention
     }
 
     async fn purge_published(&self, older_than: Duration) -> Result<u64> {

@@ -1,0 +1,243 @@
+//! Per-document write locks, for servers that do not isolate concurrent updates of one
+//! document.
+//!
+//! MongoDB applies each update to a document atomically: two concurrent updates of one
+//! document both take effect. FerretDB 1.x (the local stack's server, SQLite backend)
+//! reads the document, applies the update in memory and writes the whole document back,
+//! without isolation: of two concurrent updates, one may silently overwrite the other,
+//! although both were acknowledged. An outbox write that is overwritten loses its state
+//! change and its events together, but a relay could publish an event before its write is
+//! overwritten, and the relay's own marking adds writers to every aggregate document. So
+//! on such servers every outbox write to a document (writers and relays alike) first
+//! takes the document's lock: a document in [`LOCKS_COLLECTION`] whose `_id` names the
+//! locked document, taken by an insert (which the unique `_id` makes atomic everywhere)
+//! and deleted afterwards. A lock left by a crashed holder expires.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mongodb::bson::{self, Bson, Document, doc};
+use mongodb::error::ErrorKind;
+use mongodb::{Client, Collection, Database};
+use tokio::sync::OnceCell;
+
+use super::{is_duplicate_key, mongo};
+use crate::error::{OutboxError, Result};
+
+/// The collection holding the per-document write locks (only on servers that need them).
+pub const LOCKS_COLLECTION: &str = "dbps_outbox_locks";
+
+/// Whether outbox writes to a document take a per-document lock first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DocumentLocks {
+    /// Only on servers known not to isolate concurrent updates of one document (FerretDB
+    /// 1.x, detected with `buildInfo`); MongoDB needs none. The default.
+    #[default]
+    Auto,
+    /// Always, for another server with the same weakness.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// How long a lock lives before another writer may break it: far longer than one write
+/// takes, so only a crashed holder's lock is ever broken.
+const LOCK_TTL: Duration = Duration::from_secs(10);
+/// How long a writer waits for a lock before giving up with a contention error.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Decides once (per writer or store) whether locks are needed, and takes them.
+#[derive(Debug, Clone)]
+pub(crate) struct Locking {
+    mode: DocumentLocks,
+    needed: Arc<OnceCell<bool>>,
+}
+
+impl Locking {
+    pub(crate) fn new(mode: DocumentLocks) -> Self {
+        Self {
+            mode,
+            needed: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// The locks of `database` if the server behind `client` needs them.
+    pub(crate) async fn locks(&self, client: &Client, database: &Database) -> Result<Option<Locks>> {
+        let needed = match self.mode {
+            DocumentLocks::Always => true,
+            DocumentLocks::Never => false,
+            DocumentLocks::Auto => *self.needed.get_or_try_init(|| lacks_isolation(client)).await?,
+        };
+        Ok(needed.then(|| Locks::new(database)))
+    }
+}
+
+/// Whether the server is one known to lose concurrent updates of one document.
+async fn lacks_isolation(client: &Client) -> Result<bool> {
+    let info = client
+        .database("admin")
+        .run_command(doc! { "buildInfo": 1 })
+        .await
+        .map_err(mongo("buildInfo"))?;
+    let ferretdb_v1 = info.get_str("ferretdbVersion").is_ok_and(|v| v.starts_with("v1."));
+    if ferretdb_v1 {
+        tracing::debug!("server does not isolate concurrent document updates: outbox writes take document locks");
+    }
+    Ok(ferretdb_v1)
+}
+
+/// The lock collection of one database.
+#[derive(Debug, Clone)]
+pub(crate) struct Locks {
+    collection: Collection<Document>,
+    owner: String,
+}
+
+impl Locks {
+    fn new(database: &Database) -> Self {
+        Self {
+            collection: database.collection(LOCKS_COLLECTION),
+            owner: uuid::Uuid::now_v7().simple().to_string(),
+        }
+    }
+
+    /// The lock id of document `id` of `collection`.
+    pub(crate) fn key(collection: &str, id: &Bson) -> String {
+        format!("{collection}/{}", id.clone().into_relaxed_extjson())
+    }
+
+    fn lock_document(&self, key: &str) -> Document {
+        let ttl = i64::try_from(LOCK_TTL.as_millis()).unwrap_or(i64::MAX);
+        let expires_at = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis().saturating_add(ttl));
+        doc! { "_id": key, "owner": &self.owner, "expires_at": expires_at }
+    }
+
+    /// Takes the lock of document `id` of `collection`, waiting while another writer
+    /// holds it; returns the lock's key.
+    pub(crate) async fn lock(&self, collection: &str, id: &Bson) -> Result<String> {
+        let key = Self::key(collection, id);
+        let started = Instant::now();
+        let mut attempt = 0_u32;
+        loop {
+            match self.collection.insert_one(self.lock_document(&key)).await {
+                Ok(_) => return Ok(key),
+                Err(error) if is_duplicate_key(&error) => {}
+                Err(source) => return Err(mongo("lock document")(source)),
+            }
+            self.break_if_expired(&key).await?;
+            attempt += 1;
+            if started.elapsed() > LOCK_WAIT {
+                return Err(OutboxError::Contention {
+                    collection: collection.to_owned(),
+                    document: id.to_string(),
+                    attempts: attempt,
+                });
+            }
+            backoff(attempt).await;
+        }
+    }
+
+    /// Takes as many of the locks `keys` as are free now; returns those taken.
+    async fn try_lock_many(&self, keys: &[String]) -> Result<Vec<String>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let documents: Vec<Document> = keys.iter().map(|k| self.lock_document(k)).collect();
+        match self.collection.insert_many(documents).ordered(false).await {
+            Ok(_) => Ok(keys.to_vec()),
+            Err(error) => {
+                let ErrorKind::InsertMany(failure) = error.kind.as_ref() else {
+                    return Err(mongo("lock documents")(error));
+                };
+                if failure.write_concern_error.is_some() {
+                    return Err(mongo("lock documents")(error));
+                }
+                let failed = failure.write_errors.as_deref().unwrap_or_default();
+                if failed.iter().any(|e| e.code != 11000) {
+                    return Err(mongo("lock documents")(error));
+                }
+                let mut taken = Vec::with_capacity(keys.len());
+                for (index, key) in keys.iter().enumerate() {
+                    if failed.iter().any(|e| e.index == index) {
+                        self.break_if_expired(key).await?;
+                    } else {
+                        taken.push(key.clone());
+                    }
+                }
+                Ok(taken)
+            }
+        }
+    }
+
+    /// Takes every lock of `keys` in turns: `work` runs on the keys taken in each turn,
+    /// which are released after it, so a turn never waits while holding locks.
+    pub(crate) async fn with_each<F, Fut>(&self, collection: &str, keys: Vec<String>, mut work: F) -> Result<()>
+    where
+        F: FnMut(Vec<String>) -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
+        let started = Instant::now();
+        let mut left = keys;
+        let mut attempt = 0_u32;
+        while !left.is_empty() {
+            let taken = self.try_lock_many(&left).await?;
+            if !taken.is_empty() {
+                let result = work(taken.clone()).await;
+                self.unlock_many(&taken).await?;
+                result?;
+                left.retain(|k| !taken.contains(k));
+            }
+            if left.is_empty() {
+                break;
+            }
+            attempt += 1;
+            if started.elapsed() > LOCK_WAIT {
+                return Err(OutboxError::Contention {
+                    collection: collection.to_owned(),
+                    document: left.join(", "),
+                    attempts: attempt,
+                });
+            }
+            backoff(attempt).await;
+        }
+        Ok(())
+    }
+
+    /// Releases the lock `key`.
+    pub(crate) async fn unlock(&self, key: &str) -> Result<()> {
+        self.collection
+            .delete_one(doc! { "_id": key, "owner": &self.owner })
+            .await
+            .map_err(mongo("unlock document"))?;
+        Ok(())
+    }
+
+    async fn unlock_many(&self, keys: &[String]) -> Result<()> {
+        self.collection
+            .delete_many(doc! { "_id": { "$in": keys }, "owner": &self.owner })
+            .await
+            .map_err(mongo("unlock documents"))?;
+        Ok(())
+    }
+
+    /// Deletes the lock `key` if it expired (its holder crashed).
+    async fn break_if_expired(&self, key: &str) -> Result<()> {
+        let result = self
+            .collection
+            .delete_one(doc! { "_id": key, "expires_at": { "$lt": bson::DateTime::now() } })
+            .await
+            .map_err(mongo("break expired lock"))?;
+        if result.deleted_count > 0 {
+            tracing::warn!(lock = key, "broke an expired outbox document lock");
+        }
+        Ok(())
+    }
+}
+
+/// A short, growing, jittered pause between attempts to take a lock: writes hold locks
+/// for a few milliseconds.
+async fn backoff(attempt: u32) {
+    let ceiling = u64::from(attempt.min(10)) * 2;
+    let pause = rand::random_range(1..=ceiling.max(1));
+    tokio::time::sleep(Duration::from_millis(pause)).await;
+}
