@@ -660,3 +660,44 @@ async fn the_relay_purges_kept_rows_once_their_retention_ends() -> TestResult {
     relay.await??;
     Ok(())
 }
+
+/// With polling and rebalancing an hour apart, only the commit notification can wake the
+/// relay: an idle relay is woken by the first commit, and again after it went back to
+/// sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_is_woken_by_commits_alone() -> TestResult {
+    let f = fixture(1).await?;
+    let relay = Relay::builder(PgOutboxStore::new(f.db.pool().clone()), publisher(f.kafka.brokers())?)
+        .poll_interval(Duration::from_secs(3600))
+        .rebalance_interval(Duration::from_secs(3600))
+        .build();
+    let (stop, task) = start_relay(relay);
+    let asleep = || async {
+        let (sleeping,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox_wake where sleeping")
+            .fetch_one(f.db.pool())
+            .await?;
+        Ok::<_, sqlx::Error>(sleeping == 32)
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut expected = 0;
+    for round in 0..2 {
+        // Wait until the relay (which owns every partition) has marked itself asleep.
+        while !asleep().await? {
+            assert!(tokio::time::Instant::now() < deadline, "relay never went to sleep");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut tx = f.db.pool().begin().await?;
+        for i in 0..5 {
+            f.outbox
+                .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", &format!("{round}-{i}")))
+                .await?;
+        }
+        tx.commit().await?;
+        expected += 5;
+        let records = read(f.kafka.brokers(), &f.topic, expected, Duration::from_millis(100)).await?;
+        assert_eq!(records.len(), expected);
+    }
+    let _ = stop.send(());
+    task.await??;
+    Ok(())
+}

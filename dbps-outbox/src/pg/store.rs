@@ -38,7 +38,17 @@ pub struct PgLease {
     listener: PgListener,
     member: i32,
     owned: Vec<i32>,
+    /// Whether this relay told writers (through `dbps_outbox_wake`) that it sleeps.
+    sleeping: bool,
+    /// When a fetch last found messages: until `HOT_WINDOW` has passed, the relay polls
+    /// instead of sleeping.
+    last_found: Option<std::time::Instant>,
 }
+
+/// How long after the last message found the relay keeps polling.
+const HOT_WINDOW: Duration = Duration::from_millis(500);
+/// How often a busy relay polls.
+const HOT_POLL: Duration = Duration::from_millis(2);
 
 impl PgOutboxStore {
     /// A store over `pool`, deleting published rows and letting later events of a parked
@@ -123,6 +133,18 @@ impl PgOutboxStore {
             return Err(OutboxError::NotParked { id });
         }
         tracing::warn!(id, "parked outbox message discarded");
+        Ok(())
+    }
+
+    /// Tells writers whether this relay's partitions need a notification.
+    async fn mark_sleeping(&self, lease: &mut PgLease, sleeping: bool) -> Result<()> {
+        sqlx::query("update dbps_outbox_wake set sleeping = $1 where lease_partition = any($2)")
+            .bind(sleeping)
+            .bind(&lease.owned)
+            .execute(&mut lease.locks)
+            .await
+            .map_err(store("mark relay sleeping"))?;
+        lease.sleeping = sleeping;
         Ok(())
     }
 
@@ -220,6 +242,8 @@ impl OutboxStore for PgOutboxStore {
             listener,
             member,
             owned: Vec::new(),
+            sleeping: true,
+            last_found: None,
         })
     }
 
@@ -231,6 +255,12 @@ impl OutboxStore for PgOutboxStore {
             let released = lease.owned.split_off(target);
             sqlx::query("select pg_advisory_unlock($1, p) from unnest($2::int[]) p")
                 .bind(PARTITION_CLASS)
+                .bind(&released)
+                .execute(&mut lease.locks)
+                .await
+                .map_err(store("release partitions"))?;
+            // Their next owner may be asleep: writers must notify for them again.
+            sqlx::query("update dbps_outbox_wake set sleeping = true where lease_partition = any($1)")
                 .bind(&released)
                 .execute(&mut lease.locks)
                 .await
@@ -265,6 +295,9 @@ impl OutboxStore for PgOutboxStore {
             }
             if taken > 0 {
                 lease.owned.sort_unstable();
+                // New partitions take this relay's state (a crashed previous owner may have
+                // left them marked awake).
+                self.mark_sleeping(lease, lease.sleeping).await?;
                 tracing::info!(
                     member = lease.member,
                     taken,
@@ -302,6 +335,9 @@ impl OutboxStore for PgOutboxStore {
             .fetch_all(&mut lease.locks)
             .await
             .map_err(store("fetch"))?;
+        if !rows.is_empty() {
+            lease.last_found = Some(std::time::Instant::now());
+        }
         let mut batch = Vec::with_capacity(rows.len());
         for row in &rows {
             match pending(row) {
@@ -344,11 +380,29 @@ impl OutboxStore for PgOutboxStore {
         Ok(())
     }
 
+    /// A relay that found messages within the last half second polls every 2 ms and asks
+    /// writers not to notify it; an idle one marks its partitions as sleeping, looks once
+    /// more (for commits that raced the mark), then waits for a notification.
     async fn wait_for_commit(&self, lease: &mut PgLease, timeout: Duration) -> Result<bool> {
+        let hot = lease.last_found.is_some_and(|t| t.elapsed() < HOT_WINDOW);
+        if hot {
+            if lease.sleeping {
+                self.mark_sleeping(lease, false).await?;
+            }
+            while lease.listener.next_buffered().is_some() {}
+            tokio::time::sleep(HOT_POLL).await;
+            return Ok(true);
+        }
+        if !lease.sleeping {
+            self.mark_sleeping(lease, true).await?;
+            // A commit that read "awake" before the mark did not notify: look again.
+            return Ok(true);
+        }
         match tokio::time::timeout(timeout, lease.listener.recv()).await {
             Ok(Ok(_)) => {
                 // Several commits may have been announced meanwhile; one fetch sees them all.
                 while lease.listener.next_buffered().is_some() {}
+                lease.last_found = Some(std::time::Instant::now());
                 Ok(true)
             }
             Ok(Err(source)) => Err(OutboxError::Store {

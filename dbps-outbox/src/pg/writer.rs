@@ -106,8 +106,9 @@ impl PgOutbox {
             .map_err(|e| OutboxError::Config(format!("headers: {e}")))?;
         let sequenced = envelope.kind == dbps_core::MessageKind::Event && envelope.aggregate_type.is_some();
         // One round trip: take the next sequence number (locking the aggregate's row until
-        // commit), insert the message and announce it. NOTIFY coalesces identical
-        // notifications, so a transaction sends one however many messages it enqueues.
+        // commit), insert the message and, if the relay owning its partition is asleep,
+        // announce it. NOTIFY coalesces identical notifications, so a transaction sends at
+        // most one however many messages it enqueues.
         let row: (i64, Option<i64>) = sqlx::query_as(
             r#"
             with seq as (
@@ -125,9 +126,15 @@ impl PgOutbox {
                 select $1, $2, $3, $4, $5, $6, $7, $8, coalesce(seq.last_sequence, $9), $10, $11,
                     $12, $13, $14, $15, $16, $17::json
                 from (select) one left join seq on true
-                returning id, sequence
+                returning id, sequence, lease_partition
             )
-            select id, sequence from row, lateral (select pg_notify($18, $19)) n
+            -- Wake the relay only if it sleeps: a missing row (after a crash) counts as
+            -- asleep.
+            select id, sequence from row left join lateral (
+                select pg_notify($18, $19)
+                where coalesce((select sleeping from dbps_outbox_wake w
+                                where w.lease_partition = row.lease_partition), true)
+            ) n on true
             "#,
         )
         .bind(topic)
