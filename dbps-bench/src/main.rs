@@ -1,0 +1,61 @@
+//! `dbps-bench`: dbps measured beside its baselines, in the same run, against the real
+//! servers of the local stack.
+//!
+//! ```sh
+//! eval "$(scripts/stack.sh env)"
+//! cargo run --release -p dbps-bench -- outbox [--duration 20s] [--json PATH] [--chart PATH]
+//! ```
+//!
+//! The machines dbps is developed on are small and shared, so absolute figures drift from
+//! run to run; every figure is therefore taken next to a baseline measured in the same
+//! run, and the targets are ratios. The method is described in `docs/benchmarks.md`.
+//!
+//! The harness reads `DBPS_POSTGRES_URL` and `DBPS_KAFKA_BROKERS`, creates a database and
+//! topics of its own and removes them when it ends, also when it fails. It exits with 0
+//! when the measurement completed (whether or not the targets were met) and non-zero
+//! when the harness itself failed.
+
+// The result table on stdout is this program's output; progress goes to stderr.
+#![allow(clippy::print_stdout)]
+
+mod baseline;
+mod chart;
+mod cpu;
+mod observer;
+mod outbox;
+mod probes;
+mod progress;
+mod report;
+mod servers;
+mod workload;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Benchmarks for dbps, each figure beside a baseline measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "dbps-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// The PostgreSQL outbox: write overhead, relay drain rate, commit → consumer latency
+    /// and idle cost, beside a business transaction without the outbox, a raw Kafka
+    /// producer and the server's raw commit rate.
+    Outbox(outbox::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.scenario {
+        Scenario::Outbox(args) => outbox::run(args).await,
+    }
+}

@@ -1,0 +1,837 @@
+//! The `outbox` scenario: the PostgreSQL outbox and its relay, beside the same business
+//! transaction without the outbox, a raw Kafka producer and the server's raw commit rate.
+//!
+//! Phases, in this order (`D` is `--duration`):
+//!
+//! 1. warm-up, sampling PostgreSQL's wait events: the business transaction without, then
+//!    with the outbox (relay running);
+//! 2. raw commit rate: one-row autocommitted inserts for `D/2`;
+//! 3. write rate without and with the outbox in eight slices of `D/4`, in the order
+//!    ABBAABBA so that drift during the run hits both alike; the relay runs (and keeps
+//!    up) during the with-outbox slices only, which also give the sustained end-to-end
+//!    rate; CPU and WAL per transaction are read around every slice;
+//! 4. diagnostics (relay stopped), `D/4` each: the business transaction with only the
+//!    outbox's NOTIFY inside it, with the NOTIFY after its commit, and with the outbox
+//!    row but no NOTIFY;
+//! 5. commit → consumer latency at 10, 25, 50 and 75 % of the with-outbox rate, writers
+//!    rate-limited (open loop); the 50 % point runs for `D`, the others for `D/3`;
+//! 6. drain: a backlog of `--drain-events` enqueued with the relay stopped; three relay
+//!    rounds timed step by step; the raw producer, the relay draining the backlog, the
+//!    raw producer again;
+//! 7. idle: whole relay lifetimes of 1 s and of 1 s plus `--idle`, counted by the
+//!    server; the difference is the idle relay's cost.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
+use dbps_outbox::pg::{MIGRATOR, PgOutbox, PgOutboxStore};
+use dbps_outbox::{OutboxError, OutboxStore, Relay, RelaySummary};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::baseline::RawProducer;
+use crate::cpu;
+use crate::observer::Observer;
+use crate::probes::{Probe, Variant, commit_latencies, quiet_transactions, sampling, with_wait_sampling};
+use crate::progress;
+use crate::report::{
+    DrainDetail, IdleDetail, LatencyPoint, OutboxReport, Percentiles, RoundProfile, Settings, Target, WaitEvents,
+    WriteCost,
+};
+use crate::servers::{Scratch, Servers, git_commit};
+use crate::workload::{Documents, Load, SCHEMA, Transaction, Writers};
+
+/// Options of the `outbox` scenario.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// How long the main measurements run: each variant of the write-rate comparison and
+    /// the latency point at half load run this long; the other phases are shorter. A run
+    /// takes about 6 × this plus half a minute.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Writes the results as one JSON object to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draws commit → consumer latency against offered load into this SVG file.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// Concurrent writers, each on its own connection.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Messages the relay fetches and publishes per round.
+    #[arg(long, default_value_t = 2000)]
+    batch_size: usize,
+    /// `linger.ms` of the relay's publisher and of the raw producer (default: the
+    /// publisher's own, 5 ms).
+    #[arg(long)]
+    linger_ms: Option<u32>,
+    /// Events in the backlog the relay drains (and records the raw producer sends).
+    #[arg(long, default_value_t = 100_000)]
+    drain_events: u64,
+    /// Partitions of each benchmark topic.
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Distinct orders (aggregates) the writers update.
+    #[arg(long, default_value_t = 20_000)]
+    keys: i64,
+    /// How long the idle relay is watched (a multiple of the relay's 10 s rebalance
+    /// interval counts its periodic work fairly).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    idle: Duration,
+}
+
+/// How long to wait for the consumer or the relay before the harness gives up.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(180);
+/// Application names, so that `pg_stat_activity` tells the writers and the relay apart.
+const WRITER_APP: &str = "dbps-bench-writer";
+const RELAY_APP: &str = "dbps-bench-relay";
+/// Loads of the latency sweep, as fractions of the with-outbox write rate.
+const SWEEP: [f64; 4] = [0.10, 0.25, 0.50, 0.75];
+/// The load the latency target applies to: half of the maximum sustainable write rate.
+const HEADLINE_LOAD: f64 = 0.50;
+const TARGET_P99_MS: f64 = 25.0;
+/// Relay rounds timed step by step before the drain.
+const PROFILE_ROUNDS: usize = 3;
+/// Events per transaction when the drain's backlog is enqueued.
+const FILL_EVENTS_PER_TX: u64 = 200;
+
+/// Runs the scenario, prints its tables and writes the JSON and the chart.
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    if args.writers == 0 || args.batch_size == 0 || args.partitions < 1 || args.keys < args.writers as i64 {
+        bail!("--writers, --batch-size and --partitions must be positive, and --keys at least --writers");
+    }
+    if args.duration < Duration::from_secs(4) || args.idle < Duration::from_secs(2) {
+        bail!("--duration must be at least 4s and --idle at least 2s");
+    }
+    let started = Instant::now();
+    let servers = Servers::from_env()?;
+    let scratch = Scratch::create(&servers, args.partitions).await?;
+    eprintln!(
+        "dbps-bench outbox: database {}, topics {} and {}",
+        scratch.database, scratch.events_topic, scratch.raw_topic
+    );
+    let result = tokio::select! {
+        result = measure(&args, &servers, &scratch) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
+    let bar = progress::spinner("removing database and topics");
+    scratch.remove().await;
+    bar.finish_and_clear();
+    let mut report = result?;
+    report.wall_time_s = started.elapsed().as_secs_f64();
+
+    println!("{}", report.render());
+    if let Some(path) = &args.json {
+        create_parent(path)?;
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.chart {
+        create_parent(path)?;
+        let subtitle = format!(
+            "{} · commit {} · {} cores · {} writers · relay batch {} · linger.ms {} · {} B payload",
+            report.date,
+            report.git_commit,
+            report.cores,
+            report.settings.writers,
+            report.settings.relay_batch_size,
+            report.settings.linger_ms,
+            report.payload_bytes
+        );
+        crate::chart::latency_svg(path, &report.latency_sweep, TARGET_P99_MS, &subtitle)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn create_parent(path: &Path) -> anyhow::Result<()> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A running relay: how to stop it, and its task.
+type Running = (oneshot::Sender<()>, JoinHandle<Result<RelaySummary, OutboxError>>);
+
+/// Starts and stops relays on one pool, sharing one publisher (as a service's relay
+/// task would across restarts).
+struct RelayControl {
+    pool: PgPool,
+    publisher: KafkaPublisher,
+    batch_size: usize,
+    running: Option<Running>,
+}
+
+impl RelayControl {
+    fn new(pool: PgPool, publisher: KafkaPublisher, batch_size: usize) -> Self {
+        Self {
+            pool,
+            publisher,
+            batch_size,
+            running: None,
+        }
+    }
+
+    /// Starts a relay with the library's defaults except the batch size.
+    fn start(&mut self) {
+        if self.running.is_some() {
+            return;
+        }
+        let relay = Relay::builder(PgOutboxStore::new(self.pool.clone()), self.publisher.clone())
+            .batch_size(self.batch_size)
+            .build();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            relay
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        self.running = Some((stop, task));
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some((stop, task)) = self.running.take() {
+            let _ = stop.send(());
+            task.await.context("relay task panicked")?.context("relay failed")?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything the phases share.
+struct Bench<'a> {
+    args: &'a Args,
+    servers: &'a Servers,
+    scratch: &'a Scratch,
+    /// On the server's own database (the admin URL's): statistics and commit timestamps,
+    /// so that these queries are not counted against the run's database.
+    admin: PgPool,
+    /// On the run's database, for the harness's own queries.
+    db: PgPool,
+    writers_pool: PgPool,
+    writers: Writers,
+    docs: Arc<Documents>,
+    observer: Observer,
+    publisher: KafkaPublisher,
+    relay_pool: PgPool,
+    relay: RelayControl,
+}
+
+impl Bench<'_> {
+    /// Waits until the consumer has seen every event committed so far and the outbox is
+    /// empty (the relay deletes a batch after its acknowledgements). Returns how long
+    /// the consumer took.
+    async fn catch_up(&self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let target = self.writers.events_committed();
+        while self.observer.events_seen() < target {
+            self.observer.check()?;
+            if started.elapsed() > CATCH_UP_DEADLINE {
+                bail!(
+                    "the consumer saw {} of {target} committed events within {CATCH_UP_DEADLINE:?}",
+                    self.observer.events_seen()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let consumed = started.elapsed();
+        loop {
+            let left: i64 = sqlx::query_scalar("select count(*) from dbps_outbox")
+                .fetch_one(&self.db)
+                .await?;
+            if left == 0 {
+                return Ok(consumed);
+            }
+            if started.elapsed() > CATCH_UP_DEADLINE {
+                bail!("{left} events still in the outbox after {CATCH_UP_DEADLINE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Runs one unlimited load of `transaction` for `duration` and reports its rate.
+    async fn flat_out(&self, label: &str, transaction: Transaction, duration: Duration) -> anyhow::Result<f64> {
+        let bar = progress::timed(label, duration);
+        let result = self
+            .writers
+            .run(
+                Load {
+                    transaction,
+                    rate: None,
+                    duration,
+                },
+                &bar,
+            )
+            .await?;
+        progress::done(&bar, label, &format!("{:.0} tx/s", result.per_second()));
+        Ok(result.per_second())
+    }
+}
+
+async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::Result<OutboxReport> {
+    let setup = progress::spinner("setting up");
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(servers.admin.clone())
+        .await?;
+    let commit_ts: String = sqlx::query_scalar("show track_commit_timestamp")
+        .fetch_one(&admin)
+        .await?;
+    if commit_ts != "on" {
+        bail!("PostgreSQL runs with track_commit_timestamp={commit_ts}; the latency measurement needs it on");
+    }
+    let postgres_version: String = sqlx::query_scalar("show server_version").fetch_one(&admin).await?;
+    let db = scratch.pool(2, "dbps-bench").await?;
+    MIGRATOR.run(&db).await.context("outbox migrations")?;
+    db.execute(sqlx::raw_sql(SCHEMA)).await.context("business tables")?;
+    let writers_pool = scratch.pool(u32::try_from(args.writers + 1)?, WRITER_APP).await?;
+    let naming = TopicNaming {
+        events: scratch.events_topic.clone(),
+        ..TopicNaming::default()
+    };
+    let docs = Arc::new(Documents::generate(64)?);
+    let writers = Writers::new(
+        writers_pool.clone(),
+        PgOutbox::new("bench").naming(naming),
+        scratch.events_topic.clone(),
+        docs.clone(),
+        args.writers,
+        args.keys,
+    );
+    let payload_bytes = docs.mean_payload_bytes()?;
+    let observer = Observer::start(
+        &servers.brokers,
+        &scratch.events_topic,
+        &scratch.raw_topic,
+        args.partitions,
+    )?;
+    let mut kafka = KafkaConfig::new(&servers.brokers);
+    if let Some(linger) = args.linger_ms {
+        kafka = kafka.set("linger.ms", linger.to_string());
+    }
+    let publisher = KafkaPublisher::builder(kafka).build()?;
+    let relay_pool = scratch.pool(4, RELAY_APP).await?;
+    let relay = RelayControl::new(relay_pool.clone(), publisher.clone(), args.batch_size);
+    let mut bench = Bench {
+        args,
+        servers,
+        scratch,
+        admin,
+        db,
+        writers_pool,
+        writers,
+        docs,
+        observer,
+        publisher,
+        relay_pool,
+        relay,
+    };
+    progress::done(
+        &setup,
+        "set up",
+        &format!("{payload_bytes} B event payload, PostgreSQL {postgres_version}"),
+    );
+
+    let write_wait_events = warm_up(&mut bench).await?;
+    let d = args.duration;
+    let raw_pg_commit_tps = bench
+        .flat_out("raw commits (one-row inserts)", Transaction::OneRowInsert, d / 2)
+        .await?;
+    let rates = write_rates(&mut bench).await?;
+    let mut write_profile = vec![rates.without, rates.with];
+    write_profile.extend(write_diagnostics(&mut bench).await?);
+    let write_tps_without_outbox = write_profile[0].tx_per_s;
+    let write_tps_with_outbox = write_profile[1].tx_per_s;
+    let latency_sweep = latency_sweep(&mut bench, write_tps_with_outbox).await?;
+    let latency_ms = latency_sweep
+        .iter()
+        .find(|p| p.load_fraction == HEADLINE_LOAD)
+        .cloned()
+        .ok_or_else(|| anyhow!("no latency point at half load"))?;
+    let drain = drain(&mut bench).await?;
+    let idle = idle(bench).await?;
+
+    let write_overhead_pct = (write_tps_without_outbox - write_tps_with_outbox) / write_tps_without_outbox * 100.0;
+    let relay_drain_eps = drain.backlog_events as f64 / drain.relay_s;
+    let raw_producer_eps = 2.0 * args.drain_events as f64 / drain.raw_consumed_s.iter().sum::<f64>();
+    let relay_vs_raw_ratio = relay_drain_eps / raw_producer_eps;
+    let idle_queries_per_s = idle.transactions as f64 / idle.window_s;
+    let targets = vec![
+        Target::at_most("write_overhead_pct", write_overhead_pct, 5.0),
+        Target::at_least("relay_drain_eps", relay_drain_eps, 20_000.0),
+        Target::at_least("relay_vs_raw_ratio", relay_vs_raw_ratio, 0.5),
+        Target::at_most("latency_ms.p99", latency_ms.p99, TARGET_P99_MS),
+        Target::at_most("idle_queries_per_s", idle_queries_per_s, 1.0),
+    ];
+    Ok(OutboxReport {
+        scenario: "outbox",
+        write_tps_without_outbox,
+        write_tps_with_outbox,
+        write_overhead_pct,
+        raw_producer_eps,
+        relay_drain_eps,
+        relay_vs_raw_ratio,
+        latency_ms,
+        idle_queries_per_s,
+        payload_bytes,
+        raw_pg_commit_tps,
+        sustained_eps: rates.sustained_eps,
+        duration_s: d.as_secs_f64(),
+        wall_time_s: 0.0,
+        cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        git_commit: git_commit(),
+        date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        settings: Settings {
+            writers: args.writers,
+            relay_batch_size: args.batch_size,
+            linger_ms: args.linger_ms.unwrap_or(crate::baseline::PUBLISHER_LINGER_MS),
+            drain_events: args.drain_events,
+            partitions: args.partitions,
+            keys: args.keys,
+            postgres_version,
+        },
+        targets,
+        latency_sweep,
+        sustained_max_lag_events: rates.max_lag,
+        write_profile,
+        write_wait_events,
+        drain,
+        idle,
+    })
+}
+
+/// Phase 1: both variants once, sampling where the writers' backends spend their time.
+async fn warm_up(b: &mut Bench<'_>) -> anyhow::Result<WaitEvents> {
+    let warm = (b.args.duration / 4).clamp(Duration::from_secs(2), Duration::from_secs(5));
+    let mut waits = Vec::with_capacity(2);
+    for transaction in [Transaction::Business, Transaction::BusinessWithOutbox] {
+        let label = if transaction == Transaction::Business {
+            "warm-up without outbox"
+        } else {
+            "warm-up with outbox"
+        };
+        if transaction == Transaction::BusinessWithOutbox {
+            b.relay.start();
+        }
+        let bar = progress::timed(label, warm);
+        let load = Load {
+            transaction,
+            rate: None,
+            duration: warm,
+        };
+        let (result, shares) = with_wait_sampling(&b.admin, WRITER_APP, b.writers.run(load, &bar)).await?;
+        b.catch_up().await?;
+        progress::done(&bar, label, &format!("{:.0} tx/s", result.per_second()));
+        waits.push(shares);
+    }
+    b.relay.stop().await?;
+    let with_outbox = waits.pop().unwrap_or_default();
+    let without_outbox = waits.pop().unwrap_or_default();
+    Ok(WaitEvents {
+        without_outbox,
+        with_outbox,
+    })
+}
+
+/// What phase 3 measured.
+struct WriteRates {
+    without: WriteCost,
+    with: WriteCost,
+    sustained_eps: f64,
+    max_lag: u64,
+}
+
+/// Phase 3: without and with the outbox, alternating ABBAABBA.
+async fn write_rates(b: &mut Bench<'_>) -> anyhow::Result<WriteRates> {
+    let mut without = Variant::new("without outbox")?;
+    let mut with = Variant::new("with outbox (relay running)")?;
+    let (mut sustained_events, mut sustained_time, mut max_lag) = (0u64, Duration::ZERO, 0u64);
+    let slice = b.args.duration / 4;
+    for (n, with_outbox) in [false, true, true, false, false, true, true, false]
+        .into_iter()
+        .enumerate()
+    {
+        let label = format!(
+            "slice {}/8 {} outbox",
+            n + 1,
+            if with_outbox { "with" } else { "without" }
+        );
+        let bar = progress::timed(&label, slice);
+        if with_outbox {
+            b.relay.start();
+        } else {
+            b.relay.stop().await?;
+        }
+        let transaction = if with_outbox {
+            Transaction::BusinessWithOutbox
+        } else {
+            Transaction::Business
+        };
+        let load = Load {
+            transaction,
+            rate: None,
+            duration: slice,
+        };
+        let probe = Probe::start(&b.admin, WRITER_APP).await?;
+        let (writers, observer) = (&b.writers, &b.observer);
+        let result = sampling(writers.run(load, &bar), Duration::from_millis(50), async || {
+            max_lag = max_lag.max(writers.events_committed().saturating_sub(observer.events_seen()));
+            Ok(())
+        })
+        .await?;
+        let cost = probe.finish(&b.admin).await?;
+        if with_outbox {
+            // The writers have stopped; for the end-to-end rate the slice ends when the
+            // consumer has seen its last event.
+            let tail = b.catch_up().await?;
+            sustained_events += result.committed;
+            sustained_time += result.elapsed + tail;
+            with.add(&result, cost)?;
+            let summary = format!(
+                "{:.0} tx/s, consumer caught up {:.0} ms later",
+                result.per_second(),
+                tail.as_secs_f64() * 1e3
+            );
+            progress::done(&bar, &label, &summary);
+        } else {
+            without.add(&result, cost)?;
+            progress::done(&bar, &label, &format!("{:.0} tx/s", result.per_second()));
+        }
+    }
+    Ok(WriteRates {
+        without: without.cost(),
+        with: with.cost(),
+        sustained_eps: sustained_events as f64 / sustained_time.as_secs_f64(),
+        max_lag,
+    })
+}
+
+/// Phase 4: variants that locate the write overhead (relay stopped).
+async fn write_diagnostics(b: &mut Bench<'_>) -> anyhow::Result<Vec<WriteCost>> {
+    b.relay.stop().await?;
+    let slice = b.args.duration / 4;
+    let mut costs = Vec::with_capacity(3);
+    for (label, name, transaction) in [
+        (
+            "diagnostic: NOTIFY in the tx",
+            "NOTIFY inside the transaction, no outbox row",
+            Transaction::BusinessNotifyInTx,
+        ),
+        (
+            "diagnostic: NOTIFY after commit",
+            "NOTIFY after the commit, no outbox row",
+            Transaction::BusinessNotifyAfterCommit,
+        ),
+        (
+            "diagnostic: outbox row, no NOTIFY",
+            "outbox row without NOTIFY (copied statement)",
+            Transaction::BusinessOutboxRowWithoutNotify,
+        ),
+    ] {
+        let bar = progress::timed(label, slice);
+        let mut variant = Variant::new(name)?;
+        let probe = Probe::start(&b.admin, WRITER_APP).await?;
+        let result = b
+            .writers
+            .run(
+                Load {
+                    transaction,
+                    rate: None,
+                    duration: slice,
+                },
+                &bar,
+            )
+            .await?;
+        variant.add(&result, probe.finish(&b.admin).await?)?;
+        progress::done(&bar, label, &format!("{:.0} tx/s", result.per_second()));
+        costs.push(variant.cost());
+    }
+    // The copied statement's rows are not the outbox's and are never published.
+    sqlx::query("delete from dbps_outbox").execute(&b.db).await?;
+    Ok(costs)
+}
+
+/// Phase 5: commit → consumer latency at fractions of the with-outbox write rate.
+async fn latency_sweep(b: &mut Bench<'_>, max_rate: f64) -> anyhow::Result<Vec<LatencyPoint>> {
+    b.relay.start();
+    let mut sweep = Vec::with_capacity(SWEEP.len());
+    for fraction in SWEEP {
+        let duration = if fraction == HEADLINE_LOAD {
+            b.args.duration
+        } else {
+            b.args.duration / 3
+        };
+        let offered = max_rate * fraction;
+        let label = format!("latency at {:.0} % ({offered:.0} ev/s)", fraction * 100.0);
+        let bar = progress::timed(&label, duration);
+        b.observer.start_recording();
+        let load = Load {
+            transaction: Transaction::BusinessWithOutbox,
+            rate: Some(offered),
+            duration,
+        };
+        let cpu_before = cpu::sample(&[]);
+        let result = b.writers.run(load, &bar).await?;
+        let cpu = cpu_before
+            .zip(cpu::sample(&[]))
+            .map(|(before, after)| cpu::usage(&before, &after));
+        b.catch_up().await?;
+        let sightings = b.observer.stop_recording();
+        if (sightings.len() as u64) < result.committed {
+            bail!(
+                "{} events committed at {label} but {} seen",
+                result.committed,
+                sightings.len()
+            );
+        }
+        let latencies = commit_latencies(&b.admin, &sightings).await?;
+        let total = Percentiles::of_micros(&latencies.total);
+        let summary = format!(
+            "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+            total.p50, total.p99, total.p999
+        );
+        progress::done(&bar, &label, &summary);
+        sweep.push(LatencyPoint {
+            load_fraction: fraction,
+            offered_eps: offered,
+            achieved_eps: result.per_second(),
+            samples: sightings.len() as u64,
+            p50: total.p50,
+            p99: total.p99,
+            p999: total.p999,
+            max: total.max,
+            measured_to: "consumer receipt",
+            commit_to_send_ms: Percentiles::of_micros(&latencies.to_send),
+            send_to_consumer_ms: Percentiles::of_micros(&latencies.from_send),
+            machine_busy_pct: cpu.map(|c| 100.0 * c.machine_busy_s / c.machine_capacity_s),
+        });
+    }
+    Ok(sweep)
+}
+
+/// Phase 6: the relay drains a backlog, between two runs of the raw producer.
+async fn drain(b: &mut Bench<'_>) -> anyhow::Result<DrainDetail> {
+    b.relay.stop().await?;
+    let events = b.args.drain_events;
+    let profiled = (PROFILE_ROUNDS * b.args.batch_size) as u64;
+    let label = "enqueueing the backlog";
+    let bar = progress::counted(label, events + profiled);
+    let fill = b
+        .writers
+        .fill_backlog(events + profiled, FILL_EVENTS_PER_TX, &bar)
+        .await?;
+    let summary = format!(
+        "{} events in {:.1} s ({:.0} events/s through PgOutbox, {FILL_EVENTS_PER_TX} per transaction)",
+        events + profiled,
+        fill.as_secs_f64(),
+        (events + profiled) as f64 / fill.as_secs_f64()
+    );
+    progress::done(&bar, label, &summary);
+
+    let label = "relay rounds, timed step by step";
+    let bar = progress::spinner(label);
+    let rounds = profile_rounds(&b.relay_pool, &b.publisher, b.args.batch_size).await?;
+    let summary = rounds
+        .iter()
+        .map(|r| {
+            format!(
+                "fetch {:.1} + publish {:.1} + delete {:.1} ms",
+                r.fetch_ms, r.publish_ms, r.mark_ms
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    progress::done(&bar, label, &summary);
+
+    let linger = b.args.linger_ms.unwrap_or(crate::baseline::PUBLISHER_LINGER_MS);
+    let raw = RawProducer::new(
+        &b.servers.brokers,
+        &b.scratch.raw_topic,
+        &b.docs,
+        events,
+        linger,
+        &b.observer,
+    )
+    .await?;
+    let mut raw_runs = Vec::with_capacity(2);
+    let raw_run = async |raw_runs: &mut Vec<_>| -> anyhow::Result<()> {
+        let label = format!("raw producer, run {}/2", raw_runs.len() + 1);
+        let bar = progress::spinner(&label);
+        let run = raw.run(&b.observer).await?;
+        let summary = format!(
+            "{:.0} events/s ({events} records; all acknowledged after {:.2} s)",
+            events as f64 / run.consumed.as_secs_f64(),
+            run.acked.as_secs_f64()
+        );
+        progress::done(&bar, &label, &summary);
+        raw_runs.push(run);
+        Ok(())
+    };
+    raw_run(&mut raw_runs).await?;
+
+    let backlog: i64 = sqlx::query_scalar("select count(*) from dbps_outbox")
+        .fetch_one(&b.db)
+        .await?;
+    let backlog = u64::try_from(backlog)?;
+    if backlog < events {
+        bail!("the backlog holds {backlog} events, fewer than {events}");
+    }
+    let label = "relay draining the backlog";
+    let bar = progress::counted(label, backlog);
+    let seen_before = b.observer.events_seen();
+    let started = Instant::now();
+    b.relay.start();
+    let observer = &b.observer;
+    let drained = sampling(b.catch_up(), Duration::from_millis(200), async || {
+        bar.set_position(observer.events_seen().saturating_sub(seen_before));
+        Ok(())
+    })
+    .await;
+    let relay_s = started.elapsed();
+    drained?;
+    let summary = format!(
+        "{:.0} events/s ({backlog} events in {:.2} s)",
+        backlog as f64 / relay_s.as_secs_f64(),
+        relay_s.as_secs_f64()
+    );
+    progress::done(&bar, label, &summary);
+    raw_run(&mut raw_runs).await?;
+
+    Ok(DrainDetail {
+        backlog_events: backlog,
+        fill_s: fill.as_secs_f64(),
+        relay_s: relay_s.as_secs_f64(),
+        raw_acked_s: raw_runs.iter().map(|r| r.acked.as_secs_f64()).collect(),
+        raw_consumed_s: raw_runs.iter().map(|r| r.consumed.as_secs_f64()).collect(),
+        rounds,
+    })
+}
+
+/// Times relay rounds step by step, with the relay's own store and publisher: what
+/// `Relay` does in a round, with a clock between the steps.
+async fn profile_rounds(
+    pool: &PgPool,
+    publisher: &KafkaPublisher,
+    batch_size: usize,
+) -> anyhow::Result<Vec<RoundProfile>> {
+    let store = PgOutboxStore::new(pool.clone());
+    let mut lease = store.join().await?;
+    store.rebalance(&mut lease).await?;
+    let mut profiles = Vec::with_capacity(PROFILE_ROUNDS);
+    for _ in 0..PROFILE_ROUNDS {
+        let t0 = Instant::now();
+        let batch = store.fetch(&mut lease, batch_size).await?;
+        let t1 = Instant::now();
+        let results = publisher
+            .publish_batch(batch.iter().map(|p| (p.topic.as_str(), &p.envelope)))
+            .await;
+        let t2 = Instant::now();
+        let mut ids = Vec::with_capacity(batch.len());
+        for (pending, result) in batch.iter().zip(results) {
+            result.with_context(|| format!("publishing outbox row {}", pending.id))?;
+            ids.push(pending.id);
+        }
+        store.mark_published(&ids).await?;
+        let t3 = Instant::now();
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        profiles.push(RoundProfile {
+            events: batch.len(),
+            fetch_ms: ms(t0, t1),
+            publish_ms: ms(t1, t2),
+            mark_ms: ms(t2, t3),
+        });
+    }
+    store.leave(lease).await?;
+    Ok(profiles)
+}
+
+/// Phase 7: what an idle relay costs the database.
+///
+/// Whole relay lifetimes are counted, because a backend's counts reach the server late
+/// unless it exits: with nothing else connected to the run's database, a fresh relay
+/// runs for 1 s and then for 1 s plus the window, each time until its connections have
+/// gone; the difference is the idle relay's cost over the window, its start-up
+/// excluded. The tables are vacuumed first, so that autovacuum has no reason to run.
+async fn idle(b: Bench<'_>) -> anyhow::Result<IdleDetail> {
+    let Bench {
+        args,
+        scratch,
+        admin,
+        db,
+        writers_pool,
+        observer,
+        publisher,
+        relay_pool,
+        mut relay,
+        ..
+    } = b;
+    relay.stop().await?;
+    relay_pool.close().await;
+    let label = "idle relay: vacuum, disconnect";
+    let bar = progress::spinner(label);
+    let mut conn = scratch.options.clone().connect().await?;
+    conn.execute(sqlx::raw_sql(AssertSqlSafe(String::from(
+        "vacuum (analyze) dbps_outbox, dbps_outbox_sequences, bench_orders, bench_commits",
+    ))))
+    .await?;
+    conn.close().await?;
+    writers_pool.close().await;
+    db.close().await;
+    progress::done(&bar, label, "done");
+
+    let short = Duration::from_secs(1);
+    let label = "idle relay: counting queries";
+    let bar = progress::timed(label, short * 2 + args.idle);
+    let mut autovacuum = false;
+    let mut lifetime = async |duration: Duration| -> anyhow::Result<i64> {
+        let before = quiet_transactions(&admin, &scratch.database).await?;
+        let pool = scratch.pool(4, RELAY_APP).await?;
+        let mut relay = RelayControl::new(pool.clone(), publisher.clone(), args.batch_size);
+        relay.start();
+        let started = Instant::now();
+        while started.elapsed() < duration {
+            let workers: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity where datname = $1 and backend_type = 'autovacuum worker'",
+            )
+            .bind(&scratch.database)
+            .fetch_one(&admin)
+            .await?;
+            autovacuum |= workers > 0;
+            bar.inc(100);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        relay.stop().await?;
+        pool.close().await;
+        Ok(quiet_transactions(&admin, &scratch.database).await? - before)
+    };
+    let short_count = lifetime(short).await?;
+    let long_count = lifetime(short + args.idle).await?;
+    let transactions = long_count - short_count;
+    let summary = format!(
+        "{:.2} queries/s (relay lifetimes of {:.0} s and {:.0} s: {short_count} and {long_count} transactions)",
+        transactions as f64 / args.idle.as_secs_f64(),
+        short.as_secs_f64(),
+        (short + args.idle).as_secs_f64()
+    );
+    progress::done(&bar, label, &summary);
+    observer.check()?;
+    observer.stop();
+    Ok(IdleDetail {
+        window_s: args.idle.as_secs_f64(),
+        transactions,
+        short_lifetime_transactions: short_count,
+        long_lifetime_transactions: long_count,
+        autovacuum_in_window: autovacuum,
+    })
+}
