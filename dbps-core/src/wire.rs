@@ -145,13 +145,8 @@ pub fn encode(envelope: &Envelope) -> Result<Encoded<'_>> {
             headers.push((name, Borrowed(value)));
         }
     }
+    check_headers(&envelope.headers)?;
     for (name, value) in &envelope.headers {
-        if header::RESERVED.contains(&name.as_str()) {
-            return Err(Error::InvalidAttribute {
-                attribute: "headers",
-                reason: format!("free header {name} takes a name reserved by the wire format"),
-            });
-        }
         headers.push((name, Borrowed(value)));
     }
     Ok(Encoded {
@@ -159,6 +154,18 @@ pub fn encode(envelope: &Envelope) -> Result<Encoded<'_>> {
         headers,
         value: envelope.payload.get(),
     })
+}
+
+/// Checks that no free header takes a name the wire format reserves, so that a message
+/// can be refused before it is stored rather than when it is published.
+pub fn check_headers(headers: &BTreeMap<String, String>) -> Result<()> {
+    match headers.keys().find(|name| header::RESERVED.contains(&name.as_str())) {
+        Some(name) => Err(Error::InvalidAttribute {
+            attribute: "headers",
+            reason: format!("free header {name} takes a name reserved by the wire format"),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Decodes a Kafka record in binary content mode.

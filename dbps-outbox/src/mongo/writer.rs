@@ -168,7 +168,7 @@ impl MongoOutbox {
             .check(envelope.payload_json())
             .map_err(OutboxError::Message)?;
         // Reserved header names are refused now rather than by the relay, after the write.
-        dbps_core::wire::encode(&envelope).map_err(OutboxError::Message)?;
+        dbps_core::wire::check_headers(&envelope.headers).map_err(OutboxError::Message)?;
         if envelope.trace.traceparent.is_none() {
             envelope.trace = TraceContext::current().unwrap_or_else(TraceContext::new_root);
         }
