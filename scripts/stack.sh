@@ -7,6 +7,9 @@
 #   scripts/stack.sh down     stop what `up` started
 #   scripts/stack.sh status   show each server's state (exit 0 all up, 3 otherwise)
 #   scripts/stack.sh env      print the DBPS_* variables:  eval "$(scripts/stack.sh env)"
+#   scripts/stack.sh stop  <server>   stop one server (postgres, redis, kafka, ferretdb)
+#   scripts/stack.sh start <server>   start one server again and wait until it is ready
+#                                     (fault injection: dbps-chaos broker-restart)
 #
 # State (data, logs, pid files) lives in <checkout>/.dbps/ (git-ignored).
 # Downloads and builds are cached in ${DBPS_CACHE_DIR:-$HOME/.cache/dbps}.
@@ -850,14 +853,75 @@ cmd_env() {
   printf 'export DBPS_MONGODB_URI=mongodb://%s:%s/\n' "$HOST" "$FERRET_PORT"
 }
 
+# Start one server that `up` installed before, and wait until it is ready.
+cmd_start_one() { # server
+  lock
+  case "$1" in
+    postgres)
+      PG_BIN="$(find_pg_bin)" || die "no PostgreSQL server found; run '$(rel "$SCRIPT_DIR")/stack.sh up' first"
+      pg_start
+      pg_wait
+      line postgres "$(ready_word "$PG_STARTED")" "$HOST:$PG_PORT" "$PG_LOG"
+      ;;
+    redis)
+      command -v redis-server >/dev/null 2>&1 || die "redis-server not found; run '$(rel "$SCRIPT_DIR")/stack.sh up' first"
+      redis_start
+      redis_wait
+      line redis "$(ready_word "$REDIS_STARTED")" "$HOST:$REDIS_PORT" "$REDIS_LOG"
+      ;;
+    kafka)
+      JAVA="$(find_java)" || die "no java >= 17 found (Kafka 4 needs it); set DBPS_JAVA=/path/to/java"
+      ensure_kafka_libs
+      kafka_start
+      kafka_wait
+      line kafka "$(ready_word "$KAFKA_STARTED")" "$HOST:$KAFKA_PORT" "$KAFKA_LOG"
+      ;;
+    ferretdb)
+      [[ -x "$FERRET_BIN" ]] || die "FerretDB is not built yet; run '$(rel "$SCRIPT_DIR")/stack.sh up' first"
+      ferret_start
+      ferret_wait
+      line ferretdb "$(ready_word "$FERRET_STARTED")" "$HOST:$FERRET_PORT" "$FERRET_LOG"
+      ;;
+    *)
+      usage >&2
+      exit 2
+      ;;
+  esac
+}
+
+# Stop one server (its data stays).
+cmd_stop_one() { # server
+  lock
+  case "$1" in
+    postgres)
+      PG_BIN="$(find_pg_bin)" || true
+      if [[ -n "$PG_BIN" ]]; then
+        pg_stop
+      else
+        line postgres stopped "$HOST:$PG_PORT"
+      fi
+      ;;
+    redis) redis_stop ;;
+    kafka) kafka_stop ;;
+    ferretdb) ferret_stop ;;
+    *)
+      usage >&2
+      exit 2
+      ;;
+  esac
+}
+
 usage() {
   cat <<EOF
 usage: $(rel "$SCRIPT_DIR")/stack.sh up|down|status|env
+       $(rel "$SCRIPT_DIR")/stack.sh stop|start postgres|redis|kafka|ferretdb
 
   up      install what is missing, start ${SERVERS[*]} on $HOST, wait until ready
   down    stop the servers started by 'up'
   status  print each server's state; exit 0 if all are up, 3 otherwise
   env     print DBPS_* exports:  eval "\$($(rel "$SCRIPT_DIR")/stack.sh env)"
+  stop    stop one server (its data stays)
+  start   start one server again (after 'up' installed it) and wait until it is ready
 EOF
 }
 
@@ -871,6 +935,13 @@ main() {
       exit "$rc"
       ;;
     env) cmd_env ;;
+    start | stop)
+      if [[ $# -ne 2 ]]; then
+        usage >&2
+        exit 2
+      fi
+      "cmd_$1_one" "$2"
+      ;;
     -h | --help | help) usage ;;
     *)
       usage >&2

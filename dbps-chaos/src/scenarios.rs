@@ -1,0 +1,1041 @@
+//! The scenarios: set up, load, inject faults, settle, check, report, clean up.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, SecondsFormat, Utc};
+use dbps_core::Message as _;
+use dbps_core::kafka::TopicSpec;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::checker::{self, CheckInput};
+use crate::model::{CONSUMER_SCHEMA, INBOX_CONSUMER, OrderChanged, POISON_HEADER, SERVICE_SCHEMA, aggregate_id};
+use crate::procs::Worker;
+use crate::report::Report;
+use crate::stack::{Servers, git_commit};
+
+/// A fault-injection scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scenario {
+    RelayKill,
+    Gap,
+    ConsumerKill,
+    BrokerRestart,
+    Poison,
+}
+
+impl Scenario {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::RelayKill => "relay-kill",
+            Self::Gap => "gap",
+            Self::ConsumerKill => "consumer-kill",
+            Self::BrokerRestart => "broker-restart",
+            Self::Poison => "poison",
+        }
+    }
+
+    /// The scenario's load and faults at full size.
+    fn plan(self) -> Plan {
+        let base = Plan {
+            events: 50_000,
+            load_seconds: None,
+            writer_processes: 2,
+            writer_concurrency: 4,
+            aggregates: 1000,
+            late_fraction: 0.0,
+            late_max_ms: 0,
+            rollback_fraction: 0.0,
+            poison_every: 0,
+            relays: 1,
+            relay_args: Vec::new(),
+            consumers: 0,
+            min_faults: 0,
+            kill_interval_s: 1.0..6.0,
+        };
+        match self {
+            Self::RelayKill => Plan {
+                events: 60_000,
+                load_seconds: Some(100.0),
+                relays: 2,
+                min_faults: 20,
+                kill_interval_s: 1.0..6.0,
+                ..base
+            },
+            Self::Gap => Plan {
+                events: 200_000,
+                writer_processes: 4,
+                writer_concurrency: 8,
+                aggregates: 2000,
+                late_fraction: 0.10,
+                late_max_ms: 2000,
+                rollback_fraction: 0.01,
+                relays: 2,
+                ..base
+            },
+            Self::ConsumerKill => Plan {
+                events: 50_000,
+                load_seconds: Some(120.0),
+                consumers: 2,
+                min_faults: 20,
+                kill_interval_s: 2.0..7.0,
+                ..base
+            },
+            Self::BrokerRestart => Plan {
+                events: 40_000,
+                load_seconds: Some(80.0),
+                relay_args: vec![String::from("--message-timeout-ms"), String::from("0")],
+                consumers: 1,
+                min_faults: 1,
+                ..base
+            },
+            Self::Poison => Plan {
+                events: 200_000,
+                poison_every: 10_000,
+                relay_args: vec![String::from("--message-max-bytes"), String::from("100000")],
+                consumers: 2,
+                ..base
+            },
+        }
+    }
+}
+
+/// Options every scenario takes.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ScenarioArgs {
+    /// Write the result as a JSON object to PATH.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Seed of the random choices (kill moments, victims, keys); printed when chosen.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Events to commit, instead of the scenario's full size.
+    #[arg(long)]
+    events: Option<u64>,
+    /// Faults to inject at least, instead of the scenario's minimum (kills, restarts).
+    #[arg(long)]
+    faults: Option<u32>,
+    /// Keep the databases, topics and worker logs of a passing run.
+    #[arg(long)]
+    keep: bool,
+    /// Administrative PostgreSQL URL (eval "$(scripts/stack.sh env)" sets it).
+    #[arg(long, env = "DBPS_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: String,
+    /// Kafka bootstrap servers (eval "$(scripts/stack.sh env)" sets them).
+    #[arg(long, env = "DBPS_KAFKA_BROKERS")]
+    kafka_brokers: String,
+    /// The stack script the broker-restart scenario stops and starts Kafka with.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh"))]
+    stack_script: PathBuf,
+}
+
+/// Load, workers and faults of a scenario.
+#[derive(Debug, Clone)]
+struct Plan {
+    events: u64,
+    /// Spread the events over this long (None: as fast as the writers go).
+    load_seconds: Option<f64>,
+    writer_processes: u32,
+    writer_concurrency: u32,
+    aggregates: u32,
+    late_fraction: f64,
+    late_max_ms: u64,
+    rollback_fraction: f64,
+    /// One poison record per this many events (half oversize, half malformed).
+    poison_every: u64,
+    relays: u32,
+    relay_args: Vec<String>,
+    consumers: u32,
+    min_faults: u32,
+    kill_interval_s: Range<f64>,
+}
+
+/// How long the system may go without progress while settling.
+const SETTLE_STALL: Duration = Duration::from_secs(120);
+/// How long the broker stays down in `broker-restart`.
+const OUTAGE: Duration = Duration::from_secs(15);
+
+/// Runs a scenario, prints its table and writes its JSON. Returns whether it passed.
+pub(crate) async fn run(scenario: Scenario, args: ScenarioArgs) -> Result<bool> {
+    let mut plan = scenario.plan();
+    if let Some(events) = args.events {
+        plan.events = events;
+    }
+    if let Some(faults) = args.faults {
+        plan.min_faults = faults;
+    }
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let servers = Servers {
+        postgres_url: args.postgres_url.clone(),
+        brokers: args.kafka_brokers.clone(),
+        stack_script: args.stack_script.clone(),
+    };
+    let mut run = Run::setup(scenario, plan, servers, seed).await?;
+    println!(
+        "dbps-chaos {}: seed {seed}, run {}, logs in {}",
+        scenario.name(),
+        run.id,
+        run.dir.display()
+    );
+    let outcome = run.execute().await;
+    let report = match outcome {
+        Ok(report) => report,
+        Err(error) => {
+            run.stop_all().await;
+            println!(
+                "dbps-chaos {}: the harness failed: {error:#}\nkept for inspection: databases {}, topics {} {}, logs {}",
+                scenario.name(),
+                run.database_names().join(" "),
+                run.topic,
+                run.dlq,
+                run.dir.display()
+            );
+            return Err(error);
+        }
+    };
+    report.print();
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+        println!("wrote {}", path.display());
+    }
+    if report.passed && !args.keep {
+        run.cleanup().await;
+    } else {
+        println!(
+            "kept: databases {}, topics {} {}, logs {}",
+            run.database_names().join(" "),
+            run.topic,
+            run.dlq,
+            run.dir.display()
+        );
+    }
+    Ok(report.passed)
+}
+
+/// A broker outage as the orchestrator timed it.
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    stop_requested: DateTime<Utc>,
+    stopped: DateTime<Utc>,
+    start_requested: DateTime<Utc>,
+    ready: DateTime<Utc>,
+}
+
+struct Run {
+    scenario: Scenario,
+    plan: Plan,
+    servers: Servers,
+    seed: u64,
+    rng: StdRng,
+    id: String,
+    dir: PathBuf,
+    service_db: String,
+    service: PgPool,
+    consumer_db: Option<String>,
+    consumer: Option<PgPool>,
+    topic: String,
+    dlq: String,
+    group: String,
+    started: Instant,
+    started_at: DateTime<Utc>,
+    writers: Vec<Worker>,
+    relays: Vec<Worker>,
+    consumers: Vec<Worker>,
+    faults: u64,
+    malformed: Vec<(String, String)>,
+    malformed_kinds: Vec<&'static str>,
+    producer: Option<FutureProducer>,
+    unexpected_exits: Vec<String>,
+    failures: Vec<String>,
+    results: serde_json::Map<String, Value>,
+    last_progress: Instant,
+}
+
+impl Run {
+    async fn setup(scenario: Scenario, plan: Plan, servers: Servers, seed: u64) -> Result<Self> {
+        let started = Instant::now();
+        let started_at = Utc::now();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let id = format!("{:08x}", rng.random::<u32>());
+        let underscored = scenario.name().replace('-', "_");
+        let dir = std::env::temp_dir().join(format!("dbps-chaos-{}-{id}", scenario.name()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+
+        let service_db = format!("chaos_{underscored}_{id}");
+        let service = servers.create_database(&service_db, 4).await?;
+        dbps_outbox::pg::MIGRATOR
+            .run(&service)
+            .await
+            .context("outbox migrations")?;
+        sqlx::raw_sql(SERVICE_SCHEMA)
+            .execute(&service)
+            .await
+            .context("service schema")?;
+        let (consumer_db, consumer) = if plan.consumers > 0 {
+            let name = format!("{service_db}_consumer");
+            let pool = servers.create_database(&name, 4).await?;
+            dbps_core::inbox::pg::MIGRATOR
+                .run(&pool)
+                .await
+                .context("inbox migrations")?;
+            sqlx::raw_sql(CONSUMER_SCHEMA)
+                .execute(&pool)
+                .await
+                .context("consumer schema")?;
+            (Some(name), Some(pool))
+        } else {
+            (None, None)
+        };
+        let topic = format!("chaos.{}.{id}.orders", scenario.name());
+        let dlq = format!("chaos.{}.{id}.dlq", scenario.name());
+        // The broker stamps each record with its append time, so the checker can tell
+        // when a record really reached Kafka (publish latency, broker-restart resume).
+        servers
+            .create_topics(&[
+                TopicSpec::new(&topic, 8).config("message.timestamp.type", "LogAppendTime"),
+                TopicSpec::new(&dlq, 1).config("message.timestamp.type", "LogAppendTime"),
+            ])
+            .await?;
+        let group = format!("chaos-{}-{id}", scenario.name());
+        Ok(Self {
+            scenario,
+            plan,
+            servers,
+            seed,
+            rng,
+            id,
+            dir,
+            service_db,
+            service,
+            consumer_db,
+            consumer,
+            topic,
+            dlq,
+            group,
+            started,
+            started_at,
+            writers: Vec::new(),
+            relays: Vec::new(),
+            consumers: Vec::new(),
+            faults: 0,
+            malformed: Vec::new(),
+            malformed_kinds: Vec::new(),
+            producer: None,
+            unexpected_exits: Vec::new(),
+            failures: Vec::new(),
+            results: serde_json::Map::new(),
+            last_progress: Instant::now(),
+        })
+    }
+
+    fn database_names(&self) -> Vec<String> {
+        std::iter::once(self.service_db.clone())
+            .chain(self.consumer_db.clone())
+            .collect()
+    }
+
+    async fn execute(&mut self) -> Result<Report> {
+        self.start_workers()?;
+        let mut outages = Vec::new();
+        match self.scenario {
+            Scenario::RelayKill | Scenario::ConsumerKill => self.kill_loop().await?,
+            Scenario::Gap => self.wait_for_writers().await?,
+            Scenario::BrokerRestart => {
+                // Steady load first, then the broker goes away for a while and comes back.
+                self.watch(Duration::from_secs(15)).await?;
+                for _ in 0..self.plan.min_faults.max(1) {
+                    outages.push(self.restart_broker().await?);
+                    self.watch(Duration::from_secs(10)).await?;
+                }
+                self.wait_for_writers().await?;
+            }
+            Scenario::Poison => self.poison_loop().await?,
+        }
+        self.settle().await?;
+        for worker in self.relays.iter_mut().chain(self.consumers.iter_mut()) {
+            if !worker.stop(Duration::from_secs(30)).await? {
+                self.failures
+                    .push(format!("{} did not stop gracefully within 30 s", worker.name()));
+            }
+        }
+        self.progress(true).await;
+        println!("checking: reading the databases and the topics directly ...");
+        let check = checker::check(&CheckInput {
+            service: &self.service,
+            consumer: self.consumer.as_ref(),
+            brokers: &self.servers.brokers,
+            topic: &self.topic,
+            dlq: Some(&self.dlq),
+            malformed: &self.malformed,
+        })
+        .await?;
+        if self.scenario == Scenario::BrokerRestart {
+            self.broker_results(&outages, &check).await?;
+        }
+        if !self.consumers.is_empty() {
+            let absorbed: usize = self.consumers.iter().map(|c| c.log_count("duplicate skipped")).sum();
+            self.results
+                .insert(String::from("redeliveries_absorbed_by_inbox"), json!(absorbed));
+        }
+        if self.scenario == Scenario::Gap {
+            self.faults = check.counts.committed_late + check.counts.rolled_back;
+        }
+        if self.scenario == Scenario::Poison {
+            let kinds: Vec<Value> = self.malformed_kinds.iter().map(|k| json!(k)).collect();
+            self.results
+                .insert(String::from("malformed_kinds"), Value::Array(kinds));
+        }
+        Ok(self.report(check.counts))
+    }
+
+    fn report(&mut self, counts: checker::Counts) -> Report {
+        let mut failures = std::mem::take(&mut self.failures);
+        for (name, value) in counts.must_be_zero() {
+            if value != 0 {
+                failures.push(format!("{name} = {value}, must be 0"));
+            }
+        }
+        if counts.committed < self.plan.events {
+            failures.push(format!(
+                "committed {} events, the scenario needs {}",
+                counts.committed, self.plan.events
+            ));
+        }
+        if self.faults < u64::from(self.plan.min_faults) {
+            failures.push(format!(
+                "injected {} faults, the scenario needs {}",
+                self.faults, self.plan.min_faults
+            ));
+        }
+        if self.scenario == Scenario::Poison && counts.poison_injected == 0 {
+            failures.push(String::from("no poison record was injected"));
+        }
+        for exit in &self.unexpected_exits {
+            failures.push(format!("unexpected exit: {exit}"));
+        }
+        let restarts: Vec<Value> = self
+            .relays
+            .iter()
+            .chain(&self.consumers)
+            .map(|w| json!({ "worker": w.name(), "starts": w.starts(), "kills": w.kills(), "unexpected_exits": w.unexpected_exits() }))
+            .collect();
+        self.results.insert(String::from("workers"), Value::Array(restarts));
+        let plan = &self.plan;
+        let mut settings = serde_json::Map::new();
+        settings.insert(String::from("events"), json!(plan.events));
+        settings.insert(
+            String::from("writers"),
+            json!(format!("{}x{}", plan.writer_processes, plan.writer_concurrency)),
+        );
+        settings.insert(
+            String::from("rate_per_s"),
+            json!(self.rate().map_or_else(|| String::from("max"), |r| format!("{r:.0}"))),
+        );
+        settings.insert(String::from("aggregates"), json!(plan.aggregates));
+        if plan.late_fraction > 0.0 {
+            settings.insert(String::from("late_fraction"), json!(plan.late_fraction));
+            settings.insert(String::from("late_max_ms"), json!(plan.late_max_ms));
+        }
+        if plan.rollback_fraction > 0.0 {
+            settings.insert(String::from("rollback_fraction"), json!(plan.rollback_fraction));
+        }
+        if plan.poison_every > 0 {
+            settings.insert(String::from("poison_every"), json!(plan.poison_every));
+        }
+        settings.insert(String::from("relays"), json!(plan.relays));
+        if !plan.relay_args.is_empty() {
+            settings.insert(String::from("relay_args"), json!(plan.relay_args.join(" ")));
+        }
+        settings.insert(String::from("consumers"), json!(plan.consumers));
+        if plan.min_faults > 0 && self.scenario != Scenario::BrokerRestart {
+            settings.insert(String::from("min_kills"), json!(plan.min_faults));
+            settings.insert(
+                String::from("kill_interval_s"),
+                json!(format!("{}-{}", plan.kill_interval_s.start, plan.kill_interval_s.end)),
+            );
+        }
+        settings.insert(String::from("topic_partitions"), json!(8));
+        Report {
+            scenario: self.scenario.name().to_owned(),
+            passed: failures.is_empty(),
+            failures,
+            committed: counts.committed,
+            published_unique: counts.published_unique,
+            lost: counts.lost,
+            topic_duplicates: counts.topic_duplicates,
+            effect_duplicates: counts.effect_duplicates,
+            order_violations: counts.order_violations,
+            rolled_back_published: counts.rolled_back_published,
+            faults_injected: self.faults,
+            duration_s: (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            git_commit: git_commit(),
+            started_at: self.started_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            seed: self.seed,
+            cores: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+            settings,
+            results: std::mem::take(&mut self.results),
+            counts,
+        }
+    }
+
+    /// Total events per second, if the load is paced.
+    fn rate(&self) -> Option<f64> {
+        #[allow(clippy::cast_precision_loss)] // event counts stay far below 2^52
+        self.plan.load_seconds.map(|s| self.plan.events as f64 / s)
+    }
+
+    // --- Workers ---------------------------------------------------------------------------
+
+    fn start_workers(&mut self) -> Result<()> {
+        let service_url = self.servers.database_url(&self.service_db);
+        for i in 0..self.plan.relays {
+            let mut args = vec![
+                String::from("relay"),
+                String::from("--brokers"),
+                self.servers.brokers.clone(),
+                String::from("--name"),
+                format!("relay-{i}"),
+            ];
+            args.extend(self.plan.relay_args.iter().cloned());
+            let mut worker = Worker::new(
+                &format!("relay-{i}"),
+                args,
+                vec![(String::from("DBPS_CHAOS_DB_URL"), service_url.clone())],
+                &self.dir,
+            );
+            worker.start()?;
+            self.relays.push(worker);
+        }
+        if let Some(consumer_db) = &self.consumer_db {
+            let consumer_url = self.servers.database_url(consumer_db);
+            for i in 0..self.plan.consumers {
+                let args = vec![
+                    String::from("consumer"),
+                    String::from("--brokers"),
+                    self.servers.brokers.clone(),
+                    String::from("--name"),
+                    format!("consumer-{i}"),
+                    String::from("--topic"),
+                    self.topic.clone(),
+                    String::from("--dlq"),
+                    self.dlq.clone(),
+                    String::from("--group"),
+                    self.group.clone(),
+                ];
+                let mut worker = Worker::new(
+                    &format!("consumer-{i}"),
+                    args,
+                    vec![(String::from("DBPS_CHAOS_DB_URL"), consumer_url.clone())],
+                    &self.dir,
+                );
+                worker.start()?;
+                self.consumers.push(worker);
+            }
+        }
+        let processes = u64::from(self.plan.writer_processes.max(1));
+        let rate = self.rate();
+        for i in 0..self.plan.writer_processes.max(1) {
+            let share = self.plan.events / processes + u64::from(u64::from(i) < self.plan.events % processes);
+            // Each writer makes one in `poison_every * 2` of its own events oversize; the
+            // other half of the poison is malformed records the orchestrator produces.
+            let oversize_every = if self.plan.poison_every > 0 {
+                (self.plan.poison_every * 2).min(share.max(1))
+            } else {
+                0
+            };
+            #[allow(clippy::cast_precision_loss)] // small counts
+            let writer_rate = rate.map_or(0.0, |r| r / processes as f64);
+            let args = vec![
+                String::from("writer"),
+                String::from("--topic"),
+                self.topic.clone(),
+                String::from("--writer-id"),
+                i.to_string(),
+                String::from("--concurrency"),
+                self.plan.writer_concurrency.to_string(),
+                String::from("--events"),
+                share.to_string(),
+                String::from("--rate"),
+                format!("{writer_rate:.3}"),
+                String::from("--aggregates"),
+                self.plan.aggregates.to_string(),
+                String::from("--late-fraction"),
+                self.plan.late_fraction.to_string(),
+                String::from("--late-max-ms"),
+                self.plan.late_max_ms.to_string(),
+                String::from("--rollback-fraction"),
+                self.plan.rollback_fraction.to_string(),
+                String::from("--oversize-every"),
+                oversize_every.to_string(),
+                String::from("--seed"),
+                self.rng.random::<u64>().to_string(),
+            ];
+            let mut worker = Worker::new(
+                &format!("writer-{i}"),
+                args,
+                vec![(String::from("DBPS_CHAOS_DB_URL"), service_url.clone())],
+                &self.dir,
+            );
+            worker.start()?;
+            self.writers.push(worker);
+        }
+        Ok(())
+    }
+
+    /// Notices workers that exited by themselves: writers are done (or failed); relays
+    /// and consumers must not exit, and are restarted when they do.
+    fn reap(&mut self) -> Result<()> {
+        for worker in &mut self.writers {
+            if let Some(status) = worker.poll_exit()?
+                && !status.success()
+            {
+                println!(
+                    "{} failed ({status}); its log ends:\n{}",
+                    worker.name(),
+                    worker.log_tail(20)
+                );
+                self.unexpected_exits.push(format!("{} ({status})", worker.name()));
+            }
+        }
+        for worker in self.relays.iter_mut().chain(self.consumers.iter_mut()) {
+            if let Some(status) = worker.poll_exit()? {
+                println!(
+                    "{} exited by itself ({status}); restarting it. Its log ends:\n{}",
+                    worker.name(),
+                    worker.log_tail(20)
+                );
+                self.unexpected_exits.push(format!("{} ({status})", worker.name()));
+                worker.start()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits `duration`, watching the workers and printing progress.
+    async fn watch(&mut self, duration: Duration) -> Result<()> {
+        let until = Instant::now() + duration;
+        loop {
+            self.reap()?;
+            self.progress(false).await;
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            tokio::time::sleep((until - now).min(Duration::from_millis(200))).await;
+        }
+    }
+
+    fn writers_running(&self) -> bool {
+        self.writers.iter().any(Worker::is_running)
+    }
+
+    async fn wait_for_writers(&mut self) -> Result<()> {
+        while self.writers_running() {
+            self.watch(Duration::from_millis(500)).await?;
+        }
+        Ok(())
+    }
+
+    async fn stop_all(&mut self) {
+        for worker in self
+            .writers
+            .iter_mut()
+            .chain(self.relays.iter_mut())
+            .chain(self.consumers.iter_mut())
+        {
+            let _ = worker.stop(Duration::from_secs(10)).await;
+        }
+    }
+
+    // --- Measurements during the run ----------------------------------------------------------
+
+    async fn committed(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("select count(*) from committed_events")
+            .fetch_one(&self.service)
+            .await?)
+    }
+
+    async fn healthy_committed(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("select count(*) from committed_events where poison is null")
+                .fetch_one(&self.service)
+                .await?,
+        )
+    }
+
+    async fn pending(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("select count(*) from dbps_outbox where published_at is null and parked_at is null")
+                .fetch_one(&self.service)
+                .await?,
+        )
+    }
+
+    async fn applied(&self) -> Result<Option<i64>> {
+        let Some(pool) = &self.consumer else {
+            return Ok(None);
+        };
+        Ok(Some(
+            sqlx::query_scalar("select count(*) from dbps_inbox where consumer = $1")
+                .bind(INBOX_CONSUMER)
+                .fetch_one(pool)
+                .await?,
+        ))
+    }
+
+    async fn progress(&mut self, force: bool) {
+        if !force && self.last_progress.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let show = |v: Result<i64>| v.map_or_else(|_| String::from("?"), |v| v.to_string());
+        let committed = show(self.committed().await);
+        let pending = show(self.pending().await);
+        let applied = match self.applied().await {
+            Ok(Some(n)) => format!("  applied {n:>7}"),
+            Ok(None) => String::new(),
+            Err(_) => String::from("  applied ?"),
+        };
+        println!(
+            "[{:>6.1}s] committed {committed:>7}  outbox pending {pending:>6}{applied}  faults {}",
+            self.started.elapsed().as_secs_f64(),
+            self.faults
+        );
+    }
+
+    // --- Faults ---------------------------------------------------------------------------------
+
+    /// Kills relays (relay-kill) or consumers (consumer-kill) with SIGKILL at random
+    /// moments while the writers run, and until the minimum number of kills is reached.
+    async fn kill_loop(&mut self) -> Result<()> {
+        let consumers = self.scenario == Scenario::ConsumerKill;
+        loop {
+            if !self.writers_running() && self.faults >= u64::from(self.plan.min_faults) {
+                return Ok(());
+            }
+            let wait = self.rng.random_range(self.plan.kill_interval_s.clone());
+            self.watch(Duration::from_secs_f64(wait)).await?;
+            let victims = if consumers {
+                &mut self.consumers
+            } else {
+                &mut self.relays
+            };
+            // Usually one process; now and then all of them at once.
+            let all = victims.len() > 1 && self.rng.random_bool(0.2);
+            let chosen: Vec<usize> = if all {
+                (0..victims.len()).collect()
+            } else {
+                vec![self.rng.random_range(0..victims.len())]
+            };
+            let mut names = Vec::new();
+            for &i in &chosen {
+                victims[i].kill().await?;
+                names.push(victims[i].name().to_owned());
+            }
+            self.faults += chosen.len() as u64;
+            println!(
+                "[{:>6.1}s] SIGKILL {}",
+                self.started.elapsed().as_secs_f64(),
+                names.join(", ")
+            );
+            let down = self.rng.random_range(0.0..1.0);
+            self.watch(Duration::from_secs_f64(down)).await?;
+            let victims = if consumers {
+                &mut self.consumers
+            } else {
+                &mut self.relays
+            };
+            for &i in &chosen {
+                victims[i].start()?;
+            }
+        }
+    }
+
+    /// Stops the broker under load, keeps the writers going, starts it again.
+    async fn restart_broker(&mut self) -> Result<Outage> {
+        let stop_requested = Utc::now();
+        println!(
+            "[{:>6.1}s] stopping the Kafka broker (scripts/stack.sh stop kafka)",
+            self.started.elapsed().as_secs_f64()
+        );
+        if let Err(error) = self.servers.broker("stop").await {
+            // Whatever state it is in, leave the stack with a running broker.
+            let _ = self.servers.broker("start").await;
+            return Err(error);
+        }
+        let stopped = Utc::now();
+        self.faults += 1;
+        println!(
+            "[{:>6.1}s] broker stopped; writers keep committing for {} s",
+            self.started.elapsed().as_secs_f64(),
+            OUTAGE.as_secs()
+        );
+        let waited = self.watch(OUTAGE).await;
+        let start_requested = Utc::now();
+        let started = self.servers.broker("start").await;
+        let ready = Utc::now();
+        waited?;
+        started?;
+        println!(
+            "[{:>6.1}s] broker ready again (scripts/stack.sh start kafka took {:.1} s)",
+            self.started.elapsed().as_secs_f64(),
+            seconds(ready - start_requested)
+        );
+        Ok(Outage {
+            stop_requested,
+            stopped,
+            start_requested,
+            ready,
+        })
+    }
+
+    async fn broker_results(&mut self, outages: &[Outage], check: &checker::Check) -> Result<()> {
+        let mut entries = Vec::new();
+        for outage in outages {
+            let committed_during: i64 = sqlx::query_scalar(
+                "select count(*) from committed_events where pg_xact_commit_timestamp(xmin) between $1 and $2",
+            )
+            .bind(outage.stopped)
+            .bind(outage.ready)
+            .fetch_one(&self.service)
+            .await?;
+            let first = check.first_append_at_or_after(outage.start_requested);
+            let resume = first.map(|f| seconds(f - outage.ready));
+            let resume_after_start = first.map(|f| seconds(f - outage.start_requested));
+            // When the consumer applied its first event after the broker came back.
+            let applied_again: Option<DateTime<Utc>> = match &self.consumer {
+                Some(pool) => {
+                    sqlx::query_scalar("select min(applied_at) from effects where applied_at >= $1")
+                        .bind(outage.start_requested)
+                        .fetch_one(pool)
+                        .await?
+                }
+                None => None,
+            };
+            match resume {
+                None => self
+                    .failures
+                    .push(String::from("nothing was published after the broker came back")),
+                Some(s) => println!("relay published again {s:.2} s after the broker was ready"),
+            }
+            entries.push(json!({
+                "stop_s": seconds(outage.stopped - outage.stop_requested),
+                "down_s": seconds(outage.ready - outage.stopped),
+                "start_s": seconds(outage.ready - outage.start_requested),
+                "committed_while_down": committed_during,
+                "first_publish_after_ready_s": resume,
+                "first_publish_after_start_s": resume_after_start,
+                "first_apply_after_ready_s": applied_again.map(|a| seconds(a - outage.ready)),
+            }));
+            if let Some(s) = resume {
+                self.results
+                    .insert(String::from("resume_after_ready_s"), json!((s * 100.0).round() / 100.0));
+            }
+        }
+        self.results.insert(String::from("outages"), Value::Array(entries));
+        let relay_failures: usize = self.relays.iter().map(|r| r.log_count("relay session failed")).sum();
+        let relay_restarts: u32 = self.relays.iter().map(|r| r.starts().saturating_sub(1)).sum();
+        let consumer_errors: usize = self.consumers.iter().map(|c| c.log_count("consumer error")).sum();
+        self.results
+            .insert(String::from("relay_session_failures_logged"), json!(relay_failures));
+        self.results
+            .insert(String::from("relay_process_restarts"), json!(relay_restarts));
+        self.results
+            .insert(String::from("consumer_errors_logged"), json!(consumer_errors));
+        if relay_restarts > 0 {
+            self.failures
+                .push(String::from("the relay had to be restarted; it must resume by itself"));
+        }
+        Ok(())
+    }
+
+    /// Runs the writers (whose oversize events are half of the poison) and produces the
+    /// other half, malformed records, straight to the topic as the load passes each
+    /// `poison_every * 2` events.
+    async fn poison_loop(&mut self) -> Result<()> {
+        let spacing = self.plan.poison_every * 2;
+        let count = (self.plan.events / spacing).max(1);
+        let threshold = |j: u64| spacing / 2 + j * spacing;
+        let mut next = 0;
+        while self.writers_running() {
+            self.watch(Duration::from_millis(500)).await?;
+            let committed = u64::try_from(self.committed().await?).unwrap_or(0);
+            while next < count && committed >= threshold(next) {
+                self.inject_malformed().await?;
+                next += 1;
+            }
+        }
+        while next < count {
+            self.inject_malformed().await?;
+            next += 1;
+        }
+        Ok(())
+    }
+
+    /// Produces one malformed record to the events topic with a plain producer, under the
+    /// key of a healthy aggregate.
+    async fn inject_malformed(&mut self) -> Result<()> {
+        const KINDS: [&str; 4] = ["missing-id", "invalid-json", "unknown-type", "non-utf8-header"];
+        if self.producer.is_none() {
+            let producer: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", &self.servers.brokers)
+                .set("acks", "all")
+                .create()
+                .context("create the poison producer")?;
+            self.producer = Some(producer);
+        }
+        let kind = KINDS[self.malformed.len() % KINDS.len()];
+        let id = format!("poison-{}", uuid::Uuid::now_v7());
+        let key = aggregate_id(self.rng.random_range(0..self.plan.aggregates));
+        let ce_type: &[u8] = match kind {
+            "unknown-type" => b"chaos.NeverHeardOf",
+            "non-utf8-header" => &[0xff, 0xfe, 0x80],
+            _ => OrderChanged::TYPE.as_bytes(),
+        };
+        let mut headers = vec![
+            (POISON_HEADER, id.as_bytes()),
+            ("ce_specversion", b"1.0".as_slice()),
+            ("ce_source", b"chaos-injector".as_slice()),
+            ("ce_type", ce_type),
+            ("content-type", b"application/json".as_slice()),
+        ];
+        if kind != "missing-id" {
+            headers.push(("ce_id", id.as_bytes()));
+        }
+        let headers = headers.into_iter().fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+        let payload = if kind == "invalid-json" {
+            format!(r#"{{"order_id": "{key}", "writer": "#)
+        } else {
+            serde_json::to_string(&OrderChanged {
+                order_id: key.clone(),
+                writer: 9999,
+                slot: self.malformed.len() as u64,
+                padding: String::new(),
+            })?
+        };
+        let record = FutureRecord::to(&self.topic)
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
+        let producer = self.producer.as_ref().context("poison producer")?;
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(error, _)| error)
+            .context("produce a malformed record")?;
+        println!(
+            "[{:>6.1}s] injected a malformed record ({kind}) under key {key}",
+            self.started.elapsed().as_secs_f64()
+        );
+        self.malformed.push((id, key));
+        self.malformed_kinds.push(kind);
+        self.faults += 1;
+        Ok(())
+    }
+
+    // --- Settling and cleaning up -------------------------------------------------------------
+
+    /// Lets the system finish: writers done, outbox drained, consumers caught up, dead
+    /// letters written. Each wait gives up after `SETTLE_STALL` without progress; the
+    /// checker then reports what is missing.
+    async fn settle(&mut self) -> Result<()> {
+        self.wait_for_writers().await?;
+        let oversize: i64 = sqlx::query_scalar("select count(*) from committed_events where poison is not null")
+            .fetch_one(&self.service)
+            .await?;
+        self.faults += u64::try_from(oversize).unwrap_or(0);
+        println!(
+            "[{:>6.1}s] writers done; waiting for the relays to drain the outbox",
+            self.started.elapsed().as_secs_f64()
+        );
+        self.wait_until_zero("the outbox to drain", |run| Box::pin(run.pending()))
+            .await?;
+        if self.consumer.is_some() {
+            println!(
+                "[{:>6.1}s] waiting for the consumers to apply every event",
+                self.started.elapsed().as_secs_f64()
+            );
+            self.wait_until_zero("the consumers to catch up", |run| {
+                Box::pin(async move {
+                    let expected = run.healthy_committed().await?;
+                    let applied = run.applied().await?.unwrap_or(0);
+                    Ok((expected - applied).max(0))
+                })
+            })
+            .await?;
+        }
+        if !self.malformed.is_empty() {
+            let expected = i64::try_from(self.malformed.len()).unwrap_or(i64::MAX);
+            self.wait_until_zero("the dead letters", |run| {
+                Box::pin(async move {
+                    let size = checker::topic_size(&run.servers.brokers, &run.dlq).await?;
+                    Ok((expected - size).max(0))
+                })
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Polls `remaining` until it reaches zero; gives up after `SETTLE_STALL` without it
+    /// going down.
+    async fn wait_until_zero<F>(&mut self, what: &str, remaining: F) -> Result<()>
+    where
+        F: for<'a> Fn(&'a Run) -> std::pin::Pin<Box<dyn Future<Output = Result<i64>> + 'a>>,
+    {
+        let mut best = i64::MAX;
+        let mut last_progress = Instant::now();
+        loop {
+            let left = remaining(self).await?;
+            if left == 0 {
+                return Ok(());
+            }
+            if left < best {
+                best = left;
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() > SETTLE_STALL {
+                self.failures.push(format!(
+                    "gave up waiting for {what}: {left} left, no progress for {} s",
+                    SETTLE_STALL.as_secs()
+                ));
+                return Ok(());
+            }
+            self.watch(Duration::from_millis(500)).await?;
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        self.service.close().await;
+        if let Some(pool) = &self.consumer {
+            pool.close().await;
+        }
+        for name in self.database_names() {
+            if let Err(error) = self.servers.drop_database(&name).await {
+                println!("could not drop database {name}: {error:#}");
+            }
+        }
+        if let Err(error) = self.servers.delete_topics(&[&self.topic, &self.dlq]).await {
+            println!("could not delete topics: {error:#}");
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn seconds(delta: chrono::TimeDelta) -> f64 {
+    #[allow(clippy::cast_precision_loss)] // milliseconds of a run fit in f64
+    let ms = delta.num_milliseconds() as f64;
+    ms / 1000.0
+}

@@ -1,0 +1,457 @@
+//! The processes the scenarios run, kill and restart: writers, relays and consumers.
+//!
+//! Each is started by the orchestrator as `dbps-chaos worker <role> ...`, with the
+//! database URL in `DBPS_CHAOS_DB_URL` (so that the password stays out of `ps`). A worker
+//! stops gracefully when its standard input closes, which also stops it when the
+//! orchestrator itself dies.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use dbps_core::Envelope;
+use dbps_core::Message as _;
+use dbps_core::inbox::pg::{PgInbox, TxHandler, classify};
+use dbps_core::kafka::{ConsumerRunner, HandlerError, KafkaConfig, KafkaPublisher, TopicNaming};
+use dbps_outbox::Relay;
+use dbps_outbox::pg::{PgOutbox, PgOutboxStore};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sqlx::PgConnection;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::model::{AGGREGATE_TYPE, INBOX_CONSUMER, OrderChanged, SERVICE, aggregate_id};
+
+/// A worker process's role.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Role {
+    /// Commits events through the outbox, one per transaction.
+    Writer(WriterArgs),
+    /// Runs one outbox relay.
+    Relay(RelayArgs),
+    /// Runs one consumer-group member that applies effects through the inbox.
+    Consumer(ConsumerArgs),
+}
+
+/// Runs a worker until it is done or its standard input closes.
+pub(crate) async fn run(role: Role) -> Result<()> {
+    match role {
+        Role::Writer(args) => writer(args).await,
+        Role::Relay(args) => relay(args).await,
+        Role::Consumer(args) => consumer(args).await,
+    }
+}
+
+/// Completes when standard input reaches its end (the orchestrator closed it, or died),
+/// or on SIGINT / SIGTERM.
+fn shutdown_requested() -> impl Future<Output = ()> + Send + 'static {
+    let (closed, on_close) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buffer = [0_u8; 64];
+        while matches!(stdin.read(&mut buffer), Ok(n) if n > 0) {}
+        let _ = closed.send(());
+    });
+    async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = on_close => {}
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
+    }
+}
+
+async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect(url)
+        .await
+        .context("connect to the database")
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer
+// ---------------------------------------------------------------------------------------
+
+/// Options of a writer process.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct WriterArgs {
+    /// The service database.
+    #[arg(long, env = "DBPS_CHAOS_DB_URL", hide_env_values = true)]
+    db_url: String,
+    /// The events topic.
+    #[arg(long)]
+    topic: String,
+    /// This writer's number.
+    #[arg(long, default_value_t = 0)]
+    writer_id: u32,
+    /// Concurrent transactions (one connection each).
+    #[arg(long, default_value_t = 4)]
+    concurrency: u32,
+    /// Events to commit.
+    #[arg(long)]
+    events: u64,
+    /// Events per second for this process (0: as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Number of aggregates the events are spread over.
+    #[arg(long, default_value_t = 1000)]
+    aggregates: u32,
+    /// Fraction of transactions that wait before COMMIT.
+    #[arg(long, default_value_t = 0.0)]
+    late_fraction: f64,
+    /// Longest wait before COMMIT, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    late_max_ms: u64,
+    /// Fraction of transactions that roll back.
+    #[arg(long, default_value_t = 0.0)]
+    rollback_fraction: f64,
+    /// Make every Nth event of this writer oversize (0: none).
+    #[arg(long, default_value_t = 0)]
+    oversize_every: u64,
+    /// Payload padding of an oversize event, in bytes.
+    #[arg(long, default_value_t = 300_000)]
+    oversize_bytes: usize,
+    /// Seed of this writer's random choices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+struct WriterShared {
+    args: WriterArgs,
+    pool: PgPool,
+    outbox: PgOutbox,
+    next_slot: AtomicU64,
+    started: tokio::time::Instant,
+}
+
+#[derive(Debug, Default)]
+struct WriterStats {
+    committed: u64,
+    rolled_back: u64,
+    late: u64,
+    errors: u64,
+}
+
+enum TxOutcome {
+    Committed { late: bool },
+    RolledBack,
+}
+
+async fn writer(args: WriterArgs) -> Result<()> {
+    for (name, p) in [
+        ("--late-fraction", args.late_fraction),
+        ("--rollback-fraction", args.rollback_fraction),
+    ] {
+        ensure!((0.0..=1.0).contains(&p), "{name} must be between 0 and 1");
+    }
+    ensure!(
+        args.aggregates > 0 && args.concurrency > 0,
+        "need aggregates and concurrency"
+    );
+    let started = Instant::now();
+    let pool = connect(&args.db_url, args.concurrency + 2).await?;
+    let naming = TopicNaming {
+        events: args.topic.clone(),
+        ..TopicNaming::default()
+    };
+    let shared = Arc::new(WriterShared {
+        outbox: PgOutbox::new(SERVICE).naming(naming),
+        pool,
+        next_slot: AtomicU64::new(0),
+        started: tokio::time::Instant::now(),
+        args,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..shared.args.concurrency {
+        let shared = Arc::clone(&shared);
+        tasks.spawn(async move { writer_task(&shared, task).await });
+    }
+    let shutdown = shutdown_requested();
+    tokio::pin!(shutdown);
+    let mut total = WriterStats::default();
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(stats) => {
+                    let stats = stats.context("writer task panicked")?;
+                    total.committed += stats.committed;
+                    total.rolled_back += stats.rolled_back;
+                    total.late += stats.late;
+                    total.errors += stats.errors;
+                }
+                None => break,
+            },
+            () = &mut shutdown => {
+                tasks.abort_all();
+                println!("writer {}: stopped early", shared.args.writer_id);
+                return Ok(());
+            }
+        }
+    }
+    println!(
+        "writer {}: committed {} (late {}), rolled back {}, errors {} in {:.1} s",
+        shared.args.writer_id,
+        total.committed,
+        total.late,
+        total.rolled_back,
+        total.errors,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn writer_task(shared: &WriterShared, task: u32) -> WriterStats {
+    let args = &shared.args;
+    let stream = (u64::from(args.writer_id) << 32) | u64::from(task);
+    let mut rng = StdRng::seed_from_u64(args.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut stats = WriterStats::default();
+    loop {
+        let slot = shared.next_slot.fetch_add(1, Ordering::SeqCst);
+        if slot >= args.events {
+            return stats;
+        }
+        if args.rate > 0.0 {
+            #[allow(clippy::cast_precision_loss)] // slot counts stay far below 2^52
+            let due = Duration::from_secs_f64(slot as f64 / args.rate);
+            tokio::time::sleep_until(shared.started + due).await;
+        }
+        let oversize = args.oversize_every > 0 && slot % args.oversize_every == args.oversize_every / 2;
+        // Each slot ends in exactly one committed event; rollbacks and errors try again.
+        loop {
+            match transaction(shared, &mut rng, slot, oversize).await {
+                Ok(TxOutcome::Committed { late }) => {
+                    stats.committed += 1;
+                    stats.late += u64::from(late);
+                    break;
+                }
+                Ok(TxOutcome::RolledBack) => stats.rolled_back += 1,
+                Err(error) => {
+                    stats.errors += 1;
+                    eprintln!("writer {} task {task}: {error:#}", args.writer_id);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn transaction(shared: &WriterShared, rng: &mut StdRng, slot: u64, oversize: bool) -> Result<TxOutcome> {
+    let args = &shared.args;
+    let aggregate = aggregate_id(rng.random_range(0..args.aggregates));
+    let late_ms = if args.late_max_ms > 0 && rng.random_bool(args.late_fraction) {
+        rng.random_range(0..=args.late_max_ms)
+    } else {
+        0
+    };
+    let rollback = rng.random_bool(args.rollback_fraction);
+    let event = OrderChanged {
+        order_id: aggregate.clone(),
+        writer: args.writer_id,
+        slot,
+        padding: if oversize {
+            "x".repeat(args.oversize_bytes)
+        } else {
+            String::new()
+        },
+    };
+    let mut tx = shared.pool.begin().await.context("begin")?;
+    let enqueued = shared
+        .outbox
+        .enqueue_event(&mut tx, AGGREGATE_TYPE, &aggregate, &event)
+        .await
+        .context("enqueue")?;
+    sqlx::query(
+        "insert into committed_events (message_id, aggregate_id, sequence, outbox_id, writer, late_ms, poison)
+         values ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&enqueued.message_id)
+    .bind(&aggregate)
+    .bind(enqueued.sequence.unwrap_or(-1))
+    .bind(enqueued.id)
+    .bind(i32::try_from(args.writer_id).unwrap_or(i32::MAX))
+    .bind(i32::try_from(late_ms).unwrap_or(i32::MAX))
+    .bind(oversize.then_some("oversize"))
+    .execute(&mut *tx)
+    .await
+    .context("insert committed_events")?;
+    if late_ms > 0 {
+        // The aggregate's sequence row stays locked meanwhile, and the outbox id taken
+        // above is lower than those of transactions that commit during the wait.
+        tokio::time::sleep(Duration::from_millis(late_ms)).await;
+    }
+    if rollback {
+        tx.rollback().await.context("rollback")?;
+        sqlx::query("insert into rolled_back_events (message_id, aggregate_id) values ($1, $2)")
+            .bind(&enqueued.message_id)
+            .bind(&aggregate)
+            .execute(&shared.pool)
+            .await
+            .context("record rollback")?;
+        return Ok(TxOutcome::RolledBack);
+    }
+    tx.commit().await.context("commit")?;
+    Ok(TxOutcome::Committed { late: late_ms > 0 })
+}
+
+// ---------------------------------------------------------------------------------------
+// Relay
+// ---------------------------------------------------------------------------------------
+
+/// Options of a relay process.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct RelayArgs {
+    /// The service database.
+    #[arg(long, env = "DBPS_CHAOS_DB_URL", hide_env_values = true)]
+    db_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long)]
+    brokers: String,
+    /// This relay's name, for its log lines.
+    #[arg(long, default_value = "relay")]
+    name: String,
+    /// Messages per round.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Fallback poll interval, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    poll_ms: u64,
+    /// Rebalance interval, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    rebalance_ms: u64,
+    /// Delay after a failed round, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    retry_ms: u64,
+    /// The publisher's `message.timeout.ms` (0: wait out broker outages).
+    #[arg(long)]
+    message_timeout_ms: Option<u64>,
+    /// The publisher's `message.max.bytes` (records above it are refused and parked).
+    #[arg(long)]
+    message_max_bytes: Option<u64>,
+}
+
+async fn relay(args: RelayArgs) -> Result<()> {
+    let pool = connect(&args.db_url, 4).await?;
+    let mut config = KafkaConfig::new(&args.brokers);
+    if let Some(timeout) = args.message_timeout_ms {
+        config = config.set("message.timeout.ms", timeout.to_string());
+    }
+    if let Some(max) = args.message_max_bytes {
+        config = config.set("message.max.bytes", max.to_string());
+    }
+    let publisher = KafkaPublisher::builder(config).build().context("build publisher")?;
+    let relay = Relay::builder(PgOutboxStore::new(pool), publisher)
+        .batch_size(args.batch_size)
+        .poll_interval(Duration::from_millis(args.poll_ms))
+        .rebalance_interval(Duration::from_millis(args.rebalance_ms))
+        .retry_delay(Duration::from_millis(args.retry_ms))
+        .build();
+    tracing::info!(relay = %args.name, "relay started");
+    let summary = relay.run(shutdown_requested()).await.context("relay")?;
+    println!(
+        "{}: published {}, parked {} (graceful stop)",
+        args.name, summary.published, summary.parked
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Consumer
+// ---------------------------------------------------------------------------------------
+
+/// Options of a consumer process.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ConsumerArgs {
+    /// The consumer's own database.
+    #[arg(long, env = "DBPS_CHAOS_DB_URL", hide_env_values = true)]
+    db_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long)]
+    brokers: String,
+    /// This member's name, for its log lines.
+    #[arg(long, default_value = "consumer")]
+    name: String,
+    /// The events topic.
+    #[arg(long)]
+    topic: String,
+    /// The dead-letter topic.
+    #[arg(long)]
+    dlq: String,
+    /// The consumer group.
+    #[arg(long)]
+    group: String,
+    /// `session.timeout.ms`: how soon the group notices a killed member.
+    #[arg(long, default_value_t = 6000)]
+    session_timeout_ms: u64,
+}
+
+/// The effect: one row per application, and a per-aggregate counter, in the inbox's
+/// transaction.
+struct ApplyEffect;
+
+impl TxHandler for ApplyEffect {
+    async fn handle(&self, conn: &mut PgConnection, message: &Envelope) -> Result<(), HandlerError> {
+        if message.message_type != OrderChanged::TYPE {
+            return Err(HandlerError::permanent(format!(
+                "unknown message type {}",
+                message.message_type
+            )));
+        }
+        let event: OrderChanged = serde_json::from_str(message.payload.get()).map_err(HandlerError::permanent)?;
+        if event.order_id != message.aggregate_id {
+            return Err(HandlerError::permanent(format!(
+                "payload order {} under key {}",
+                event.order_id, message.aggregate_id
+            )));
+        }
+        sqlx::query("insert into effects (message_id, aggregate_id, sequence) values ($1, $2, $3)")
+            .bind(&message.id)
+            .bind(&message.aggregate_id)
+            .bind(message.sequence)
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        sqlx::query(
+            "insert into effect_totals as t (aggregate_id, applied, last_sequence) values ($1, 1, $2)
+             on conflict (aggregate_id) do update set applied = t.applied + 1, last_sequence = excluded.last_sequence",
+        )
+        .bind(&message.aggregate_id)
+        .bind(message.sequence)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+}
+
+async fn consumer(args: ConsumerArgs) -> Result<()> {
+    let pool = connect(&args.db_url, 10).await?;
+    let heartbeat = (args.session_timeout_ms / 4).max(500);
+    let config = KafkaConfig::new(&args.brokers)
+        .set("session.timeout.ms", args.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", heartbeat.to_string());
+    let handler = PgInbox::new(pool, INBOX_CONSUMER, ApplyEffect);
+    let runner = ConsumerRunner::builder(config, &args.group, handler)
+        .topic(&args.topic)
+        .dead_letter_topic(&args.dlq)
+        .build()
+        .context("build consumer runner")?;
+    tracing::info!(consumer = %args.name, "consumer started");
+    let summary = runner.run(shutdown_requested()).await.context("consumer")?;
+    println!(
+        "{}: handled {}, dead-lettered {} (graceful stop)",
+        args.name, summary.handled, summary.dead_lettered
+    );
+    Ok(())
+}
