@@ -130,12 +130,28 @@ async fn message_over_the_size_limit_is_a_permanent_error() -> TestResult {
     assert!(matches!(error, Error::Kafka { .. }), "{error:?}");
     assert!(!error.is_transient(), "size errors must not be retried: {error}");
 
-    let small = Envelope::event("inventory", "stock", "sku-1", &stock("sku-1", 1))?;
+    // In a batch, the same key's later message is held back (sending it would put it on
+    // the topic before the failed one); other keys still go out.
+    let same_key = Envelope::event("inventory", "stock", "sku-1", &stock("sku-1", 1))?;
+    let other_key = Envelope::event("inventory", "stock", "sku-2", &stock("sku-2", 1))?;
     let results = publisher
-        .publish_batch([(topic.as_str(), &big), (topic.as_str(), &small)])
+        .publish_batch([
+            (topic.as_str(), &big),
+            (topic.as_str(), &same_key),
+            (topic.as_str(), &other_key),
+        ])
         .await;
     assert!(results[0].as_ref().is_err_and(|e| !e.is_transient()));
-    assert!(results[1].is_ok(), "the rest of the batch still goes out");
+    assert!(
+        matches!(&results[1], Err(Error::HeldBack { key }) if key == "sku-1"),
+        "{:?}",
+        results[1]
+    );
+    assert!(
+        results[1].as_ref().is_err_and(Error::is_transient),
+        "held back messages are sent again later"
+    );
+    assert!(results[2].is_ok(), "other keys still go out");
     Ok(())
 }
 

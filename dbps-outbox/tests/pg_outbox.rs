@@ -1,24 +1,19 @@
 //! The PostgreSQL outbox and its relay, against the real PostgreSQL and Kafka.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::{DEADLINE, TestResult, assert_in_order, fast, publisher, read, start_relay, summarise};
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
 use dbps_core::{Envelope, Message, PayloadLimits};
 use dbps_outbox::pg::{MIGRATOR, PgOutbox, PgOutboxStore, PoisonPolicy, Retention};
-use dbps_outbox::{Backlog, OutboxError, OutboxStore, Pending, Relay, RelaySummary};
-use futures::StreamExt;
-use rdkafka::ClientConfig;
+use dbps_outbox::{Backlog, OutboxError, OutboxStore, Pending, Relay};
 use rdkafka::Message as _;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, OwnedMessage};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-const DEADLINE: Duration = Duration::from_secs(90);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct QuoteChanged {
@@ -53,102 +48,6 @@ async fn fixture(partitions: i32) -> Result<Fixture, Box<dyn std::error::Error +
         outbox: PgOutbox::new("quote").naming(naming),
         topic,
     })
-}
-
-fn publisher(brokers: &str) -> Result<KafkaPublisher, dbps_core::Error> {
-    KafkaPublisher::builder(KafkaConfig::new(brokers)).build()
-}
-
-fn start_relay<S: OutboxStore>(
-    relay: Relay<S>,
-) -> (
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<RelaySummary, OutboxError>>,
-) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
-    (stop, task)
-}
-
-fn fast(store: impl OutboxStore, brokers: &str) -> Result<Relay<impl OutboxStore>, dbps_core::Error> {
-    Ok(Relay::builder(store, publisher(brokers)?)
-        .rebalance_interval(Duration::from_millis(200))
-        .retry_delay(Duration::from_millis(50))
-        .build())
-}
-
-/// Reads records until `count` arrived, then keeps reading for `settle` to catch extras.
-async fn read(
-    brokers: &str,
-    topic: &str,
-    count: usize,
-    settle: Duration,
-) -> Result<Vec<OwnedMessage>, Box<dyn std::error::Error + Send + Sync>> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("check-{}", uuid::Uuid::now_v7()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut stream = consumer.stream();
-    let mut records = Vec::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while records.len() < count {
-        let next = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .map_err(|_| format!("only {} of {count} records arrived", records.len()))?;
-        records.push(next.ok_or("stream ended")??.detach());
-    }
-    while let Ok(Some(next)) = tokio::time::timeout(settle, stream.next()).await {
-        records.push(next?.detach());
-    }
-    Ok(records)
-}
-
-fn header<'a>(record: &'a OwnedMessage, name: &str) -> Option<&'a str> {
-    record
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-}
-
-/// (aggregate id, sequence, message id) of each record, in topic order per partition.
-fn summarise(records: &[OwnedMessage]) -> Vec<(String, i64, String)> {
-    records
-        .iter()
-        .map(|r| {
-            (
-                header(r, "ce_subject").unwrap_or_default().to_owned(),
-                header(r, "ce_sequence").and_then(|s| s.parse().ok()).unwrap_or(-1),
-                header(r, "ce_id").unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
-
-/// Every aggregate's sequence numbers arrive as 1, 2, 3, ... (duplicates allowed only as
-/// repeats of what came before).
-fn assert_in_order(records: &[(String, i64, String)]) {
-    let mut highest: BTreeMap<&str, i64> = BTreeMap::new();
-    for (aggregate, sequence, _) in records {
-        let top = highest.entry(aggregate).or_insert(0);
-        assert!(
-            *sequence <= *top + 1,
-            "{aggregate}: sequence {sequence} after {top}: a gap"
-        );
-        if *sequence == *top + 1 {
-            *top = *sequence;
-        }
-    }
 }
 
 fn change(quote: &str, note: &str) -> QuoteChanged {
