@@ -288,7 +288,7 @@ impl<H: Handler> ConsumerRunner<H> {
 
         // Dropping this future (a crash, in effect) stops the poll thread without a final
         // commit: the guard's drop raises `abort`.
-        let guard = AbortOnDrop(Arc::clone(&shared));
+        let mut guard = AbortOnDrop(Some(Arc::clone(&shared)));
         tokio::pin!(done_rx);
         let result = tokio::select! {
             result = &mut done_rx => result,
@@ -297,7 +297,8 @@ impl<H: Handler> ConsumerRunner<H> {
                 done_rx.await
             }
         };
-        std::mem::forget(guard);
+        // The run ended by itself or by the shutdown future: nothing to abort.
+        guard.0 = None;
         result.map_err(|_| Error::ShutDown)??;
         Ok(RunSummary {
             handled: shared.handled.load(Ordering::Relaxed),
@@ -306,12 +307,14 @@ impl<H: Handler> ConsumerRunner<H> {
     }
 }
 
-struct AbortOnDrop(Arc<Shared>);
+struct AbortOnDrop(Option<Arc<Shared>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort.store(true, Ordering::SeqCst);
-        self.0.stop.store(true, Ordering::SeqCst);
+        if let Some(shared) = &self.0 {
+            shared.abort.store(true, Ordering::SeqCst);
+            shared.stop.store(true, Ordering::SeqCst);
+        }
     }
 }
 
