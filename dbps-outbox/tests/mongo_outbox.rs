@@ -6,17 +6,16 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{DEADLINE, TestResult, assert_in_order, fast, header, read, start_relay, summarise};
+use common::{CrashBeforeMark, DEADLINE, TestResult, assert_in_order, fast, header, read, start_relay, summarise};
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
 use dbps_core::{Envelope, Message, PayloadLimits};
 use dbps_outbox::mongo::{
-    LEASES_COLLECTION, MongoLease, MongoMessageId, MongoOutbox, MongoOutboxStore, OUTBOX_FIELD, PARKED_FIELD,
-    PENDING_FIELD, PUBLISHED_AT_FIELD, PUBLISHED_FIELD, PoisonPolicy, Retention,
+    LEASES_COLLECTION, MongoMessageId, MongoOutbox, MongoOutboxStore, OUTBOX_FIELD, PARKED_FIELD, PENDING_FIELD,
+    PUBLISHED_AT_FIELD, PUBLISHED_FIELD, PoisonPolicy, Retention,
 };
-use dbps_outbox::{Backlog, OutboxError, OutboxStore, Pending, Relay};
+use dbps_outbox::{Backlog, OutboxError, OutboxStore, Relay};
 use futures::TryStreamExt;
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::{Collection, Database};
@@ -451,53 +450,6 @@ async fn two_relays_share_the_outbox_without_loss_or_reordering() -> TestResult 
     Ok(())
 }
 
-/// Delegates to the real store but "crashes" instead of marking: the relay stops right
-/// after the broker's acknowledgement.
-#[derive(Clone)]
-struct CrashBeforeMark {
-    inner: MongoOutboxStore,
-    crashed: Arc<AtomicBool>,
-}
-
-impl OutboxStore for CrashBeforeMark {
-    type Lease = MongoLease;
-    type Id = MongoMessageId;
-    async fn join(&self) -> dbps_outbox::Result<Self::Lease> {
-        self.inner.join().await
-    }
-    async fn rebalance(&self, lease: &mut Self::Lease) -> dbps_outbox::Result<()> {
-        self.inner.rebalance(lease).await
-    }
-    fn owns_any(&self, lease: &Self::Lease) -> bool {
-        self.inner.owns_any(lease)
-    }
-    async fn fetch(&self, lease: &mut Self::Lease, limit: usize) -> dbps_outbox::Result<Vec<Pending<MongoMessageId>>> {
-        if self.crashed.load(Ordering::SeqCst) {
-            return Ok(Vec::new());
-        }
-        self.inner.fetch(lease, limit).await
-    }
-    async fn mark_published(&self, _ids: &[MongoMessageId]) -> dbps_outbox::Result<()> {
-        self.crashed.store(true, Ordering::SeqCst);
-        std::future::pending().await
-    }
-    async fn park(&self, id: &MongoMessageId, reason: &str) -> dbps_outbox::Result<()> {
-        self.inner.park(id, reason).await
-    }
-    async fn wait_for_commit(&self, lease: &mut Self::Lease, timeout: Duration) -> dbps_outbox::Result<bool> {
-        self.inner.wait_for_commit(lease, timeout).await
-    }
-    async fn purge_published(&self, older_than: Duration) -> dbps_outbox::Result<u64> {
-        self.inner.purge_published(older_than).await
-    }
-    async fn backlog(&self) -> dbps_outbox::Result<Backlog> {
-        self.inner.backlog().await
-    }
-    async fn leave(&self, lease: Self::Lease) -> dbps_outbox::Result<()> {
-        self.inner.leave(lease).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> TestResult {
     let f = fixture(1).await?;
@@ -506,13 +458,10 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
         committed.push(f.bump("t-1", &i.to_string()).await?);
     }
 
-    let crashing = CrashBeforeMark {
-        inner: f.store().await?,
-        crashed: Arc::new(AtomicBool::new(false)),
-    };
+    let crashing = CrashBeforeMark::new(f.store().await?);
     let (_stop, relay) = start_relay(fast(crashing.clone(), f.kafka.brokers())?);
     let first = read(f.kafka.brokers(), &f.topic, 10, Duration::from_millis(200)).await?;
-    assert!(crashing.crashed.load(Ordering::SeqCst), "acknowledged, not marked");
+    assert!(crashing.crashed(), "acknowledged, not marked");
     // The crash: the relay's task dies with its lease.
     relay.abort();
     let _ = relay.await;

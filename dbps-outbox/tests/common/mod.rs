@@ -3,10 +3,12 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
-use dbps_outbox::{OutboxError, OutboxStore, Relay, RelaySummary};
+use dbps_outbox::{Backlog, OutboxError, OutboxStore, Pending, Relay, RelaySummary, Retention};
 use futures::StreamExt;
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
@@ -110,5 +112,69 @@ pub fn assert_in_order(records: &[(String, i64, String)]) {
         if *sequence == *top + 1 {
             *top = *sequence;
         }
+    }
+}
+
+/// Delegates to a real store but "crashes" instead of marking: the relay stops right
+/// after the broker's acknowledgement, and fetches nothing more.
+#[derive(Clone)]
+pub struct CrashBeforeMark<S> {
+    pub inner: S,
+    pub crashed: Arc<AtomicBool>,
+}
+
+impl<S: OutboxStore> CrashBeforeMark<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            crashed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn crashed(&self) -> bool {
+        self.crashed.load(Ordering::SeqCst)
+    }
+}
+
+impl<S: OutboxStore> OutboxStore for CrashBeforeMark<S> {
+    type Lease = S::Lease;
+    type Id = S::Id;
+
+    fn retention_policy(&self) -> Retention {
+        self.inner.retention_policy()
+    }
+    async fn join(&self) -> dbps_outbox::Result<Self::Lease> {
+        self.inner.join().await
+    }
+    async fn rebalance(&self, lease: &mut Self::Lease) -> dbps_outbox::Result<()> {
+        self.inner.rebalance(lease).await
+    }
+    fn owns_any(&self, lease: &Self::Lease) -> bool {
+        self.inner.owns_any(lease)
+    }
+    async fn fetch(&self, lease: &mut Self::Lease, limit: usize) -> dbps_outbox::Result<Vec<Pending<S::Id>>> {
+        if self.crashed() {
+            return Ok(Vec::new());
+        }
+        self.inner.fetch(lease, limit).await
+    }
+    async fn mark_published(&self, _ids: &[S::Id]) -> dbps_outbox::Result<()> {
+        self.crashed.store(true, Ordering::SeqCst);
+        std::future::pending().await
+    }
+    async fn park(&self, id: &S::Id, reason: &str) -> dbps_outbox::Result<()> {
+        self.inner.park(id, reason).await
+    }
+    async fn wait_for_commit(&self, lease: &mut Self::Lease, timeout: Duration) -> dbps_outbox::Result<bool> {
+        self.inner.wait_for_commit(lease, timeout).await
+    }
+    async fn purge_published(&self, older_than: Duration) -> dbps_outbox::Result<u64> {
+        self.inner.purge_published(older_than).await
+    }
+    async fn backlog(&self) -> dbps_outbox::Result<Backlog> {
+        self.inner.backlog().await
+    }
+    async fn leave(&self, lease: Self::Lease) -> dbps_outbox::Result<()> {
+        self.inner.leave(lease).await
     }
 }
