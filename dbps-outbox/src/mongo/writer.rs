@@ -256,7 +256,7 @@ impl MongoOutbox {
         let messages: Vec<OutboxMessage> = messages.into_iter().collect();
         let database = collection.client().database(&collection.namespace().db);
         let Some(locks) = self.locking.locks(collection.client(), &database).await? else {
-            return self.write_update(collection, filter, update, messages).await;
+            return self.write_update(collection, filter, update, messages, true).await;
         };
         // The server does not isolate concurrent updates: take the document's lock, and
         // write only that document.
@@ -273,8 +273,17 @@ impl MongoOutbox {
                 })?,
         };
         let key = locks.lock(collection.name(), &id).await?;
-        let filter = doc! { "$and": [filter, { "_id": id }] };
-        let result = self.write_update(collection, filter, update, messages).await;
+        // Every outbox write to the document waits for its lock, so the position cannot
+        // change under this writer: a filter on the id alone needs no position guard. (On
+        // such servers only a filter that is exactly `{_id: <string or ObjectId>}` is
+        // looked up by index; any other reads the whole collection.)
+        let id_only = filter.len() == 1 && filter.get("_id") == Some(&id);
+        let filter = if id_only {
+            filter
+        } else {
+            doc! { "$and": [filter, { "_id": id }] }
+        };
+        let result = self.write_update(collection, filter, update, messages, !id_only).await;
         if let Err(error) = locks.unlock(&key).await {
             // The write's outcome stands; the lock expires on its own.
             tracing::warn!(%error, lock = %key, "could not release an outbox document lock");
@@ -282,13 +291,16 @@ impl MongoOutbox {
         result
     }
 
-    /// [`Self::update_with_events`] without locks: read the position, write if unchanged.
+    /// [`Self::update_with_events`] once the document is known (and locked where locks
+    /// are needed): read the position, write if unchanged. `guard` adds the position to
+    /// the write's filter; only a writer holding the document's lock may leave it out.
     async fn write_update(
         &self,
         collection: &Collection<Document>,
         filter: Document,
         update: Document,
         messages: Vec<OutboxMessage>,
+        guard: bool,
     ) -> Result<Written> {
         let name = collection.name();
         let projection = doc! { "_id": 1, POSITION_FIELD: 1, SEQUENCE_FIELD: 1 };
@@ -320,11 +332,15 @@ impl MongoOutbox {
             // The guard: this document, still matching the caller's filter, with the outbox
             // position read above. A write that changed the position in between makes this
             // one match nothing, and it is tried again on the new position.
-            let guard = match position {
-                Some(position) => Bson::Int64(position),
-                None => Bson::Document(doc! { "$exists": false }),
+            let guarded = if guard {
+                let position = match position {
+                    Some(position) => Bson::Int64(position),
+                    None => Bson::Document(doc! { "$exists": false }),
+                };
+                doc! { "$and": [filter.clone(), { "_id": id.clone(), POSITION_FIELD: position }] }
+            } else {
+                filter.clone()
             };
-            let guarded = doc! { "$and": [filter.clone(), { "_id": id.clone(), POSITION_FIELD: guard }] };
             let count = staged.enqueued.len();
             let mut update = update.clone();
             if count > 0 {
