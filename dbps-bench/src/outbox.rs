@@ -113,7 +113,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let scratch = Scratch::create(&servers, args.partitions).await?;
     eprintln!(
         "dbps-bench outbox: database {}, topics {} and {}",
-        scratch.database, scratch.events_topic, scratch.raw_topic
+        scratch.database, scratch.topics.events, scratch.topics.raw
     );
     let result = tokio::select! {
         result = measure(&args, &servers, &scratch) => result,
@@ -150,7 +150,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create_parent(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn create_parent(path: &Path) -> anyhow::Result<()> {
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))
@@ -162,19 +162,19 @@ fn create_parent(path: &Path) -> anyhow::Result<()> {
 /// A running relay: how to stop it, and its task.
 type Running = (oneshot::Sender<()>, JoinHandle<Result<RelaySummary, OutboxError>>);
 
-/// Starts and stops relays on one pool, sharing one publisher (as a service's relay
+/// Starts and stops relays on one store, sharing one publisher (as a service's relay
 /// task would across restarts).
-struct RelayControl {
-    pool: PgPool,
+pub(crate) struct RelayControl<S> {
+    store: S,
     publisher: KafkaPublisher,
     batch_size: usize,
     running: Option<Running>,
 }
 
-impl RelayControl {
-    fn new(pool: PgPool, publisher: KafkaPublisher, batch_size: usize) -> Self {
+impl<S: OutboxStore + Clone + 'static> RelayControl<S> {
+    pub(crate) fn new(store: S, publisher: KafkaPublisher, batch_size: usize) -> Self {
         Self {
-            pool,
+            store,
             publisher,
             batch_size,
             running: None,
@@ -182,11 +182,11 @@ impl RelayControl {
     }
 
     /// Starts a relay with the library's defaults except the batch size.
-    fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         if self.running.is_some() {
             return;
         }
-        let relay = Relay::builder(PgOutboxStore::new(self.pool.clone()), self.publisher.clone())
+        let relay = Relay::builder(self.store.clone(), self.publisher.clone())
             .batch_size(self.batch_size)
             .build();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -200,7 +200,7 @@ impl RelayControl {
         self.running = Some((stop, task));
     }
 
-    async fn stop(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some((stop, task)) = self.running.take() {
             let _ = stop.send(());
             task.await.context("relay task panicked")?.context("relay failed")?;
@@ -225,7 +225,7 @@ struct Bench<'a> {
     observer: Observer,
     publisher: KafkaPublisher,
     relay_pool: PgPool,
-    relay: RelayControl,
+    relay: RelayControl<PgOutboxStore>,
 }
 
 impl Bench<'_> {
@@ -297,14 +297,14 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
     db.execute(sqlx::raw_sql(SCHEMA)).await.context("business tables")?;
     let writers_pool = scratch.pool(u32::try_from(args.writers + 1)?, WRITER_APP).await?;
     let naming = TopicNaming {
-        events: scratch.events_topic.clone(),
+        events: scratch.topics.events.clone(),
         ..TopicNaming::default()
     };
     let docs = Arc::new(Documents::generate(64)?);
     let writers = Writers::new(
         writers_pool.clone(),
         PgOutbox::new("bench").naming(naming),
-        scratch.events_topic.clone(),
+        scratch.topics.events.clone(),
         docs.clone(),
         args.writers,
         args.keys,
@@ -312,8 +312,8 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
     let payload_bytes = docs.mean_payload_bytes()?;
     let observer = Observer::start(
         &servers.brokers,
-        &scratch.events_topic,
-        &scratch.raw_topic,
+        &scratch.topics.events,
+        &scratch.topics.raw,
         args.partitions,
     )?;
     let mut kafka = KafkaConfig::new(&servers.brokers);
@@ -322,7 +322,11 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
     }
     let publisher = KafkaPublisher::builder(kafka).build()?;
     let relay_pool = scratch.pool(4, RELAY_APP).await?;
-    let relay = RelayControl::new(relay_pool.clone(), publisher.clone(), args.batch_size);
+    let relay = RelayControl::new(
+        PgOutboxStore::new(relay_pool.clone()),
+        publisher.clone(),
+        args.batch_size,
+    );
     let mut bench = Bench {
         args,
         servers,
@@ -657,7 +661,7 @@ async fn drain(b: &mut Bench<'_>) -> anyhow::Result<DrainDetail> {
     let linger = b.args.linger_ms.unwrap_or(crate::baseline::PUBLISHER_LINGER_MS);
     let raw = RawProducer::new(
         &b.servers.brokers,
-        &b.scratch.raw_topic,
+        &b.scratch.topics.raw,
         &b.docs,
         events,
         linger,
@@ -797,7 +801,7 @@ async fn idle(b: Bench<'_>) -> anyhow::Result<IdleDetail> {
     let mut lifetime = async |duration: Duration| -> anyhow::Result<i64> {
         let before = quiet_transactions(&admin, &scratch.database).await?;
         let pool = scratch.pool(4, RELAY_APP).await?;
-        let mut relay = RelayControl::new(pool.clone(), publisher.clone(), args.batch_size);
+        let mut relay = RelayControl::new(PgOutboxStore::new(pool.clone()), publisher.clone(), args.batch_size);
         relay.start();
         let started = Instant::now();
         while started.elapsed() < duration {

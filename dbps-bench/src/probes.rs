@@ -251,6 +251,13 @@ pub(crate) async fn commit_latencies(admin: &PgPool, sightings: &[Sighting]) -> 
             committed.insert(xid.unsigned_abs(), at);
         }
     }
+    split_latencies(&committed, sightings)
+}
+
+/// Latencies of the sighted events from the moments in `committed` (microseconds since
+/// the Unix epoch, by the event's `xid`) to the consumer's clock when the event arrived,
+/// split where the relay handed the event to the producer.
+pub(crate) fn split_latencies(committed: &HashMap<u64, i64>, sightings: &[Sighting]) -> anyhow::Result<Latencies> {
     let histogram = || Histogram::<u64>::new_with_bounds(1, 600_000_000, 3);
     let mut latencies = Latencies {
         total: histogram()?,
@@ -264,7 +271,7 @@ pub(crate) async fn commit_latencies(admin: &PgPool, sightings: &[Sighting]) -> 
     for sighting in sightings {
         let at = *committed
             .get(&sighting.xid)
-            .ok_or_else(|| anyhow!("no commit timestamp for {}", sighting.xid))?;
+            .ok_or_else(|| anyhow!("no commit time for {}", sighting.xid))?;
         record(&mut latencies.total, sighting.seen_unix_us - at);
         if let Some(ms) = sighting.produced_unix_ms {
             // CreateTime is truncated to the millisecond: take the middle of it.

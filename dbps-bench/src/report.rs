@@ -248,7 +248,7 @@ fn yes(met: bool) -> &'static str {
 }
 
 /// A Markdown table, padded so that it also reads well in a terminal.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

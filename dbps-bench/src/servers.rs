@@ -24,23 +24,85 @@ pub(crate) struct Servers {
 impl Servers {
     /// Reads `DBPS_POSTGRES_URL` and `DBPS_KAFKA_BROKERS`.
     pub(crate) fn from_env() -> anyhow::Result<Self> {
-        let hint =
-            "start the local stack and export its variables: scripts/stack.sh up && eval \"$(scripts/stack.sh env)\"";
-        let url = std::env::var("DBPS_POSTGRES_URL")
-            .ok()
-            .filter(|v| !v.trim().is_empty())
-            .ok_or_else(|| anyhow!("DBPS_POSTGRES_URL is not set: {hint}"))?;
+        let url = env_var("DBPS_POSTGRES_URL")?;
         // The parser's message may quote the URL, password included; it is not shown.
-        let admin = PgConnectOptions::from_str(url.trim())
+        let admin = PgConnectOptions::from_str(&url)
             .map_err(|_| anyhow!("DBPS_POSTGRES_URL is not a valid PostgreSQL connection URL"))?
             .disable_statement_logging();
-        let brokers = std::env::var("DBPS_KAFKA_BROKERS")
-            .ok()
-            .filter(|v| !v.trim().is_empty())
-            .ok_or_else(|| anyhow!("DBPS_KAFKA_BROKERS is not set: {hint}"))?
-            .trim()
-            .to_owned();
+        let brokers = env_var("DBPS_KAFKA_BROKERS")?;
         Ok(Self { admin, brokers })
+    }
+}
+
+/// A `DBPS_*` variable of the local stack, trimmed; an error that says how to set it
+/// when it is missing or empty.
+pub(crate) fn env_var(name: &str) -> anyhow::Result<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            anyhow!(
+                "{name} is not set: start the local stack and export its variables: \
+                 scripts/stack.sh up && eval \"$(scripts/stack.sh env)\""
+            )
+        })
+}
+
+/// A name suffix for the scratch resources of one run: the last 12 hex digits of a
+/// UUIDv7, so that runs (and their leftovers) never collide.
+pub(crate) fn run_suffix() -> String {
+    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    suffix[suffix.len() - 12..].to_owned()
+}
+
+/// The two topics of a run, removed by [`Topics::remove`].
+#[derive(Debug)]
+pub(crate) struct Topics {
+    /// The topic the outbox publishes to.
+    pub(crate) events: String,
+    /// The topic the raw producer baseline publishes to.
+    pub(crate) raw: String,
+    brokers: String,
+}
+
+impl Topics {
+    /// Creates both topics, `partitions` partitions each.
+    pub(crate) async fn create(brokers: &str, suffix: &str, partitions: i32) -> anyhow::Result<Self> {
+        let topics = Self {
+            events: format!("dbps-bench-{suffix}.order.events"),
+            raw: format!("dbps-bench-{suffix}.raw"),
+            brokers: brokers.to_owned(),
+        };
+        let specs = [
+            TopicSpec::new(&topics.events, partitions),
+            TopicSpec::new(&topics.raw, partitions),
+        ];
+        if let Err(error) = ensure_topics(&KafkaConfig::new(brokers), &specs).await {
+            topics.remove().await;
+            return Err(anyhow::Error::new(error).context("creating the benchmark topics (DBPS_KAFKA_BROKERS)"));
+        }
+        Ok(topics)
+    }
+
+    /// Deletes both topics. Failures are reported, not returned: the measurement is
+    /// already done.
+    pub(crate) async fn remove(&self) {
+        let delete_topics = async {
+            let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &self.brokers)
+                .create()?;
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+            for result in admin.delete_topics(&[&self.events, &self.raw], &options).await? {
+                if let Err((topic, code)) = result {
+                    eprintln!("warning: could not delete topic {topic}: {code}");
+                }
+            }
+            Ok::<_, rdkafka::error::KafkaError>(())
+        };
+        if let Err(error) = delete_topics.await {
+            eprintln!("warning: could not delete the benchmark topics: {error}");
+        }
     }
 }
 
@@ -51,18 +113,14 @@ pub(crate) struct Scratch {
     pub(crate) database: String,
     /// Connection options for the scratch database (same role as the admin URL).
     pub(crate) options: PgConnectOptions,
-    /// The topic the outbox publishes to.
-    pub(crate) events_topic: String,
-    /// The topic the raw producer baseline publishes to.
-    pub(crate) raw_topic: String,
+    pub(crate) topics: Topics,
     servers: Servers,
 }
 
 impl Scratch {
     /// Creates the database and the two topics (`partitions` partitions each).
     pub(crate) async fn create(servers: &Servers, partitions: i32) -> anyhow::Result<Self> {
-        let suffix = uuid::Uuid::now_v7().simple().to_string();
-        let suffix = &suffix[suffix.len() - 12..];
+        let suffix = run_suffix();
         let database = format!("dbps_bench_{suffix}");
         let mut conn = servers
             .admin
@@ -74,22 +132,19 @@ impl Scratch {
             .await
             .with_context(|| format!("creating database {database}"))?;
         conn.close().await?;
-        let scratch = Self {
+        let topics = match Topics::create(&servers.brokers, &suffix, partitions).await {
+            Ok(topics) => topics,
+            Err(error) => {
+                drop_database(servers, &database).await;
+                return Err(error);
+            }
+        };
+        Ok(Self {
             options: servers.admin.clone().database(&database),
-            events_topic: format!("dbps-bench-{suffix}.order.events"),
-            raw_topic: format!("dbps-bench-{suffix}.raw"),
+            topics,
             database,
             servers: servers.clone(),
-        };
-        let specs = [
-            TopicSpec::new(&scratch.events_topic, partitions),
-            TopicSpec::new(&scratch.raw_topic, partitions),
-        ];
-        if let Err(error) = ensure_topics(&KafkaConfig::new(&servers.brokers), &specs).await {
-            scratch.remove().await;
-            return Err(anyhow::Error::new(error).context("creating the benchmark topics (DBPS_KAFKA_BROKERS)"));
-        }
-        Ok(scratch)
+        })
     }
 
     /// A pool of at most `size` connections to the scratch database, its connections
@@ -106,36 +161,23 @@ impl Scratch {
     /// Drops the database (ending any connection still open to it) and deletes the
     /// topics. Failures are reported, not returned: the measurement is already done.
     pub(crate) async fn remove(&self) {
-        let drop_database = async {
-            let mut conn = self.servers.admin.connect().await?;
-            conn.execute(sqlx::raw_sql(AssertSqlSafe(format!(
-                r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#,
-                self.database
-            ))))
-            .await?;
-            conn.close().await
-        };
-        if let Err(error) = drop_database.await {
-            eprintln!("warning: could not drop database {}: {error}", self.database);
-        }
-        let delete_topics = async {
-            let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &self.servers.brokers)
-                .create()?;
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-            for result in admin
-                .delete_topics(&[&self.events_topic, &self.raw_topic], &options)
-                .await?
-            {
-                if let Err((topic, code)) = result {
-                    eprintln!("warning: could not delete topic {topic}: {code}");
-                }
-            }
-            Ok::<_, rdkafka::error::KafkaError>(())
-        };
-        if let Err(error) = delete_topics.await {
-            eprintln!("warning: could not delete the benchmark topics: {error}");
-        }
+        drop_database(&self.servers, &self.database).await;
+        self.topics.remove().await;
+    }
+}
+
+/// Drops `database`, ending any connection still open to it; failures are reported.
+async fn drop_database(servers: &Servers, database: &str) {
+    let drop_database = async {
+        let mut conn = servers.admin.connect().await?;
+        conn.execute(sqlx::raw_sql(AssertSqlSafe(format!(
+            r#"DROP DATABASE IF EXISTS "{database}" WITH (FORCE)"#
+        ))))
+        .await?;
+        conn.close().await
+    };
+    if let Err(error) = drop_database.await {
+        eprintln!("warning: could not drop database {database}: {error}");
     }
 }
 

@@ -13,8 +13,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPool;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, Postgres};
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
@@ -67,7 +68,7 @@ impl Message for OrderChanged {
     const TYPE: &'static str = "bench.OrderChanged";
 }
 
-const STATUSES: [&str; 4] = ["draft", "priced", "confirmed", "shipped"];
+pub(crate) const STATUSES: [&str; 4] = ["draft", "priced", "confirmed", "shipped"];
 
 /// Order documents of about 1 KB: a customer, an address and order lines.
 #[derive(Debug)]
@@ -110,7 +111,7 @@ impl Documents {
         Ok(Self(docs))
     }
 
-    fn get(&self, n: u64) -> &RawValue {
+    pub(crate) fn get(&self, n: u64) -> &RawValue {
         let index = usize::try_from(n).unwrap_or(0) % self.0.len();
         &self.0[index]
     }
@@ -250,71 +251,18 @@ impl Writers {
     /// Runs `load` and reports what it achieved, updating `bar` (length in milliseconds)
     /// as it goes.
     pub(crate) async fn run(&self, load: Load, bar: &ProgressBar) -> anyhow::Result<LoadResult> {
-        let started = Instant::now();
-        let start = tokio::time::Instant::from_std(started);
-        let end = start + load.duration;
-        let committed = Arc::new(AtomicU64::new(0));
-        let mut tasks = JoinSet::new();
         let writers = self.writers;
+        let mut tasks = Vec::with_capacity(writers);
         for writer in 0..writers {
-            let this = self.clone();
-            let committed = committed.clone();
-            tasks.spawn(async move {
-                let mut conn = this.pool.acquire().await.context("writer connection")?;
-                let mut rng = StdRng::seed_from_u64(writer as u64 ^ 0x5eed);
-                let mut micros = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-                let mut ticker = load.rate.map(|rate| {
-                    // Writer `w` of `n` fires at start + w/rate, then every n/rate.
-                    let period = Duration::from_secs_f64(writers as f64 / rate);
-                    let first = start + Duration::from_secs_f64(writer as f64 / rate);
-                    let mut ticker = tokio::time::interval_at(first, period);
-                    // Open loop: a late transaction does not lower the offered rate.
-                    ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
-                    ticker
-                });
-                // Each writer owns the keys congruent to its number, so writers never wait
-                // for each other's row locks (the rate measured is the write path's).
-                let slots = (this.keys / writers as i64).max(1);
-                loop {
-                    if let Some(ticker) = ticker.as_mut() {
-                        ticker.tick().await;
-                    }
-                    if tokio::time::Instant::now() >= end {
-                        break;
-                    }
-                    let id = rng.random_range(0..slots) * writers as i64 + writer as i64;
-                    let t0 = Instant::now();
-                    this.transact(&mut conn, load.transaction, id).await?;
-                    micros.saturating_record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
-                    committed.fetch_add(1, Ordering::Relaxed);
-                    if load.transaction == Transaction::BusinessWithOutbox {
-                        this.events_committed.fetch_add(1, Ordering::AcqRel);
-                    }
-                }
-                anyhow::Ok(micros)
+            tasks.push(PgWriter {
+                this: self.clone(),
+                conn: self.pool.acquire().await.context("writer connection")?,
+                rng: StdRng::seed_from_u64(writer as u64 ^ 0x5eed),
+                writer: writer as i64,
+                transaction: load.transaction,
             });
         }
-        let mut tx_micros = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tokio::select! {
-                next = tasks.join_next() => match next {
-                    Some(result) => tx_micros.add(result.context("writer task panicked")??)?,
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    let elapsed = started.elapsed();
-                    bar.set_position(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
-                    let done = committed.load(Ordering::Relaxed);
-                    bar.set_message(format!("{done} tx, {:.0} tx/s", done as f64 / elapsed.as_secs_f64().max(1e-3)));
-                }
-            }
-        }
-        Ok(LoadResult {
-            committed: committed.load(Ordering::Relaxed),
-            elapsed: started.elapsed(),
-            tx_micros,
-        })
+        drive(tasks, load.rate, load.duration, bar).await
     }
 
     async fn transact(&self, conn: &mut PgConnection, transaction: Transaction, id: i64) -> anyhow::Result<()> {
@@ -439,4 +387,102 @@ impl Writers {
         bar.set_position(done.load(Ordering::Relaxed));
         Ok(started.elapsed())
     }
+}
+
+/// One writer of [`Writers::run`], on its own connection.
+struct PgWriter {
+    this: Writers,
+    conn: PoolConnection<Postgres>,
+    rng: StdRng,
+    writer: i64,
+    transaction: Transaction,
+}
+
+impl Writer for PgWriter {
+    async fn write(&mut self) -> anyhow::Result<bool> {
+        // Each writer owns the keys congruent to its number, so writers never wait for
+        // each other's row locks (the rate measured is the write path's).
+        let writers = self.this.writers as i64;
+        let slots = (self.this.keys / writers).max(1);
+        let id = self.rng.random_range(0..slots) * writers + self.writer;
+        self.this.transact(&mut self.conn, self.transaction, id).await?;
+        if self.transaction == Transaction::BusinessWithOutbox {
+            self.this.events_committed.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(true)
+    }
+}
+
+/// One of the concurrent writers a load runs.
+pub(crate) trait Writer: Send + 'static {
+    /// Writes once; `false` when the writer has nothing left to write.
+    fn write(&mut self) -> impl Future<Output = anyhow::Result<bool>> + Send;
+}
+
+/// Runs `writers` concurrently for `duration` (or until each has nothing left to write),
+/// at `rate` writes per second in all (unlimited when `None`), and reports what they
+/// achieved, updating `bar` (length in milliseconds) as it goes.
+pub(crate) async fn drive<W: Writer>(
+    writers: Vec<W>,
+    rate: Option<f64>,
+    duration: Duration,
+    bar: &ProgressBar,
+) -> anyhow::Result<LoadResult> {
+    let started = Instant::now();
+    let start = tokio::time::Instant::from_std(started);
+    let end = start + duration;
+    let committed = Arc::new(AtomicU64::new(0));
+    let count = writers.len();
+    let mut tasks = JoinSet::new();
+    for (n, mut writer) in writers.into_iter().enumerate() {
+        let committed = committed.clone();
+        tasks.spawn(async move {
+            let mut micros = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut ticker = rate.map(|rate| {
+                // Writer `w` of `n` fires at start + w/rate, then every n/rate.
+                let period = Duration::from_secs_f64(count as f64 / rate);
+                let first = start + Duration::from_secs_f64(n as f64 / rate);
+                let mut ticker = tokio::time::interval_at(first, period);
+                // Open loop: a late write does not lower the offered rate.
+                ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+                ticker
+            });
+            loop {
+                if let Some(ticker) = ticker.as_mut() {
+                    ticker.tick().await;
+                }
+                if tokio::time::Instant::now() >= end {
+                    break;
+                }
+                let t0 = Instant::now();
+                if !writer.write().await? {
+                    break;
+                }
+                micros.saturating_record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
+                committed.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(micros)
+        });
+    }
+    let mut tx_micros = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => match next {
+                Some(result) => tx_micros.add(result.context("writer task panicked")??)?,
+                None => break,
+            },
+            _ = tick.tick() => {
+                let elapsed = started.elapsed();
+                bar.set_position(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+                let done = committed.load(Ordering::Relaxed);
+                bar.set_message(format!("{done} writes, {:.0}/s", done as f64 / elapsed.as_secs_f64().max(1e-3)));
+            }
+        }
+    }
+    Ok(LoadResult {
+        committed: committed.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+        tx_micros,
+    })
 }
