@@ -4,13 +4,14 @@
 //! ```sh
 //! eval "$(scripts/stack.sh env)"
 //! cargo run --release -p dbps-bench -- outbox [--duration 20s] [--json PATH] [--chart PATH]
+//! cargo run --release -p dbps-bench -- outbox-mongo [--duration 20s] [--json PATH]
 //! ```
 //!
 //! The machines dbps is developed on are small and shared, so absolute figures drift from
 //! run to run; every figure is therefore taken next to a baseline measured in the same
 //! run, and the targets are ratios. The method is described in `docs/benchmarks.md`.
 //!
-//! The harness reads `DBPS_POSTGRES_URL` and `DBPS_KAFKA_BROKERS`, creates a database and
+//! The harness reads `DBPS_POSTGRES_URL` (or `DBPS_MONGODB_URI`) and `DBPS_KAFKA_BROKERS`, creates a database and
 //! topics of its own and removes them when it ends, also when it fails. It exits with 0
 //! when the measurement completed (whether or not the targets were met) and non-zero
 //! when the harness itself failed.
@@ -23,6 +24,7 @@ mod chart;
 mod cpu;
 mod observer;
 mod outbox;
+mod outbox_mongo;
 mod probes;
 mod progress;
 mod report;
@@ -46,6 +48,9 @@ enum Scenario {
     /// and idle cost, beside a business transaction without the outbox, a raw Kafka
     /// producer and the server's raw commit rate.
     Outbox(outbox::Args),
+    /// The MongoDB outbox: relay drain rate and write → consumer latency beside the
+    /// server's raw insert rate, and the cost of writing events with inserts and updates.
+    OutboxMongo(outbox_mongo::Args),
 }
 
 #[tokio::main]
@@ -57,5 +62,6 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.scenario {
         Scenario::Outbox(args) => outbox::run(args).await,
+        Scenario::OutboxMongo(args) => outbox_mongo::run(args).await,
     }
 }
