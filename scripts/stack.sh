@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local development stack for dbps: PostgreSQL, Redis, Kafka (KRaft) and
-# FerretDB (MongoDB wire protocol), all as plain processes on 127.0.0.1 —
-# no Docker needed.
+# FerretDB (MongoDB wire protocol, its data in that PostgreSQL), all as plain
+# processes on 127.0.0.1 — no Docker needed.
 #
 #   scripts/stack.sh up       install what is missing, start everything, wait until ready
 #   scripts/stack.sh down     stop what `up` started
@@ -685,8 +685,11 @@ kafka_stop() {
 }
 
 # ---------------------------------------------------------------------------
-# FerretDB 1.x (SQLite backend)
+# FerretDB 1.x (PostgreSQL backend: its documents live in the stack's own PostgreSQL,
+# database "ferretdb", so FerretDB needs PostgreSQL up to start and to answer)
 # ---------------------------------------------------------------------------
+
+FERRET_DATABASE=ferretdb
 
 FERRET_PID="$FERRET_DIR/ferretdb.pid"
 FERRET_LOG="$FERRET_DIR/ferretdb.log"
@@ -710,8 +713,18 @@ ferret_probe() (
   [[ "$hex" == *016f6b00000000000000f03f* || "$hex" == *106f6b0001000000* ]]
 )
 
+# Creates FerretDB's database in the stack's PostgreSQL unless it exists.
+ferret_database() {
+  local psql=(env PGPASSWORD="$PG_PASSWORD" PGCONNECT_TIMEOUT=3 "$PG_BIN/psql" -X -q -A -t -w
+    -h "$HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres)
+  [[ "$("${psql[@]}" -c "select 1 from pg_database where datname = '$FERRET_DATABASE'" 2>/dev/null)" == 1 ]] ||
+    "${psql[@]}" -c "create database $FERRET_DATABASE" >>"$FERRET_LOG" 2>&1 ||
+    fail_server ferretdb "$FERRET_LOG" "could not create database $FERRET_DATABASE in PostgreSQL ($HOST:$PG_PORT)"
+}
+
+# Needs PostgreSQL ready (pg_wait).
 ferret_start() {
-  mkdir -p "$FERRET_DIR/data" "$FERRET_DIR/state"
+  mkdir -p "$FERRET_DIR/state"
   if ferret_pid >/dev/null; then
     FERRET_STARTED=0
     return 0
@@ -720,9 +733,10 @@ ferret_start() {
     fail_server ferretdb "$FERRET_LOG" "port $HOST:$FERRET_PORT is already in use by a process not started by stack.sh"
   fi
   rotate_log "$FERRET_LOG"
+  ferret_database
   if ! spawn "$FERRET_PID" "$FERRET_LOG" "$FERRET_BIN" \
-    --handler=sqlite \
-    --sqlite-url="file:$FERRET_DIR/data/" \
+    --handler=postgresql \
+    --postgresql-url="postgres://$PG_USER:$PG_PASSWORD@$HOST:$PG_PORT/$FERRET_DATABASE" \
     --listen-addr="$HOST:$FERRET_PORT" \
     --debug-addr="$HOST:$FERRET_DEBUG_PORT" \
     --state-dir="$FERRET_DIR/state" \
@@ -781,10 +795,10 @@ cmd_up() {
   pg_start
   redis_start
   kafka_start
-  ferret_start
 
   pg_wait
   line postgres "$(ready_word "$PG_STARTED")" "$HOST:$PG_PORT" "$PG_LOG"
+  ferret_start
   redis_wait
   line redis "$(ready_word "$REDIS_STARTED")" "$HOST:$REDIS_PORT" "$REDIS_LOG"
   ferret_wait
@@ -878,6 +892,8 @@ cmd_start_one() { # server
       ;;
     ferretdb)
       [[ -x "$FERRET_BIN" ]] || die "FerretDB is not built yet; run '$(rel "$SCRIPT_DIR")/stack.sh up' first"
+      PG_BIN="$(find_pg_bin)" || die "no PostgreSQL server found; run '$(rel "$SCRIPT_DIR")/stack.sh up' first"
+      pg_probe || die "FerretDB keeps its data in PostgreSQL, which is not running: start it first"
       ferret_start
       ferret_wait
       line ferretdb "$(ready_word "$FERRET_STARTED")" "$HOST:$FERRET_PORT" "$FERRET_LOG"

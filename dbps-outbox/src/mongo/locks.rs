@@ -2,7 +2,7 @@
 //! document.
 //!
 //! MongoDB applies each update to a document atomically: two concurrent updates of one
-//! document both take effect. FerretDB 1.x (the local stack's server, SQLite backend)
+//! document both take effect. FerretDB 1.x (the local stack's server)
 //! reads the document, applies the update in memory and writes the whole document back,
 //! without isolation: of two concurrent updates, one may silently overwrite the other,
 //! although both were acknowledged. An outbox write that is overwritten loses its state
