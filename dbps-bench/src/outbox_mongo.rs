@@ -387,7 +387,7 @@ pub(crate) struct MongoSettings {
     pub(crate) document_locks: bool,
 }
 
-/// Everything the scenario measured. The first keys are the ones the issue lists.
+/// Everything the scenario measured, headline figures first.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct MongoReport {
     pub(crate) scenario: &'static str,

@@ -176,7 +176,7 @@ pub(crate) struct Settings {
     pub(crate) postgres_version: String,
 }
 
-/// Everything the outbox scenario measured. The first keys are the ones the issue lists.
+/// Everything the outbox scenario measured, headline figures first.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct OutboxReport {
     pub(crate) scenario: &'static str,
