@@ -57,6 +57,44 @@ impl RetryPolicy {
     }
 }
 
+/// How often, at most, a consumer logs the errors its client reports while polling (an
+/// unreachable broker is reported on every poll, 20 times a second).
+pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Lets a repeating log line through at most once per interval, and counts the ones it
+/// held back.
+#[derive(Debug)]
+struct Throttle {
+    every: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// `Some(lines held back since the last one let through)` when the line at `now` may
+    /// be logged, `None` when it is held back.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+}
+
 /// Names of the headers a dead-lettered record carries besides its original headers.
 pub mod dead_letter_header {
     /// Why the message was dead-lettered.
@@ -189,7 +227,10 @@ impl<H: Handler> ConsumerRunnerBuilder<H> {
 /// Metrics (through the `metrics` facade, labelled by `group` and `topic`):
 /// `dbps_consumer_messages_total{outcome=handled|dead_lettered}`,
 /// `dbps_consumer_retries_total`, `dbps_consumer_failures_total`,
-/// `dbps_consumer_handler_seconds`.
+/// `dbps_consumer_handler_seconds`; and, labelled by `group` only,
+/// `dbps_consumer_errors_total` (errors the client reports while polling, such as an
+/// unreachable broker; they are logged at most once per [`ERROR_LOG_INTERVAL`], with how
+/// many were not logged since).
 pub struct ConsumerRunner<H> {
     config: KafkaConfig,
     group_id: String,
@@ -486,12 +527,17 @@ impl<H: Handler> PollLoop<H> {
     fn run(self) -> Result<()> {
         let shared = Arc::clone(&self.worker.shared);
         let mut last_commit = Instant::now();
+        let mut errors = Throttle::new(ERROR_LOG_INTERVAL);
         while !shared.stop.load(Ordering::SeqCst) {
             match self.consumer.poll(Duration::from_millis(50)) {
                 Some(Ok(message)) => self.dispatch(message.detach()),
                 Some(Err(error)) => {
-                    // librdkafka reports broker trouble here and recovers by itself.
-                    tracing::warn!(group = %shared.group_id, %error, "consumer error");
+                    // librdkafka reports broker trouble here, on every poll while it lasts,
+                    // and recovers by itself.
+                    metrics::counter!("dbps_consumer_errors_total", "group" => shared.group_id.clone()).increment(1);
+                    if let Some(held_back) = errors.admit(Instant::now()) {
+                        tracing::warn!(group = %shared.group_id, %error, held_back, "consumer error");
+                    }
                 }
                 None => {}
             }
@@ -848,6 +894,25 @@ mod tests {
         // Jitter adds up to one base delay on top of each step.
         assert!(delays.iter().all(|d| *d <= Duration::from_millis(160)), "{delays:?}");
         assert!(delays[0] >= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut throttle = Throttle::new(Duration::from_secs(5));
+        assert_eq!(throttle.admit(at(0)), Some(0));
+        // A broker that stays down: one error per 50 ms poll.
+        let admitted: Vec<Option<u64>> = (1..=200).map(|n| throttle.admit(at(n * 50))).collect();
+        let through: Vec<(usize, u64)> = admitted
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.map(|held| (i + 1, held)))
+            .collect();
+        // At 5 s and 10 s, each with the 99 polls held back since the last line.
+        assert_eq!(through, vec![(100, 99), (200, 99)]);
+        // After a quiet spell the next error is logged at once, with nothing held back.
+        assert_eq!(throttle.admit(at(60_000)), Some(0));
     }
 
     #[test]

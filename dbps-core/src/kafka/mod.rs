@@ -7,7 +7,9 @@ mod topics;
 
 pub use crate::handler::{Handler, HandlerError};
 pub use config::KafkaConfig;
-pub use consumer::{ConsumerRunner, ConsumerRunnerBuilder, RetryPolicy, RunSummary, dead_letter_header};
+pub use consumer::{
+    ConsumerRunner, ConsumerRunnerBuilder, ERROR_LOG_INTERVAL, RetryPolicy, RunSummary, dead_letter_header,
+};
 pub use publisher::{Delivery, KafkaPublisher, KafkaPublisherBuilder};
 pub use topics::{TopicNaming, TopicOutcome, TopicSpec, ensure_topics, validate_topic_name};
 
