@@ -7,7 +7,8 @@
 #   scripts/stack.sh down     stop what `up` started
 #   scripts/stack.sh status   show each server's state (exit 0 all up, 3 otherwise)
 #   scripts/stack.sh env      print the DBPS_* variables:  eval "$(scripts/stack.sh env)"
-#   scripts/stack.sh stop  <server>   stop one server (postgres, redis, kafka, ferretdb)
+#   scripts/stack.sh stop  <server>   stop one server (postgres, redis, kafka, ferretdb;
+#                                     stopping postgres stops ferretdb too)
 #   scripts/stack.sh start <server>   start one server again and wait until it is ready
 #                                     (fault injection: dbps-chaos broker-restart)
 #
@@ -911,6 +912,8 @@ cmd_stop_one() { # server
   case "$1" in
     postgres)
       PG_BIN="$(find_pg_bin)" || true
+      # FerretDB keeps its data in PostgreSQL and cannot answer without it.
+      ferret_stop
       if [[ -n "$PG_BIN" ]]; then
         pg_stop
       else
@@ -936,7 +939,7 @@ usage: $(rel "$SCRIPT_DIR")/stack.sh up|down|status|env
   down    stop the servers started by 'up'
   status  print each server's state; exit 0 if all are up, 3 otherwise
   env     print DBPS_* exports:  eval "\$($(rel "$SCRIPT_DIR")/stack.sh env)"
-  stop    stop one server (its data stays)
+  stop    stop one server (its data stays; stopping postgres stops ferretdb too)
   start   start one server again (after 'up' installed it) and wait until it is ready
 EOF
 }

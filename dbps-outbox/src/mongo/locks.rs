@@ -40,9 +40,30 @@ pub enum DocumentLocks {
     Never,
 }
 
+impl DocumentLocks {
+    /// Whether outbox writes take per-document locks, in this mode, on the server behind
+    /// `client` (for [`DocumentLocks::Auto`], asked with `buildInfo`).
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::Mongo`] when `buildInfo` fails.
+    pub async fn needed(self, client: &Client) -> Result<bool> {
+        match self {
+            Self::Always => Ok(true),
+            Self::Never => Ok(false),
+            Self::Auto => lacks_isolation(client).await,
+        }
+    }
+}
+
 /// How long a lock lives before another writer may break it: far longer than one write
 /// takes, so only a crashed holder's lock is ever broken.
 const LOCK_TTL: Duration = Duration::from_secs(10);
+
+/// How long after taking a lock its holder may rely on it: half its life, which leaves
+/// room for a stall between a check and the write it allows, and for clock differences
+/// between hosts.
+const LOCK_TRUSTED: Duration = Duration::from_secs(5);
 /// How long a writer waits for a lock before giving up with a contention error.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 
@@ -63,11 +84,7 @@ impl Locking {
 
     /// The locks of `database` if the server behind `client` needs them.
     pub(crate) async fn locks(&self, client: &Client, database: &Database) -> Result<Option<Locks>> {
-        let needed = match self.mode {
-            DocumentLocks::Always => true,
-            DocumentLocks::Never => false,
-            DocumentLocks::Auto => *self.needed.get_or_try_init(|| lacks_isolation(client)).await?,
-        };
+        let needed = *self.needed.get_or_try_init(|| self.mode.needed(client)).await?;
         Ok(needed.then(|| Locks::new(database)))
     }
 }
@@ -113,14 +130,17 @@ impl Locks {
     }
 
     /// Takes the lock of document `id` of `collection`, waiting while another writer
-    /// holds it; returns the lock's key.
-    pub(crate) async fn lock(&self, collection: &str, id: &Bson) -> Result<String> {
+    /// holds it; returns the lock's key and the moment until which the holder may rely on
+    /// it (after that, another writer may already have broken it).
+    pub(crate) async fn lock(&self, collection: &str, id: &Bson) -> Result<(String, Instant)> {
         let key = Self::key(collection, id);
         let started = Instant::now();
         let mut attempt = 0_u32;
         loop {
+            // Before the insert: the lock's expiry is computed from a moment no earlier.
+            let taken = Instant::now();
             match self.collection.insert_one(self.lock_document(&key)).await {
-                Ok(_) => return Ok(key),
+                Ok(_) => return Ok((key, taken + LOCK_TRUSTED)),
                 Err(error) if is_duplicate_key(&error) => {}
                 Err(source) => return Err(mongo("lock document")(source)),
             }

@@ -82,9 +82,11 @@
 //!
 //! - **Atomic**: the messages are part of the document's own write.
 //! - **Ordered per aggregate**: a write reads `_dbps_outbox_pos` and writes only if it is
-//!   unchanged (retrying otherwise), so positions and sequence numbers of one document
-//!   follow the order in which its writes were applied; the relay publishes a document's
-//!   messages in position order, and one relay at a time owns a document's partition.
+//!   unchanged (retrying otherwise; on servers that need locks, a writer holding the
+//!   document's lock may skip that check while the lock is surely its own), so positions
+//!   and sequence numbers of one document follow the order in which its writes were
+//!   applied; the relay publishes a document's messages in position order, and one relay
+//!   at a time owns a document's partition.
 //! - **At least once**: a message is removed from the document only after Kafka
 //!   acknowledged it, and only that message (by its key), never the whole outbox.
 //! - **Nothing silently dropped**: a message Kafka refuses permanently moves to

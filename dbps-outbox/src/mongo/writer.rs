@@ -1,6 +1,6 @@
 //! Writing messages into the MongoDB outbox.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dbps_core::kafka::TopicNaming;
 use dbps_core::{Envelope, Message, MessageKind, PayloadLimits, TraceContext};
@@ -82,7 +82,9 @@ pub struct Written {
 /// meanwhile (and tries again otherwise), so concurrent writers on one document never
 /// give two events the same number or publish them out of order. On servers that do not
 /// isolate concurrent updates of a document (FerretDB 1.x), it takes the document's lock
-/// first (see [`DocumentLocks`]).
+/// first (see [`DocumentLocks`]); holding it, a write filtered on `_id` alone leaves the
+/// position out of its filter during the first half of the lock's life. Every writer of
+/// a collection must use the same [`DocumentLocks`] mode.
 #[derive(Debug, Clone)]
 pub struct MongoOutbox {
     service: String,
@@ -256,7 +258,7 @@ impl MongoOutbox {
         let messages: Vec<OutboxMessage> = messages.into_iter().collect();
         let database = collection.client().database(&collection.namespace().db);
         let Some(locks) = self.locking.locks(collection.client(), &database).await? else {
-            return self.write_update(collection, filter, update, messages, true).await;
+            return self.write_update(collection, filter, update, messages, None).await;
         };
         // The server does not isolate concurrent updates: take the document's lock, and
         // write only that document.
@@ -272,18 +274,21 @@ impl MongoOutbox {
                     collection: collection.name().to_owned(),
                 })?,
         };
-        let key = locks.lock(collection.name(), &id).await?;
-        // Every outbox write to the document waits for its lock, so the position cannot
-        // change under this writer: a filter on the id alone needs no position guard. (On
-        // such servers only a filter that is exactly `{_id: <string or ObjectId>}` is
-        // looked up by index; any other reads the whole collection.)
+        let (key, trusted_until) = locks.lock(collection.name(), &id).await?;
+        // Every outbox write to the document waits for its lock, so while the lock holds
+        // the position cannot change under this writer: a filter on the id alone then
+        // needs no position guard. (On these servers only a filter that is exactly
+        // `{_id: <string or ObjectId>}` is looked up by index; any other reads the whole
+        // collection.) Past `trusted_until` the guard is back, in case the lock expired.
         let id_only = filter.len() == 1 && filter.get("_id") == Some(&id);
-        let filter = if id_only {
-            filter
+        let (filter, unguarded_until) = if id_only {
+            (filter, Some(trusted_until))
         } else {
-            doc! { "$and": [filter, { "_id": id }] }
+            (doc! { "$and": [filter, { "_id": id }] }, None)
         };
-        let result = self.write_update(collection, filter, update, messages, !id_only).await;
+        let result = self
+            .write_update(collection, filter, update, messages, unguarded_until)
+            .await;
         if let Err(error) = locks.unlock(&key).await {
             // The write's outcome stands; the lock expires on its own.
             tracing::warn!(%error, lock = %key, "could not release an outbox document lock");
@@ -292,15 +297,16 @@ impl MongoOutbox {
     }
 
     /// [`Self::update_with_events`] once the document is known (and locked where locks
-    /// are needed): read the position, write if unchanged. `guard` adds the position to
-    /// the write's filter; only a writer holding the document's lock may leave it out.
+    /// are needed): read the position, write if unchanged. The write's filter carries the
+    /// position read, except before `unguarded_until`, which only a writer holding the
+    /// document's lock may give.
     async fn write_update(
         &self,
         collection: &Collection<Document>,
         filter: Document,
         update: Document,
         messages: Vec<OutboxMessage>,
-        guard: bool,
+        unguarded_until: Option<Instant>,
     ) -> Result<Written> {
         let name = collection.name();
         let projection = doc! { "_id": 1, POSITION_FIELD: 1, SEQUENCE_FIELD: 1 };
@@ -332,6 +338,7 @@ impl MongoOutbox {
             // The guard: this document, still matching the caller's filter, with the outbox
             // position read above. A write that changed the position in between makes this
             // one match nothing, and it is tried again on the new position.
+            let guard = unguarded_until.is_none_or(|until| Instant::now() >= until);
             let guarded = if guard {
                 let position = match position {
                     Some(position) => Bson::Int64(position),
