@@ -9,6 +9,7 @@
 //! | scenario | fault | must show |
 //! |---|---|---|
 //! | `relay-kill` | relay processes killed with SIGKILL at random moments and restarted | nothing lost, order kept |
+//! | `mongo-relay-kill` | the same, for the MongoDB outbox (writers write through `MongoOutbox`) | nothing lost, order kept |
 //! | `gap` | 32 concurrent writers, 10 % waiting 0–2 s before COMMIT, 1 % rolling back | nothing lost, order kept, no rolled-back event published |
 //! | `consumer-kill` | consumer-group members killed with SIGKILL at random moments | every effect applied exactly once |
 //! | `broker-restart` | the Kafka broker stopped and started under load | nothing lost, the relay resumes by itself |
@@ -53,6 +54,9 @@ struct Cli {
 enum Command {
     /// Kill relay processes with SIGKILL at random moments under load (at least 20 kills).
     RelayKill(ScenarioArgs),
+    /// Relay-kill for the MongoDB outbox: writers write through `MongoOutbox`, the relays
+    /// relay `MongoOutboxStore`, and relays are killed at random (at least 20 kills).
+    MongoRelayKill(ScenarioArgs),
     /// 32 concurrent writers, 10 % waiting 0–2 s before COMMIT, 1 % rolling back.
     Gap(ScenarioArgs),
     /// Kill consumer-group members with SIGKILL at random moments (at least 20 kills).
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
             };
         }
         Command::RelayKill(args) => (Scenario::RelayKill, args),
+        Command::MongoRelayKill(args) => (Scenario::MongoRelayKill, args),
         Command::Gap(args) => (Scenario::Gap, args),
         Command::ConsumerKill(args) => (Scenario::ConsumerKill, args),
         Command::BrokerRestart(args) => (Scenario::BrokerRestart, args),

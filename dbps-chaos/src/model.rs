@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 /// The aggregate type of every event the writers commit.
 pub(crate) const AGGREGATE_TYPE: &str = "order";
 
+/// The MongoDB collection of the aggregates, in the MongoDB scenario.
+pub(crate) const MONGO_ORDERS: &str = "orders";
+
 /// The service name (CloudEvents source) of the writers' outbox.
 pub(crate) const SERVICE: &str = "chaos";
 

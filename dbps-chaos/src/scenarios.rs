@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::checker::{self, CheckInput};
-use crate::model::{CONSUMER_SCHEMA, INBOX_CONSUMER, OrderChanged, POISON_HEADER, SERVICE_SCHEMA, aggregate_id};
+use crate::model::{
+    CONSUMER_SCHEMA, INBOX_CONSUMER, MONGO_ORDERS, OrderChanged, POISON_HEADER, SERVICE_SCHEMA, aggregate_id,
+};
 use crate::procs::Worker;
 use crate::report::Report;
 use crate::stack::{Servers, git_commit};
@@ -26,6 +28,7 @@ use crate::stack::{Servers, git_commit};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scenario {
     RelayKill,
+    MongoRelayKill,
     Gap,
     ConsumerKill,
     BrokerRestart,
@@ -36,6 +39,7 @@ impl Scenario {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::RelayKill => "relay-kill",
+            Self::MongoRelayKill => "mongo-relay-kill",
             Self::Gap => "gap",
             Self::ConsumerKill => "consumer-kill",
             Self::BrokerRestart => "broker-restart",
@@ -65,6 +69,17 @@ impl Scenario {
             Self::RelayKill => Plan {
                 events: 60_000,
                 load_seconds: Some(100.0),
+                relays: 2,
+                min_faults: 20,
+                kill_interval_s: 1.0..6.0,
+                ..base
+            },
+            // The MongoDB-protocol server of the local stack takes about 140 outbox
+            // writes a second (docs/benchmarks.md), so the load is smaller.
+            Self::MongoRelayKill => Plan {
+                events: 8_000,
+                load_seconds: Some(100.0),
+                aggregates: 200,
                 relays: 2,
                 min_faults: 20,
                 kill_interval_s: 1.0..6.0,
@@ -132,6 +147,10 @@ pub(crate) struct ScenarioArgs {
     /// Kafka bootstrap servers (eval "$(scripts/stack.sh env)" sets them).
     #[arg(long, env = "DBPS_KAFKA_BROKERS")]
     kafka_brokers: String,
+    /// MongoDB connection string, for mongo-relay-kill (eval "$(scripts/stack.sh env)"
+    /// sets it).
+    #[arg(long, env = "DBPS_MONGODB_URI", hide_env_values = true)]
+    mongodb_uri: Option<String>,
     /// The stack script the broker-restart scenario stops and starts Kafka with.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh"))]
     stack_script: PathBuf,
@@ -178,7 +197,19 @@ pub(crate) async fn run(scenario: Scenario, args: ScenarioArgs) -> Result<bool> 
         brokers: args.kafka_brokers.clone(),
         stack_script: args.stack_script.clone(),
     };
-    let mut run = Run::setup(scenario, plan, servers, seed).await?;
+    let mongo = if scenario == Scenario::MongoRelayKill {
+        let uri = args
+            .mongodb_uri
+            .clone()
+            .context("mongo-relay-kill needs DBPS_MONGODB_URI (eval \"$(scripts/stack.sh env)\")")?;
+        let client = mongodb::Client::with_uri_str(&uri)
+            .await
+            .context("DBPS_MONGODB_URI is not a valid MongoDB connection string")?;
+        Some((uri, client))
+    } else {
+        None
+    };
+    let mut run = Run::setup(scenario, plan, servers, seed, mongo).await?;
     println!(
         "dbps-chaos {}: seed {seed}, run {}, logs in {}",
         scenario.name(),
@@ -241,6 +272,9 @@ struct Run {
     service: PgPool,
     consumer_db: Option<String>,
     consumer: Option<PgPool>,
+    /// The MongoDB server's URI and the run's database there (mongo-relay-kill): the
+    /// writers write through the MongoDB outbox and the relays relay it.
+    mongo: Option<(String, mongodb::Database)>,
     topic: String,
     dlq: String,
     group: String,
@@ -260,7 +294,13 @@ struct Run {
 }
 
 impl Run {
-    async fn setup(scenario: Scenario, plan: Plan, servers: Servers, seed: u64) -> Result<Self> {
+    async fn setup(
+        scenario: Scenario,
+        plan: Plan,
+        servers: Servers,
+        seed: u64,
+        mongo: Option<(String, mongodb::Client)>,
+    ) -> Result<Self> {
         let started = Instant::now();
         let started_at = Utc::now();
         let mut rng = StdRng::seed_from_u64(seed);
@@ -294,6 +334,18 @@ impl Run {
         } else {
             (None, None)
         };
+        let mongo = match mongo {
+            Some((uri, client)) => {
+                let db = client.database(&service_db);
+                dbps_outbox::mongo::MongoOutboxStore::new(db.clone())
+                    .collection(MONGO_ORDERS)
+                    .create_indexes()
+                    .await
+                    .context("MongoDB outbox indexes")?;
+                Some((uri, db))
+            }
+            None => None,
+        };
         let topic = format!("chaos.{}.{id}.orders", scenario.name());
         let dlq = format!("chaos.{}.{id}.dlq", scenario.name());
         // The broker stamps each record with its append time, so the checker can tell
@@ -317,6 +369,7 @@ impl Run {
             service,
             consumer_db,
             consumer,
+            mongo,
             topic,
             dlq,
             group,
@@ -346,7 +399,7 @@ impl Run {
         self.start_workers()?;
         let mut outages = Vec::new();
         match self.scenario {
-            Scenario::RelayKill | Scenario::ConsumerKill => self.kill_loop().await?,
+            Scenario::RelayKill | Scenario::MongoRelayKill | Scenario::ConsumerKill => self.kill_loop().await?,
             Scenario::Gap => self.wait_for_writers().await?,
             Scenario::BrokerRestart => {
                 // Steady load first, then the broker goes away for a while and comes back.
@@ -377,6 +430,26 @@ impl Run {
             malformed: &self.malformed,
         })
         .await?;
+        let mut counts = check.counts.clone();
+        if let Some((_, db)) = &self.mongo {
+            // The checker reads the PostgreSQL outbox, which this scenario does not use.
+            let orders = db.collection::<mongodb::bson::Document>(MONGO_ORDERS);
+            let exists = |field: &str| {
+                let mut filter = mongodb::bson::Document::new();
+                filter.insert(field, mongodb::bson::doc! { "$exists": true });
+                filter
+            };
+            counts.outbox_pending = orders
+                .count_documents(exists(dbps_outbox::mongo::PENDING_FIELD))
+                .await
+                .context("count pending MongoDB outboxes")?;
+            counts.parked = orders
+                .count_documents(exists(dbps_outbox::mongo::PARKED_FIELD))
+                .await
+                .context("count parked MongoDB messages")?;
+            // Overtaking is about PostgreSQL outbox ids, which MongoDB writes do not have.
+            counts.overtaken_commits = None;
+        }
         if self.scenario == Scenario::BrokerRestart {
             self.broker_results(&outages, &check).await?;
         }
@@ -393,7 +466,7 @@ impl Run {
             self.results
                 .insert(String::from("malformed_kinds"), Value::Array(kinds));
         }
-        Ok(self.report(check.counts))
+        Ok(self.report(counts))
     }
 
     fn report(&mut self, counts: checker::Counts) -> Report {
@@ -505,12 +578,8 @@ impl Run {
                 format!("relay-{i}"),
             ];
             args.extend(self.plan.relay_args.iter().cloned());
-            let mut worker = Worker::new(
-                &format!("relay-{i}"),
-                args,
-                vec![(String::from("DBPS_CHAOS_DB_URL"), service_url.clone())],
-                &self.dir,
-            );
+            args.extend(self.mongo_args());
+            let mut worker = Worker::new(&format!("relay-{i}"), args, self.worker_env(&service_url), &self.dir);
             worker.start()?;
             self.relays.push(worker);
         }
@@ -553,7 +622,7 @@ impl Run {
             };
             #[allow(clippy::cast_precision_loss)] // small counts
             let writer_rate = rate.map_or(0.0, |r| r / processes as f64);
-            let args = vec![
+            let mut args = vec![
                 String::from("writer"),
                 String::from("--topic"),
                 self.topic.clone(),
@@ -578,16 +647,33 @@ impl Run {
                 String::from("--seed"),
                 self.rng.random::<u64>().to_string(),
             ];
-            let mut worker = Worker::new(
-                &format!("writer-{i}"),
-                args,
-                vec![(String::from("DBPS_CHAOS_DB_URL"), service_url.clone())],
-                &self.dir,
-            );
+            args.extend(self.mongo_args());
+            let mut worker = Worker::new(&format!("writer-{i}"), args, self.worker_env(&service_url), &self.dir);
             worker.start()?;
             self.writers.push(worker);
         }
         Ok(())
+    }
+
+    /// The arguments that point a writer or relay at the MongoDB outbox, if the scenario
+    /// uses it.
+    fn mongo_args(&self) -> Vec<String> {
+        self.mongo
+            .iter()
+            .flat_map(|(_, db)| [String::from("--mongodb-database"), db.name().to_owned()])
+            .collect()
+    }
+
+    /// A writer's or relay's environment: the service database's URL and, if the
+    /// scenario uses it, the MongoDB server's (kept out of `ps`).
+    fn worker_env(&self, service_url: &str) -> Vec<(String, String)> {
+        std::iter::once((String::from("DBPS_CHAOS_DB_URL"), service_url.to_owned()))
+            .chain(
+                self.mongo
+                    .iter()
+                    .map(|(uri, _)| (String::from("DBPS_CHAOS_MONGODB_URI"), uri.clone())),
+            )
+            .collect()
     }
 
     /// Notices workers that exited by themselves: writers are done (or failed); relays
@@ -672,6 +758,13 @@ impl Run {
     }
 
     async fn pending(&self) -> Result<i64> {
+        if let Some((_, db)) = &self.mongo {
+            let pending = db
+                .collection::<mongodb::bson::Document>(MONGO_ORDERS)
+                .count_documents(mongodb::bson::doc! { dbps_outbox::mongo::PENDING_FIELD: { "$exists": true } })
+                .await?;
+            return Ok(i64::try_from(pending).unwrap_or(i64::MAX));
+        }
         Ok(
             sqlx::query_scalar("select count(*) from dbps_outbox where published_at is null and parked_at is null")
                 .fetch_one(&self.service)
@@ -1026,6 +1119,11 @@ impl Run {
             if let Err(error) = self.servers.drop_database(&name).await {
                 println!("could not drop database {name}: {error:#}");
             }
+        }
+        if let Some((_, db)) = &self.mongo
+            && let Err(error) = db.drop().await
+        {
+            println!("could not drop MongoDB database {}: {error:#}", db.name());
         }
         if let Err(error) = self.servers.delete_topics(&[&self.topic, &self.dlq]).await {
             println!("could not delete topics: {error:#}");

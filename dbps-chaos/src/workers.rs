@@ -16,13 +16,16 @@ use dbps_core::Message as _;
 use dbps_core::inbox::pg::{PgInbox, TxHandler, classify};
 use dbps_core::kafka::{ConsumerRunner, HandlerError, KafkaConfig, KafkaPublisher, TopicNaming};
 use dbps_outbox::Relay;
+use dbps_outbox::mongo::{MongoOutbox, MongoOutboxStore};
 use dbps_outbox::pg::{PgOutbox, PgOutboxStore};
+use mongodb::Collection;
+use mongodb::bson::{Document, doc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::PgConnection;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use crate::model::{AGGREGATE_TYPE, INBOX_CONSUMER, OrderChanged, SERVICE, aggregate_id};
+use crate::model::{AGGREGATE_TYPE, INBOX_CONSUMER, MONGO_ORDERS, OrderChanged, SERVICE, aggregate_id};
 
 /// A worker process's role.
 #[derive(Debug, clap::Subcommand)]
@@ -126,14 +129,38 @@ pub(crate) struct WriterArgs {
     /// Seed of this writer's random choices.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Write the events through the MongoDB outbox of this database (on the server of
+    /// `DBPS_CHAOS_MONGODB_URI`) instead of the PostgreSQL one; `committed_events` is then
+    /// written after each acknowledged write.
+    #[arg(long, requires = "mongodb_uri")]
+    mongodb_database: Option<String>,
+    /// The MongoDB server.
+    #[arg(long, env = "DBPS_CHAOS_MONGODB_URI", hide_env_values = true)]
+    mongodb_uri: Option<String>,
 }
 
 struct WriterShared {
     args: WriterArgs,
     pool: PgPool,
     outbox: PgOutbox,
+    mongo: Option<MongoWriter>,
     next_slot: AtomicU64,
     started: tokio::time::Instant,
+}
+
+/// The MongoDB outbox a writer writes through, and its aggregates' collection.
+struct MongoWriter {
+    outbox: MongoOutbox,
+    orders: Collection<Document>,
+}
+
+/// Connects to the database `--mongodb-database` names, when it does.
+async fn mongo_database(uri: Option<&str>, database: Option<&str>) -> Result<Option<mongodb::Database>> {
+    let (Some(uri), Some(database)) = (uri, database) else {
+        return Ok(None);
+    };
+    let client = mongodb::Client::with_uri_str(uri).await.context("connect to MongoDB")?;
+    Ok(Some(client.database(database)))
 }
 
 #[derive(Debug, Default)]
@@ -166,8 +193,19 @@ async fn writer(args: WriterArgs) -> Result<()> {
         events: args.topic.clone(),
         ..TopicNaming::default()
     };
+    ensure!(
+        args.mongodb_database.is_none() || (args.late_fraction == 0.0 && args.rollback_fraction == 0.0),
+        "MongoDB writes have no transaction to hold open or roll back"
+    );
+    let mongo = mongo_database(args.mongodb_uri.as_deref(), args.mongodb_database.as_deref())
+        .await?
+        .map(|db| MongoWriter {
+            outbox: MongoOutbox::new(SERVICE).naming(naming.clone()),
+            orders: db.collection(MONGO_ORDERS),
+        });
     let shared = Arc::new(WriterShared {
         outbox: PgOutbox::new(SERVICE).naming(naming),
+        mongo,
         pool,
         next_slot: AtomicU64::new(0),
         started: tokio::time::Instant::now(),
@@ -217,6 +255,8 @@ async fn writer_task(shared: &WriterShared, task: u32) -> WriterStats {
     let stream = (u64::from(args.writer_id) << 32) | u64::from(task);
     let mut rng = StdRng::seed_from_u64(args.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut stats = WriterStats::default();
+    // MongoDB aggregates this task has created (it writes only its own, see `mongo_write`).
+    let mut created = std::collections::HashSet::new();
     loop {
         let slot = shared.next_slot.fetch_add(1, Ordering::SeqCst);
         if slot >= args.events {
@@ -230,7 +270,11 @@ async fn writer_task(shared: &WriterShared, task: u32) -> WriterStats {
         let oversize = args.oversize_every > 0 && slot % args.oversize_every == args.oversize_every / 2;
         // Each slot ends in exactly one committed event; rollbacks and errors try again.
         loop {
-            match transaction(shared, &mut rng, slot, oversize).await {
+            let outcome = match &shared.mongo {
+                Some(mongo) => mongo_write(shared, mongo, &mut rng, task, slot, &mut created).await,
+                None => transaction(shared, &mut rng, slot, oversize).await,
+            };
+            match outcome {
                 Ok(TxOutcome::Committed { late }) => {
                     stats.committed += 1;
                     stats.late += u64::from(late);
@@ -305,6 +349,73 @@ async fn transaction(shared: &WriterShared, rng: &mut StdRng, slot: u64, oversiz
     Ok(TxOutcome::Committed { late: late_ms > 0 })
 }
 
+/// One event through the MongoDB outbox: the aggregate's first event creates its document
+/// (`insert_with_events`), later ones update it (`update_with_events`). Then the event is
+/// recorded in `committed_events`.
+///
+/// Each writer task writes aggregates of its own, one write at a time, so the order in
+/// which `committed_events` rows commit is the order of each aggregate's writes (the
+/// checker compares the two). A write whose outcome is unknown (an error after the server
+/// may have applied it) would leave an event the checker does not know of: it counts as
+/// unknown on the topic, never as lost.
+async fn mongo_write(
+    shared: &WriterShared,
+    mongo: &MongoWriter,
+    rng: &mut StdRng,
+    task: u32,
+    slot: u64,
+    created: &mut std::collections::HashSet<String>,
+) -> Result<TxOutcome> {
+    let args = &shared.args;
+    let per_task = (args.aggregates / args.concurrency).max(1);
+    let aggregate = format!(
+        "{}-w{}-t{task}",
+        aggregate_id(rng.random_range(0..per_task)),
+        args.writer_id
+    );
+    let event = OrderChanged {
+        order_id: aggregate.clone(),
+        writer: args.writer_id,
+        slot,
+        padding: String::new(),
+    };
+    let message = mongo.outbox.event(AGGREGATE_TYPE, &event).context("event")?;
+    let written = if created.contains(&aggregate) {
+        mongo
+            .outbox
+            .update_with_events(
+                &mongo.orders,
+                doc! { "_id": &aggregate },
+                doc! { "$inc": { "writes": 1 } },
+                [message],
+            )
+            .await
+            .context("update with events")?
+    } else {
+        let written = mongo
+            .outbox
+            .insert_with_events(&mongo.orders, doc! { "_id": &aggregate, "writes": 1 }, [message])
+            .await
+            .context("insert with events")?;
+        created.insert(aggregate.clone());
+        written
+    };
+    let enqueued = written.enqueued.first().context("the write enqueued no message")?;
+    sqlx::query(
+        "insert into committed_events (message_id, aggregate_id, sequence, outbox_id, writer)
+         values ($1, $2, $3, $4, $5)",
+    )
+    .bind(&enqueued.message_id)
+    .bind(&aggregate)
+    .bind(enqueued.sequence.unwrap_or(-1))
+    .bind(i64::try_from((u64::from(args.writer_id) << 40) | slot).unwrap_or(i64::MAX))
+    .bind(i32::try_from(args.writer_id).unwrap_or(i32::MAX))
+    .execute(&shared.pool)
+    .await
+    .context("insert committed_events")?;
+    Ok(TxOutcome::Committed { late: false })
+}
+
 // ---------------------------------------------------------------------------------------
 // Relay
 // ---------------------------------------------------------------------------------------
@@ -339,10 +450,20 @@ pub(crate) struct RelayArgs {
     /// The publisher's `message.max.bytes` (records above it are refused and parked).
     #[arg(long)]
     message_max_bytes: Option<u64>,
+    /// Relay the MongoDB outbox of this database (on the server of
+    /// `DBPS_CHAOS_MONGODB_URI`) instead of the PostgreSQL one.
+    #[arg(long, requires = "mongodb_uri")]
+    mongodb_database: Option<String>,
+    /// The MongoDB server.
+    #[arg(long, env = "DBPS_CHAOS_MONGODB_URI", hide_env_values = true)]
+    mongodb_uri: Option<String>,
+    /// Lease time of the MongoDB store's partitions, in milliseconds (how long a killed
+    /// relay's partitions wait for another relay).
+    #[arg(long, default_value_t = 5000)]
+    lease_ms: u64,
 }
 
 async fn relay(args: RelayArgs) -> Result<()> {
-    let pool = connect(&args.db_url, 4).await?;
     let mut config = KafkaConfig::new(&args.brokers);
     if let Some(timeout) = args.message_timeout_ms {
         config = config.set("message.timeout.ms", timeout.to_string());
@@ -351,19 +472,37 @@ async fn relay(args: RelayArgs) -> Result<()> {
         config = config.set("message.max.bytes", max.to_string());
     }
     let publisher = KafkaPublisher::builder(config).build().context("build publisher")?;
-    let relay = Relay::builder(PgOutboxStore::new(pool), publisher)
+    let summary = match mongo_database(args.mongodb_uri.as_deref(), args.mongodb_database.as_deref()).await? {
+        Some(db) => {
+            let store = MongoOutboxStore::new(db)
+                .collection(MONGO_ORDERS)
+                .lease_ttl(Duration::from_millis(args.lease_ms));
+            run_relay(&args, Relay::builder(store, publisher)).await?
+        }
+        None => {
+            let pool = connect(&args.db_url, 4).await?;
+            run_relay(&args, Relay::builder(PgOutboxStore::new(pool), publisher)).await?
+        }
+    };
+    println!(
+        "{}: published {}, parked {} (graceful stop)",
+        args.name, summary.published, summary.parked
+    );
+    Ok(())
+}
+
+async fn run_relay<S: dbps_outbox::OutboxStore>(
+    args: &RelayArgs,
+    builder: dbps_outbox::RelayBuilder<S>,
+) -> Result<dbps_outbox::RelaySummary> {
+    let relay = builder
         .batch_size(args.batch_size)
         .poll_interval(Duration::from_millis(args.poll_ms))
         .rebalance_interval(Duration::from_millis(args.rebalance_ms))
         .retry_delay(Duration::from_millis(args.retry_ms))
         .build();
     tracing::info!(relay = %args.name, "relay started");
-    let summary = relay.run(shutdown_requested()).await.context("relay")?;
-    println!(
-        "{}: published {}, parked {} (graceful stop)",
-        args.name, summary.published, summary.parked
-    );
-    Ok(())
+    relay.run(shutdown_requested()).await.context("relay")
 }
 
 // ---------------------------------------------------------------------------------------
