@@ -27,12 +27,22 @@ pub(crate) struct Usage {
 }
 
 impl Usage {
+    /// How busy all cores were, in percent.
+    pub(crate) fn machine_busy_pct(&self) -> f64 {
+        100.0 * self.machine_busy_s / self.machine_capacity_s
+    }
+
     pub(crate) fn add(&mut self, other: Self) {
         self.backends_s += other.backends_s;
         self.harness_s += other.harness_s;
         self.machine_busy_s += other.machine_busy_s;
         self.machine_capacity_s += other.machine_capacity_s;
     }
+}
+
+/// How busy all cores have been since `before` (a machine-wide sample), in percent.
+pub(crate) fn busy_pct_since(before: Option<&Sample>) -> Option<f64> {
+    Some(usage(before?, &sample(&[])?).machine_busy_pct())
 }
 
 /// The counters now, for the backends with these process ids.

@@ -11,10 +11,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, Timestamp, TopicPartitionList};
 use serde::Deserialize;
 
-/// An outbox event seen by the consumer: its transaction id, when the relay handed it to
-/// the producer (the record's CreateTime, milliseconds) and when it arrived
-/// (microseconds), both since the Unix epoch on this machine's clock, the clock
-/// PostgreSQL stamps commits with.
+/// An outbox event seen by the consumer: the number its payload carries in `xid` (the
+/// writing transaction's id in the `outbox` scenario, an event number in `outbox-mongo`),
+/// when the relay handed it to the producer (the record's CreateTime, milliseconds) and
+/// when it arrived (microseconds), both since the Unix epoch on this machine's clock,
+/// the clock PostgreSQL stamps commits with.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Sighting {
     pub(crate) xid: u64,
@@ -137,14 +138,19 @@ impl Drop for Observer {
     }
 }
 
+/// Microseconds since the Unix epoch on this machine's clock.
+pub(crate) fn unix_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 fn observe(consumer: &BaseConsumer, events_topic: &str, shared: &Shared) {
     while !shared.stop.load(Ordering::Acquire) {
         let Some(result) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
-        let seen_unix_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let seen_unix_us = unix_micros();
         let message = match result {
             Ok(message) => message,
             Err(error) if dbps_core::kafka::is_transient(&error) => {

@@ -618,7 +618,7 @@ async fn latency_sweep(b: &mut Bench<'_>, max_rate: f64) -> anyhow::Result<Vec<L
             measured_to: "consumer receipt",
             commit_to_send_ms: Percentiles::of_micros(&latencies.to_send),
             send_to_consumer_ms: Percentiles::of_micros(&latencies.from_send),
-            machine_busy_pct: cpu.map(|c| 100.0 * c.machine_busy_s / c.machine_capacity_s),
+            machine_busy_pct: cpu.map(|c| c.machine_busy_pct()),
         });
     }
     Ok(sweep)

@@ -28,11 +28,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
-use dbps_outbox::mongo::{MongoOutbox, MongoOutboxStore, PENDING_FIELD};
+use dbps_outbox::mongo::{DocumentLocks, MongoOutbox, MongoOutboxStore, PENDING_FIELD};
 use mongodb::bson::{self, Document, doc};
 use mongodb::{Client, Collection, Database};
 use rand::rngs::StdRng;
@@ -41,7 +41,7 @@ use serde::Serialize;
 
 use crate::baseline::{PUBLISHER_LINGER_MS, RawProducer};
 use crate::cpu;
-use crate::observer::Observer;
+use crate::observer::{Observer, unix_micros};
 use crate::outbox::{RelayControl, create_parent};
 use crate::probes::{sampling, split_latencies};
 use crate::progress;
@@ -213,7 +213,7 @@ impl Shared {
         }
     }
 
-    fn change(id: i64, rng: &mut StdRng) -> Document {
+    fn change(rng: &mut StdRng) -> Document {
         doc! {
             "$set": {
                 "status": STATUSES[rng.random_range(0..STATUSES.len())],
@@ -221,7 +221,6 @@ impl Shared {
                 "updated_at": bson::DateTime::now(),
             },
             "$inc": { "version": 1_i64 },
-            "$max": { "highest_writer_order": id },
         }
     }
 
@@ -255,12 +254,6 @@ impl Shared {
 /// When each event's write was acknowledged: event number → microseconds since the
 /// Unix epoch.
 type Acks = Arc<Mutex<HashMap<u64, i64>>>;
-
-fn unix_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
 
 /// One writer: a task on the shared client (the driver pools connections).
 struct MongoWriter {
@@ -301,10 +294,10 @@ impl Writer for MongoWriter {
                 s.raw_orders.insert_one(s.order(id)).await?;
             }
             Write::Update => {
-                s.orders.update_one(filter(), Shared::change(id, &mut self.rng)).await?;
+                s.orders.update_one(filter(), Shared::change(&mut self.rng)).await?;
             }
             Write::UpdateWithOutbox => {
-                let change = Shared::change(id, &mut self.rng);
+                let change = Shared::change(&mut self.rng);
                 s.outbox
                     .update_with_events(&s.orders, filter(), change, messages)
                     .await?;
@@ -358,7 +351,7 @@ impl WriteRate {
 /// The drain phase in detail.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct MongoDrain {
-    /// Events waiting when the relay started (one per document).
+    /// Events waiting when the relay started (10 per document).
     pub(crate) backlog_events: u64,
     /// Time to write the backlog through `MongoOutbox::insert_with_events`, 10 events
     /// per new order.
@@ -376,8 +369,9 @@ pub(crate) struct MongoSettings {
     pub(crate) writers: usize,
     pub(crate) relay_batch_size: usize,
     pub(crate) linger_ms: u32,
-    /// The relay's shortest polling delay (no change streams on the server).
-    pub(crate) poll_min_ms: f64,
+    /// The relay's shortest polling delay (no change streams on the server); `None`:
+    /// the store's default.
+    pub(crate) poll_min_ms: Option<f64>,
     pub(crate) drain_events: u64,
     pub(crate) partitions: i32,
     pub(crate) keys: i64,
@@ -421,7 +415,7 @@ impl MongoReport {
     pub(crate) fn render(&self) -> String {
         let s = &self.settings;
         let mut out = format!(
-            "dbps-bench outbox-mongo · {} · commit {} · {} cores · {} · document locks {} · --duration {}s · {} writers · relay batch {} · poll min {} ms · linger.ms {} · payload {} B · run took {:.0} s\n\n",
+            "dbps-bench outbox-mongo · {} · commit {} · {} cores · {} · document locks {} · --duration {}s · {} writers · relay batch {} · poll min {} · linger.ms {} · payload {} B · run took {:.0} s\n\n",
             self.date,
             self.git_commit,
             self.cores,
@@ -430,7 +424,8 @@ impl MongoReport {
             self.duration_s,
             s.writers,
             s.relay_batch_size,
-            s.poll_min_ms,
+            s.poll_min_ms
+                .map_or_else(|| String::from("default"), |ms| format!("{ms:.0} ms")),
             s.linger_ms,
             self.payload_bytes,
             self.wall_time_s,
@@ -572,7 +567,8 @@ impl Bench<'_> {
             if started.elapsed() > CATCH_UP_DEADLINE {
                 bail!("{left} documents still have unpublished events after {CATCH_UP_DEADLINE:?}");
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Counting reads the whole collection on FerretDB: not too often.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -592,10 +588,7 @@ impl Bench<'_> {
         let bar = progress::timed(label, duration);
         let before = cpu::sample(&[]);
         let result = self.writers.run(write, None, duration, None, None, &bar).await?;
-        let busy = before
-            .zip(cpu::sample(&[]))
-            .map(|(before, after)| cpu::usage(&before, &after))
-            .map(|c| 100.0 * c.machine_busy_s / c.machine_capacity_s);
+        let busy = cpu::busy_pct_since(before.as_ref());
         progress::done(&bar, label, &format!("{:.0} writes/s", result.per_second()));
         Ok((result, busy))
     }
@@ -614,9 +607,10 @@ async fn measure(args: &Args, brokers: &str, database: &Database, topics: &Topic
         (_, Ok(version)) => format!("MongoDB {version}"),
         _ => String::from("unknown server"),
     };
-    let document_locks = info.get_str("ferretdbVersion").is_ok_and(|v| v.starts_with("v1."));
+    let document_locks = DocumentLocks::Auto.needed(database.client()).await?;
     let mut store = MongoOutboxStore::new(database.clone()).collection(ORDERS);
     if let Some(min) = args.poll_min {
+        // The longest delay stays the store's default, 1 s.
         store = store.polling(min, Duration::from_secs(1));
     }
     store.create_indexes().await.context("outbox indexes")?;
@@ -728,7 +722,7 @@ async fn measure(args: &Args, brokers: &str, database: &Database, topics: &Topic
             writers: args.writers,
             relay_batch_size: args.batch_size,
             linger_ms: args.linger_ms.unwrap_or(PUBLISHER_LINGER_MS),
-            poll_min_ms: args.poll_min.unwrap_or(Duration::from_millis(100)).as_secs_f64() * 1e3,
+            poll_min_ms: args.poll_min.map(|min| min.as_secs_f64() * 1e3),
             drain_events: args.drain_events,
             partitions: args.partitions,
             keys: args.keys,
@@ -769,7 +763,7 @@ async fn compare(b: &mut Bench<'_>) -> anyhow::Result<(Vec<WriteRate>, (u64, Dur
     Ok((rates, (events, time)))
 }
 
-/// Phase 4: write → consumer latency at fractions of the with-outbox insert rate.
+/// Phase 4: write → consumer latency at fractions of the with-outbox update rate.
 async fn latency_sweep(b: &mut Bench<'_>, max_rate: f64) -> anyhow::Result<Vec<LatencyPoint>> {
     b.relay.start();
     let mut sweep = Vec::with_capacity(SWEEP.len());
@@ -792,10 +786,7 @@ async fn latency_sweep(b: &mut Bench<'_>, max_rate: f64) -> anyhow::Result<Vec<L
                 &bar,
             )
             .await?;
-        let busy = before
-            .zip(cpu::sample(&[]))
-            .map(|(before, after)| cpu::usage(&before, &after))
-            .map(|c| 100.0 * c.machine_busy_s / c.machine_capacity_s);
+        let busy = cpu::busy_pct_since(before.as_ref());
         b.catch_up().await?;
         let sightings = b.observer.stop_recording();
         if (sightings.len() as u64) < result.committed {

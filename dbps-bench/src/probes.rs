@@ -180,7 +180,7 @@ impl Variant {
             backend_cpu_us_per_tx: self.cpu.map(|c| per_tx_us(c.backends_s)),
             harness_cpu_us_per_tx: self.cpu.map(|c| per_tx_us(c.harness_s)),
             machine_cpu_us_per_tx: self.cpu.map(|c| per_tx_us(c.machine_busy_s)),
-            machine_busy_pct: self.cpu.map(|c| 100.0 * c.machine_busy_s / c.machine_capacity_s),
+            machine_busy_pct: self.cpu.map(|c| c.machine_busy_pct()),
             wal_bytes_per_tx: self.wal_bytes as f64 / self.committed as f64,
             tx_ms: Percentiles::of_micros(&self.tx_micros),
         }
