@@ -40,8 +40,7 @@ use crate::observer::Observer;
 use crate::probes::{Probe, Variant, commit_latencies, quiet_transactions, sampling, with_wait_sampling};
 use crate::progress;
 use crate::report::{
-    DrainDetail, IdleDetail, LatencyPoint, OutboxReport, Percentiles, RoundProfile, Settings, Target, WaitEvents,
-    WriteCost,
+    DrainDetail, IdleDetail, LatencyPoint, OutboxReport, RoundProfile, Settings, Target, WaitEvents, WriteCost,
 };
 use crate::servers::{Scratch, Servers, git_commit};
 use crate::workload::{Documents, Load, SCHEMA, Transaction, Writers};
@@ -600,26 +599,14 @@ async fn latency_sweep(b: &mut Bench<'_>, max_rate: f64) -> anyhow::Result<Vec<L
             );
         }
         let latencies = commit_latencies(&b.admin, &sightings).await?;
-        let total = Percentiles::of_micros(&latencies.total);
-        let summary = format!(
-            "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
-            total.p50, total.p99, total.p999
+        let point = LatencyPoint::new(
+            (fraction, offered, result.per_second()),
+            &latencies,
+            "consumer receipt",
+            cpu.map(|c| c.machine_busy_pct()),
         );
-        progress::done(&bar, &label, &summary);
-        sweep.push(LatencyPoint {
-            load_fraction: fraction,
-            offered_eps: offered,
-            achieved_eps: result.per_second(),
-            samples: sightings.len() as u64,
-            p50: total.p50,
-            p99: total.p99,
-            p999: total.p999,
-            max: total.max,
-            measured_to: "consumer receipt",
-            commit_to_send_ms: Percentiles::of_micros(&latencies.to_send),
-            send_to_consumer_ms: Percentiles::of_micros(&latencies.from_send),
-            machine_busy_pct: cpu.map(|c| c.machine_busy_pct()),
-        });
+        progress::done(&bar, &label, &point.summary());
+        sweep.push(point);
     }
     Ok(sweep)
 }

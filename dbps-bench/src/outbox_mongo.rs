@@ -798,26 +798,14 @@ async fn latency_sweep(b: &mut Bench<'_>, max_rate: f64) -> anyhow::Result<Vec<L
         }
         let acks = std::mem::take(&mut *acks.lock().map_err(|_| anyhow!("acknowledgement map poisoned"))?);
         let latencies = split_latencies(&acks, &sightings)?;
-        let total = Percentiles::of_micros(&latencies.total);
-        let summary = format!(
-            "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
-            total.p50, total.p99, total.p999
+        let point = LatencyPoint::new(
+            (fraction, offered, result.per_second()),
+            &latencies,
+            "consumer receipt, from the write's acknowledgement",
+            busy,
         );
-        progress::done(&bar, &label, &summary);
-        sweep.push(LatencyPoint {
-            load_fraction: fraction,
-            offered_eps: offered,
-            achieved_eps: result.per_second(),
-            samples: sightings.len() as u64,
-            p50: total.p50,
-            p99: total.p99,
-            p999: total.p999,
-            max: total.max,
-            measured_to: "consumer receipt, from the write's acknowledgement",
-            commit_to_send_ms: Percentiles::of_micros(&latencies.to_send),
-            send_to_consumer_ms: Percentiles::of_micros(&latencies.from_send),
-            machine_busy_pct: busy,
-        });
+        progress::done(&bar, &label, &point.summary());
+        sweep.push(point);
     }
     Ok(sweep)
 }

@@ -52,6 +52,42 @@ pub(crate) struct LatencyPoint {
     pub(crate) machine_busy_pct: Option<f64>,
 }
 
+impl LatencyPoint {
+    /// The point of one load: what was offered and achieved, and the percentiles of
+    /// `latencies` (microseconds) in milliseconds.
+    pub(crate) fn new(
+        load: (f64, f64, f64),
+        latencies: &crate::probes::Latencies,
+        measured_to: &'static str,
+        machine_busy_pct: Option<f64>,
+    ) -> Self {
+        let (load_fraction, offered_eps, achieved_eps) = load;
+        let total = Percentiles::of_micros(&latencies.total);
+        Self {
+            load_fraction,
+            offered_eps,
+            achieved_eps,
+            samples: latencies.total.len(),
+            p50: total.p50,
+            p99: total.p99,
+            p999: total.p999,
+            max: total.max,
+            measured_to,
+            commit_to_send_ms: Percentiles::of_micros(&latencies.to_send),
+            send_to_consumer_ms: Percentiles::of_micros(&latencies.from_send),
+            machine_busy_pct,
+        }
+    }
+
+    /// One line for the progress log.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+            self.p50, self.p99, self.p999
+        )
+    }
+}
+
 /// One relay round, timed step by step with the relay's own store and publisher.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct RoundProfile {
