@@ -129,6 +129,21 @@ impl RawProducer {
         })
     }
 
+    /// [`Self::run`] with a progress line, as run `n` of `of`.
+    pub(crate) async fn run_logged(&self, observer: &Observer, n: usize, of: usize) -> anyhow::Result<RawRun> {
+        let label = format!("raw producer, run {n}/{of}");
+        let bar = crate::progress::spinner(&label);
+        let run = self.run(observer).await?;
+        let records = self.envelopes.len();
+        let summary = format!(
+            "{:.0} events/s ({records} records; all acknowledged after {:.2} s)",
+            records as f64 / run.consumed.as_secs_f64(),
+            run.acked.as_secs_f64()
+        );
+        crate::progress::done(&bar, &label, &summary);
+        Ok(run)
+    }
+
     fn send(&self, envelope: &Envelope) -> anyhow::Result<DeliveryFuture> {
         let encoded = dbps_core::wire::encode(envelope)?;
         let mut headers = OwnedHeaders::new_with_capacity(encoded.headers.len());

@@ -85,6 +85,23 @@ impl Observer {
         self.shared.events_seen.load(Ordering::Acquire)
     }
 
+    /// Waits until `target` outbox events have been seen, failing after `deadline` or
+    /// when the consumer thread failed.
+    pub(crate) async fn wait_for_events(&self, target: u64, deadline: Duration) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        while self.events_seen() < target {
+            self.check()?;
+            if started.elapsed() > deadline {
+                return Err(anyhow!(
+                    "the consumer saw {} of {target} events within {deadline:?}",
+                    self.events_seen()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
     /// Raw-producer records seen so far.
     pub(crate) fn raw_seen(&self) -> u64 {
         self.shared.raw_seen.load(Ordering::Acquire)

@@ -126,10 +126,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     println!("{}", report.render());
     if let Some(path) = &args.json {
-        create_parent(path)?;
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+        write_json(path, &report)?;
     }
     if let Some(path) = &args.chart {
         create_parent(path)?;
@@ -149,7 +146,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn create_parent(path: &Path) -> anyhow::Result<()> {
+/// Writes `value` as pretty JSON to `path` (creating its folder) and says so on stderr.
+pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    create_parent(path)?;
+    let json = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn create_parent(path: &Path) -> anyhow::Result<()> {
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))
@@ -234,16 +240,7 @@ impl Bench<'_> {
     async fn catch_up(&self) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let target = self.writers.events_committed();
-        while self.observer.events_seen() < target {
-            self.observer.check()?;
-            if started.elapsed() > CATCH_UP_DEADLINE {
-                bail!(
-                    "the consumer saw {} of {target} committed events within {CATCH_UP_DEADLINE:?}",
-                    self.observer.events_seen()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        self.observer.wait_for_events(target, CATCH_UP_DEADLINE).await?;
         let consumed = started.elapsed();
         loop {
             let left: i64 = sqlx::query_scalar("select count(*) from dbps_outbox")
@@ -655,21 +652,7 @@ async fn drain(b: &mut Bench<'_>) -> anyhow::Result<DrainDetail> {
         &b.observer,
     )
     .await?;
-    let mut raw_runs = Vec::with_capacity(2);
-    let raw_run = async |raw_runs: &mut Vec<_>| -> anyhow::Result<()> {
-        let label = format!("raw producer, run {}/2", raw_runs.len() + 1);
-        let bar = progress::spinner(&label);
-        let run = raw.run(&b.observer).await?;
-        let summary = format!(
-            "{:.0} events/s ({events} records; all acknowledged after {:.2} s)",
-            events as f64 / run.consumed.as_secs_f64(),
-            run.acked.as_secs_f64()
-        );
-        progress::done(&bar, &label, &summary);
-        raw_runs.push(run);
-        Ok(())
-    };
-    raw_run(&mut raw_runs).await?;
+    let mut raw_runs = vec![raw.run_logged(&b.observer, 1, 2).await?];
 
     let backlog: i64 = sqlx::query_scalar("select count(*) from dbps_outbox")
         .fetch_one(&b.db)
@@ -678,26 +661,9 @@ async fn drain(b: &mut Bench<'_>) -> anyhow::Result<DrainDetail> {
     if backlog < events {
         bail!("the backlog holds {backlog} events, fewer than {events}");
     }
-    let label = "relay draining the backlog";
-    let bar = progress::counted(label, backlog);
-    let seen_before = b.observer.events_seen();
-    let started = Instant::now();
     b.relay.start();
-    let observer = &b.observer;
-    let drained = sampling(b.catch_up(), Duration::from_millis(200), async || {
-        bar.set_position(observer.events_seen().saturating_sub(seen_before));
-        Ok(())
-    })
-    .await;
-    let relay_s = started.elapsed();
-    drained?;
-    let summary = format!(
-        "{:.0} events/s ({backlog} events in {:.2} s)",
-        backlog as f64 / relay_s.as_secs_f64(),
-        relay_s.as_secs_f64()
-    );
-    progress::done(&bar, label, &summary);
-    raw_run(&mut raw_runs).await?;
+    let relay_s = time_drain(&b.observer, backlog, b.catch_up()).await?;
+    raw_runs.push(raw.run_logged(&b.observer, 2, 2).await?);
 
     Ok(DrainDetail {
         backlog_events: backlog,
@@ -707,6 +673,32 @@ async fn drain(b: &mut Bench<'_>) -> anyhow::Result<DrainDetail> {
         raw_consumed_s: raw_runs.iter().map(|r| r.consumed.as_secs_f64()).collect(),
         rounds,
     })
+}
+
+/// Times a relay, started just before, draining a backlog of `backlog` events until
+/// `caught_up` completes, with a bar of the events the observer has seen meanwhile.
+pub(crate) async fn time_drain(
+    observer: &Observer,
+    backlog: u64,
+    caught_up: impl Future<Output = anyhow::Result<Duration>>,
+) -> anyhow::Result<Duration> {
+    let label = "relay draining the backlog";
+    let bar = progress::counted(label, backlog);
+    let seen_before = observer.events_seen();
+    let started = Instant::now();
+    sampling(caught_up, Duration::from_millis(200), async || {
+        bar.set_position(observer.events_seen().saturating_sub(seen_before));
+        Ok(())
+    })
+    .await?;
+    let relay_s = started.elapsed();
+    let summary = format!(
+        "{:.0} events/s ({backlog} events in {:.2} s)",
+        backlog as f64 / relay_s.as_secs_f64(),
+        relay_s.as_secs_f64()
+    );
+    progress::done(&bar, label, &summary);
+    Ok(relay_s)
 }
 
 /// Times relay rounds step by step, with the relay's own store and publisher: what

@@ -42,7 +42,7 @@ use serde::Serialize;
 use crate::baseline::{PUBLISHER_LINGER_MS, RawProducer};
 use crate::cpu;
 use crate::observer::{Observer, unix_micros};
-use crate::outbox::{RelayControl, create_parent};
+use crate::outbox::{RelayControl, time_drain, write_json};
 use crate::probes::{sampling, split_latencies};
 use crate::progress;
 use crate::report::{LatencyPoint, Percentiles, table, thousands};
@@ -140,10 +140,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     println!("{}", report.render());
     if let Some(path) = &args.json {
-        create_parent(path)?;
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+        write_json(path, &report)?;
     }
     Ok(())
 }
@@ -544,16 +541,7 @@ impl Bench<'_> {
     async fn catch_up(&self) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let target = self.writers.events_written.load(Ordering::Acquire);
-        while self.observer.events_seen() < target {
-            self.observer.check()?;
-            if started.elapsed() > CATCH_UP_DEADLINE {
-                bail!(
-                    "the consumer saw {} of {target} written events within {CATCH_UP_DEADLINE:?}",
-                    self.observer.events_seen()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        self.observer.wait_for_events(target, CATCH_UP_DEADLINE).await?;
         let consumed = started.elapsed();
         loop {
             let left = self
@@ -858,45 +846,11 @@ async fn drain(b: &mut Bench<'_>) -> anyhow::Result<MongoDrain> {
         &b.observer,
     )
     .await?;
-    let mut raw_consumed_s = Vec::with_capacity(2);
-    let raw_run = async |raw_consumed_s: &mut Vec<f64>| -> anyhow::Result<()> {
-        let label = format!("raw producer, run {}/2", raw_consumed_s.len() + 1);
-        let bar = progress::spinner(&label);
-        let run = raw.run(&b.observer).await?;
-        progress::done(
-            &bar,
-            &label,
-            &format!("{:.0} events/s", events as f64 / run.consumed.as_secs_f64()),
-        );
-        raw_consumed_s.push(run.consumed.as_secs_f64());
-        Ok(())
-    };
-    raw_run(&mut raw_consumed_s).await?;
-
-    let label = "relay draining the backlog";
-    let bar = progress::counted(label, events);
-    let seen_before = b.observer.events_seen();
-    let started = Instant::now();
+    let before = raw.run_logged(&b.observer, 1, 2).await?;
     b.relay.start();
-    let observer = &b.observer;
-    let drained = sampling(b.catch_up(), Duration::from_millis(200), async || {
-        bar.set_position(observer.events_seen().saturating_sub(seen_before));
-        Ok(())
-    })
-    .await;
-    let relay_s = started.elapsed();
-    drained?;
-    progress::done(
-        &bar,
-        label,
-        &format!(
-            "{:.0} events/s ({} events in {:.2} s)",
-            events as f64 / relay_s.as_secs_f64(),
-            events,
-            relay_s.as_secs_f64()
-        ),
-    );
-    raw_run(&mut raw_consumed_s).await?;
+    let relay_s = time_drain(&b.observer, events, b.catch_up()).await?;
+    let after = raw.run_logged(&b.observer, 2, 2).await?;
+    let raw_consumed_s = vec![before.consumed.as_secs_f64(), after.consumed.as_secs_f64()];
     Ok(MongoDrain {
         backlog_events: events,
         fill_s: fill_s.as_secs_f64(),
