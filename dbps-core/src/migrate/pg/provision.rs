@@ -180,14 +180,18 @@ impl PgService {
         };
 
         let mut conn = connect(&admin).await?;
-        let result = self
-            .provision_cluster(&mut conn, owner_password, runtime_password, &mut report)
-            .await;
-        let _ = conn.close().await;
-        result?;
-
-        let mut conn = connect(&self.admin_options(&admin)).await?;
-        let result = self.provision_database(&mut conn).await;
+        let result = async {
+            self.provision_cluster(&mut conn, owner_password, runtime_password, &mut report)
+                .await?;
+            // The provisioning lock, held by `conn`, also covers the service's database:
+            // two concurrent GRANTs or REVOKEs on one catalog row fail with "tuple
+            // concurrently updated" instead of waiting for each other.
+            let mut database = connect(&self.admin_options(&admin)).await?;
+            let result = self.provision_database(&mut database).await;
+            let _ = database.close().await;
+            result
+        }
+        .await;
         let _ = conn.close().await;
         result?;
 
