@@ -36,6 +36,9 @@ pub struct Pending<Id = i64> {
     pub id: Id,
     /// The topic to publish to.
     pub topic: String,
+    /// The lease partition of the message's aggregate: the relay that holds this
+    /// partition publishes it.
+    pub partition: i32,
     /// The message.
     pub envelope: Envelope,
 }
@@ -72,6 +75,10 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// Whether this relay currently owns any partition.
     fn owns_any(&self, lease: &Self::Lease) -> bool;
+
+    /// The lease partitions this relay holds now, in ascending order (for operators and
+    /// tests; the relay itself asks only [`OutboxStore::owns_any`]).
+    fn partitions(&self, lease: &Self::Lease) -> Vec<i32>;
 
     /// Up to `limit` unpublished, unparked messages of the owned partitions, in commit
     /// order per aggregate.

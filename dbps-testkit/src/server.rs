@@ -236,11 +236,11 @@ mod tests {
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(
-            redact("postgres://dbps:secret@127.0.0.1:54320/postgres"),
-            "postgres://dbps:***@127.0.0.1:54320/postgres"
+            redact("postgres://dbps:secret@127.0.0.1:25432/postgres"),
+            "postgres://dbps:***@127.0.0.1:25432/postgres"
         );
-        assert_eq!(redact("redis://127.0.0.1:63790"), "redis://127.0.0.1:63790");
-        assert_eq!(redact("127.0.0.1:59092"), "127.0.0.1:59092");
+        assert_eq!(redact("redis://127.0.0.1:26379"), "redis://127.0.0.1:26379");
+        assert_eq!(redact("127.0.0.1:29092"), "127.0.0.1:29092");
         assert_eq!(redact("mongodb://user@h:1/"), "mongodb://user@h:1/");
     }
 }

@@ -46,8 +46,9 @@ pub(crate) fn id_string(id: &Bson) -> String {
 
 /// The lease partition of an aggregate: FNV-1a (32 bit) of its id, modulo [`PARTITIONS`].
 /// Stored with the document when it is written, so relays select their partitions with
-/// an equality match.
-pub(crate) fn partition(aggregate_id: &str) -> i32 {
+/// an equality match. The relay that holds this partition publishes the aggregate's
+/// messages.
+pub fn partition(aggregate_id: &str) -> i32 {
     let mut hash: u32 = 0x811c_9dc5;
     for byte in aggregate_id.bytes() {
         hash ^= u32::from(byte);
@@ -183,7 +184,12 @@ pub(crate) fn decode(id: MongoMessageId, entry: &Document) -> Result<Decoded> {
     let topic = text("topic")?;
     Ok(Decoded {
         position,
-        pending: Pending { id, topic, envelope },
+        pending: Pending {
+            id,
+            topic,
+            partition: partition(&envelope.aggregate_id),
+            envelope,
+        },
     })
 }
 

@@ -100,7 +100,7 @@ mod writer;
 
 /// The policies are shared by every store; they are re-exported here for convenience.
 pub use crate::store::{PoisonPolicy, Retention};
-pub use entry::MongoMessageId;
+pub use entry::{MongoMessageId, partition};
 pub use lease::MongoLease;
 pub use locks::{DocumentLocks, LOCKS_COLLECTION};
 pub use store::MongoOutboxStore;

@@ -423,6 +423,10 @@ impl OutboxStore for MongoOutboxStore {
         !lease.owned.is_empty()
     }
 
+    fn partitions(&self, lease: &MongoLease) -> Vec<i32> {
+        lease.partitions()
+    }
+
     async fn fetch(&self, lease: &mut MongoLease, limit: usize) -> Result<Vec<Pending<MongoMessageId>>> {
         let leases = self.leases();
         if leases.renewal_due(lease) {

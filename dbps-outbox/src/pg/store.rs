@@ -168,7 +168,7 @@ impl PgOutboxStore {
 
 const SELECT_PENDING: &str = "select id, topic, message_id, kind, message_type, schema_version, source, aggregate_type,
     aggregate_id, sequence, occurred_at, correlation_id, causation_id, reply_to, traceparent, tracestate,
-    headers, payload::text as payload, park_reason from dbps_outbox";
+    headers, payload::text as payload, park_reason, lease_partition from dbps_outbox";
 
 /// Fisher–Yates, so that relays starting together try partitions in different orders.
 fn shuffle(items: &mut [i32]) {
@@ -213,6 +213,7 @@ fn pending(row: &PgRow) -> Result<Pending> {
     Ok(Pending {
         id,
         topic: row.try_get("topic").map_err(get)?,
+        partition: row.try_get("lease_partition").map_err(get)?,
         envelope,
     })
 }
@@ -311,6 +312,10 @@ impl OutboxStore for PgOutboxStore {
 
     fn owns_any(&self, lease: &PgLease) -> bool {
         !lease.owned.is_empty()
+    }
+
+    fn partitions(&self, lease: &PgLease) -> Vec<i32> {
+        lease.owned.clone()
     }
 
     async fn fetch(&self, lease: &mut PgLease, limit: usize) -> Result<Vec<Pending>> {

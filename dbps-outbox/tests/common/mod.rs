@@ -115,28 +115,80 @@ pub fn assert_in_order(records: &[(String, i64, String)]) {
     }
 }
 
-/// Delegates to a real store but "crashes" instead of marking: the relay stops right
-/// after the broker's acknowledgement, and fetches nothing more.
-#[derive(Clone)]
-pub struct CrashBeforeMark<S> {
-    pub inner: S,
-    pub crashed: Arc<AtomicBool>,
+/// What a [`TestStore`] saw: the partitions its relay held, and each message it fetched.
+#[derive(Default)]
+pub struct Seen {
+    /// The partitions held after the last join or rebalance.
+    pub partitions: Vec<i32>,
+    /// Each fetched message: its id, its partition, and the partitions held at the fetch.
+    pub fetched: Vec<(String, i32, Vec<i32>)>,
 }
 
-impl<S: OutboxStore> CrashBeforeMark<S> {
-    pub fn new(inner: S) -> Self {
+/// Delegates to a real store, recording what its relay held and fetched (see [`Seen`]);
+/// built with [`TestStore::crash_before_mark`], it "crashes" instead of marking: the
+/// relay stops right after the broker's acknowledgement, and fetches nothing more.
+#[derive(Clone)]
+pub struct TestStore<S> {
+    pub inner: S,
+    crash_before_mark: bool,
+    crashed: Arc<AtomicBool>,
+    seen: Arc<std::sync::Mutex<Seen>>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl<S: OutboxStore> TestStore<S> {
+    pub fn recording(inner: S) -> Self {
         Self {
             inner,
+            crash_before_mark: false,
             crashed: Arc::new(AtomicBool::new(false)),
+            seen: Arc::default(),
+            changed: Arc::default(),
+        }
+    }
+
+    pub fn crash_before_mark(inner: S) -> Self {
+        Self {
+            crash_before_mark: true,
+            ..Self::recording(inner)
         }
     }
 
     pub fn crashed(&self) -> bool {
         self.crashed.load(Ordering::SeqCst)
     }
+
+    /// What the relay held and fetched so far.
+    pub fn seen<T>(&self, read: impl FnOnce(&Seen) -> T) -> T {
+        read(&self.seen.lock().expect("seen"))
+    }
+
+    /// Waits (up to [`DEADLINE`]) until the relay holds `count` partitions.
+    pub async fn holding(&self, count: usize) -> Result<(), String> {
+        let wait = async {
+            loop {
+                let changed = self.changed.notified();
+                if self.seen(|s| s.partitions.len()) == count {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(DEADLINE, wait).await.map_err(|_| {
+            format!(
+                "the relay never held {count} partitions: {:?}",
+                self.seen(|s| s.partitions.clone())
+            )
+        })
+    }
+
+    fn note_partitions(&self, lease: &S::Lease) {
+        self.seen.lock().expect("seen").partitions = self.inner.partitions(lease);
+        self.changed.notify_waiters();
+    }
 }
 
-impl<S: OutboxStore> OutboxStore for CrashBeforeMark<S> {
+impl<S: OutboxStore> OutboxStore for TestStore<S> {
     type Lease = S::Lease;
     type Id = S::Id;
 
@@ -144,23 +196,40 @@ impl<S: OutboxStore> OutboxStore for CrashBeforeMark<S> {
         self.inner.retention_policy()
     }
     async fn join(&self) -> dbps_outbox::Result<Self::Lease> {
-        self.inner.join().await
+        let lease = self.inner.join().await?;
+        self.note_partitions(&lease);
+        Ok(lease)
     }
     async fn rebalance(&self, lease: &mut Self::Lease) -> dbps_outbox::Result<()> {
-        self.inner.rebalance(lease).await
+        self.inner.rebalance(lease).await?;
+        self.note_partitions(lease);
+        Ok(())
     }
     fn owns_any(&self, lease: &Self::Lease) -> bool {
         self.inner.owns_any(lease)
+    }
+    fn partitions(&self, lease: &Self::Lease) -> Vec<i32> {
+        self.inner.partitions(lease)
     }
     async fn fetch(&self, lease: &mut Self::Lease, limit: usize) -> dbps_outbox::Result<Vec<Pending<S::Id>>> {
         if self.crashed() {
             return Ok(Vec::new());
         }
-        self.inner.fetch(lease, limit).await
+        let batch = self.inner.fetch(lease, limit).await?;
+        let held = self.inner.partitions(lease);
+        self.seen
+            .lock()
+            .expect("seen")
+            .fetched
+            .extend(batch.iter().map(|p| (p.envelope.id.clone(), p.partition, held.clone())));
+        Ok(batch)
     }
-    async fn mark_published(&self, _ids: &[S::Id]) -> dbps_outbox::Result<()> {
-        self.crashed.store(true, Ordering::SeqCst);
-        std::future::pending().await
+    async fn mark_published(&self, ids: &[S::Id]) -> dbps_outbox::Result<()> {
+        if self.crash_before_mark {
+            self.crashed.store(true, Ordering::SeqCst);
+            return std::future::pending().await;
+        }
+        self.inner.mark_published(ids).await
     }
     async fn park(&self, id: &S::Id, reason: &str) -> dbps_outbox::Result<()> {
         self.inner.park(id, reason).await
@@ -176,5 +245,28 @@ impl<S: OutboxStore> OutboxStore for CrashBeforeMark<S> {
     }
     async fn leave(&self, lease: Self::Lease) -> dbps_outbox::Result<()> {
         self.inner.leave(lease).await
+    }
+}
+
+/// Asserts that every message each relay fetched belonged to a partition it held at the
+/// time, and that no message was fetched by both.
+pub fn assert_fetched_only_held_partitions<S: OutboxStore>(relays: &[&TestStore<S>]) {
+    let mut by_relay = Vec::new();
+    for (n, relay) in relays.iter().enumerate() {
+        let ids: std::collections::BTreeSet<String> = relay.seen(|seen| {
+            for (id, partition, held) in &seen.fetched {
+                assert!(
+                    held.contains(partition),
+                    "relay {n} fetched {id} of partition {partition} while holding {held:?}"
+                );
+            }
+            seen.fetched.iter().map(|(id, _, _)| id.clone()).collect()
+        });
+        by_relay.push(ids);
+    }
+    for (a, ids_a) in by_relay.iter().enumerate() {
+        for ids_b in &by_relay[a + 1..] {
+            assert!(ids_a.is_disjoint(ids_b), "a message was fetched by two relays");
+        }
     }
 }
