@@ -170,7 +170,7 @@ fn observe(consumer: &BaseConsumer, events_topic: &str, shared: &Shared) {
         let seen_unix_us = unix_micros();
         let message = match result {
             Ok(message) => message,
-            Err(error) if dbps_core::kafka::is_transient(&error) => {
+            Err(error) if dbps_core::classify::Classify::is_transient(&error) => {
                 tracing::warn!(%error, "observing consumer: transient error");
                 continue;
             }

@@ -26,12 +26,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use dbps_core::CancellationToken;
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
 use dbps_outbox::pg::{MIGRATOR, PgOutbox, PgOutboxStore};
 use dbps_outbox::{OutboxError, OutboxStore, Relay, RelaySummary};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::baseline::RawProducer;
@@ -165,7 +165,7 @@ fn create_parent(path: &Path) -> anyhow::Result<()> {
 }
 
 /// A running relay: how to stop it, and its task.
-type Running = (oneshot::Sender<()>, JoinHandle<Result<RelaySummary, OutboxError>>);
+type Running = (CancellationToken, JoinHandle<Result<RelaySummary, OutboxError>>);
 
 /// Starts and stops relays on one store, sharing one publisher (as a service's relay
 /// task would across restarts).
@@ -187,27 +187,22 @@ impl<S: OutboxStore + Clone + 'static> RelayControl<S> {
     }
 
     /// Starts a relay with the library's defaults except the batch size.
-    pub(crate) fn start(&mut self) {
+    pub(crate) fn start(&mut self) -> anyhow::Result<()> {
         if self.running.is_some() {
-            return;
+            return Ok(());
         }
         let relay = Relay::builder(self.store.clone(), self.publisher.clone())
             .batch_size(self.batch_size)
-            .build();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            relay
-                .run(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+            .build()?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(relay.run(stop.clone()));
         self.running = Some((stop, task));
+        Ok(())
     }
 
     pub(crate) async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some((stop, task)) = self.running.take() {
-            let _ = stop.send(());
+            stop.cancel();
             task.await.context("relay task panicked")?.context("relay failed")?;
         }
         Ok(())
@@ -422,7 +417,7 @@ async fn warm_up(b: &mut Bench<'_>) -> anyhow::Result<WaitEvents> {
             "warm-up with outbox"
         };
         if transaction == Transaction::BusinessWithOutbox {
-            b.relay.start();
+            b.relay.start()?;
         }
         let bar = progress::timed(label, warm);
         let load = Load {
@@ -469,7 +464,7 @@ async fn write_rates(b: &mut Bench<'_>) -> anyhow::Result<WriteRates> {
         );
         let bar = progress::timed(&label, slice);
         if with_outbox {
-            b.relay.start();
+            b.relay.start()?;
         } else {
             b.relay.stop().await?;
         }
@@ -564,7 +559,7 @@ async fn write_diagnostics(b: &mut Bench<'_>) -> anyhow::Result<Vec<WriteCost>> 
 
 /// Phase 5: commit → consumer latency at fractions of the with-outbox write rate.
 async fn latency_sweep(b: &mut Bench<'_>, max_rate: f64) -> anyhow::Result<Vec<LatencyPoint>> {
-    b.relay.start();
+    b.relay.start()?;
     let mut sweep = Vec::with_capacity(SWEEP.len());
     for fraction in SWEEP {
         let duration = if fraction == HEADLINE_LOAD {
@@ -661,7 +656,7 @@ async fn drain(b: &mut Bench<'_>) -> anyhow::Result<DrainDetail> {
     if backlog < events {
         bail!("the backlog holds {backlog} events, fewer than {events}");
     }
-    b.relay.start();
+    b.relay.start()?;
     let relay_s = time_drain(&b.observer, backlog, b.catch_up()).await?;
     raw_runs.push(raw.run_logged(&b.observer, 2, 2).await?);
 
@@ -781,7 +776,7 @@ async fn idle(b: Bench<'_>) -> anyhow::Result<IdleDetail> {
         let before = quiet_transactions(&admin, &scratch.database).await?;
         let pool = scratch.pool(4, RELAY_APP).await?;
         let mut relay = RelayControl::new(PgOutboxStore::new(pool.clone()), publisher.clone(), args.batch_size);
-        relay.start();
+        relay.start()?;
         let started = Instant::now();
         while started.elapsed() < duration {
             let workers: i64 = sqlx::query_scalar(

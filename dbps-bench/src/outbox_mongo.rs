@@ -569,7 +569,7 @@ impl Bench<'_> {
         duration: Duration,
     ) -> anyhow::Result<(LoadResult, Option<f64>)> {
         if write.events() > 0 {
-            self.relay.start();
+            self.relay.start()?;
         } else {
             self.relay.stop().await?;
         }
@@ -753,7 +753,7 @@ async fn compare(b: &mut Bench<'_>) -> anyhow::Result<(Vec<WriteRate>, (u64, Dur
 
 /// Phase 4: write → consumer latency at fractions of the with-outbox update rate.
 async fn latency_sweep(b: &mut Bench<'_>, max_rate: f64) -> anyhow::Result<Vec<LatencyPoint>> {
-    b.relay.start();
+    b.relay.start()?;
     let mut sweep = Vec::with_capacity(SWEEP.len());
     for (fraction, share) in SWEEP {
         let duration = b.args.duration.mul_f64(share);
@@ -847,7 +847,7 @@ async fn drain(b: &mut Bench<'_>) -> anyhow::Result<MongoDrain> {
     )
     .await?;
     let before = raw.run_logged(&b.observer, 1, 2).await?;
-    b.relay.start();
+    b.relay.start()?;
     let relay_s = time_drain(&b.observer, events, b.catch_up()).await?;
     let after = raw.run_logged(&b.observer, 2, 2).await?;
     let raw_consumed_s = vec![before.consumed.as_secs_f64(), after.consumed.as_secs_f64()];

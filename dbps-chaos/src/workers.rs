@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use dbps_core::Envelope;
 use dbps_core::Message as _;
-use dbps_core::inbox::pg::{PgInbox, TxHandler, classify};
+use dbps_core::inbox::pg::{PgInbox, TxHandler};
 use dbps_core::kafka::{ConsumerRunner, HandlerError, KafkaConfig, KafkaPublisher, TopicNaming};
 use dbps_outbox::Relay;
 use dbps_outbox::mongo::{MongoOutbox, MongoOutboxStore};
@@ -49,7 +49,18 @@ pub(crate) async fn run(role: Role) -> Result<()> {
 
 /// Completes when standard input reaches its end (the orchestrator closed it, or died),
 /// or on SIGINT / SIGTERM.
-fn shutdown_requested() -> impl Future<Output = ()> + Send + 'static {
+fn shutdown_requested() -> dbps_core::CancellationToken {
+    let token = dbps_core::CancellationToken::new();
+    let cancel = token.clone();
+    let requested = shutdown_signal();
+    tokio::spawn(async move {
+        requested.await;
+        cancel.cancel();
+    });
+    token
+}
+
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     let (closed, on_close) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
@@ -216,7 +227,7 @@ async fn writer(args: WriterArgs) -> Result<()> {
         let shared = Arc::clone(&shared);
         tasks.spawn(async move { writer_task(&shared, task).await });
     }
-    let shutdown = shutdown_requested();
+    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut total = WriterStats::default();
     loop {
@@ -500,7 +511,7 @@ async fn run_relay<S: dbps_outbox::OutboxStore>(
         .poll_interval(Duration::from_millis(args.poll_ms))
         .rebalance_interval(Duration::from_millis(args.rebalance_ms))
         .retry_delay(Duration::from_millis(args.retry_ms))
-        .build();
+        .build()?;
     tracing::info!(relay = %args.name, "relay started");
     relay.run(shutdown_requested()).await.context("relay")
 }
@@ -559,8 +570,7 @@ impl TxHandler for ApplyEffect {
             .bind(&message.aggregate_id)
             .bind(message.sequence)
             .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
+            .await?;
         sqlx::query(
             "insert into effect_totals as t (aggregate_id, applied, last_sequence) values ($1, 1, $2)
              on conflict (aggregate_id) do update set applied = t.applied + 1, last_sequence = excluded.last_sequence",
@@ -568,8 +578,7 @@ impl TxHandler for ApplyEffect {
         .bind(&message.aggregate_id)
         .bind(message.sequence)
         .execute(&mut *conn)
-        .await
-        .map_err(classify)?;
+        .await?;
         Ok(())
     }
 }

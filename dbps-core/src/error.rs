@@ -82,9 +82,48 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// A configuration value is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    /// A setting of a builder or a configuration is invalid. Nothing was started.
+    #[error("invalid configuration: {setting}: {reason}")]
+    InvalidConfig {
+        /// The setting (`batch_size`, `group_id`, `enable.auto.commit`, ...).
+        setting: String,
+        /// What is wrong with its value, and what to do instead.
+        reason: String,
+    },
+    /// A topic name breaks Kafka's rules.
+    #[error("invalid topic name {topic:?}: {reason}")]
+    InvalidTopic {
+        /// The rejected name.
+        topic: String,
+        /// The rule it breaks.
+        reason: String,
+    },
+    /// Topics a component needs do not exist, and it was not asked to create them.
+    #[error(
+        "topics {} do not exist: create them (ensure_topics, or the builder's create_topics) before starting",
+        .topics.join(", ")
+    )]
+    MissingTopics {
+        /// The topics that do not exist.
+        topics: Vec<String>,
+    },
+    /// An argument of a call is not usable. Nothing was written.
+    #[error("invalid {argument}: {reason}")]
+    InvalidArgument {
+        /// The argument.
+        argument: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A thread could not be started.
+    #[error("could not start the {what} thread")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Kafka refused or failed a request.
     #[cfg(feature = "kafka")]
     #[error("kafka {operation} failed")]
@@ -135,26 +174,27 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether retrying the same call later may succeed.
+    /// Whether retrying the same call later may succeed (backend errors are judged by
+    /// [`Classify`](crate::classify::Classify)).
     pub fn is_transient(&self) -> bool {
+        #[allow(unused_imports)]
+        use crate::classify::Classify as _;
         match self {
             #[cfg(feature = "kafka")]
-            Self::Kafka { source, .. } => crate::kafka::is_transient(source),
+            Self::Kafka { source, .. } => source.is_transient(),
             #[cfg(feature = "postgres")]
-            Self::Postgres { source, .. } => crate::inbox::pg::is_transient(source),
+            Self::Postgres { source, .. } => source.is_transient(),
             #[cfg(feature = "mongodb")]
-            Self::Mongo { source, .. } => {
-                source.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
-                    || source.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
-                    || matches!(
-                        *source.kind,
-                        mongodb::error::ErrorKind::Io(_)
-                            | mongodb::error::ErrorKind::ConnectionPoolCleared { .. }
-                            | mongodb::error::ErrorKind::ServerSelection { .. }
-                    )
-            }
+            Self::Mongo { source, .. } => source.is_transient(),
             Self::HeldBack { .. } => true,
             _ => false,
+        }
+    }
+
+    pub(crate) fn config(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidConfig {
+            setting: setting.into(),
+            reason: reason.into(),
         }
     }
 }

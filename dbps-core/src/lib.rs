@@ -18,7 +18,6 @@
 //!   which commits an offset only after its message was handled or dead-lettered.
 //! - `inbox`: idempotent consumers whose de-duplication record commits with the effect
 //!   (feature `postgres`), and event-id-guarded updates for MongoDB (feature `mongodb`).
-//! - [`migrate`]: the per-service migration runner and least-privilege provisioning.
 //!
 //! # Example
 //!
@@ -72,6 +71,7 @@
 //! This crate is deliberately small and slow to change: the other dbps crates depend on
 //! it, and it depends on none of them.
 
+pub mod classify;
 mod envelope;
 mod error;
 mod handler;
@@ -83,10 +83,14 @@ pub mod wire;
 pub mod inbox;
 #[cfg(feature = "kafka")]
 pub mod kafka;
-pub mod migrate;
 
 pub use envelope::{Envelope, MessageKind, TraceContext};
 pub use error::{Error, Result};
-pub use handler::{Handler, HandlerError};
+pub use handler::{Handler, HandlerError, MessageSet, OtherTypes, Typed, TypedHandler};
 pub use limits::PayloadLimits;
 pub use registry::{Message, Registry};
+/// The shutdown signal of every long-running dbps part (relay, consumer runner, saga
+/// orchestrator, replica projector): cancel it and each finishes its unit of work in
+/// flight, commits it, releases its leases and returns its summary. Re-exported so that
+/// services and dbps agree on its version.
+pub use tokio_util::sync::CancellationToken;

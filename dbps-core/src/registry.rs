@@ -114,6 +114,9 @@ impl Registry {
     }
 
     /// Decodes the envelope's payload into `M`, upcasting older versions.
+    ///
+    /// `M` need not be registered: a payload at `M`'s current version decodes directly.
+    /// Registering matters only for older versions, which go through `M`'s upcasters.
     pub fn decode<M: Message>(&self, envelope: &Envelope) -> Result<M> {
         if envelope.message_type != M::TYPE {
             return Err(Error::WrongType {
@@ -121,7 +124,6 @@ impl Registry {
                 actual: envelope.message_type.clone(),
             });
         }
-        self.check(envelope)?;
         let decode_error = |version, source| Error::Decode {
             message_type: M::TYPE.to_owned(),
             version,
@@ -130,7 +132,13 @@ impl Registry {
         if envelope.schema_version == M::VERSION {
             return serde_json::from_str(envelope.payload.get()).map_err(|e| decode_error(envelope.schema_version, e));
         }
-        let entry = self.entry(M::TYPE)?;
+        let unknown_version = || Error::UnknownVersion {
+            message_type: M::TYPE.to_owned(),
+            version: envelope.schema_version,
+            current: M::VERSION,
+        };
+        let entry = self.entries.get(M::TYPE).ok_or_else(unknown_version)?;
+        self.check(envelope)?;
         let mut value: Value =
             serde_json::from_str(envelope.payload.get()).map_err(|e| decode_error(envelope.schema_version, e))?;
         for from in envelope.schema_version..entry.current {
@@ -259,6 +267,22 @@ mod tests {
         assert!(matches!(
             registry().decode::<CustomerCreated>(&e),
             Err(Error::Decode { version: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn current_version_decodes_without_registering() {
+        let e = envelope(3, json!({"id": "c-1", "name": "Ada", "tax_number": "GB1"}));
+        let decoded: CustomerCreated = Registry::new().decode(&e).expect("decodes");
+        assert_eq!(decoded.name, "Ada");
+        let old = envelope(2, json!({"id": "c-1", "name": "Ada"}));
+        assert!(matches!(
+            Registry::new().decode::<CustomerCreated>(&old),
+            Err(Error::UnknownVersion {
+                version: 2,
+                current: 3,
+                ..
+            })
         ));
     }
 

@@ -11,20 +11,15 @@ use common::{StockChanged, TestResult, eventually, header, read_records};
 use dbps_core::kafka::{
     ConsumerRunner, Handler, HandlerError, KafkaConfig, KafkaPublisher, RetryPolicy, RunSummary, dead_letter_header,
 };
-use dbps_core::{Envelope, Message as _, Registry};
+use dbps_core::{CancellationToken, Envelope, Message as _, Registry};
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 fn fast_retries() -> RetryPolicy {
-    RetryPolicy {
-        initial_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(50),
-        max_retries: 5,
-    }
+    RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(50), 5).expect("a valid policy")
 }
 
 fn event(sku: &str, sequence: i64) -> Result<Envelope, dbps_core::Error> {
@@ -52,11 +47,9 @@ async fn publish_all(brokers: &str, topic: &str, envelopes: &[Envelope]) -> Test
 /// Starts a runner in the background; send on the returned channel to stop it gracefully.
 fn start<H: Handler>(
     runner: ConsumerRunner<H>,
-) -> (oneshot::Sender<()>, JoinHandle<Result<RunSummary, dbps_core::Error>>) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+) -> (CancellationToken, JoinHandle<Result<RunSummary, dbps_core::Error>>) {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(runner.run(stop.clone()));
     (stop, task)
 }
 
@@ -143,7 +136,7 @@ async fn transient_failure_is_retried_and_succeeds() -> TestResult {
     .build()?;
     let (stop, task) = start(runner);
     eventually("both messages handled", || async { Ok(recorder.seen_count() == 2) }).await?;
-    let _ = stop.send(());
+    stop.cancel();
     let summary = task.await??;
 
     assert_eq!(
@@ -211,7 +204,7 @@ async fn permanent_failure_and_undecodable_message_go_to_the_dead_letter_topic()
     .build()?;
     let (stop, task) = start(runner);
     let dead = read_records(kafka.brokers(), &dlq, 3).await?;
-    let _ = stop.send(());
+    stop.cancel();
     let summary = task.await??;
 
     assert_eq!(
@@ -290,7 +283,7 @@ async fn per_key_order_holds_while_partitions_run_concurrently() -> TestResult {
         Ok(recorder.seen_count() == envelopes.len())
     })
     .await?;
-    let _ = stop.send(());
+    stop.cancel();
     task.await??;
 
     let mut per_aggregate: BTreeMap<String, Vec<i64>> = BTreeMap::new();
@@ -328,7 +321,7 @@ async fn graceful_stop_commits_so_the_next_runner_starts_after_it() -> TestResul
         .build()?;
     let (stop, task) = start(runner);
     eventually("first batch handled", || async { Ok(a.seen_count() == 20) }).await?;
-    let _ = stop.send(());
+    stop.cancel();
     task.await??;
 
     let sentinel = event("sku-sentinel", 0)?;
@@ -340,7 +333,7 @@ async fn graceful_stop_commits_so_the_next_runner_starts_after_it() -> TestResul
         .build()?;
     let (stop, task) = start(runner);
     eventually("sentinel handled", || async { Ok(b.seen_count() >= 1) }).await?;
-    let _ = stop.send(());
+    stop.cancel();
     task.await??;
     assert_eq!(
         *b.seen.lock().expect("lock"),
@@ -357,20 +350,19 @@ async fn runner_configuration_errors_are_typed() -> TestResult {
     let no_topic = ConsumerRunner::builder(config.clone(), "g", Arc::clone(&recorder))
         .build()
         .unwrap_err();
-    assert!(matches!(no_topic, dbps_core::Error::Config(_)));
+    assert!(matches!(no_topic, dbps_core::Error::InvalidConfig { ref setting, .. } if setting == "topics"));
     let bad_topic = ConsumerRunner::builder(config.clone(), "g", Arc::clone(&recorder))
         .topic("a b")
         .build()
         .unwrap_err();
-    assert!(matches!(
-        bad_topic,
-        dbps_core::Error::InvalidAttribute { attribute: "topic", .. }
-    ));
+    assert!(matches!(bad_topic, dbps_core::Error::InvalidTopic { .. }));
     let auto_commit = ConsumerRunner::builder(config.set("enable.auto.commit", "true"), "g", recorder)
         .topic("t")
         .build()
         .unwrap_err();
-    assert!(matches!(auto_commit, dbps_core::Error::Config(ref m) if m.contains("enable.auto.commit")));
+    assert!(
+        matches!(auto_commit, dbps_core::Error::InvalidConfig { ref setting, .. } if setting == "enable.auto.commit")
+    );
     Ok(())
 }
 

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{StockChanged, TestResult, eventually};
+use dbps_core::CancellationToken;
 use dbps_core::Envelope;
 use dbps_core::inbox::pg::{self, PgInbox, TxHandler};
 use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig, KafkaPublisher};
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::oneshot;
 
 /// Adds the event's quantity to a running total: applied twice, the total is wrong.
 #[derive(Default)]
@@ -31,8 +31,7 @@ impl TxHandler for AddToStock {
         .bind(&event.sku)
         .bind(event.on_hand)
         .execute(&mut *conn)
-        .await
-        .map_err(pg::classify)?;
+        .await?;
         if self.fail_after_write {
             return Err(HandlerError::transient("crashed after writing"));
         }
@@ -175,7 +174,7 @@ async fn consumer_dropped_before_committing_redelivers_and_effects_apply_once() 
         .dead_letter_topic(&dlq)
         .commit_interval(Duration::from_secs(3600))
         .build()?;
-    let crashed = tokio::spawn(runner.run(std::future::pending()));
+    let crashed = tokio::spawn(runner.run(CancellationToken::new()));
     let pool = db.pool().clone();
     eventually("all 60 effects applied", || {
         let pool = pool.clone();
@@ -199,15 +198,13 @@ async fn consumer_dropped_before_committing_redelivers_and_effects_apply_once() 
         .topic(&topic)
         .dead_letter_topic(&dlq)
         .build()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(runner.run(stop.clone()));
     eventually("every message redelivered", || async {
         Ok(second.delivered.load(Ordering::SeqCst) >= 60)
     })
     .await?;
-    let _ = stop.send(());
+    stop.cancel();
     let summary = task.await??;
     assert_eq!(summary.handled, 60, "all redelivered and acknowledged");
     assert_eq!(

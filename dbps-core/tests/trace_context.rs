@@ -85,15 +85,13 @@ async fn the_consumer_span_continues_the_writers_trace() -> TestResult {
     .topic(&topic)
     .dead_letter_topic(&dlq)
     .build()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let stop = dbps_core::CancellationToken::new();
+    let task = tokio::spawn(runner.run(stop.clone()));
     eventually("message handled", || async {
         Ok(!handler.0.lock().map_err(|_| "poisoned")?.is_empty())
     })
     .await?;
-    let _ = stop.send(());
+    stop.cancel();
     task.await??;
 
     let seen = handler.0.lock().map_err(|_| "poisoned")?.clone();

@@ -8,10 +8,10 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-/// The migration fixtures of dbps-core's tests.
+/// The migration fixtures of this crate's tests.
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../dbps-core/tests/fixtures/pg")
+        .join("tests/fixtures/pg")
         .join(name)
 }
 

@@ -41,9 +41,21 @@ pub enum OutboxError {
         /// The id asked for.
         id: i64,
     },
-    /// Invalid configuration.
-    #[error("invalid outbox configuration: {0}")]
-    Config(String),
+    /// A setting of the outbox, its store or its relay is invalid. Nothing was started.
+    #[error("invalid outbox configuration: {setting}: {reason}")]
+    InvalidConfig {
+        /// The setting (`batch_size`, `retention`, `collections`, ...).
+        setting: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// A write's arguments are not usable (a replacement document where an update is
+    /// needed, a reserved field, headers that are not JSON). Nothing was written.
+    #[error("invalid outbox write: {0}")]
+    InvalidWrite(String),
+    /// The stream that wakes the relay ended; the relay rejoins.
+    #[error("the outbox's {0} ended")]
+    StreamEnded(&'static str),
     /// MongoDB could not be reached or rejected the request.
     #[cfg(feature = "mongodb")]
     #[error("outbox store mongodb {operation} failed")]
@@ -101,24 +113,20 @@ pub enum OutboxError {
 }
 
 impl OutboxError {
-    /// Whether retrying the same call later may succeed.
+    /// Whether retrying the same call later may succeed (database errors are judged by
+    /// [`dbps_core::classify`]).
     pub fn is_transient(&self) -> bool {
+        #[allow(unused_imports)]
+        use dbps_core::classify::Classify as _;
         match self {
             #[cfg(feature = "postgres")]
-            Self::Store { source, .. } => {
-                matches!(
-                    source,
-                    sqlx::Error::Io(_)
-                        | sqlx::Error::PoolTimedOut
-                        | sqlx::Error::PoolClosed
-                        | sqlx::Error::WorkerCrashed
-                ) || matches!(source, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01"))
-            }
+            Self::Store { source, .. } => source.is_transient(),
             Self::Publish(e) => e.is_transient(),
             #[cfg(feature = "mongodb")]
-            Self::Mongo { source, .. } => crate::mongo::is_transient(source),
+            Self::Mongo { source, .. } => source.is_transient(),
             #[cfg(feature = "mongodb")]
             Self::Contention { .. } => true,
+            Self::StreamEnded(_) => true,
             _ => false,
         }
     }

@@ -3,15 +3,21 @@
 //! aggregate, at least once, never skipping a late commit.
 //!
 //! ```no_run
+//! use dbps_core::CancellationToken;
 //! use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
+//! use dbps_migrate::{PgMigrations, ServiceName};
 //! use dbps_outbox::Relay;
 //! use dbps_outbox::pg::{PgOutbox, PgOutboxStore};
 //! # #[derive(serde::Serialize, serde::Deserialize)] struct CustomerCreated { id: String }
 //! # impl dbps_core::Message for CustomerCreated { const TYPE: &'static str = "customer.CustomerCreated"; }
 //!
-//! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
-//! // Once, with the service's own migrations:
-//! dbps_outbox::pg::MIGRATOR.run(&pool).await?;
+//! # async fn demo(pool: sqlx::PgPool, owner: sqlx::postgres::PgConnectOptions) -> Result<(), Box<dyn std::error::Error>> {
+//! // At every deployment, as the service's owner role: the outbox's tables are one
+//! // component of the service's migrations (dbps-migrate; dbps-service does this at start).
+//! PgMigrations::new(ServiceName::new("customer")?)
+//!     .component("dbps_outbox", &dbps_outbox::pg::MIGRATOR)
+//!     .run(&owner)
+//!     .await?;
 //!
 //! // Writing: inside the service's transaction.
 //! let outbox = PgOutbox::new("customer");
@@ -22,8 +28,9 @@
 //!
 //! // Relaying: in the same process or another one, any number of instances.
 //! let publisher = KafkaPublisher::builder(KafkaConfig::new("127.0.0.1:9092").set("message.timeout.ms", "0")).build()?;
-//! let relay = Relay::builder(PgOutboxStore::new(pool.clone()), publisher).build();
-//! relay.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! let relay = Relay::builder(PgOutboxStore::new(pool.clone()), publisher).build()?;
+//! let shutdown = CancellationToken::new(); // cancelled on SIGTERM: the relay finishes its batch and leaves
+//! relay.run(shutdown).await?;
 //! # Ok(()) }
 //! ```
 //!

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use dbps_core::kafka::KafkaPublisher;
+use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
+use dbps_core::CancellationToken;
+use dbps_core::kafka::{KafkaPublisher, TopicSpec, ensure_topics};
 use tracing::Instrument;
 
 use crate::error::{OutboxError, Result};
@@ -10,11 +12,14 @@ use crate::store::{OutboxStore, Pending};
 
 /// What a relay did before it stopped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RelaySummary {
     /// Messages published (and marked).
     pub published: u64,
     /// Messages parked.
     pub parked: u64,
+    /// Transient failures that were retried (database or broker trouble).
+    pub retried: u64,
 }
 
 /// Builds a [`Relay`].
@@ -24,9 +29,9 @@ pub struct RelayBuilder<S> {
 }
 
 impl<S: OutboxStore> RelayBuilder<S> {
-    /// Messages fetched and published per round (default 500).
+    /// Messages fetched and published per round (default 500; at least 1).
     pub fn batch_size(mut self, batch_size: usize) -> Self {
-        self.relay.batch_size = batch_size.max(1);
+        self.relay.batch_size = batch_size;
         self
     }
 
@@ -45,16 +50,57 @@ impl<S: OutboxStore> RelayBuilder<S> {
         self
     }
 
-    /// How long to wait after a failed round (database or broker trouble) before the
-    /// next (default 500 ms).
+    /// How long to wait after the first failed round (database or broker trouble) before
+    /// the next (default 500 ms). Further failures in a row wait twice as long each time,
+    /// with jitter, up to [`RelayBuilder::max_retry_delay`].
     pub fn retry_delay(mut self, delay: Duration) -> Self {
         self.relay.retry_delay = delay;
         self
     }
 
-    /// Builds the relay.
-    pub fn build(self) -> Relay<S> {
-        self.relay
+    /// The longest wait between two failed rounds (default 10 s).
+    pub fn max_retry_delay(mut self, delay: Duration) -> Self {
+        self.relay.max_retry_delay = delay;
+        self
+    }
+
+    /// Topics the relay creates, if they do not exist yet, before it publishes anything
+    /// (the service's own event and command topics). A message whose topic does not exist
+    /// is never parked: it waits, with an error in the log naming the topic, until the
+    /// topic is created.
+    pub fn create_topics(mut self, topics: impl IntoIterator<Item = TopicSpec>) -> Self {
+        self.relay.create_topics.extend(topics);
+        self
+    }
+
+    /// Checks the settings and builds the relay.
+    pub fn build(self) -> Result<Relay<S>> {
+        let relay = self.relay;
+        let invalid = |setting, reason: &str| {
+            Err(OutboxError::InvalidConfig {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if relay.batch_size == 0 {
+            return invalid("batch_size", "must be at least 1");
+        }
+        for (setting, value) in [
+            ("poll_interval", relay.poll_interval),
+            ("rebalance_interval", relay.rebalance_interval),
+            ("retry_delay", relay.retry_delay),
+        ] {
+            if value.is_zero() {
+                return invalid(setting, "must be positive");
+            }
+        }
+        if relay.max_retry_delay < relay.retry_delay {
+            return invalid("max_retry_delay", "must be at least retry_delay");
+        }
+        for topic in &relay.create_topics {
+            dbps_core::kafka::validate_topic_name(&topic.name).map_err(OutboxError::Message)?;
+        }
+        Ok(relay)
     }
 }
 
@@ -69,12 +115,29 @@ impl<S: OutboxStore> RelayBuilder<S> {
 /// - Marks (or deletes) a message only after the broker acknowledged it. A relay that
 ///   dies between the acknowledgement and the mark publishes the message again when it
 ///   restarts: a duplicate the consumers' inbox absorbs.
-/// - Parks a message Kafka refuses permanently (too large, invalid topic) with the
-///   reason; the store's policy decides whether its aggregate's later messages wait.
+/// - Parks a message Kafka refuses for what it is (too large, an invalid record or topic
+///   name) with the reason; the store's policy decides whether its aggregate's later
+///   messages wait. A message whose topic does not exist waits for the topic instead.
 /// - Several relays share the outbox by partition leases (see the store).
 ///
+/// # Lifecycle
+///
+/// [`Relay::run`] follows the contract of every long-running dbps part:
+///
+/// - it runs until its [`CancellationToken`] is cancelled; then it stops taking work,
+///   finishes the batch in flight (published *and* marked), leaves (releasing its leases
+///   so that other relays take over at once) and returns its [`RelaySummary`];
+/// - transient trouble (the database or the broker unreachable, a failover) is retried
+///   with exponential backoff and counted in `dbps_outbox_relay_errors_total`; a
+///   permanent error (the outbox table missing, refused credentials or authorisation)
+///   returns `Err` at once, with a message that says what to fix;
+/// - dropping the `run` future behaves as a crash: the batch in flight stays unmarked
+///   and is published again by whichever relay takes its partitions;
+/// - a panic inside is not caught: it reaches the caller as a panic.
+///
 /// Metrics: `dbps_outbox_published_total`, `dbps_outbox_parked_total`,
-/// `dbps_outbox_backlog`, `dbps_outbox_oldest_unpublished_seconds`, `dbps_outbox_parked`,
+/// `dbps_outbox_relay_errors_total`, `dbps_outbox_backlog`,
+/// `dbps_outbox_oldest_unpublished_seconds`, `dbps_outbox_parked`,
 /// `dbps_outbox_batch_seconds`.
 #[derive(Debug)]
 pub struct Relay<S> {
@@ -84,6 +147,16 @@ pub struct Relay<S> {
     poll_interval: Duration,
     rebalance_interval: Duration,
     retry_delay: Duration,
+    max_retry_delay: Duration,
+    create_topics: Vec<TopicSpec>,
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The shutdown token was cancelled; the lease was left.
+    Shutdown,
+    /// A round failed.
+    Failed(OutboxError),
 }
 
 impl<S: OutboxStore> Relay<S> {
@@ -100,6 +173,8 @@ impl<S: OutboxStore> Relay<S> {
                 poll_interval: Duration::from_secs(2),
                 rebalance_interval: Duration::from_secs(10),
                 retry_delay: Duration::from_millis(500),
+                max_retry_delay: Duration::from_secs(10),
+                create_topics: Vec::new(),
             },
         }
     }
@@ -109,57 +184,134 @@ impl<S: OutboxStore> Relay<S> {
         &self.store
     }
 
-    /// Runs until `shutdown` completes. A round in flight when it does is abandoned:
-    /// its messages stay unmarked and are published again by the next relay (at least
-    /// once).
-    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<RelaySummary> {
+    /// Runs until `shutdown` is cancelled or a permanent error stops it (see the
+    /// lifecycle in the type's documentation).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<RelaySummary> {
         let mut summary = RelaySummary::default();
-        tokio::pin!(shutdown);
-        loop {
-            let session = async {
-                let lease = self.store.join().await?;
-                self.session(lease, &mut summary).await
-            };
-            tokio::select! {
-                () = &mut shutdown => return Ok(summary),
-                result = session => {
-                    let error = match result {
-                        Ok(never) => match never {},
-                        Err(error) => error,
-                    };
-                    tracing::warn!(%error, "relay session failed; rejoining");
-                    metrics::counter!("dbps_outbox_relay_errors_total").increment(1);
+        let mut backoff = self.backoff();
+        if !self.create_topics.is_empty() {
+            loop {
+                match ensure_topics(self.publisher.config(), &self.create_topics).await {
+                    Ok(_) => break,
+                    Err(error) if error.is_transient() => {
+                        if self
+                            .pause(&shutdown, &mut backoff, &mut summary, &OutboxError::Publish(error))
+                            .await
+                        {
+                            return Ok(summary);
+                        }
+                    }
+                    Err(error) => return Err(OutboxError::Publish(error)),
                 }
             }
-            tokio::select! {
-                () = &mut shutdown => return Ok(summary),
-                () = tokio::time::sleep(self.retry_delay) => {}
+            backoff = self.backoff();
+        }
+        loop {
+            let lease = tokio::select! {
+                () = shutdown.cancelled() => return Ok(summary),
+                joined = self.store.join() => joined,
+            };
+            let end = match lease {
+                Ok(lease) => self.session(lease, &shutdown, &mut summary, &mut backoff).await,
+                Err(error) => SessionEnd::Failed(error),
+            };
+            match end {
+                SessionEnd::Shutdown => return Ok(summary),
+                SessionEnd::Failed(error) if error.is_transient() => {
+                    if self.pause(&shutdown, &mut backoff, &mut summary, &error).await {
+                        return Ok(summary);
+                    }
+                }
+                SessionEnd::Failed(error) => {
+                    tracing::error!(error = %error_chain(&error), "relay stopped by a permanent error");
+                    return Err(error);
+                }
             }
         }
     }
 
-    /// One membership: rounds until an error ends it.
-    async fn session(&self, mut lease: S::Lease, summary: &mut RelaySummary) -> Result<std::convert::Infallible> {
+    /// Logs and counts a transient failure and waits for the next delay; true if the
+    /// shutdown token was cancelled meanwhile.
+    async fn pause(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut ExponentialBackoff,
+        summary: &mut RelaySummary,
+        error: &OutboxError,
+    ) -> bool {
+        let delay = backoff.next().unwrap_or(self.max_retry_delay);
+        summary.retried += 1;
+        metrics::counter!("dbps_outbox_relay_errors_total").increment(1);
+        tracing::warn!(error = %error_chain(error), ?delay, "relay round failed; retrying");
+        tokio::select! {
+            () = shutdown.cancelled() => true,
+            () = tokio::time::sleep(delay) => false,
+        }
+    }
+
+    fn backoff(&self) -> ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_min_delay(self.retry_delay)
+            .with_max_delay(self.max_retry_delay)
+            .without_max_times()
+            .with_jitter()
+            .build()
+    }
+
+    /// One membership: rounds until the shutdown token is cancelled (then leaves) or an
+    /// error ends it (then drops the lease, which releases it).
+    async fn session(
+        &self,
+        mut lease: S::Lease,
+        shutdown: &CancellationToken,
+        summary: &mut RelaySummary,
+        backoff: &mut ExponentialBackoff,
+    ) -> SessionEnd {
+        match self.rounds(&mut lease, shutdown, summary, backoff).await {
+            Ok(()) => {
+                if let Err(error) = self.store.leave(lease).await {
+                    // The lease's connection is gone either way; its locks or leases go
+                    // with it or expire.
+                    tracing::warn!(%error, "relay could not leave cleanly");
+                }
+                SessionEnd::Shutdown
+            }
+            Err(error) => SessionEnd::Failed(error),
+        }
+    }
+
+    /// Rounds until the shutdown token is cancelled (`Ok`) or one fails.
+    async fn rounds(
+        &self,
+        lease: &mut S::Lease,
+        shutdown: &CancellationToken,
+        summary: &mut RelaySummary,
+        backoff: &mut ExponentialBackoff,
+    ) -> Result<()> {
         let mut last_rebalance: Option<Instant> = None;
-        loop {
+        while !shutdown.is_cancelled() {
             if last_rebalance.is_none_or(|t| t.elapsed() >= self.rebalance_interval) {
-                self.store.rebalance(&mut lease).await?;
+                self.store.rebalance(lease).await?;
                 self.purge().await;
                 self.report_backlog().await;
                 last_rebalance = Some(Instant::now());
             }
-            if !self.store.owns_any(&lease) {
+            if !self.store.owns_any(lease) {
                 let wait = self.rebalance_interval.min(self.poll_interval);
-                self.store.wait_for_commit(&mut lease, wait).await?;
+                self.wait(lease, shutdown, wait).await?;
                 continue;
             }
-            let batch = self.store.fetch(&mut lease, self.batch_size).await?;
+            // The unit of work: fetch, publish, mark. Once fetched, a batch is finished
+            // even if the shutdown token is cancelled meanwhile.
+            let batch = self.store.fetch(lease, self.batch_size).await?;
             let drained = batch.len() < self.batch_size;
             if !batch.is_empty() {
                 let span = tracing::debug_span!("dbps.relay.batch", size = batch.len());
                 let (published, parked) = self.publish(batch).instrument(span).await?;
                 summary.published += published;
                 summary.parked += parked;
+                // A round that went through ends a run of failures.
+                *backoff = self.backoff();
             }
             if drained {
                 // Nothing more is waiting: sleep until a commit is announced (one that
@@ -167,10 +319,18 @@ impl<S: OutboxStore> Relay<S> {
                 // back for the next rebalance in time.
                 let until_rebalance =
                     last_rebalance.map_or(Duration::ZERO, |t| self.rebalance_interval.saturating_sub(t.elapsed()));
-                self.store
-                    .wait_for_commit(&mut lease, self.poll_interval.min(until_rebalance))
+                self.wait(lease, shutdown, self.poll_interval.min(until_rebalance))
                     .await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Waits for a commit, or until the shutdown token is cancelled.
+    async fn wait(&self, lease: &mut S::Lease, shutdown: &CancellationToken, timeout: Duration) -> Result<()> {
+        tokio::select! {
+            () = shutdown.cancelled() => Ok(()),
+            woken = self.store.wait_for_commit(lease, timeout) => woken.map(|_| ()),
         }
     }
 
@@ -182,7 +342,7 @@ impl<S: OutboxStore> Relay<S> {
         let results = self.publisher.publish_batch(messages).await;
         let mut acknowledged = Vec::with_capacity(batch.len());
         let mut parked = 0;
-        let mut transient = None;
+        let mut failed = None;
         for (pending, result) in batch.iter().zip(results) {
             match result {
                 Ok(_) => acknowledged.push(pending.id.clone()),
@@ -190,7 +350,20 @@ impl<S: OutboxStore> Relay<S> {
                 // was parked (or is held with it, under `PoisonPolicy::HoldAggregate`).
                 Err(dbps_core::Error::HeldBack { .. }) => {}
                 Err(error) if error.is_transient() => {
-                    transient.get_or_insert(error);
+                    if is_missing_topic(&error) {
+                        tracing::error!(
+                            topic = %pending.topic,
+                            message_id = %pending.envelope.id,
+                            "topic does not exist: the message waits until it is created (Relay::builder(..).create_topics, or ensure_topics)"
+                        );
+                    }
+                    failed.get_or_insert(error);
+                }
+                // Refused credentials or authorisation: every message would fail the same
+                // way, so none is parked and the relay stops.
+                Err(error) if !is_message_fault(&error) => {
+                    failed = Some(error);
+                    break;
                 }
                 Err(error) => {
                     let reason = error_chain(&error);
@@ -212,8 +385,9 @@ impl<S: OutboxStore> Relay<S> {
         let published = acknowledged.len() as u64;
         metrics::counter!("dbps_outbox_published_total").increment(published);
         metrics::histogram!("dbps_outbox_batch_seconds").record(started.elapsed().as_secs_f64());
-        if let Some(error) = transient {
-            // The unacknowledged messages stay in the outbox and go out in a later round.
+        if let Some(error) = failed {
+            // The unacknowledged messages stay in the outbox and go out in a later round
+            // (transient), or wait for the cause to be fixed (permanent).
             return Err(OutboxError::Publish(error));
         }
         Ok((published, parked))
@@ -241,6 +415,21 @@ impl<S: OutboxStore> Relay<S> {
             Err(error) => tracing::warn!(%error, "could not measure the outbox backlog"),
         }
     }
+}
+
+/// Whether Kafka refused the message for what it is (too large, an invalid record or
+/// topic name, a policy), so that parking it lets the others through; other permanent
+/// refusals (credentials, authorisation, configuration) would hit every message.
+fn is_message_fault(error: &dbps_core::Error) -> bool {
+    match error {
+        dbps_core::Error::Kafka { source, .. } => dbps_core::classify::is_message_fault(source),
+        // Refused before it reached Kafka (an invalid topic name, say): about the message.
+        _ => true,
+    }
+}
+
+fn is_missing_topic(error: &dbps_core::Error) -> bool {
+    matches!(error, dbps_core::Error::Kafka { source, .. } if dbps_core::classify::is_missing_topic(source))
 }
 
 /// The error and its causes on one line.

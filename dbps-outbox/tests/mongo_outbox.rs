@@ -176,7 +176,7 @@ async fn insert_and_update_carry_their_events_and_the_relay_publishes_them_in_or
     store.leave(lease).await?;
     let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
     let records = read(f.kafka.brokers(), &f.topic, 5, Duration::from_secs(2)).await?;
-    let _ = stop.send(());
+    stop.cancel();
     let summary = relay.await??;
     assert_eq!(summary.published, 5);
 
@@ -261,7 +261,7 @@ async fn failed_or_refused_writes_store_and_publish_nothing() -> TestResult {
             .update_with_events(&tenders, doc! { "_id": "t-1" }, update, [event()?])
             .await
             .unwrap_err();
-        assert!(matches!(error, OutboxError::Config(_)), "{error:?}");
+        assert!(matches!(error, OutboxError::InvalidWrite(_)), "{error:?}");
     }
     // An event about another aggregate.
     let elsewhere = Envelope::event("tender", "tender", "t-2", &change("t-2", "x"))?;
@@ -299,7 +299,7 @@ async fn failed_or_refused_writes_store_and_publish_nothing() -> TestResult {
     let error = f.outbox.message("not a topic!", envelope.clone()).unwrap_err();
     assert!(matches!(
         error,
-        OutboxError::Message(dbps_core::Error::InvalidAttribute { attribute: "topic", .. })
+        OutboxError::Message(dbps_core::Error::InvalidTopic { .. })
     ));
     let mut spoofed = envelope;
     spoofed.headers.insert("ce_id".into(), "x".into());
@@ -320,7 +320,7 @@ async fn failed_or_refused_writes_store_and_publish_nothing() -> TestResult {
     let store = f.store().await?;
     let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
     let records = read(f.kafka.brokers(), &f.topic, 2, Duration::from_secs(2)).await?;
-    let _ = stop.send(());
+    stop.cancel();
     relay.await??;
     let seen = summarise(&records);
     assert_eq!(seen.len(), 2, "{seen:?}");
@@ -376,7 +376,7 @@ async fn concurrent_writers_on_one_document_get_gapless_sequences_in_write_order
     }
     assert_eq!(committed.len(), 5 + 240, "four in five of the 300 writes matched");
     let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
-    let _ = stop.send(());
+    stop.cancel();
     relay.await??;
 
     let seen = summarise(&records);
@@ -430,8 +430,8 @@ async fn two_relays_share_the_outbox_without_loss_or_reordering() -> TestResult 
         }
     }
     let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
-    let _ = stop_a.send(());
-    let _ = stop_b.send(());
+    stop_a.cancel();
+    stop_b.cancel();
     let (a, b) = (relay_a.await??, relay_b.await??);
 
     let seen = summarise(&records);
@@ -463,7 +463,7 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
 
     let (stop, relay) = start_relay(fast(f.store().await?, f.kafka.brokers())?);
     let all = read(f.kafka.brokers(), &f.topic, 20, Duration::from_secs(1)).await?;
-    let _ = stop.send(());
+    stop.cancel();
     relay.await??;
 
     let seen = summarise(&all);
@@ -496,7 +496,7 @@ async fn leases_of_a_vanished_relay_are_taken_over_when_they_expire() -> TestRes
     let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
     let records = read(f.kafka.brokers(), &f.topic, 1, Duration::from_millis(200)).await?;
     let waited = started.elapsed();
-    let _ = stop.send(());
+    stop.cancel();
     relay.await??;
     assert_eq!(summarise(&records)[0].2, committed);
     assert!(
@@ -567,11 +567,11 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
         let store = f.store().await?.poison_policy(policy);
         let relay = Relay::builder(store.clone(), small)
             .rebalance_interval(Duration::from_millis(200))
-            .build();
+            .build()?;
         let (stop, task) = start_relay(relay);
         let expected_now = if policy == PoisonPolicy::Continue { 3 } else { 2 };
         let records = read(f.kafka.brokers(), &f.topic, expected_now, Duration::from_secs(1)).await?;
-        let _ = stop.send(());
+        stop.cancel();
         let summary = task.await??;
         assert_eq!(summary.parked, 1, "{policy:?}");
         let ids: BTreeSet<String> = summarise(&records).into_iter().map(|(_, _, id)| id).collect();
@@ -597,7 +597,7 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
         store.replay(&parked[0].0.id).await?;
         let (stop, task) = start_relay(fast(store.clone(), f.kafka.brokers())?);
         let all = read(f.kafka.brokers(), &f.topic, 4, Duration::from_secs(1)).await?;
-        let _ = stop.send(());
+        stop.cancel();
         task.await??;
         let seen = summarise(&all);
         assert_eq!(seen.len(), 4, "{policy:?}");
@@ -700,6 +700,15 @@ async fn transactional_mode_fails_fast_without_transactions() -> TestResult {
 async fn a_relay_needs_registered_collections() -> TestResult {
     let f = fixture(1).await?;
     let error = MongoOutboxStore::new(f.db().clone()).join().await.unwrap_err();
-    assert!(matches!(error, OutboxError::Config(_)), "{error:?}");
+    assert!(
+        matches!(
+            error,
+            OutboxError::InvalidConfig {
+                setting: "collections",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
     Ok(())
 }

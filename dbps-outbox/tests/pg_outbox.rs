@@ -81,7 +81,7 @@ async fn rolled_back_transaction_publishes_nothing_and_committed_one_exactly_its
 
     let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
     let records = read(f.kafka.brokers(), &f.topic, 2, Duration::from_secs(2)).await?;
-    let _ = stop.send(());
+    stop.cancel();
     let summary = relay.await??;
 
     let seen = summarise(&records);
@@ -147,7 +147,7 @@ async fn late_commits_and_rollbacks_publish_exactly_the_committed_set_in_order()
         committed.extend(task.await??);
     }
     let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
-    let _ = stop.send(());
+    stop.cancel();
     relay.await??;
 
     let seen = summarise(&records);
@@ -202,8 +202,8 @@ async fn two_relays_share_the_outbox_without_loss_or_reordering() -> TestResult 
         tx.commit().await?;
     }
     let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
-    let _ = stop_a.send(());
-    let _ = stop_b.send(());
+    stop_a.cancel();
+    stop_b.cancel();
     let (a, b) = (relay_a.await??, relay_b.await??);
 
     let seen = summarise(&records);
@@ -245,7 +245,7 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
 
     let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
     let all = read(f.kafka.brokers(), &f.topic, 20, Duration::from_secs(1)).await?;
-    let _ = stop.send(());
+    stop.cancel();
     relay.await??;
 
     let seen = summarise(&all);
@@ -289,11 +289,11 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
         let store = PgOutboxStore::new(f.db.pool().clone()).poison_policy(policy);
         let relay = Relay::builder(store.clone(), small)
             .rebalance_interval(Duration::from_millis(200))
-            .build();
+            .build()?;
         let (stop, task) = start_relay(relay);
         let expected_now = if policy == PoisonPolicy::Continue { 3 } else { 2 };
         let records = read(f.kafka.brokers(), &f.topic, expected_now, Duration::from_secs(1)).await?;
-        let _ = stop.send(());
+        stop.cancel();
         let summary = task.await??;
         assert_eq!(summary.parked, 1, "{policy:?}");
         let ids: BTreeSet<String> = summarise(&records).into_iter().map(|(_, _, id)| id).collect();
@@ -316,7 +316,7 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
         store.replay(parked[0].0.id).await?;
         let (stop, task) = start_relay(fast(store.clone(), f.kafka.brokers())?);
         let all = read(f.kafka.brokers(), &f.topic, 4, Duration::from_secs(1)).await?;
-        let _ = stop.send(());
+        stop.cancel();
         task.await??;
         let seen = summarise(&all);
         assert_eq!(seen.len(), 4, "{policy:?}");
@@ -391,7 +391,7 @@ async fn bad_input_is_refused_before_anything_is_written() -> TestResult {
         .unwrap_err();
     assert!(matches!(
         error,
-        OutboxError::Message(dbps_core::Error::InvalidAttribute { attribute: "topic", .. })
+        OutboxError::Message(dbps_core::Error::InvalidTopic { .. })
     ));
     let mut spoofed = envelope;
     spoofed.headers.insert("ce_id".into(), "x".into());
@@ -461,7 +461,7 @@ async fn corrupt_row_is_parked_instead_of_stopping_the_relay() -> TestResult {
     let store = PgOutboxStore::new(f.db.pool().clone());
     let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
     let records = read(f.kafka.brokers(), &f.topic, 1, Duration::from_secs(1)).await?;
-    let _ = stop.send(());
+    stop.cancel();
     relay.await??;
     assert_eq!(
         summarise(&records).into_iter().map(|(_, _, id)| id).collect::<Vec<_>>(),
@@ -509,7 +509,7 @@ async fn the_relay_purges_kept_rows_once_their_retention_ends() -> TestResult {
         assert!(tokio::time::Instant::now() < deadline, "kept rows never purged");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = stop.send(());
+    stop.cancel();
     relay.await??;
     Ok(())
 }
@@ -523,7 +523,7 @@ async fn an_idle_relay_is_woken_by_commits_alone() -> TestResult {
     let relay = Relay::builder(PgOutboxStore::new(f.db.pool().clone()), publisher(f.kafka.brokers())?)
         .poll_interval(Duration::from_secs(3600))
         .rebalance_interval(Duration::from_secs(3600))
-        .build();
+        .build()?;
     let (stop, task) = start_relay(relay);
     let asleep = || async {
         let (sleeping,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox_wake where sleeping")
@@ -550,7 +550,7 @@ async fn an_idle_relay_is_woken_by_commits_alone() -> TestResult {
         let records = read(f.kafka.brokers(), &f.topic, expected, Duration::from_millis(100)).await?;
         assert_eq!(records.len(), expected);
     }
-    let _ = stop.send(());
+    stop.cancel();
     task.await??;
     Ok(())
 }

@@ -19,9 +19,9 @@
 //! way, because it relies on the unique `_id`.
 
 use mongodb::bson::{Bson, Document, doc};
-use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::{Client, ClientSession, Collection, Database};
 
+use crate::classify::is_duplicate_key;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 
@@ -83,12 +83,18 @@ pub async fn update_once(
     };
     let set = match update.get_mut("$set") {
         Some(Bson::Document(set)) => set,
-        Some(_) => return Err(Error::Config(String::from("update_once: $set must be a document"))),
+        Some(_) => {
+            return Err(Error::InvalidArgument {
+                argument: "update_once update",
+                reason: String::from("$set must be a document"),
+            });
+        }
         None => {
             update.insert("$set", Document::new());
-            update
-                .get_document_mut("$set")
-                .map_err(|_| Error::Config(String::from("update_once: $set")))?
+            update.get_document_mut("$set").map_err(|_| Error::InvalidArgument {
+                argument: "update_once update",
+                reason: String::from("$set could not be added"),
+            })?
         }
     };
     set.insert(SEQUENCE_FIELD, sequence);
@@ -175,17 +181,5 @@ impl MongoTransactionalInbox {
             .await
             .map_err(mongo("commit transaction"))?;
         Ok(Applied::Applied)
-    }
-}
-
-fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
-    match error.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == 11000,
-        ErrorKind::InsertMany(e) => e
-            .write_errors
-            .as_ref()
-            .is_some_and(|w| w.iter().any(|e| e.code == 11000)),
-        ErrorKind::Command(e) => e.code == 11000,
-        _ => false,
     }
 }

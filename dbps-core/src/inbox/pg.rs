@@ -8,7 +8,7 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
-use crate::handler::{Handler, HandlerError};
+use crate::handler::{Handler, HandlerError, MessageSet, Typed};
 
 /// The inbox table's migrations (`dbps_inbox`). Compose them with the service's own in
 /// the migration runner.
@@ -25,6 +25,27 @@ pub trait TxHandler: Send + Sync + 'static {
         conn: &mut PgConnection,
         message: &Envelope,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// A [`TxHandler`] for the decoded messages of a [`MessageSet`]: wrap it in [`Typed`] and
+/// the `Typed` in a [`PgInbox`].
+pub trait TypedTxHandler<S: MessageSet>: Send + Sync + 'static {
+    /// Applies one decoded message's effect through `conn`, inside the inbox's transaction.
+    fn handle(
+        &self,
+        conn: &mut PgConnection,
+        message: S,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+impl<S: MessageSet, H: TypedTxHandler<S>> TxHandler for Typed<S, H> {
+    async fn handle(&self, conn: &mut PgConnection, envelope: &Envelope) -> Result<(), HandlerError> {
+        match self.decode(envelope)? {
+            Some(message) => self.handler.handle(conn, message, envelope).await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// Applies each message's effect exactly once, by recording `(consumer, message id)` in
@@ -47,8 +68,7 @@ pub trait TxHandler: Send + Sync + 'static {
 ///         sqlx::query("insert into customer_cache (id) values ($1) on conflict do nothing")
 ///             .bind(&message.aggregate_id)
 ///             .execute(conn)
-///             .await
-///             .map_err(dbps_core::inbox::pg::classify)?;
+///             .await?; // sqlx errors become transient or permanent handler errors
 ///         Ok(())
 ///     }
 /// }
@@ -58,7 +78,7 @@ pub trait TxHandler: Send + Sync + 'static {
 /// let runner = ConsumerRunner::builder(KafkaConfig::new("127.0.0.1:9092"), "quote-service", handler)
 ///     .topic("customer.customer.events")
 ///     .build()?;
-/// runner.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// runner.run(dbps_core::CancellationToken::new()).await?;
 /// # Ok(()) }
 /// ```
 pub struct PgInbox<H> {
@@ -98,23 +118,22 @@ impl<H: TxHandler> PgInbox<H> {
 
     /// Applies `message` unless it was applied before. Returns whether it was applied now.
     pub async fn apply(&self, message: &Envelope) -> Result<bool, HandlerError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut tx = self.pool.begin().await?;
         let inserted =
             sqlx::query("insert into dbps_inbox (consumer, message_id) values ($1, $2) on conflict do nothing")
                 .bind(&self.consumer)
                 .bind(&message.id)
                 .execute(&mut *tx)
-                .await
-                .map_err(classify)?
+                .await?
                 .rows_affected();
         if inserted == 0 {
-            tx.rollback().await.map_err(classify)?;
+            tx.rollback().await?;
             metrics::counter!("dbps_inbox_duplicates_total", "consumer" => self.consumer.clone()).increment(1);
             tracing::debug!(consumer = %self.consumer, message_id = %message.id, "duplicate skipped");
             return Ok(false);
         }
         self.handler.handle(&mut tx, message).await?;
-        tx.commit().await.map_err(classify)?;
+        tx.commit().await?;
         Ok(true)
     }
 }
@@ -130,7 +149,7 @@ impl<H: TxHandler> Handler for PgInbox<H> {
 /// first handled (Kafka retention of the consumed topics is a safe bound).
 pub async fn purge_older_than(pool: &PgPool, window: Duration) -> Result<u64> {
     let window = sqlx::postgres::types::PgInterval::try_from(window)
-        .map_err(|e| Error::Config(format!("inbox purge window: {e}")))?;
+        .map_err(|e| Error::config("inbox purge window", e.to_string()))?;
     let result = sqlx::query("delete from dbps_inbox where received_at < now() - $1")
         .bind(window)
         .execute(pool)
@@ -140,31 +159,4 @@ pub async fn purge_older_than(pool: &PgPool, window: Duration) -> Result<u64> {
             source,
         })?;
     Ok(result.rows_affected())
-}
-
-/// Classifies a database error for the consumer runner: connection trouble,
-/// serialisation failures, deadlocks and lock timeouts are transient; everything else
-/// (constraint violations, bad SQL) is permanent.
-pub fn classify(error: sqlx::Error) -> HandlerError {
-    if is_transient(&error) {
-        HandlerError::transient(error)
-    } else {
-        HandlerError::permanent(error)
-    }
-}
-
-/// Whether a database error may go away when the statement is retried.
-pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => {
-            matches!(
-                db.code().as_deref(),
-                // serialization_failure, deadlock_detected, lock_not_available, query_canceled,
-                // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections
-                Some("40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300")
-            ) || db.code().is_some_and(|c| c.starts_with("08"))
-        }
-        _ => false,
-    }
 }

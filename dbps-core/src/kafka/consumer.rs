@@ -14,6 +14,9 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::classify::Classify as _;
 use tracing::Instrument;
 
 use super::{KafkaConfig, KafkaPublisher};
@@ -27,6 +30,7 @@ use crate::wire;
 /// When the attempts run out, the message goes to the dead-letter topic with the last
 /// error, so that one broken message does not stop its partition forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Delay before the first retry.
     pub initial_delay: Duration,
@@ -47,7 +51,31 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    fn delays(&self) -> impl Iterator<Item = Duration> + use<> {
+    /// Up to `max_retries` retries, the first after `initial_delay`, each delay doubling
+    /// (with jitter) up to `max_delay`.
+    pub fn new(initial_delay: Duration, max_delay: Duration, max_retries: usize) -> Result<Self> {
+        if initial_delay.is_zero() || max_delay < initial_delay {
+            return Err(Error::config(
+                "retry policy",
+                format!("delays must be positive with max_delay ({max_delay:?}) >= initial_delay ({initial_delay:?})"),
+            ));
+        }
+        Ok(Self {
+            initial_delay,
+            max_delay,
+            max_retries,
+        })
+    }
+
+    /// The same delays, retried for ever.
+    fn unbounded(self) -> Self {
+        Self {
+            max_retries: usize::MAX,
+            ..self
+        }
+    }
+
+    pub(crate) fn delays(&self) -> impl Iterator<Item = Duration> + use<> {
         ExponentialBuilder::default()
             .with_min_delay(self.initial_delay)
             .with_max_delay(self.max_delay)
@@ -121,7 +149,6 @@ pub struct RunSummary {
 }
 
 /// Builds a [`ConsumerRunner`].
-#[derive(Debug)]
 pub struct ConsumerRunnerBuilder<H> {
     config: KafkaConfig,
     group_id: String,
@@ -131,6 +158,21 @@ pub struct ConsumerRunnerBuilder<H> {
     retry: RetryPolicy,
     commit_interval: Duration,
     max_queued_per_partition: usize,
+    create_topics: Option<TopicFactory>,
+}
+
+/// Makes the spec of a topic to create from its name.
+type TopicFactory = Arc<dyn Fn(&str) -> super::TopicSpec + Send + Sync>;
+
+impl<H> fmt::Debug for ConsumerRunnerBuilder<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerRunnerBuilder")
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("create_topics", &self.create_topics.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<H: Handler> ConsumerRunnerBuilder<H> {
@@ -140,8 +182,7 @@ impl<H: Handler> ConsumerRunnerBuilder<H> {
         self
     }
 
-    /// The dead-letter topic (default: `<group id>.dlq`). It must exist, or the broker
-    /// must create topics on first use.
+    /// The dead-letter topic (default: `<group id>.dlq`).
     pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
         self.dead_letter_topic = Some(topic.into());
         self
@@ -161,30 +202,46 @@ impl<H: Handler> ConsumerRunnerBuilder<H> {
     }
 
     /// How many fetched messages may wait for one partition's handler before that
-    /// partition's fetching pauses (default 1,000).
+    /// partition's fetching pauses (default 1,000; at least 1).
     pub fn max_queued_per_partition(mut self, max: usize) -> Self {
-        self.max_queued_per_partition = max.max(1);
+        self.max_queued_per_partition = max;
+        self
+    }
+
+    /// Creates the consumed topics and the dead-letter topic that do not exist yet when
+    /// the runner starts, each as `spec(name)` says:
+    /// `.create_topics(|name| TopicSpec::new(name, 3))`.
+    ///
+    /// Without it, a runner whose topics or dead-letter topic are missing fails at start
+    /// with [`Error::MissingTopics`], as production clusters create no topic on first use.
+    pub fn create_topics(mut self, spec: impl Fn(&str) -> super::TopicSpec + Send + Sync + 'static) -> Self {
+        self.create_topics = Some(Arc::new(spec));
         self
     }
 
     /// Checks the configuration and builds the runner.
     pub fn build(self) -> Result<ConsumerRunner<H>> {
         if self.topics.is_empty() {
-            return Err(Error::Config(String::from(
-                "a consumer runner needs at least one topic",
-            )));
+            return Err(Error::config("topics", "a consumer runner needs at least one topic"));
         }
         for topic in &self.topics {
             super::validate_topic_name(topic)?;
         }
         if self.group_id.trim().is_empty() {
-            return Err(Error::Config(String::from("a consumer runner needs a group id")));
+            return Err(Error::config("group_id", "a consumer runner needs a group id"));
+        }
+        if self.max_queued_per_partition == 0 {
+            return Err(Error::config("max_queued_per_partition", "must be at least 1"));
+        }
+        if self.commit_interval.is_zero() {
+            return Err(Error::config("commit_interval", "must be positive"));
         }
         for key in ["enable.auto.commit", "enable.auto.offset.store"] {
             if self.config.get(key).is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-                return Err(Error::Config(format!(
-                    "{key}=true would commit offsets of messages not yet handled; the runner commits itself"
-                )));
+                return Err(Error::config(
+                    key,
+                    "true would commit offsets of messages not yet handled; the runner commits itself",
+                ));
             }
         }
         let dead_letter_topic = match self.dead_letter_topic {
@@ -203,6 +260,7 @@ impl<H: Handler> ConsumerRunnerBuilder<H> {
             retry: self.retry,
             commit_interval: self.commit_interval,
             max_queued_per_partition: self.max_queued_per_partition,
+            create_topics: self.create_topics,
         })
     }
 }
@@ -241,6 +299,7 @@ pub struct ConsumerRunner<H> {
     retry: RetryPolicy,
     commit_interval: Duration,
     max_queued_per_partition: usize,
+    create_topics: Option<TopicFactory>,
 }
 
 impl<H> fmt::Debug for ConsumerRunner<H> {
@@ -267,6 +326,7 @@ impl<H: Handler> ConsumerRunner<H> {
             retry: RetryPolicy::default(),
             commit_interval: Duration::from_millis(200),
             max_queued_per_partition: 1000,
+            create_topics: None,
         }
     }
 
@@ -275,8 +335,39 @@ impl<H: Handler> ConsumerRunner<H> {
         &self.dead_letter_topic
     }
 
-    /// Runs until `shutdown` completes (graceful stop) or the consumer fails.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<RunSummary> {
+    /// Runs until `shutdown` is cancelled or the runner fails.
+    ///
+    /// - At start it checks that its topics and its dead-letter topic exist, creating
+    ///   the missing ones if the builder was asked to ([`ConsumerRunnerBuilder::create_topics`]),
+    ///   and fails with [`Error::MissingTopics`] otherwise. A broker that cannot be reached
+    ///   yet is waited for, with backoff.
+    /// - On shutdown it stops fetching, lets each partition finish the message in flight,
+    ///   commits what was handled, leaves the group and returns the summary.
+    /// - Transient trouble (an unreachable broker, a handler's transient failure) is
+    ///   retried and counted; a permanent error (refused authorisation, invalid
+    ///   configuration) stops the runner with `Err` at once.
+    /// - A panic in a handler stops the runner like a shutdown (the panicking message is
+    ///   not committed) and is then resumed on the caller's task: it is reported as a
+    ///   panic, never as a clean stop.
+    /// - Dropping the returned future stops the runner without a final commit, like a
+    ///   crash: the next owner of each partition handles its uncommitted messages again.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<RunSummary> {
+        let mut delays = self.retry.unbounded().delays();
+        loop {
+            match self.prepare_topics().await {
+                Ok(()) => break,
+                Err(error) if error.is_transient() => {
+                    let delay = delays.next().unwrap_or(self.retry.max_delay);
+                    tracing::warn!(group = %self.group_id, %error, ?delay, "consumer runner cannot check its topics yet; retrying");
+                    metrics::counter!("dbps_consumer_errors_total", "group" => self.group_id.clone()).increment(1);
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(RunSummary::default()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
         let shared = Arc::new(Shared {
             group_id: self.group_id.clone(),
             stop: AtomicBool::new(false),
@@ -284,6 +375,7 @@ impl<H: Handler> ConsumerRunner<H> {
             partitions: Mutex::new(HashMap::new()),
             handled: std::sync::atomic::AtomicU64::new(0),
             dead_lettered: std::sync::atomic::AtomicU64::new(0),
+            panic: Mutex::new(None),
         });
         let context = RunnerContext {
             shared: Arc::clone(&shared),
@@ -323,9 +415,12 @@ impl<H: Handler> ConsumerRunner<H> {
         std::thread::Builder::new()
             .name(format!("dbps-consumer-{}", self.group_id))
             .spawn(move || {
-                let _ = done_tx.send(poll.run());
+                let _ = done_tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| poll.run())));
             })
-            .map_err(|e| Error::Config(format!("could not start the consumer thread: {e}")))?;
+            .map_err(|source| Error::Spawn {
+                what: "consumer poll",
+                source,
+            })?;
 
         // Dropping this future (a crash, in effect) stops the poll thread without a final
         // commit: the guard's drop raises `abort`.
@@ -333,18 +428,50 @@ impl<H: Handler> ConsumerRunner<H> {
         tokio::pin!(done_rx);
         let result = tokio::select! {
             result = &mut done_rx => result,
-            () = shutdown => {
+            () = shutdown.cancelled() => {
                 shared.stop.store(true, Ordering::SeqCst);
                 done_rx.await
             }
         };
-        // The run ended by itself or by the shutdown future: nothing to abort.
+        // The run ended by itself or by the shutdown: nothing to abort.
         guard.0 = None;
-        result.map_err(|_| Error::ShutDown)??;
+        // The thread always sends before it ends, panic or not.
+        let polled = result.map_err(|_| Error::ShutDown)?;
+        if let Some(payload) = shared.take_panic() {
+            std::panic::resume_unwind(payload);
+        }
+        match polled {
+            Ok(result) => result?,
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
         Ok(RunSummary {
             handled: shared.handled.load(Ordering::Relaxed),
             dead_lettered: shared.dead_lettered.load(Ordering::Relaxed),
         })
+    }
+
+    /// Checks that the topics and the dead-letter topic exist, creating the missing ones
+    /// when asked to.
+    async fn prepare_topics(&self) -> Result<()> {
+        let mut names = self.topics.clone();
+        names.push(self.dead_letter_topic.clone());
+        let missing = super::missing_topics(&self.config, &names).await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let Some(spec) = &self.create_topics else {
+            return Err(Error::MissingTopics { topics: missing });
+        };
+        let specs: Vec<super::TopicSpec> = missing.iter().map(|name| spec(name)).collect();
+        if let Some(other) = specs.iter().zip(&missing).find(|(spec, name)| spec.name != **name) {
+            return Err(Error::config(
+                "create_topics",
+                format!("asked for topic {}, the spec names {}", other.1, other.0.name),
+            ));
+        }
+        super::ensure_topics(&self.config, &specs).await?;
+        tracing::info!(group = %self.group_id, topics = ?missing, "consumer runner created its missing topics");
+        Ok(())
     }
 }
 
@@ -371,6 +498,8 @@ struct Shared {
     partitions: Mutex<HashMap<PartitionKey, Arc<PartitionState>>>,
     handled: std::sync::atomic::AtomicU64,
     dead_lettered: std::sync::atomic::AtomicU64,
+    /// The payload of a handler's panic, resumed by `run` once the poll thread stopped.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 /// One owned partition: its task's queue and what it has finished.
@@ -411,6 +540,22 @@ impl PartitionState {
 }
 
 impl Shared {
+    /// Keeps the first panic of a partition task and stops the runner.
+    fn record_panic(&self, payload: Box<dyn std::any::Any + Send>) {
+        self.panic
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(payload);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn take_panic(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        self.panic
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
     /// Stops the tasks of `keys` (all partitions when `None`), waits until each has
     /// finished its in-flight message, and returns their states.
     fn stop_partitions(&self, keys: Option<&[PartitionKey]>) -> Vec<(PartitionKey, Arc<PartitionState>)> {
@@ -528,9 +673,17 @@ impl<H: Handler> PollLoop<H> {
         let shared = Arc::clone(&self.worker.shared);
         let mut last_commit = Instant::now();
         let mut errors = Throttle::new(ERROR_LOG_INTERVAL);
+        let mut fatal = None;
         while !shared.stop.load(Ordering::SeqCst) {
             match self.consumer.poll(Duration::from_millis(50)) {
                 Some(Ok(message)) => self.dispatch(message.detach()),
+                Some(Err(error)) if !error.is_transient() => {
+                    // Refused authorisation or invalid configuration: polling again cannot
+                    // help. Stop as on shutdown, committing what was handled.
+                    tracing::error!(group = %shared.group_id, %error, "consumer stopped by a permanent error");
+                    fatal = Some(error);
+                    break;
+                }
                 Some(Err(error)) => {
                     // librdkafka reports broker trouble here, on every poll while it lasts,
                     // and recovers by itself.
@@ -560,7 +713,13 @@ impl<H: Handler> PollLoop<H> {
             }
         }
         self.consumer.unsubscribe();
-        Ok(())
+        match fatal {
+            Some(source) => Err(Error::Kafka {
+                operation: format!("consume (group {})", shared.group_id),
+                source,
+            }),
+            None => Ok(()),
+        }
     }
 
     fn dispatch(&self, message: OwnedMessage) {
@@ -608,8 +767,20 @@ impl<H: Handler> PollLoop<H> {
         let worker = self.worker.clone();
         let task_state = Arc::clone(&state);
         let span = tracing::info_span!("dbps.partition", group = %worker.shared.group_id, topic = %topic, partition);
-        self.runtime
-            .spawn(async move { worker.run_partition(task_state, receiver).await }.instrument(span));
+        self.runtime.spawn(
+            async move {
+                let shared = Arc::clone(&worker.shared);
+                let finished = Arc::clone(&task_state);
+                let run = std::panic::AssertUnwindSafe(worker.run_partition(task_state, receiver));
+                if let Err(payload) = futures::FutureExt::catch_unwind(run).await {
+                    // The message in flight stays uncommitted; the runner stops and `run`
+                    // resumes the panic.
+                    shared.record_panic(payload);
+                    finished.mark_finished();
+                }
+            }
+            .instrument(span),
+        );
         state
     }
 
@@ -799,11 +970,7 @@ impl<H: Handler> Worker<H> {
                 value: Some(value.as_bytes()),
             });
         }
-        let mut delays = RetryPolicy {
-            max_retries: usize::MAX,
-            ..self.retry
-        }
-        .delays();
+        let mut delays = self.retry.unbounded().delays();
         loop {
             let sent = self
                 .publisher
@@ -917,11 +1084,11 @@ mod tests {
 
     #[test]
     fn handler_error_display_includes_the_cause_chain() {
-        let error = HandlerError::transient(Error::Config(String::from("pool closed")));
+        let error = HandlerError::transient(Error::config("pool", "closed"));
         assert!(error.is_transient());
         assert_eq!(
             error.to_string(),
-            "transient handler failure: invalid configuration: pool closed"
+            "transient handler failure: invalid configuration: pool: closed"
         );
         let error: HandlerError = Error::UnknownType {
             message_type: String::from("x.Y"),

@@ -74,9 +74,10 @@ impl KafkaPublisherBuilder {
     pub fn build(self) -> Result<KafkaPublisher> {
         for (key, required) in REQUIRED {
             if let Some(value) = self.config.get(key).filter(|v| !v.eq_ignore_ascii_case(required)) {
-                return Err(Error::Config(format!(
-                    "{key}={value} contradicts the idempotent publisher, which needs {key}={required}"
-                )));
+                return Err(Error::config(
+                    key.to_owned(),
+                    format!("{value} contradicts the idempotent publisher, which needs {key}={required}"),
+                ));
             }
         }
         let mut client = self.config.client_config(&DEFAULTS);

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use super::KafkaConfig;
@@ -71,22 +72,22 @@ fn checked(name: String) -> Result<String> {
 /// Checks a topic name against Kafka's rules: 1 to 249 characters of `[a-zA-Z0-9._-]`,
 /// not `.` or `..`.
 pub fn validate_topic_name(name: &str) -> Result<()> {
-    let invalid = |reason: &str| Error::InvalidAttribute {
-        attribute: "topic",
-        reason: format!("{name:?} {reason}"),
+    let invalid = |reason: &str| Error::InvalidTopic {
+        topic: name.to_owned(),
+        reason: reason.to_owned(),
     };
     if name.is_empty() || name.len() > 249 {
-        return Err(invalid("must have 1 to 249 characters"));
+        return Err(invalid("a topic name has 1 to 249 characters"));
     }
     if name == "." || name == ".." {
-        return Err(invalid("is reserved"));
+        return Err(invalid("'.' and '..' are reserved"));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(invalid(&format!(
-            "contains {c:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"
+            "{c:?} is not allowed: only ASCII letters, digits, '.', '_' and '-' are"
         )));
     }
     Ok(())
@@ -139,6 +140,58 @@ impl TopicSpec {
     }
 }
 
+/// The topics of `names` that do not exist on the cluster.
+///
+/// Asks the brokers for each topic's metadata without creating it (even where the broker
+/// would create topics on first use). A topic this client may not describe is an error
+/// ([`Error::Kafka`] with `TopicAuthorizationFailed`), not a missing topic.
+pub async fn missing_topics(config: &KafkaConfig, names: &[String]) -> Result<Vec<String>> {
+    let client: BaseConsumer = config
+        .client_config(&[("allow.auto.create.topics", "false")])
+        .create()
+        .map_err(|source| Error::Kafka {
+            operation: String::from("create metadata client"),
+            source,
+        })?;
+    let names = names.to_vec();
+    let lookup = tokio::task::spawn_blocking(move || {
+        let mut missing = Vec::new();
+        for name in names {
+            let metadata = client
+                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+                .map_err(|source| Error::Kafka {
+                    operation: format!("describe topic {name}"),
+                    source,
+                })?;
+            let error = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name)
+                .map_or(Some(RDKafkaErrorCode::UnknownTopicOrPartition), |t| {
+                    t.error().map(RDKafkaErrorCode::from)
+                });
+            match error {
+                None => {}
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => missing.push(name),
+                Some(code) => {
+                    return Err(Error::Kafka {
+                        operation: format!("describe topic {name}"),
+                        source: KafkaError::MetadataFetch(code),
+                    });
+                }
+            }
+        }
+        Ok(missing)
+    });
+    match lookup.await {
+        Ok(result) => result,
+        Err(error) => std::panic::resume_unwind(error.into_panic()),
+    }
+}
+
+/// How long a metadata request may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What [`ensure_topics`] did for one topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopicOutcome {
@@ -154,10 +207,10 @@ pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<
     for spec in specs {
         validate_topic_name(&spec.name)?;
         if spec.partitions < 1 || spec.replication < 1 {
-            return Err(Error::Config(format!(
-                "topic {} needs at least one partition and one replica",
-                spec.name
-            )));
+            return Err(Error::config(
+                format!("topic {} partitions and replication", spec.name),
+                "a topic needs at least one partition and one replica",
+            ));
         }
     }
     let admin: AdminClient<DefaultClientContext> =
@@ -239,10 +292,7 @@ mod tests {
     fn invalid_topic_names_are_typed_errors() {
         for bad in ["", ".", "..", "has space", "slash/name", "ü", &"x".repeat(250)] {
             assert!(
-                matches!(
-                    validate_topic_name(bad),
-                    Err(Error::InvalidAttribute { attribute: "topic", .. })
-                ),
+                matches!(validate_topic_name(bad), Err(Error::InvalidTopic { .. })),
                 "{bad:?} accepted"
             );
         }

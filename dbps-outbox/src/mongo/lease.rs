@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use dbps_core::classify::is_duplicate_key;
 use futures::TryStreamExt;
 use mongodb::bson::{self, Document, doc};
 use mongodb::change_stream::ChangeStream;
@@ -11,7 +12,7 @@ use mongodb::change_stream::event::ChangeStreamEvent;
 use mongodb::{Collection, Database};
 use rand::seq::SliceRandom;
 
-use super::{LEASES_COLLECTION, PARTITIONS, is_duplicate_key, mongo};
+use super::{LEASES_COLLECTION, PARTITIONS, mongo};
 use crate::error::Result;
 
 /// One relay instance's claim on part of the MongoDB outbox: its membership, the

@@ -16,12 +16,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dbps_core::classify::is_duplicate_key;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::error::ErrorKind;
 use mongodb::{Client, Collection, Database};
 use tokio::sync::OnceCell;
 
-use super::{is_duplicate_key, mongo};
+use super::mongo;
 use crate::error::{OutboxError, Result};
 
 /// The collection holding the per-document write locks (only on servers that need them).

@@ -48,8 +48,8 @@
 //! let store = MongoOutboxStore::new(db.clone()).collection("emails");
 //! store.create_indexes().await?; // once, with the service's migrations
 //! let publisher = KafkaPublisher::builder(KafkaConfig::new("127.0.0.1:9092").set("message.timeout.ms", "0")).build()?;
-//! let relay = Relay::builder(store, publisher).build();
-//! relay.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! let relay = Relay::builder(store, publisher).build()?;
+//! relay.run(dbps_core::CancellationToken::new()).await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -143,27 +143,6 @@ const RESERVED_PREFIX: &str = "_dbps_outbox";
 /// Maps a driver error to the outbox error for `operation`.
 pub(crate) fn mongo(operation: &'static str) -> impl FnOnce(mongodb::error::Error) -> OutboxError {
     move |source| OutboxError::Mongo { operation, source }
-}
-
-/// Whether a driver error may go away when the request is sent again.
-pub(crate) fn is_transient(source: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
-    source.contains_label(RETRYABLE_WRITE_ERROR)
-        || source.contains_label(TRANSIENT_TRANSACTION_ERROR)
-        || matches!(
-            *source.kind,
-            ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::ServerSelection { .. }
-        )
-}
-
-/// Whether `error` is a duplicate-key error (code 11000).
-pub(crate) fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    match error.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == 11000,
-        ErrorKind::Command(e) => e.code == 11000,
-        _ => false,
-    }
 }
 
 /// Whether the deployment behind `client` is a replica set or a sharded cluster, the

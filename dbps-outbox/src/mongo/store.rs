@@ -393,9 +393,10 @@ impl OutboxStore for MongoOutboxStore {
 
     async fn join(&self) -> Result<MongoLease> {
         if self.collections.is_empty() {
-            return Err(OutboxError::Config(String::from(
-                "no collection registered with the mongodb outbox store (MongoOutboxStore::collection)",
-            )));
+            return Err(OutboxError::InvalidConfig {
+                setting: "collections",
+                reason: String::from("no collection registered with the store (MongoOutboxStore::collection)"),
+            });
         }
         let wake = if self.change_streams && is_replicated(&self.database.client().clone()).await? {
             self.open_change_stream().await?
@@ -583,7 +584,7 @@ impl OutboxStore for MongoOutboxStore {
                     Ok(true)
                 }
                 Ok(Some(Err(source))) => Err(mongo("watch")(source)),
-                Ok(None) => Err(OutboxError::Config(String::from("the change stream closed"))),
+                Ok(None) => Err(OutboxError::StreamEnded("change stream")),
                 Err(_) => Ok(false),
             },
         }

@@ -186,7 +186,7 @@ impl MongoOutbox {
     /// # Errors
     ///
     /// [`OutboxError::Mongo`] when the insert fails (a duplicate `_id`, say): then neither
-    /// the document nor any message was stored. [`OutboxError::Config`] when the document
+    /// the document nor any message was stored. [`OutboxError::InvalidWrite`] when the document
     /// has fields of its own that start with `_dbps_outbox`.
     pub async fn insert_with_events(
         &self,
@@ -244,7 +244,7 @@ impl MongoOutbox {
     ///   every attempt: nothing was written; try again later.
     /// - [`OutboxError::Mongo`] when the server refuses the update (a `$inc` of a text
     ///   field, say): nothing was written.
-    /// - [`OutboxError::Config`] when `update` is a replacement document or touches a
+    /// - [`OutboxError::InvalidWrite`] when `update` is a replacement document or touches a
     ///   field that starts with `_dbps_outbox`; [`OutboxError::Message`] when an event
     ///   names another aggregate than the document.
     pub async fn update_with_events(
@@ -611,7 +611,7 @@ impl MongoTransactionalOutbox {
         staged
             .enqueued
             .pop()
-            .ok_or_else(|| OutboxError::Config("nothing staged".into()))
+            .ok_or_else(|| OutboxError::InvalidWrite("nothing was staged".into()))
     }
 }
 
@@ -621,7 +621,7 @@ fn counter(document: &Document, field: &str) -> Result<Option<i64>> {
         None | Some(Bson::Null) => Ok(None),
         Some(Bson::Int64(i)) => Ok(Some(*i)),
         Some(Bson::Int32(i)) => Ok(Some(i64::from(*i))),
-        Some(other) => Err(OutboxError::Config(format!(
+        Some(other) => Err(OutboxError::InvalidWrite(format!(
             "{field} holds a {:?}; it belongs to the outbox and must not be written by others",
             other.element_type()
         ))),
@@ -635,19 +635,21 @@ fn operator<'a>(update: &'a mut Document, name: &str) -> Result<&'a mut Document
     }
     update
         .get_document_mut(name)
-        .map_err(|_| OutboxError::Config(format!("{name} of the update must be a document")))
+        .map_err(|_| OutboxError::InvalidWrite(format!("{name} of the update must be a document")))
 }
 
 /// Refuses replacement documents and updates that touch the outbox's own fields.
 fn check_update(update: &Document) -> Result<()> {
     if update.is_empty() || update.keys().any(|k| !k.starts_with('$')) {
-        return Err(OutboxError::Config(String::from(
+        return Err(OutboxError::InvalidWrite(String::from(
             "update_with_events needs an update document with operators ($set, $inc, ...), not a replacement",
         )));
     }
     for (op, fields) in update {
         let Bson::Document(fields) = fields else {
-            return Err(OutboxError::Config(format!("{op} of the update must be a document")));
+            return Err(OutboxError::InvalidWrite(format!(
+                "{op} of the update must be a document"
+            )));
         };
         for (path, value) in fields {
             if path.starts_with(RESERVED_PREFIX) {
@@ -666,7 +668,7 @@ fn check_update(update: &Document) -> Result<()> {
 }
 
 fn reserved(field: &str) -> OutboxError {
-    OutboxError::Config(format!(
+    OutboxError::InvalidWrite(format!(
         "{field} belongs to the outbox (fields starting with {RESERVED_PREFIX}); a write may not set it"
     ))
 }
@@ -687,7 +689,7 @@ mod tests {
             doc! { "$set": 1 },
         ] {
             assert!(
-                matches!(check_update(&bad), Err(OutboxError::Config(_))),
+                matches!(check_update(&bad), Err(OutboxError::InvalidWrite(_))),
                 "{bad} was accepted"
             );
         }

@@ -423,8 +423,11 @@ impl OutboxStore for PgOutboxStore {
     }
 
     async fn purge_published(&self, older_than: Duration) -> Result<u64> {
-        let interval = sqlx::postgres::types::PgInterval::try_from(older_than)
-            .map_err(|e| OutboxError::Config(format!("retention: {e}")))?;
+        let interval =
+            sqlx::postgres::types::PgInterval::try_from(older_than).map_err(|e| OutboxError::InvalidConfig {
+                setting: "retention",
+                reason: e.to_string(),
+            })?;
         let result = sqlx::query("delete from dbps_outbox where published_at < now() - $1")
             .bind(interval)
             .execute(&self.pool)

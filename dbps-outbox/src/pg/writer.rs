@@ -103,7 +103,7 @@ impl PgOutbox {
         let headers = (!envelope.headers.is_empty())
             .then(|| serde_json::to_value(&envelope.headers))
             .transpose()
-            .map_err(|e| OutboxError::Config(format!("headers: {e}")))?;
+            .map_err(|e| OutboxError::InvalidWrite(format!("headers are not json: {e}")))?;
         let sequenced = envelope.kind == dbps_core::MessageKind::Event && envelope.aggregate_type.is_some();
         // One round trip: take the next sequence number (locking the aggregate's row until
         // commit), insert the message and, if the relay owning its partition is asleep,
@@ -141,10 +141,9 @@ impl PgOutbox {
         .bind(&envelope.id)
         .bind(envelope.kind.as_str())
         .bind(&envelope.message_type)
-        .bind(
-            i32::try_from(envelope.schema_version)
-                .map_err(|_| OutboxError::Config("schema version too large".into()))?,
-        )
+        .bind(i32::try_from(envelope.schema_version).map_err(|_| {
+            OutboxError::InvalidWrite(format!("schema version {} is too large", envelope.schema_version))
+        })?)
         .bind(&envelope.source)
         .bind(&envelope.aggregate_type)
         .bind(&envelope.aggregate_id)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use dbps_core::CancellationToken;
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
 use dbps_outbox::{Backlog, OutboxError, OutboxStore, Pending, Relay, RelaySummary, Retention};
 use futures::StreamExt;
@@ -14,7 +15,6 @@ use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, OwnedMessage};
-use tokio::sync::oneshot;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 pub const DEADLINE: Duration = Duration::from_secs(90);
@@ -23,28 +23,23 @@ pub fn publisher(brokers: &str) -> Result<KafkaPublisher, dbps_core::Error> {
     KafkaPublisher::builder(KafkaConfig::new(brokers)).build()
 }
 
+/// Starts `relay` in the background; cancel the token to stop it gracefully.
 pub fn start_relay<S: OutboxStore>(
     relay: Relay<S>,
 ) -> (
-    oneshot::Sender<()>,
+    CancellationToken,
     tokio::task::JoinHandle<Result<RelaySummary, OutboxError>>,
 ) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay.run(stop.clone()));
     (stop, task)
 }
 
-pub fn fast<S: OutboxStore>(store: S, brokers: &str) -> Result<Relay<S>, dbps_core::Error> {
+pub fn fast<S: OutboxStore>(store: S, brokers: &str) -> Result<Relay<S>, Box<dyn std::error::Error + Send + Sync>> {
     Ok(Relay::builder(store, publisher(brokers)?)
         .rebalance_interval(Duration::from_millis(200))
         .retry_delay(Duration::from_millis(50))
-        .build())
+        .build()?)
 }
 
 /// Reads records until `count` arrived, then keeps reading for `settle` to catch extras.

@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming, TopicSpec, ensure_topics};
-use dbps_core::migrate::{Password, PgService};
+use dbps_migrate::{Password, PgService};
 use dbps_outbox::Relay;
 use dbps_outbox::pg::{PgOutbox, PgOutboxStore};
 use serde::{Deserialize, Serialize};
@@ -116,10 +116,10 @@ impl App {
     }
 
     /// Runs the outbox relay until `shutdown` completes.
-    pub async fn relay(&self, kafka: &KafkaConfig, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    pub async fn relay(&self, kafka: &KafkaConfig, shutdown: dbps_core::CancellationToken) -> anyhow::Result<()> {
         // No message timeout: during a broker outage the relay waits instead of failing.
         let publisher = KafkaPublisher::builder(kafka.clone().set("message.timeout.ms", "0")).build()?;
-        let relay = Relay::builder(PgOutboxStore::new(self.pool.clone()), publisher).build();
+        let relay = Relay::builder(PgOutboxStore::new(self.pool.clone()), publisher).build()?;
         let summary = relay.run(shutdown).await?;
         tracing::info!(published = summary.published, parked = summary.parked, "relay stopped");
         Ok(())

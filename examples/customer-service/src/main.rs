@@ -14,10 +14,9 @@ use std::str::FromStr;
 
 use anyhow::Context as _;
 use dbps_core::kafka::KafkaConfig;
-use dbps_core::migrate::{Password, PgService, ServiceName};
+use dbps_migrate::{Password, PgService, ServiceName};
 use example_customer_service::{App, SHUTDOWN_GRACE, prepare};
 use sqlx::postgres::PgConnectOptions;
-use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -41,14 +40,11 @@ async fn main() -> anyhow::Result<()> {
     let app = App::new(pool, "customer.customer.events");
     app.ensure_topic(&kafka).await?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
+    let stop = dbps_core::CancellationToken::new();
     let relay = {
         let app = app.clone();
         let kafka = kafka.clone();
-        let shutdown = stopped(stop_rx.clone());
+        let shutdown = stop.clone();
         tokio::spawn(async move { app.relay(&kafka, shutdown).await })
     };
 
@@ -56,12 +52,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, topic = app.topic(), "customer service listening");
-    let server = axum::serve(listener, app.router()).with_graceful_shutdown(stopped(stop_rx));
+    let server = axum::serve(listener, app.router()).with_graceful_shutdown(stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
     shutdown_signal().await;
     tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
+    stop.cancel();
     tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = server.await;
         let _ = relay.await;

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig};
-use dbps_core::migrate::{Password, PgService, ServiceName};
 use dbps_core::{Envelope, Registry};
+use dbps_migrate::{Password, PgService, ServiceName};
 use example_customer_service::events::{CustomerCreated, CustomerUpdated};
 use example_customer_service::{App, CreateCustomer, Customer, UpdateCustomer, prepare};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
@@ -46,7 +46,7 @@ async fn customers_created_and_updated_over_http_publish_their_events_in_order()
     let kafka = dbps_testkit::kafka().await?;
     let admin = pg.admin_options().clone();
     let suffix = &uuid::Uuid::now_v7().simple().to_string()[20..];
-    let service = PgService::new(ServiceName::new(&format!("customer_{suffix}"))?);
+    let service = PgService::new(ServiceName::new(format!("customer_{suffix}"))?);
     let result = scenario(&admin, &service, &kafka).await;
     drop_service(&admin, &service).await?;
     result
@@ -66,16 +66,12 @@ async fn scenario(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let server = tokio::spawn(axum::serve(listener, app.router()).into_future());
-    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+    let stop_relay = dbps_core::CancellationToken::new();
     let relay = {
         let app = app.clone();
         let config = config.clone();
-        tokio::spawn(async move {
-            app.relay(&config, async move {
-                let _ = relay_stopped.await;
-            })
-            .await
-        })
+        let stop = stop_relay.clone();
+        tokio::spawn(async move { app.relay(&config, stop).await })
     };
 
     let http = reqwest::Client::new();
@@ -138,18 +134,16 @@ async fn scenario(
         .topic(&topic)
         .dead_letter_topic(&dlq)
         .build()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let stop = dbps_core::CancellationToken::new();
+    let consumer = tokio::spawn(runner.run(stop.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while collected.0.lock().map_err(|_| "poisoned")?.len() < 2 {
         assert!(tokio::time::Instant::now() < deadline, "events did not arrive");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let _ = stop.send(());
+    stop.cancel();
     consumer.await??;
-    let _ = stop_relay.send(());
+    stop_relay.cancel();
     relay.await??;
     server.abort();
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use dbps_core::CancellationToken;
 use dbps_core::Envelope;
 use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig};
 use example_customer_service::{CreateCustomer, Customer, UpdateCustomer};
@@ -66,10 +67,8 @@ async fn main() -> anyhow::Result<()> {
         .topic("customer.customer.events")
         .dead_letter_topic("customer-demo.dlq")
         .build()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(runner.run(stop.clone()));
 
     let people = [
         ("Ada Lovelace", "GB-1815"),
@@ -122,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = stop.send(());
+    stop.cancel();
     consumer.await??;
 
     let mut per_customer: BTreeMap<String, Vec<i64>> = BTreeMap::new();

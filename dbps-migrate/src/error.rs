@@ -103,7 +103,7 @@ pub enum MigrateError {
         name: String,
         /// The function's error.
         #[source]
-        source: crate::migrate::mongo::BoxError,
+        source: crate::mongo::BoxError,
     },
     /// Migration files could not be read.
     #[error("migrations in {} could not be read", path.display())]
@@ -157,17 +157,19 @@ impl MigrateError {
     /// busy, or another runner held the lock. Changed or missing migrations, invalid names
     /// and failing migration statements are not transient.
     pub fn is_transient(&self) -> bool {
+        #[allow(unused_imports)]
+        use dbps_core::classify::Classify as _;
         match self {
             Self::LockTimeout { .. } | Self::LockLost { .. } => true,
             #[cfg(feature = "postgres")]
-            Self::Postgres { source, .. } | Self::MigrationFailed { source, .. } => sqlx_is_transient(source),
+            Self::Postgres { source, .. } | Self::MigrationFailed { source, .. } => source.is_transient(),
             #[cfg(feature = "postgres")]
             Self::Migrator {
                 source: sqlx::migrate::MigrateError::Execute(source),
                 ..
-            } => sqlx_is_transient(source),
+            } => source.is_transient(),
             #[cfg(feature = "mongodb")]
-            Self::Mongo { source, .. } => mongo_is_transient(source),
+            Self::Mongo { source, .. } => source.is_transient(),
             _ => false,
         }
     }
@@ -186,44 +188,6 @@ impl MigrateError {
         };
         source.as_database_error()?.code().map(|code| code.into_owned())
     }
-}
-
-/// Whether a sqlx error is about the connection or the server's load rather than the
-/// statement.
-#[cfg(feature = "postgres")]
-pub(crate) fn sqlx_is_transient(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
-            // 08: connection exception; 53: insufficient resources; 57P0x: the server is
-            // shutting down or starting; 40001/40P01: serialization failure and deadlock;
-            // 55P03: lock not available.
-            code.starts_with("08")
-                || code.starts_with("53")
-                || matches!(&*code, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "55P03")
-        }),
-        _ => false,
-    }
-}
-
-/// Whether a MongoDB error is about the connection or the server's state rather than the
-/// request.
-#[cfg(feature = "mongodb")]
-fn mongo_is_transient(error: &mongodb::error::Error) -> bool {
-    use mongodb::error::{
-        ErrorKind, RETRYABLE_ERROR, RETRYABLE_WRITE_ERROR, SYSTEM_OVERLOADED_ERROR, TRANSIENT_TRANSACTION_ERROR,
-    };
-    matches!(
-        *error.kind,
-        ErrorKind::Io(_) | ErrorKind::ServerSelection { .. } | ErrorKind::ConnectionPoolCleared { .. }
-    ) || [
-        RETRYABLE_WRITE_ERROR,
-        RETRYABLE_ERROR,
-        TRANSIENT_TRANSACTION_ERROR,
-        SYSTEM_OVERLOADED_ERROR,
-    ]
-    .iter()
-    .any(|label| error.contains_label(label))
 }
 
 /// Results of the migration runner.

@@ -1,8 +1,8 @@
 //! MongoDB: versioned migrations written as Rust functions, under a lock with an expiry.
 //!
 //! ```no_run
-//! # async fn example(db: mongodb::Database) -> Result<(), dbps_core::migrate::MigrateError> {
-//! use dbps_core::migrate::MongoMigrations;
+//! # async fn example(db: mongodb::Database) -> Result<(), dbps_migrate::MigrateError> {
+//! use dbps_migrate::MongoMigrations;
 //! use mongodb::IndexModel;
 //! use mongodb::bson::doc;
 //! use mongodb::options::IndexOptions;
@@ -59,13 +59,14 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use mongodb::bson::{Bson, DateTime, Document, doc};
-use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::{Collection, Database, IndexModel};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::MigrationInfo;
-use super::error::{MigrateError, Result};
+use dbps_core::classify::is_duplicate_key;
+
+use crate::MigrationInfo;
+use crate::error::{MigrateError, Result};
 
 /// The error a migration function may return: anything that converts with `?`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -75,9 +76,6 @@ pub const MIGRATIONS_COLLECTION: &str = "dbps_migrations";
 
 /// The `_id` of the lock document.
 pub const LOCK_ID: &str = "lock";
-
-/// MongoDB's duplicate-key error code.
-const DUPLICATE_KEY: i32 = 11000;
 
 type MigrationFn = Box<dyn Fn(Database) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
 
@@ -494,14 +492,6 @@ async fn renew(
 fn expiry(now: DateTime, ttl: Duration) -> DateTime {
     let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     DateTime::from_millis(now.timestamp_millis().saturating_add(ttl))
-}
-
-fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
-    match &*error.kind {
-        ErrorKind::Command(command) => command.code == DUPLICATE_KEY,
-        ErrorKind::Write(WriteFailure::WriteError(write)) => write.code == DUPLICATE_KEY,
-        _ => false,
-    }
 }
 
 /// What a run applied.

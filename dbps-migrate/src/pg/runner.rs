@@ -9,9 +9,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, Connection};
 
 use super::{HISTORY_SCHEMA, connect, pg_error};
-use crate::migrate::error::{MigrateError, Result};
-use crate::migrate::ident::{Identifier, ServiceName};
-use crate::migrate::{MigrationInfo, fnv1a32};
+use crate::error::{MigrateError, Result};
+use crate::ident::{Identifier, ServiceName};
+use crate::{MigrationInfo, fnv1a32};
 
 /// The first half of the advisory lock key of every migration run ("dbps" in ASCII), so that
 /// dbps' locks are recognisable in `pg_locks.classid`.
@@ -24,8 +24,8 @@ const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(600);
 /// applied in one call.
 ///
 /// ```no_run
-/// # async fn example(owner: sqlx::postgres::PgConnectOptions) -> Result<(), dbps_core::migrate::MigrateError> {
-/// use dbps_core::migrate::{PgMigrations, ServiceName};
+/// # async fn example(owner: sqlx::postgres::PgConnectOptions) -> Result<(), dbps_migrate::MigrateError> {
+/// use dbps_migrate::{PgMigrations, ServiceName};
 ///
 /// // In a service: `static CUSTOMER: Migrator = sqlx::migrate!("migrations");`
 /// # static CUSTOMER: sqlx::migrate::Migrator = sqlx::migrate!("tests/fixtures/pg/customer_v1");
@@ -223,7 +223,7 @@ impl PgMigrations {
         let mut seen = HashSet::new();
         let mut components = Vec::with_capacity(self.components.len());
         for component in &self.components {
-            let name = Identifier::checked("component name", &component.name, Identifier::MAX_LEN)?;
+            let name = Identifier::checked("component name", component.name.clone(), Identifier::MAX_LEN)?;
             if !seen.insert(name.clone()) {
                 return Err(MigrateError::DuplicateComponent {
                     component: component.name.clone(),

@@ -1,7 +1,8 @@
 //! Per-service migrations, database provisioning and least-privilege roles.
 //!
-//! Each service owns its database and changes its schema on its own schedule. This module
-//! makes that one call per service:
+//! Each service owns its database and changes its schema on its own schedule. This crate
+//! makes that one call per service, from the service's own start-up or from a deployment
+//! script:
 //!
 //! - **PostgreSQL** ([`pg`], feature `postgres`): [`PgService`] provisions, idempotently and
 //!   from an administrative connection, the service's database, a schema, an *owner* role
@@ -14,7 +15,12 @@
 //! - **MongoDB** (`mongo`, feature `mongodb`): `MongoMigrations` applies versioned
 //!   migrations written as Rust functions, recorded in a `dbps_migrations` collection and
 //!   guarded by a lock document with an expiry, and ensures declared indexes.
-//! - The `dbps-migrate` binary exposes `provision`, `up` and `status` to scripts.
+//! - The `dbps-migrate` command (feature `cli`) exposes `provision`, `up` and `status` to
+//!   scripts.
+//!
+//! The crates that own tables (`dbps-core`'s inbox, `dbps-outbox`, `dbps-saga`,
+//! `dbps-cache`) export their migrations as `MIGRATOR` statics; a service composes them with
+//! its own as components of one [`PgMigrations`] run.
 //!
 //! Every name that reaches SQL is a validated [`ServiceName`] or [`Identifier`]
 //! (`[a-z][a-z0-9_]*`, length-limited): a name outside that alphabet is a typed error before
@@ -24,8 +30,8 @@
 //!
 //! ```no_run
 //! # #[cfg(feature = "postgres")]
-//! # async fn example(admin: sqlx::postgres::PgConnectOptions) -> Result<(), dbps_core::migrate::MigrateError> {
-//! use dbps_core::migrate::{Password, PgService, ServiceName};
+//! # async fn example(admin: sqlx::postgres::PgConnectOptions) -> Result<(), dbps_migrate::MigrateError> {
+//! use dbps_migrate::{Password, PgService, ServiceName};
 //!
 //! // The service's own migrations, embedded at compile time; in a service this reads
 //! // `static MIGRATOR: Migrator = sqlx::migrate!("migrations");`.

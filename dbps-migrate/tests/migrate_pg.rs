@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dbps_core::migrate::pg::{PgMigrations, PgService, migrator_from_dir};
-use dbps_core::migrate::{Identifier, MigrateError, Password, ServiceName};
+use dbps_migrate::pg::{PgMigrations, PgService, migrator_from_dir};
+use dbps_migrate::{Identifier, MigrateError, Password, ServiceName};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
@@ -24,7 +24,7 @@ fn unique_service(prefix: &str) -> ServiceName {
     let random = uuid::Uuid::now_v7().simple().to_string();
     // The last digits of a UUIDv7 are random; the first are a timestamp shared by tests
     // started in the same millisecond.
-    ServiceName::new(&format!("{prefix}_{}", &random[random.len() - 12..])).expect("valid name")
+    ServiceName::new(format!("{prefix}_{}", &random[random.len() - 12..])).expect("valid name")
 }
 
 /// Options for the test's own database, as the server's administrative role.

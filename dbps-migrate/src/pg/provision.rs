@@ -7,9 +7,9 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
 use super::runner::PgMigrations;
 use super::{HISTORY_SCHEMA, connect, pg_error};
-use crate::migrate::error::{MigrateError, Result};
-use crate::migrate::fnv1a32;
-use crate::migrate::ident::{Identifier, Password, ServiceName};
+use crate::error::{MigrateError, Result};
+use crate::fnv1a32;
+use crate::ident::{Identifier, Password, ServiceName};
 
 /// The first half of the advisory lock key of provisioning ("dbpp" in ASCII), distinct from
 /// the migration lock so that provisioning and migrating never wait for each other.
@@ -28,8 +28,8 @@ const RUNTIME_SUFFIX: &str = "_app";
 /// (the schema may be `public`).
 ///
 /// ```no_run
-/// # async fn example(admin: sqlx::postgres::PgConnectOptions) -> Result<(), dbps_core::migrate::MigrateError> {
-/// use dbps_core::migrate::{Password, PgService, ServiceName};
+/// # async fn example(admin: sqlx::postgres::PgConnectOptions) -> Result<(), dbps_migrate::MigrateError> {
+/// use dbps_migrate::{Password, PgService, ServiceName};
 ///
 /// let service = PgService::new(ServiceName::new("customer")?);
 /// assert_eq!(service.owner_role().as_str(), "customer_owner");

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::error::{MigrateError, Result};
+use crate::error::{MigrateError, Result};
 
 /// A PostgreSQL identifier (schema, database, role, component) that dbps may quote into SQL.
 ///
@@ -22,18 +22,18 @@ impl Identifier {
     /// # Errors
     ///
     /// [`MigrateError::InvalidIdentifier`] naming the rule `value` breaks.
-    pub fn new(value: &str) -> Result<Self> {
-        Self::checked("identifier", value, Self::MAX_LEN)
+    pub fn new(value: impl Into<String>) -> Result<Self> {
+        Self::checked("identifier", value.into(), Self::MAX_LEN)
     }
 
     /// Validates `value` as the identifier of a `what` (used in the error), at most `max` long.
-    pub(crate) fn checked(what: &'static str, value: &str, max: usize) -> Result<Self> {
-        check(value, max).map_err(|reason| MigrateError::InvalidIdentifier {
+    pub(crate) fn checked(what: &'static str, value: String, max: usize) -> Result<Self> {
+        check(&value, max).map_err(|reason| MigrateError::InvalidIdentifier {
             what,
-            value: shorten(value),
+            value: shorten(&value),
             reason,
         })?;
-        Ok(Self(value.to_owned()))
+        Ok(Self(value))
     }
 
     /// The identifier as written.
@@ -63,6 +63,14 @@ impl fmt::Debug for Identifier {
     }
 }
 
+impl std::str::FromStr for Identifier {
+    type Err = MigrateError;
+
+    fn from_str(value: &str) -> Result<Self> {
+        Self::new(value)
+    }
+}
+
 impl fmt::Display for Identifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -83,7 +91,7 @@ impl AsRef<str> for Identifier {
 /// since the service's database is named after it.
 ///
 /// ```
-/// use dbps_core::migrate::ServiceName;
+/// use dbps_migrate::ServiceName;
 ///
 /// assert_eq!(ServiceName::new("customer").unwrap().as_str(), "customer");
 /// assert!(ServiceName::new("Customer").is_err());
@@ -102,12 +110,12 @@ impl ServiceName {
     /// # Errors
     ///
     /// [`MigrateError::InvalidIdentifier`] naming the rule `value` breaks.
-    pub fn new(value: &str) -> Result<Self> {
-        let name = Identifier::checked("service name", value, Self::MAX_LEN)?;
-        if matches!(value, "postgres" | "template0" | "template1") {
+    pub fn new(value: impl Into<String>) -> Result<Self> {
+        let name = Identifier::checked("service name", value.into(), Self::MAX_LEN)?;
+        if matches!(name.as_str(), "postgres" | "template0" | "template1") {
             return Err(MigrateError::InvalidIdentifier {
                 what: "service name",
-                value: shorten(value),
+                value: shorten(name.as_str()),
                 reason: "is the name of a database postgresql keeps for itself".into(),
             });
         }
@@ -128,6 +136,14 @@ impl ServiceName {
 impl fmt::Debug for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.0.as_str(), f)
+    }
+}
+
+impl std::str::FromStr for ServiceName {
+    type Err = MigrateError;
+
+    fn from_str(value: &str) -> Result<Self> {
+        Self::new(value)
     }
 }
 
@@ -252,13 +268,13 @@ mod tests {
             };
             assert!(got.contains(reason), "{name:?}: {got}");
         }
-        assert!(Identifier::new(&"x".repeat(64)).is_err());
+        assert!(Identifier::new("x".repeat(64)).is_err());
     }
 
     #[test]
     fn service_names_are_shorter_and_not_system_databases() {
-        assert!(ServiceName::new(&"s".repeat(48)).is_ok());
-        let error = ServiceName::new(&"s".repeat(49)).unwrap_err();
+        assert!(ServiceName::new("s".repeat(48)).is_ok());
+        let error = ServiceName::new("s".repeat(49)).unwrap_err();
         assert!(error.to_string().contains("48 bytes"), "{error}");
         for reserved in ["postgres", "template0", "template1"] {
             assert!(ServiceName::new(reserved).is_err(), "{reserved}");
@@ -279,7 +295,7 @@ mod tests {
 
     #[test]
     fn long_rejected_names_are_shortened_in_errors() {
-        let error = Identifier::new(&"X".repeat(1000)).unwrap_err();
+        let error = Identifier::new("X".repeat(1000)).unwrap_err();
         assert!(error.to_string().len() < 200, "{error}");
     }
 

@@ -29,7 +29,7 @@
 //! anything and refuses with [`MigrateError::Changed`] when an applied migration's checksum
 //! differs from its source.
 //!
-//! [`MigrateError::Changed`]: crate::migrate::MigrateError::Changed
+//! [`MigrateError::Changed`]: crate::MigrateError::Changed
 //! [`Migrator`]: sqlx::migrate::Migrator
 
 mod provision;
@@ -44,7 +44,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 pub use provision::{PgService, ProvisionReport};
 pub use runner::{ComponentReport, ComponentStatus, MigrationReport, PgMigrations, ServiceStatus};
 
-use super::error::{MigrateError, Result};
+use crate::error::{MigrateError, Result};
 
 /// The schema that holds one migration history table per component.
 pub const HISTORY_SCHEMA: &str = "dbps_migrations";

@@ -6,7 +6,7 @@
 //! dbps-migrate up        --service customer --migrations migrations [--dry-run]
 //! ```
 //!
-//! It wraps [`dbps_core::migrate`]: `provision` is [`PgService::provision`], `up` and
+//! It wraps [`dbps_migrate`]: `provision` is [`PgService::provision`], `up` and
 //! `status` are [`PgMigrations::run`], [`PgMigrations::dry_run`] and
 //! [`PgMigrations::status`] with the service's own migrations (`--migrations DIR`, the
 //! component named after the service, applied last) and any framework components
@@ -43,10 +43,10 @@
 //! Logs go to standard error (`-v` for progress, `-vv` for more, or `RUST_LOG`); results
 //! go to standard output.
 //!
-//! [`PgService::provision`]: dbps_core::migrate::PgService::provision
-//! [`PgMigrations::run`]: dbps_core::migrate::PgMigrations::run
-//! [`PgMigrations::dry_run`]: dbps_core::migrate::PgMigrations::dry_run
-//! [`PgMigrations::status`]: dbps_core::migrate::PgMigrations::status
+//! [`PgService::provision`]: dbps_migrate::PgService::provision
+//! [`PgMigrations::run`]: dbps_migrate::PgMigrations::run
+//! [`PgMigrations::dry_run`]: dbps_migrate::PgMigrations::dry_run
+//! [`PgMigrations::status`]: dbps_migrate::PgMigrations::status
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -56,8 +56,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgAction, Args, Parser, Subcommand};
-use dbps_core::migrate::pg::{MigrationReport, ProvisionReport, ServiceStatus, migrator_from_dir};
-use dbps_core::migrate::{Identifier, MigrateError, Password, PgService, ServiceName};
+use dbps_migrate::pg::{MigrationReport, ProvisionReport, ServiceStatus, migrator_from_dir};
+use dbps_migrate::{Identifier, MigrateError, Password, PgService, ServiceName};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
 

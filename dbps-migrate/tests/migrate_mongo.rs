@@ -3,8 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use dbps_core::migrate::MigrateError;
-use dbps_core::migrate::mongo::{LOCK_ID, MIGRATIONS_COLLECTION, MongoMigrations, ensure_index};
+use dbps_migrate::MigrateError;
+use dbps_migrate::mongo::{LOCK_ID, MIGRATIONS_COLLECTION, MongoMigrations, ensure_index};
 use futures::TryStreamExt;
 use mongodb::bson::{DateTime, Document, doc};
 use mongodb::options::IndexOptions;
@@ -14,7 +14,7 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// Counts one application of `version` in the `effects` collection. A migration that runs
 /// twice leaves a count of two.
-async fn record_effect(db: &Database, version: i64) -> Result<(), dbps_core::migrate::mongo::BoxError> {
+async fn record_effect(db: &Database, version: i64) -> Result<(), dbps_migrate::mongo::BoxError> {
     db.collection::<Document>("effects")
         .update_one(doc! { "_id": version }, doc! { "$inc": { "count": 1 } })
         .upsert(true)
