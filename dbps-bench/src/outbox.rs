@@ -287,10 +287,7 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
     MIGRATOR.run(&db).await.context("outbox migrations")?;
     db.execute(sqlx::raw_sql(SCHEMA)).await.context("business tables")?;
     let writers_pool = scratch.pool(u32::try_from(args.writers + 1)?, WRITER_APP).await?;
-    let naming = TopicNaming {
-        events: scratch.topics.events.clone(),
-        ..TopicNaming::default()
-    };
+    let naming = TopicNaming::new().events_pattern(scratch.topics.events.clone());
     let docs = Arc::new(Documents::generate(64)?);
     let writers = Writers::new(
         writers_pool.clone(),

@@ -602,10 +602,7 @@ async fn measure(args: &Args, brokers: &str, database: &Database, topics: &Topic
         store = store.polling(min, Duration::from_secs(1));
     }
     store.create_indexes().await.context("outbox indexes")?;
-    let naming = TopicNaming {
-        events: topics.events.clone(),
-        ..TopicNaming::default()
-    };
+    let naming = TopicNaming::new().events_pattern(topics.events.clone());
     let json = Arc::new(Documents::generate(64)?);
     let bson = (0..64)
         .map(|n| {

@@ -200,10 +200,7 @@ async fn writer(args: WriterArgs) -> Result<()> {
     );
     let started = Instant::now();
     let pool = connect(&args.db_url, args.concurrency + 2).await?;
-    let naming = TopicNaming {
-        events: args.topic.clone(),
-        ..TopicNaming::default()
-    };
+    let naming = TopicNaming::new().events_pattern(args.topic.clone());
     ensure!(
         args.mongodb_database.is_none() || (args.late_fraction == 0.0 && args.rollback_fraction == 0.0),
         "MongoDB writes have no transaction to hold open or roll back"

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 /// `message.max.bytes` of 1 MB, so that a payload accepted here is not refused by the
 /// broker later, when the state change it belongs to has long been committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PayloadLimits {
     /// Maximum payload size in bytes.
     pub max_bytes: usize,
@@ -25,6 +26,18 @@ impl Default for PayloadLimits {
 }
 
 impl PayloadLimits {
+    /// Limits of `max_bytes` bytes and `max_depth` levels of nesting; both must be
+    /// positive.
+    pub fn new(max_bytes: usize, max_depth: usize) -> Result<Self> {
+        if max_bytes == 0 || max_depth == 0 {
+            return Err(Error::InvalidConfig {
+                setting: String::from("payload limits"),
+                reason: String::from("max_bytes and max_depth must be positive"),
+            });
+        }
+        Ok(Self { max_bytes, max_depth })
+    }
+
     /// Checks a JSON text against both limits. The depth scan is a single pass over the
     /// bytes that skips string contents, so it is cheap next to parsing.
     pub fn check(&self, json: &str) -> Result<()> {

@@ -96,10 +96,7 @@ async fn fixture(partitions: i32) -> Result<Fixture, Box<dyn std::error::Error +
     let mongo = dbps_testkit::mongo().await?;
     let kafka = dbps_testkit::kafka().await?;
     let topic = kafka.create_topic("tender.tender.events", partitions).await?;
-    let naming = TopicNaming {
-        events: topic.clone(),
-        ..TopicNaming::default()
-    };
+    let naming = TopicNaming::new().events_pattern(topic.clone());
     Ok(Fixture {
         mongo,
         kafka,
@@ -175,9 +172,10 @@ async fn insert_and_update_carry_their_events_and_the_relay_publishes_them_in_or
     );
     store.leave(lease).await?;
     let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-    let records = read(f.kafka.brokers(), &f.topic, 5, Duration::from_secs(2)).await?;
+    let reader = read(&f.kafka, &f.topic, 5).await?;
     stop.cancel();
     let summary = relay.await??;
+    let records = reader.finish().await?;
     assert_eq!(summary.published, 5);
 
     let seen = summarise(&records);
@@ -286,10 +284,7 @@ async fn failed_or_refused_writes_store_and_publish_nothing() -> TestResult {
         "{error:?}"
     );
     // Bad messages are refused when they are built, before any write.
-    let strict = f.outbox.clone().limits(PayloadLimits {
-        max_bytes: 100,
-        max_depth: 4,
-    });
+    let strict = f.outbox.clone().limits(PayloadLimits::new(100, 4)?);
     let error = strict.event("tender", &change("t-1", &"x".repeat(200))).unwrap_err();
     assert!(
         matches!(error, OutboxError::Message(dbps_core::Error::PayloadTooLarge { .. })),
@@ -319,9 +314,10 @@ async fn failed_or_refused_writes_store_and_publish_nothing() -> TestResult {
     let bumped = f.bump("t-1", "bumped").await?;
     let store = f.store().await?;
     let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-    let records = read(f.kafka.brokers(), &f.topic, 2, Duration::from_secs(2)).await?;
+    let reader = read(&f.kafka, &f.topic, 2).await?;
     stop.cancel();
     relay.await??;
+    let records = reader.finish().await?;
     let seen = summarise(&records);
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[1], ("t-1".to_owned(), 2, bumped));
@@ -375,9 +371,10 @@ async fn concurrent_writers_on_one_document_get_gapless_sequences_in_write_order
         committed.extend(task.await??);
     }
     assert_eq!(committed.len(), 5 + 240, "four in five of the 300 writes matched");
-    let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
+    let reader = read(&f.kafka, &f.topic, committed.len()).await?;
     stop.cancel();
     relay.await??;
+    let records = reader.finish().await?;
 
     let seen = summarise(&records);
     let published: BTreeSet<String> = seen.iter().map(|(_, _, id)| id.clone()).collect();
@@ -429,10 +426,11 @@ async fn two_relays_share_the_outbox_without_loss_or_reordering() -> TestResult 
             committed.insert(f.bump(t, &round.to_string()).await?);
         }
     }
-    let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
+    let reader = read(&f.kafka, &f.topic, committed.len()).await?;
     stop_a.cancel();
     stop_b.cancel();
     let (a, b) = (relay_a.await??, relay_b.await??);
+    let records = reader.finish().await?;
 
     let seen = summarise(&records);
     let published: BTreeSet<String> = seen.iter().map(|(_, _, id)| id.clone()).collect();
@@ -454,7 +452,7 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
 
     let crashing = TestStore::crash_before_mark(f.store().await?);
     let (_stop, relay) = start_relay(fast(crashing.clone(), f.kafka.brokers())?);
-    let first = read(f.kafka.brokers(), &f.topic, 10, Duration::from_millis(200)).await?;
+    let first = read(&f.kafka, &f.topic, 10).await?.finish().await?;
     assert!(crashing.crashed(), "acknowledged, not marked");
     // The crash: the relay's task dies with its lease.
     relay.abort();
@@ -462,9 +460,10 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
     assert_eq!(stored(&f.tenders()).await?, 10, "nothing was marked");
 
     let (stop, relay) = start_relay(fast(f.store().await?, f.kafka.brokers())?);
-    let all = read(f.kafka.brokers(), &f.topic, 20, Duration::from_secs(1)).await?;
+    let reader = read(&f.kafka, &f.topic, 20).await?;
     stop.cancel();
     relay.await??;
+    let all = reader.finish().await?;
 
     let seen = summarise(&all);
     assert_eq!(seen.len(), 20, "every message twice: once before the crash, once after");
@@ -494,7 +493,7 @@ async fn leases_of_a_vanished_relay_are_taken_over_when_they_expire() -> TestRes
     let committed = f.create("t-1").await?;
     let started = tokio::time::Instant::now();
     let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-    let records = read(f.kafka.brokers(), &f.topic, 1, Duration::from_millis(200)).await?;
+    let records = read(&f.kafka, &f.topic, 1).await?.finish().await?;
     let waited = started.elapsed();
     stop.cancel();
     relay.await??;
@@ -570,9 +569,10 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
             .build()?;
         let (stop, task) = start_relay(relay);
         let expected_now = if policy == PoisonPolicy::Continue { 3 } else { 2 };
-        let records = read(f.kafka.brokers(), &f.topic, expected_now, Duration::from_secs(1)).await?;
+        let reader = read(&f.kafka, &f.topic, expected_now).await?;
         stop.cancel();
         let summary = task.await??;
+        let records = reader.finish().await?;
         assert_eq!(summary.parked, 1, "{policy:?}");
         let ids: BTreeSet<String> = summarise(&records).into_iter().map(|(_, _, id)| id).collect();
         assert!(ids.contains(&other), "other aggregates flow ({policy:?})");
@@ -596,9 +596,10 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
         // event, under HoldAggregate).
         store.replay(&parked[0].0.id).await?;
         let (stop, task) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-        let all = read(f.kafka.brokers(), &f.topic, 4, Duration::from_secs(1)).await?;
+        let reader = read(&f.kafka, &f.topic, 4).await?;
         stop.cancel();
         task.await??;
+        let all = reader.finish().await?;
         let seen = summarise(&all);
         assert_eq!(seen.len(), 4, "{policy:?}");
         if policy == PoisonPolicy::HoldAggregate {

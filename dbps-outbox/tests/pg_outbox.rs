@@ -6,13 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::{
-    DEADLINE, TestResult, TestStore, assert_fetched_only_held_partitions, assert_in_order, fast, publisher, read,
-    start_relay, summarise,
+    TestResult, TestStore, assert_fetched_only_held_partitions, assert_in_order, fast, publisher, read, start_relay,
+    summarise,
 };
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
 use dbps_core::{Envelope, Message, PayloadLimits};
 use dbps_outbox::pg::{MIGRATOR, PgOutbox, PgOutboxStore, PoisonPolicy, Retention};
 use dbps_outbox::{Backlog, OutboxError, OutboxStore, Relay};
+use dbps_testkit::eventually;
 use rdkafka::Message as _;
 use serde::{Deserialize, Serialize};
 
@@ -39,10 +40,7 @@ async fn fixture(partitions: i32) -> Result<Fixture, Box<dyn std::error::Error +
     MIGRATOR.run(db.pool()).await?;
     let kafka = dbps_testkit::kafka().await?;
     let topic = kafka.create_topic("quote.quote.events", partitions).await?;
-    let naming = TopicNaming {
-        events: topic.clone(),
-        ..TopicNaming::default()
-    };
+    let naming = TopicNaming::new().events_pattern(topic.clone());
     Ok(Fixture {
         db,
         kafka,
@@ -80,9 +78,10 @@ async fn rolled_back_transaction_publishes_nothing_and_committed_one_exactly_its
     assert_eq!((a.sequence, b.sequence), (Some(1), Some(2)));
 
     let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
-    let records = read(f.kafka.brokers(), &f.topic, 2, Duration::from_secs(2)).await?;
+    let reader = read(&f.kafka, &f.topic, 2).await?;
     stop.cancel();
     let summary = relay.await??;
+    let records = reader.finish().await?;
 
     let seen = summarise(&records);
     assert_eq!(
@@ -146,9 +145,10 @@ async fn late_commits_and_rollbacks_publish_exactly_the_committed_set_in_order()
     for task in tasks {
         committed.extend(task.await??);
     }
-    let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
+    let reader = read(&f.kafka, &f.topic, committed.len()).await?;
     stop.cancel();
     relay.await??;
+    let records = reader.finish().await?;
 
     let seen = summarise(&records);
     let published: BTreeSet<String> = seen.iter().map(|(_, _, id)| id.clone()).collect();
@@ -201,10 +201,11 @@ async fn two_relays_share_the_outbox_without_loss_or_reordering() -> TestResult 
         }
         tx.commit().await?;
     }
-    let records = read(f.kafka.brokers(), &f.topic, committed.len(), Duration::from_secs(2)).await?;
+    let reader = read(&f.kafka, &f.topic, committed.len()).await?;
     stop_a.cancel();
     stop_b.cancel();
     let (a, b) = (relay_a.await??, relay_b.await??);
+    let records = reader.finish().await?;
 
     let seen = summarise(&records);
     let published: BTreeSet<String> = seen.iter().map(|(_, _, id)| id.clone()).collect();
@@ -233,7 +234,7 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
 
     let crashing = TestStore::crash_before_mark(PgOutboxStore::new(f.db.pool().clone()));
     let (_stop, relay) = start_relay(fast(crashing.clone(), f.kafka.brokers())?);
-    let first = read(f.kafka.brokers(), &f.topic, 10, Duration::from_millis(200)).await?;
+    let first = read(&f.kafka, &f.topic, 10).await?.finish().await?;
     assert!(crashing.crashed(), "acknowledged, not marked");
     // The crash: the relay's task dies with its lease connection.
     relay.abort();
@@ -244,9 +245,10 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
     assert_eq!(left, 10, "nothing was marked");
 
     let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
-    let all = read(f.kafka.brokers(), &f.topic, 20, Duration::from_secs(1)).await?;
+    let reader = read(&f.kafka, &f.topic, 20).await?;
     stop.cancel();
     relay.await??;
+    let all = reader.finish().await?;
 
     let seen = summarise(&all);
     assert_eq!(seen.len(), 20, "every message twice: once before the crash, once after");
@@ -292,9 +294,10 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
             .build()?;
         let (stop, task) = start_relay(relay);
         let expected_now = if policy == PoisonPolicy::Continue { 3 } else { 2 };
-        let records = read(f.kafka.brokers(), &f.topic, expected_now, Duration::from_secs(1)).await?;
+        let reader = read(&f.kafka, &f.topic, expected_now).await?;
         stop.cancel();
         let summary = task.await??;
+        let records = reader.finish().await?;
         assert_eq!(summary.parked, 1, "{policy:?}");
         let ids: BTreeSet<String> = summarise(&records).into_iter().map(|(_, _, id)| id).collect();
         assert!(ids.contains(&other.message_id), "other aggregates flow ({policy:?})");
@@ -315,9 +318,10 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
         // event, under HoldAggregate).
         store.replay(parked[0].0.id).await?;
         let (stop, task) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-        let all = read(f.kafka.brokers(), &f.topic, 4, Duration::from_secs(1)).await?;
+        let reader = read(&f.kafka, &f.topic, 4).await?;
         stop.cancel();
         task.await??;
+        let all = reader.finish().await?;
         let seen = summarise(&all);
         assert_eq!(seen.len(), 4, "{policy:?}");
         if policy == PoisonPolicy::HoldAggregate {
@@ -370,10 +374,7 @@ async fn kept_rows_are_purged_by_retention() -> TestResult {
 #[tokio::test]
 async fn bad_input_is_refused_before_anything_is_written() -> TestResult {
     let f = fixture(1).await?;
-    let strict = f.outbox.clone().limits(PayloadLimits {
-        max_bytes: 100,
-        max_depth: 4,
-    });
+    let strict = f.outbox.clone().limits(PayloadLimits::new(100, 4)?);
     let mut tx = f.db.pool().begin().await?;
     let error = strict
         .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", &"x".repeat(200)))
@@ -460,9 +461,10 @@ async fn corrupt_row_is_parked_instead_of_stopping_the_relay() -> TestResult {
 
     let store = PgOutboxStore::new(f.db.pool().clone());
     let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-    let records = read(f.kafka.brokers(), &f.topic, 1, Duration::from_secs(1)).await?;
+    let reader = read(&f.kafka, &f.topic, 1).await?;
     stop.cancel();
     relay.await??;
+    let records = reader.finish().await?;
     assert_eq!(
         summarise(&records).into_iter().map(|(_, _, id)| id).collect::<Vec<_>>(),
         vec![good.message_id]
@@ -493,22 +495,18 @@ async fn the_relay_purges_kept_rows_once_their_retention_ends() -> TestResult {
     }
     tx.commit().await?;
     let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-    read(f.kafka.brokers(), &f.topic, 3, Duration::from_millis(100)).await?;
+    read(&f.kafka, &f.topic, 3).await?;
     let (kept,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox where published_at is not null")
         .fetch_one(f.db.pool())
         .await?;
     assert_eq!(kept, 3, "published rows are kept for their retention");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    eventually("kept rows to be purged", || async {
         let (left,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox")
             .fetch_one(f.db.pool())
             .await?;
-        if left == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "kept rows never purged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok::<_, sqlx::Error>(left == 0)
+    })
+    .await?;
     stop.cancel();
     relay.await??;
     Ok(())
@@ -531,14 +529,10 @@ async fn an_idle_relay_is_woken_by_commits_alone() -> TestResult {
             .await?;
         Ok::<_, sqlx::Error>(sleeping == 32)
     };
-    let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut expected = 0;
     for round in 0..2 {
         // Wait until the relay (which owns every partition) has marked itself asleep.
-        while !asleep().await? {
-            assert!(tokio::time::Instant::now() < deadline, "relay never went to sleep");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("the relay to go to sleep", &asleep).await?;
         let mut tx = f.db.pool().begin().await?;
         for i in 0..5 {
             f.outbox
@@ -547,7 +541,7 @@ async fn an_idle_relay_is_woken_by_commits_alone() -> TestResult {
         }
         tx.commit().await?;
         expected += 5;
-        let records = read(f.kafka.brokers(), &f.topic, expected, Duration::from_millis(100)).await?;
+        let records = read(&f.kafka, &f.topic, expected).await?.finish().await?;
         assert_eq!(records.len(), expected);
     }
     stop.cancel();

@@ -28,6 +28,7 @@ pub enum Error {
         reason: String,
     },
     /// PostgreSQL rejected a statement or could not be reached.
+    #[cfg(feature = "postgres")]
     #[error("postgres test database {database}")]
     Postgres {
         /// The database the test was setting up.
@@ -37,6 +38,7 @@ pub enum Error {
         source: sqlx::Error,
     },
     /// Kafka rejected a request or could not be reached.
+    #[cfg(feature = "kafka")]
     #[error("kafka test topic {topic}")]
     Kafka {
         /// The topic the test was setting up.
@@ -46,6 +48,7 @@ pub enum Error {
         source: rdkafka::error::KafkaError,
     },
     /// MongoDB rejected a request or could not be reached.
+    #[cfg(feature = "mongodb")]
     #[error("mongodb test database {database}")]
     Mongo {
         /// The database the test was setting up.
@@ -55,11 +58,40 @@ pub enum Error {
         source: mongodb::error::Error,
     },
     /// Redis rejected a request or could not be reached.
+    #[cfg(feature = "redis")]
     #[error("redis test connection")]
     Redis(#[source] ::redis::RedisError),
+    /// Provisioning or migrating a test service failed.
+    #[cfg(feature = "service")]
+    #[error("test service {service}")]
+    Service {
+        /// The service's name.
+        service: String,
+        /// The migration runner's error.
+        #[source]
+        source: dbps_migrate::MigrateError,
+    },
+    /// A condition a test waited for did not hold before the deadline.
+    #[error("timed out after {after:?} waiting for {what}")]
+    TimedOut {
+        /// What the test waited for.
+        what: String,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
+    /// The check a test waited with failed.
+    #[error("waiting for {what} failed")]
+    Check {
+        /// What the test waited for.
+        what: String,
+        /// The check's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Lets tests use `?` on their own queries against a [`crate::TestPostgres`] pool.
+#[cfg(feature = "postgres")]
 impl From<sqlx::Error> for Error {
     fn from(source: sqlx::Error) -> Self {
         Self::Postgres {

@@ -41,20 +41,52 @@
 //! | Redis | [`TestRedis`] | a unique key prefix |
 //!
 //! Tests in one binary can therefore run in parallel without seeing each other's data.
+//!
+//! # Services, topics and waiting
+//!
+//! - [`service`] (feature `service`) provisions a service the way production does — its
+//!   own database, owner and runtime roles, the migration components it names — and
+//!   removes all of it when the [`TestService`] drops, also after a failed assertion.
+//! - [`TestKafka::naming`] gives the default topic naming under the test's prefix, so a
+//!   service under test keeps its real topic names; every topic with the prefix (dead
+//!   letters included) is deleted with the handle. [`TestKafka::reader`] reads what
+//!   reached a topic, up to a count or to the end, and [`TestKafka::caught_up`] waits until
+//!   a consumer group has committed everything.
+//! - [`eventually`] and [`wait_for`] poll a condition with a deadline: no sleeps.
+//!
+//! # Feature flags
+//!
+//! Each backend is a feature, so a service's tests compile only the clients they use:
+//! `postgres`, `kafka`, `mongodb`, `redis` (all four by default) and `service` (a
+//! provisioned service per test, through `dbps-migrate`).
 
 mod error;
+#[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "mongodb")]
 mod mongo;
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
 mod redis;
 mod server;
+#[cfg(feature = "service")]
+mod service;
+mod wait;
 
 pub use error::{Error, Result};
-pub use kafka::{TestKafka, kafka};
+#[cfg(feature = "kafka")]
+pub use kafka::{TestKafka, TopicReader, kafka};
+#[cfg(feature = "mongodb")]
 pub use mongo::{TestMongo, mongo};
+#[cfg(feature = "postgres")]
 pub use postgres::{TestPostgres, postgres};
+#[cfg(feature = "redis")]
 pub use redis::{TestRedis, redis};
 pub use server::Backend;
+#[cfg(feature = "service")]
+pub use service::{TestService, TestServiceBuilder, service};
+pub use wait::{DEADLINE, eventually, wait_for};
 
 /// A name unique to this call, usable in database, topic and key names.
 fn unique_suffix() -> String {

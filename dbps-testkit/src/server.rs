@@ -5,9 +5,10 @@ use std::any::Any;
 use std::fmt;
 use std::sync::{LazyLock, Mutex};
 
+#[cfg(any(feature = "postgres", feature = "mongodb", feature = "redis"))]
+use testcontainers::ImageExt;
 use testcontainers::runners::AsyncRunner;
-use testcontainers::{ContainerAsync, Image, ImageExt};
-use testcontainers_modules::{kafka::apache, mongo, postgres, redis};
+use testcontainers::{ContainerAsync, Image};
 use tokio::sync::OnceCell;
 
 use crate::error::{Error, Result};
@@ -64,6 +65,7 @@ pub(crate) async fn address(backend: Backend) -> Result<&'static str> {
 }
 
 /// The address of `backend` if this binary resolved it already.
+#[cfg_attr(not(feature = "mongodb"), allow(dead_code))]
 pub(crate) fn address_if_resolved(backend: Backend) -> Option<&'static str> {
     cell(backend).get().map(String::as_str)
 }
@@ -127,33 +129,64 @@ async fn start_container(backend: Backend) -> std::result::Result<String, String
     let task = CONTAINER_RUNTIME.spawn(async move {
         match backend {
             Backend::Postgres => {
-                let image = postgres::Postgres::default().with_tag("16-alpine").with_cmd([
-                    "postgres",
-                    "-c",
-                    "wal_level=logical",
-                    "-c",
-                    "track_commit_timestamp=on",
-                    "-c",
-                    "max_connections=300",
-                ]);
-                let port = keep(image, 5432).await?;
-                Ok(format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"))
+                #[cfg(feature = "postgres")]
+                {
+                    let image = testcontainers_modules::postgres::Postgres::default()
+                        .with_tag("16-alpine")
+                        .with_cmd([
+                            "postgres",
+                            "-c",
+                            "wal_level=logical",
+                            "-c",
+                            "track_commit_timestamp=on",
+                            "-c",
+                            "max_connections=300",
+                        ]);
+                    let port = keep(image, 5432).await?;
+                    Ok(format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"))
+                }
+                #[cfg(not(feature = "postgres"))]
+                without("postgres")
             }
             Backend::Kafka => {
-                let port = keep(apache::Kafka::default(), apache::KAFKA_PORT.as_u16()).await?;
-                Ok(format!("127.0.0.1:{port}"))
+                #[cfg(feature = "kafka")]
+                {
+                    use testcontainers_modules::kafka::apache;
+                    let port = keep(apache::Kafka::default(), apache::KAFKA_PORT.as_u16()).await?;
+                    Ok(format!("127.0.0.1:{port}"))
+                }
+                #[cfg(not(feature = "kafka"))]
+                without("kafka")
             }
             Backend::Mongo => {
-                let port = keep(mongo::Mongo::repl_set().with_tag("7"), 27017).await?;
-                Ok(format!("mongodb://127.0.0.1:{port}/?directConnection=true"))
+                #[cfg(feature = "mongodb")]
+                {
+                    let image = testcontainers_modules::mongo::Mongo::repl_set().with_tag("7");
+                    let port = keep(image, 27017).await?;
+                    Ok(format!("mongodb://127.0.0.1:{port}/?directConnection=true"))
+                }
+                #[cfg(not(feature = "mongodb"))]
+                without("mongodb")
             }
             Backend::Redis => {
-                let port = keep(redis::Redis::default().with_tag("7-alpine"), redis::REDIS_PORT).await?;
-                Ok(format!("redis://127.0.0.1:{port}"))
+                #[cfg(feature = "redis")]
+                {
+                    use testcontainers_modules::redis;
+                    let port = keep(redis::Redis::default().with_tag("7-alpine"), redis::REDIS_PORT).await?;
+                    Ok(format!("redis://127.0.0.1:{port}"))
+                }
+                #[cfg(not(feature = "redis"))]
+                without("redis")
             }
         }
     });
     task.await.map_err(|e| format!("container task failed: {e}"))?
+}
+
+/// The container error of a backend whose feature is off.
+#[allow(dead_code)]
+fn without(feature: &str) -> std::result::Result<String, String> {
+    Err(format!("dbps-testkit was built without its {feature} feature"))
 }
 
 /// Starts `image`, keeps the container for the rest of the process and returns the host
@@ -174,6 +207,10 @@ where
 }
 
 /// The address with any password replaced, for errors and logs.
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "mongodb", feature = "redis")),
+    allow(dead_code)
+)]
 pub(crate) fn redact(address: &str) -> String {
     let Some((scheme, rest)) = address.split_once("://") else {
         return address.to_owned();

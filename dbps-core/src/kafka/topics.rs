@@ -15,7 +15,21 @@ use crate::error::{Error, Result};
 /// `<service>.commands` for commands to a service, `<service>.replies` for replies to the
 /// service that sent commands, and `<group>.dlq` for a consumer group's dead letters.
 /// Each pattern may be replaced; `{service}`, `{aggregate}` and `{group}` are substituted.
+/// [`TopicNaming::with_prefix`] puts every name under a prefix (an environment, or a
+/// test's namespace).
+///
+/// ```
+/// use dbps_core::kafka::TopicNaming;
+///
+/// let naming = TopicNaming::new().with_prefix("staging.");
+/// assert_eq!(naming.events("customer", "customer")?, "staging.customer.customer.events");
+/// assert_eq!(naming.dead_letter("quote")?, "staging.quote.dlq");
+/// let fixed = TopicNaming::new().events_pattern("legacy-customers");
+/// assert_eq!(fixed.events("customer", "customer")?, "legacy-customers");
+/// # Ok::<(), dbps_core::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TopicNaming {
     /// Pattern for event topics.
     pub events: String,
@@ -39,6 +53,46 @@ impl Default for TopicNaming {
 }
 
 impl TopicNaming {
+    /// The default patterns.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every pattern with `prefix` in front.
+    pub fn with_prefix(self, prefix: &str) -> Self {
+        Self {
+            events: format!("{prefix}{}", self.events),
+            commands: format!("{prefix}{}", self.commands),
+            replies: format!("{prefix}{}", self.replies),
+            dead_letter: format!("{prefix}{}", self.dead_letter),
+        }
+    }
+
+    /// Replaces the pattern of event topics (`{service}` and `{aggregate}` are substituted;
+    /// a name without them is used as it is).
+    pub fn events_pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.events = pattern.into();
+        self
+    }
+
+    /// Replaces the pattern of command topics (`{service}` is substituted).
+    pub fn commands_pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.commands = pattern.into();
+        self
+    }
+
+    /// Replaces the pattern of reply topics (`{service}` is substituted).
+    pub fn replies_pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.replies = pattern.into();
+        self
+    }
+
+    /// Replaces the pattern of dead-letter topics (`{group}` is substituted).
+    pub fn dead_letter_pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.dead_letter = pattern.into();
+        self
+    }
+
     /// The topic of `aggregate`'s events, owned by `service`.
     pub fn events(&self, service: &str, aggregate: &str) -> Result<String> {
         checked(
@@ -95,6 +149,7 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
 
 /// A topic to provision.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TopicSpec {
     /// The topic's name.
     pub name: String,
@@ -278,10 +333,7 @@ mod tests {
 
     #[test]
     fn custom_patterns_are_substituted() {
-        let naming = TopicNaming {
-            events: String::from("prod.{service}.{aggregate}.v1"),
-            ..TopicNaming::default()
-        };
+        let naming = TopicNaming::new().events_pattern("prod.{service}.{aggregate}.v1");
         assert_eq!(
             naming.events("quote", "quote").ok().as_deref(),
             Some("prod.quote.quote.v1")

@@ -50,22 +50,14 @@ pub async fn read_records(
     Ok(records)
 }
 
-/// Polls `check` until it returns true or the deadline passes.
-pub async fn eventually<F, Fut>(what: &str, mut check: F) -> TestResult
+/// [`dbps_testkit::eventually`] with the tests' error type, so checks may use `?` on any
+/// error and `Ok(condition)` needs no annotation.
+pub async fn eventually<F, Fut>(what: &str, check: F) -> TestResult
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<bool, Box<dyn std::error::Error + Send + Sync>>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!("timed out waiting for {what}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    Ok(dbps_testkit::eventually(what, check).await?)
 }
 
 pub fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {

@@ -72,8 +72,13 @@ pub async fn migrator_from_dir(dir: impl AsRef<Path>) -> Result<Migrator> {
 }
 
 /// Opens a connection, naming the database and role (never the password) if it fails.
+///
+/// The server's notices below a warning (`relation already exists, skipping` for every
+/// idempotent statement of a re-run) are not sent: they are expected, and sqlx would log
+/// each one.
 async fn connect(options: &PgConnectOptions) -> Result<PgConnection> {
-    PgConnection::connect_with(options)
+    let options = options.clone().options([("client_min_messages", "warning")]);
+    PgConnection::connect_with(&options)
         .await
         .map_err(|source| MigrateError::Postgres {
             action: format!(

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
 use super::runner::PgMigrations;
@@ -204,6 +204,61 @@ impl PgService {
             "provisioned service database"
         );
         Ok(report)
+    }
+
+    /// What a service does when it starts: [`provision`](PgService::provision)
+    /// (idempotent), apply `migrations` as the owner role, and open `pool` as the runtime
+    /// role. Build `migrations` with [`PgService::migrations`] and its components: the
+    /// framework's tables (`dbps_outbox::pg::MIGRATOR`, ...) and the service's own, last.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgService::provision`] and [`PgMigrations::run`]; [`MigrateError::Postgres`]
+    /// if the runtime role cannot connect.
+    pub async fn prepare(
+        &self,
+        admin: &PgConnectOptions,
+        owner_password: &Password,
+        runtime_password: &Password,
+        migrations: &PgMigrations,
+        pool: PgPoolOptions,
+    ) -> Result<PgPool> {
+        self.provision(admin, owner_password, runtime_password).await?;
+        let report = migrations.run(&self.owner_options(admin, owner_password)).await?;
+        tracing::info!(service = %self.service, applied = report.applied_count(), "service database migrated");
+        pool.connect_with(self.runtime_options(admin, runtime_password))
+            .await
+            .map_err(pg_error(format!(
+                "connect to database {} as {}",
+                self.database,
+                self.runtime_role()
+            )))
+    }
+
+    /// Removes the service's database (ending its sessions) and its roles: the reverse of
+    /// [`PgService::provision`], for tearing down an environment. Removing what does not
+    /// exist is not an error.
+    pub async fn deprovision(&self, admin: &PgConnectOptions) -> Result<()> {
+        self.validate()?;
+        let mut conn = connect(admin).await?;
+        let result = async {
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database.quoted()),
+                format!("DROP ROLE IF EXISTS {}", self.runtime_role().quoted()),
+                format!("DROP ROLE IF EXISTS {}", self.owner_role().quoted()),
+            ] {
+                sqlx::query(AssertSqlSafe(sql.clone()))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(pg_error(sql))?;
+            }
+            Ok(())
+        }
+        .await;
+        let _ = conn.close().await;
+        result?;
+        tracing::info!(service = %self.service, database = %self.database, "deprovisioned service database");
+        Ok(())
     }
 
     fn validate(&self) -> Result<()> {

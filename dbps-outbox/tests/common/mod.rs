@@ -10,10 +10,8 @@ use std::time::Duration;
 use dbps_core::CancellationToken;
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
 use dbps_outbox::{Backlog, OutboxError, OutboxStore, Pending, Relay, RelaySummary, Retention};
-use futures::StreamExt;
-use rdkafka::ClientConfig;
+use dbps_testkit::{TestKafka, TopicReader};
 use rdkafka::Message as _;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, OwnedMessage};
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -42,33 +40,13 @@ pub fn fast<S: OutboxStore>(store: S, brokers: &str) -> Result<Relay<S>, Box<dyn
         .build()?)
 }
 
-/// Reads records until `count` arrived, then keeps reading for `settle` to catch extras.
-pub async fn read(
-    brokers: &str,
-    topic: &str,
-    count: usize,
-    settle: Duration,
-) -> Result<Vec<OwnedMessage>, Box<dyn std::error::Error + Send + Sync>> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("check-{}", uuid::Uuid::now_v7()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut stream = consumer.stream();
-    let mut records = Vec::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while records.len() < count {
-        let next = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .map_err(|_| format!("only {} of {count} records arrived", records.len()))?;
-        records.push(next.ok_or("stream ended")??.detach());
-    }
-    while let Ok(Some(next)) = tokio::time::timeout(settle, stream.next()).await {
-        records.push(next?.detach());
-    }
-    Ok(records)
+/// A reader of `topic` once `count` records have reached it. Stop the relays, then
+/// [`TopicReader::finish`] reads everything else they published: duplicates show up
+/// without waiting for a quiet period.
+pub async fn read(kafka: &TestKafka, topic: &str, count: usize) -> Result<TopicReader, dbps_testkit::Error> {
+    let mut reader = kafka.reader(topic)?;
+    reader.wait_for(count).await?;
+    Ok(reader)
 }
 
 pub fn header<'a>(record: &'a OwnedMessage, name: &str) -> Option<&'a str> {

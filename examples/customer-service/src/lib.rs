@@ -82,10 +82,7 @@ impl App {
     /// The service over `pool`, publishing customer events to `topic`.
     pub fn new(pool: PgPool, topic: impl Into<String>) -> Self {
         let topic = topic.into();
-        let naming = TopicNaming {
-            events: topic.clone(),
-            ..TopicNaming::default()
-        };
+        let naming = TopicNaming::new().events_pattern(topic.clone());
         Self {
             pool,
             outbox: PgOutbox::new("customer").naming(naming),
