@@ -69,7 +69,7 @@ pub enum Error {
         service: String,
         /// The migration runner's error.
         #[source]
-        source: dbps_migrate::MigrateError,
+        source: Box<dbps_migrate::MigrateError>,
     },
     /// A condition a test waited for did not hold before the deadline.
     #[error("timed out after {after:?} waiting for {what}")]

@@ -64,7 +64,7 @@ impl TestServiceBuilder {
         let name = format!("{}_{}", self.name, &suffix[suffix.len() - 12..]);
         let service_error = |source| Error::Service {
             service: name.clone(),
-            source,
+            source: Box::new(source),
         };
         let service = PgService::new(ServiceName::new(name.clone()).map_err(service_error)?);
         let owner = Password::new(OWNER_PASSWORD).map_err(service_error)?;
