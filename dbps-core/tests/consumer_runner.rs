@@ -379,3 +379,92 @@ async fn unknown_type_is_a_typed_error_for_the_handler_to_dead_letter() -> TestR
     );
     Ok(())
 }
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct StockReserved {
+    sku: String,
+    quantity: i64,
+}
+
+impl dbps_core::Message for StockReserved {
+    const TYPE: &'static str = "inventory.StockReserved";
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct PriceChanged {
+    sku: String,
+}
+
+impl dbps_core::Message for PriceChanged {
+    const TYPE: &'static str = "inventory.PriceChanged";
+}
+
+dbps_core::message_set! {
+    /// The stock events this test's handler follows.
+    #[derive(Debug)]
+    enum StockEvent {
+        Changed(StockChanged),
+        Reserved(StockReserved),
+    }
+}
+
+/// Applies stock events by variant.
+#[derive(Default)]
+struct StockView {
+    on_hand: Mutex<BTreeMap<String, i64>>,
+}
+
+impl dbps_core::TypedHandler<StockEvent> for StockView {
+    async fn handle(&self, event: StockEvent, _envelope: &Envelope) -> Result<(), HandlerError> {
+        let mut on_hand = self.on_hand.lock().map_err(|_| HandlerError::permanent("poisoned"))?;
+        match event {
+            StockEvent::Changed(changed) => {
+                on_hand.insert(changed.sku, changed.on_hand);
+            }
+            StockEvent::Reserved(reserved) => *on_hand.entry(reserved.sku).or_default() -= reserved.quantity,
+        }
+        Ok(())
+    }
+}
+
+/// One topic, several event types: a typed handler gets each as its variant, and a type
+/// outside its set is dead-lettered (by default) or skipped (when asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_handler_dispatches_by_type_and_dead_letters_or_ignores_the_others() -> TestResult {
+    use dbps_core::{OtherTypes, Typed};
+
+    let kafka = dbps_testkit::kafka().await?;
+    let topic = kafka.create_topic("events", 1).await?;
+    let reserved = Envelope::event(
+        "inventory",
+        "stock",
+        "sku-1",
+        &StockReserved {
+            sku: "sku-1".into(),
+            quantity: 3,
+        },
+    )?;
+    let priced = Envelope::event("inventory", "stock", "sku-1", &PriceChanged { sku: "sku-1".into() })?;
+    publish_all(kafka.brokers(), &topic, &[event("sku-1", 10)?, reserved, priced]).await?;
+
+    for others in [OtherTypes::DeadLetter, OtherTypes::Ignore] {
+        let dlq = kafka.create_topic(&format!("dlq-{others:?}"), 1).await?;
+        let group = kafka.group_id(&format!("{others:?}"));
+        let typed = Arc::new(Typed::new(StockView::default()).other_types(others));
+        let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&typed))
+            .topic(&topic)
+            .dead_letter_topic(&dlq)
+            .build()?;
+        let (stop, task) = start(runner);
+        kafka.caught_up(&group, &topic).await?;
+        stop.cancel();
+        let summary = task.await??;
+
+        let on_hand = typed.handler().on_hand.lock().map_err(|_| "poisoned")?.clone();
+        assert_eq!(on_hand, BTreeMap::from([("sku-1".to_owned(), 7)]), "{others:?}");
+        let dead = usize::from(others == OtherTypes::DeadLetter);
+        assert_eq!(summary.dead_lettered, dead as u64, "{others:?}");
+        assert_eq!(read_records(kafka.brokers(), &dlq, dead).await?.len(), dead);
+    }
+    Ok(())
+}

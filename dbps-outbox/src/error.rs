@@ -15,10 +15,12 @@ pub enum OutboxError {
         source: sqlx::Error,
     },
     /// The outbox tables are missing.
-    #[error("outbox table {table} missing: run the migrations (dbps_outbox::pg::MIGRATOR)")]
+    #[error(
+        "outbox table {table} missing: run the migrations (dbps_outbox::pg::MIGRATOR as a component of the service's PgMigrations)"
+    )]
     MissingTable {
         /// The missing table.
-        table: &'static str,
+        table: String,
     },
     /// A message was refused before it was written (payload limits, reserved headers,
     /// an invalid topic name).
@@ -135,14 +137,10 @@ impl OutboxError {
 #[cfg(feature = "postgres")]
 pub(crate) fn store(operation: &'static str) -> impl FnOnce(sqlx::Error) -> OutboxError {
     move |source| match &source {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
-            let table = if db.message().contains("dbps_outbox_sequences") {
-                "dbps_outbox_sequences"
-            } else {
-                "dbps_outbox"
-            };
-            OutboxError::MissingTable { table }
-        }
+        // undefined_table: `relation "dbps_outbox_wake" does not exist`.
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => OutboxError::MissingTable {
+            table: db.message().split('"').nth(1).unwrap_or("dbps_outbox").to_owned(),
+        },
         _ => OutboxError::Store { operation, source },
     }
 }

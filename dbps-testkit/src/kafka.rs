@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use dbps_core::classify::Classify as _;
 use dbps_core::kafka::TopicNaming;
 use futures::StreamExt;
 use rdkafka::ClientConfig;
@@ -280,17 +281,25 @@ impl TopicReader {
 
     async fn next(&mut self, deadline: tokio::time::Instant, wanted: usize) -> Result<()> {
         let mut stream = self.consumer.stream();
-        let next = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .map_err(|_| Error::TimedOut {
-                what: format!("{wanted} records on {} (got {})", self.topic, self.records.len()),
-                after: DEADLINE,
-            })?;
-        let record = next
-            .ok_or_else(|| kafka_error(&self.topic)(KafkaError::NoMessageReceived))?
-            .map_err(kafka_error(&self.topic))?;
-        self.records.push(record.detach());
-        Ok(())
+        loop {
+            let next = tokio::time::timeout_at(deadline, stream.next())
+                .await
+                .map_err(|_| Error::TimedOut {
+                    what: format!("{wanted} records on {} (got {})", self.topic, self.records.len()),
+                    after: DEADLINE,
+                })?
+                .ok_or_else(|| kafka_error(&self.topic)(KafkaError::NoMessageReceived))?;
+            match next {
+                Ok(record) => {
+                    self.records.push(record.detach());
+                    return Ok(());
+                }
+                // A topic the code under test has not created yet, a broker restarting:
+                // keep reading.
+                Err(error) if error.is_transient() => {}
+                Err(error) => return Err(kafka_error(&self.topic)(error)),
+            }
+        }
     }
 }
 

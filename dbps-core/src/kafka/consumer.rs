@@ -354,7 +354,11 @@ impl<H: Handler> ConsumerRunner<H> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<RunSummary> {
         let mut delays = self.retry.unbounded().delays();
         loop {
-            match self.prepare_topics().await {
+            let prepared = tokio::select! {
+                () = shutdown.cancelled() => return Ok(RunSummary::default()),
+                prepared = self.prepare_topics() => prepared,
+            };
+            match prepared {
                 Ok(()) => break,
                 Err(error) if error.is_transient() => {
                     let delay = delays.next().unwrap_or(self.retry.max_delay);

@@ -97,34 +97,89 @@ pub struct Seen {
     pub fetched: Vec<(String, i32, Vec<i32>)>,
 }
 
-/// Delegates to a real store, recording what its relay held and fetched (see [`Seen`]);
-/// built with [`TestStore::crash_before_mark`], it "crashes" instead of marking: the
-/// relay stops right after the broker's acknowledgement, and fetches nothing more.
+/// What a [`TestStore`] does besides delegating.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Only records.
+    Record,
+    /// "Crashes" instead of marking: the relay stops right after the broker's
+    /// acknowledgement, and fetches nothing more.
+    CrashBeforeMark,
+    /// Holds each mark until [`TestStore::release_marks`].
+    HoldMarks,
+    /// Panics on the first fetch.
+    PanicOnFetch,
+}
+
+/// Delegates to a real store, recording what its relay held and fetched (see [`Seen`]),
+/// and misbehaves on demand (see the constructors).
 #[derive(Clone)]
 pub struct TestStore<S> {
     pub inner: S,
-    crash_before_mark: bool,
+    mode: Mode,
     crashed: Arc<AtomicBool>,
     seen: Arc<std::sync::Mutex<Seen>>,
     changed: Arc<tokio::sync::Notify>,
+    marks: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S: OutboxStore> TestStore<S> {
     pub fn recording(inner: S) -> Self {
         Self {
             inner,
-            crash_before_mark: false,
+            mode: Mode::Record,
             crashed: Arc::new(AtomicBool::new(false)),
             seen: Arc::default(),
             changed: Arc::default(),
+            marks: Arc::new(tokio::sync::Semaphore::new(0)),
         }
     }
 
+    /// "Crashes" instead of marking: the relay stops right after the broker's
+    /// acknowledgement, and fetches nothing more.
     pub fn crash_before_mark(inner: S) -> Self {
         Self {
-            crash_before_mark: true,
+            mode: Mode::CrashBeforeMark,
             ..Self::recording(inner)
         }
+    }
+
+    /// Holds every mark until [`TestStore::release_marks`]; [`TestStore::marking`] waits
+    /// until one is held.
+    pub fn hold_marks(inner: S) -> Self {
+        Self {
+            mode: Mode::HoldMarks,
+            ..Self::recording(inner)
+        }
+    }
+
+    /// Panics on the first fetch.
+    pub fn panic_on_fetch(inner: S) -> Self {
+        Self {
+            mode: Mode::PanicOnFetch,
+            ..Self::recording(inner)
+        }
+    }
+
+    /// Waits until a mark is held (the batch is published, not yet marked).
+    pub async fn marking(&self) -> Result<(), String> {
+        let wait = async {
+            loop {
+                let changed = self.changed.notified();
+                if self.crashed() {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(DEADLINE, wait)
+            .await
+            .map_err(|_| String::from("the relay never marked a batch"))
+    }
+
+    /// Lets the held marks (and all later ones) through.
+    pub fn release_marks(&self) {
+        self.marks.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
     }
 
     pub fn crashed(&self) -> bool {
@@ -185,7 +240,8 @@ impl<S: OutboxStore> OutboxStore for TestStore<S> {
         self.inner.partitions(lease)
     }
     async fn fetch(&self, lease: &mut Self::Lease, limit: usize) -> dbps_outbox::Result<Vec<Pending<S::Id>>> {
-        if self.crashed() {
+        assert!(self.mode != Mode::PanicOnFetch, "a store that panics on fetch");
+        if self.mode == Mode::CrashBeforeMark && self.crashed() {
             return Ok(Vec::new());
         }
         let batch = self.inner.fetch(lease, limit).await?;
@@ -198,11 +254,20 @@ impl<S: OutboxStore> OutboxStore for TestStore<S> {
         Ok(batch)
     }
     async fn mark_published(&self, ids: &[S::Id]) -> dbps_outbox::Result<()> {
-        if self.crash_before_mark {
-            self.crashed.store(true, Ordering::SeqCst);
-            return std::future::pending().await;
+        match self.mode {
+            Mode::CrashBeforeMark => {
+                self.crashed.store(true, Ordering::SeqCst);
+                self.changed.notify_waiters();
+                std::future::pending().await
+            }
+            Mode::HoldMarks => {
+                self.crashed.store(true, Ordering::SeqCst);
+                self.changed.notify_waiters();
+                let _permit = self.marks.acquire().await.expect("the semaphore is never closed");
+                self.inner.mark_published(ids).await
+            }
+            Mode::Record | Mode::PanicOnFetch => self.inner.mark_published(ids).await,
         }
-        self.inner.mark_published(ids).await
     }
     async fn park(&self, id: &S::Id, reason: &str) -> dbps_outbox::Result<()> {
         self.inner.park(id, reason).await
