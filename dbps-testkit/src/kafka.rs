@@ -63,6 +63,11 @@ impl TestKafka {
         self.brokers
     }
 
+    /// This test's topic-name prefix (for a service's `DBPS_TOPIC_PREFIX`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// `name` inside this test's namespace, without creating the topic.
     pub fn topic_name(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)

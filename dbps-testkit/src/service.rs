@@ -154,6 +154,12 @@ impl TestService {
         &self.admin
     }
 
+    /// The owner and runtime roles' passwords (to hand the service's own start-up the
+    /// same credentials).
+    pub fn passwords(&self) -> (&Password, &Password) {
+        (&self.owner, &self.runtime)
+    }
+
     /// A migration runner for this service (to apply further components).
     pub fn migrations(&self) -> PgMigrations {
         self.service.migrations()

@@ -330,6 +330,11 @@ impl<H: Handler> ConsumerRunner<H> {
         }
     }
 
+    /// The consumer group.
+    pub fn group_id(&self) -> &str {
+        &self.group_id
+    }
+
     /// The dead-letter topic.
     pub fn dead_letter_topic(&self) -> &str {
         &self.dead_letter_topic
