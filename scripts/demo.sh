@@ -14,10 +14,13 @@ echo "==> building the example services"
 cargo build --quiet -p example-customer-service --bins
 bin="$root/target/debug"
 
-export CUSTOMER_SERVICE_ADDR="${CUSTOMER_SERVICE_ADDR:-127.0.0.1:8081}"
-export CUSTOMER_SERVICE_URL="http://$CUSTOMER_SERVICE_ADDR"
+export CUSTOMER_HTTP_ADDR="${CUSTOMER_HTTP_ADDR:-127.0.0.1:8081}"
+export CUSTOMER_SERVICE_URL="http://$CUSTOMER_HTTP_ADDR"
+# Development passwords of the service's roles; a deployment takes them from its secrets.
+export CUSTOMER_DB_OWNER_PASSWORD="${CUSTOMER_DB_OWNER_PASSWORD:-customer-owner-dev}"
+export CUSTOMER_DB_RUNTIME_PASSWORD="${CUSTOMER_DB_RUNTIME_PASSWORD:-customer-app-dev}"
 log="$root/.dbps/customer-service.log"
-echo "==> starting the customer service on $CUSTOMER_SERVICE_ADDR (log: .dbps/customer-service.log)"
+echo "==> starting the customer service on $CUSTOMER_HTTP_ADDR (log: .dbps/customer-service.log)"
 "$bin/customer-service" >"$log" 2>&1 &
 service_pid=$!
 stop_service() {

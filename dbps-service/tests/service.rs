@@ -86,8 +86,12 @@ async fn a_service_prepares_its_database_relays_serves_health_and_metrics_and_st
         let body: serde_json::Value = health.json().await?;
         assert_eq!(body["status"], "ok");
         assert_eq!(body["service"], test.name().as_str());
-        let metrics = client.get(format!("{base}/metrics")).send().await?.text().await?;
-        assert!(metrics.contains("dbps_outbox_published_total"), "{metrics}");
+        // The relay counts a message once it is marked, just after Kafka has it.
+        dbps_testkit::eventually("the relay's metrics on /metrics", || async {
+            let metrics = client.get(format!("{base}/metrics")).send().await?.text().await?;
+            Ok::<_, reqwest::Error>(metrics.contains("dbps_outbox_published_total"))
+        })
+        .await?;
 
         stop.cancel();
         running.await??;

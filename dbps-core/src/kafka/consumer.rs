@@ -894,7 +894,7 @@ impl<H: Handler> Worker<H> {
     async fn process(&self, state: &PartitionState, message: &OwnedMessage) -> Outcome {
         let topic = message.topic().to_owned();
         let labels = [("group", self.shared.group_id.clone()), ("topic", topic.clone())];
-        let envelope = match decode(message) {
+        let envelope = match decode_record(message) {
             Ok(envelope) => envelope,
             Err(error) => {
                 return self
@@ -1040,8 +1040,9 @@ fn with_outcome(labels: &[(&'static str, String); 2], outcome: &str) -> [(&'stat
     [labels[0].clone(), labels[1].clone(), ("outcome", outcome.to_owned())]
 }
 
-/// Decodes a consumed record into an envelope.
-pub(crate) fn decode(message: &OwnedMessage) -> Result<Envelope> {
+/// Decodes a record read from Kafka (CloudEvents binary mode, as dbps writes it) into an
+/// envelope; the consumer runner does this for every message before the handler sees it.
+pub fn decode_record(message: &OwnedMessage) -> Result<Envelope> {
     let timestamp = message
         .timestamp()
         .to_millis()

@@ -9,6 +9,7 @@ pub use crate::handler::{Handler, HandlerError};
 pub use config::KafkaConfig;
 pub use consumer::{
     ConsumerRunner, ConsumerRunnerBuilder, ERROR_LOG_INTERVAL, RetryPolicy, RunSummary, dead_letter_header,
+    decode_record,
 };
 pub use publisher::{Delivery, KafkaPublisher, KafkaPublisherBuilder};
 pub use topics::{TopicNaming, TopicOutcome, TopicSpec, ensure_topics, missing_topics, validate_topic_name};

@@ -68,3 +68,39 @@ impl From<&Customer> for CustomerUpdated {
         }
     }
 }
+
+dbps_core::message_set! {
+    /// The events on `customer.customer.events`, for the services that follow them.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum CustomerEvent {
+        /// A customer was created.
+        Created(CustomerCreated),
+        /// A customer changed.
+        Updated(CustomerUpdated),
+    }
+}
+
+/// Record that a machine was installed at a customer's site (sent by whoever delivers
+/// it; the customer service keeps the machine history).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordMachineInstalled {
+    /// The customer.
+    pub customer_id: Uuid,
+    /// The machine (model and serial number).
+    pub machine: String,
+    /// When it was installed.
+    pub installed_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Message for RecordMachineInstalled {
+    const TYPE: &'static str = "customer.RecordMachineInstalled";
+}
+
+dbps_core::message_set! {
+    /// The commands on `customer.commands`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum CustomerCommand {
+        /// Record an installed machine.
+        RecordMachineInstalled(RecordMachineInstalled),
+    }
+}

@@ -1,73 +1,78 @@
 //! The customer service of the dbps example system.
 //!
 //! It owns the `customers`, `customer_addresses`, `customer_contacts` and
-//! `machine_history` tables in its own PostgreSQL database, provisioned and migrated by
-//! dbps' migration runner (`customer_owner` runs the migrations, `customer_app` serves
-//! requests and cannot run DDL). It serves:
+//! `machine_history` tables in its own PostgreSQL database, provisioned and migrated at
+//! start (`customer_owner` runs the migrations, `customer_app` serves requests and cannot
+//! run DDL). It serves:
 //!
 //! - `POST /customers` — creates a customer and enqueues `customer.CustomerCreated`;
-//! - `PUT /customers/{id}` — changes it and enqueues `customer.CustomerUpdated`;
-//! - `GET /customers/{id}` and `GET /health`.
+//! - `PUT /customers/{id}` — changes it and enqueues `customer.CustomerUpdated`; with
+//!   `If-Match: "<version>"` only if nobody changed it since that version (else `412`);
+//! - `GET /customers/{id}` — the customer with its version as `ETag` and its machines;
+//! - `/health` and `/metrics`.
 //!
-//! Each change and its event commit in one transaction through the outbox; a relay in
-//! the same process publishes the events to `customer.customer.events`, keyed by the
-//! customer id, with the customer's version as the aggregate sequence number. It is the
-//! source of truth that the quote service's `customer_cache` and the email service's
-//! `customer_email_index` replicate.
+//! Each change and its event commit in one transaction through the outbox; the relay
+//! publishes them to `customer.customer.events`, keyed by the customer id, each with the
+//! customer's version as its sequence number. It is the source of truth that the quote
+//! service's `customer_cache` and the email service's `customer_email_index` replicate.
+//!
+//! It also consumes commands from `customer.commands`: `customer.RecordMachineInstalled`
+//! (sent when a machine is delivered) adds a row to the customer's machine history,
+//! exactly once however often Kafka delivers it — the effect and the inbox record commit
+//! together.
+//!
+//! Every client mistake is a 4xx `application/problem+json` answer, found before anything
+//! is written; logs carry ids, never a customer's name or address.
 
 pub mod events;
 
-use std::time::Duration;
-
-use anyhow::Context as _;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming, TopicSpec, ensure_topics};
-use dbps_migrate::{Password, PgService};
+use dbps_core::inbox::pg::{PgInbox, TypedTxHandler};
+use dbps_core::kafka::{ConsumerRunner, HandlerError, TopicSpec};
+use dbps_core::{Envelope, Typed};
 use dbps_outbox::Relay;
 use dbps_outbox::pg::{PgOutbox, PgOutboxStore};
+use dbps_service::Service;
+use dbps_service::http::{Fields, IfMatch, Problem, etag, version_conflict};
 use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
-use crate::events::{CustomerCreated, CustomerUpdated};
+use crate::events::{CustomerCommand, CustomerCreated, CustomerUpdated, RecordMachineInstalled};
 
 /// The service's own migrations.
 pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
+/// The service's name, the root of its database, roles, topics and groups.
+pub const SERVICE: &str = "customer";
+
 /// The aggregate type of customers (and the middle of the events topic's name).
 pub const AGGREGATE: &str = "customer";
 
-/// Provisions the service's database and roles, applies the outbox's and the service's
-/// migrations as the owner role, and returns a pool connected as the runtime role.
-pub async fn prepare(
-    admin: &PgConnectOptions,
-    service: &PgService,
-    owner_password: &Password,
-    runtime_password: &Password,
-) -> anyhow::Result<PgPool> {
-    service
-        .provision(admin, owner_password, runtime_password)
-        .await
-        .context("provisioning the database")?;
-    let report = service
-        .migrations()
-        .component("dbps_outbox", &dbps_outbox::pg::MIGRATOR)
-        .component(service.service().as_str(), &MIGRATOR)
-        .run(&service.owner_options(admin, owner_password))
-        .await
-        .context("migrating the database")?;
-    tracing::info!(applied = report.applied_count(), "database migrated");
-    let pool = PgPoolOptions::new()
-        .max_connections(16)
-        .connect_with(service.runtime_options(admin, runtime_password))
-        .await
-        .context("connecting as the runtime role")?;
-    Ok(pool)
+/// The consumer of `customer.commands` (its group is `customer.commands`).
+pub const COMMANDS_CONSUMER: &str = "commands";
+
+/// Longest name, in characters.
+const MAX_NAME: usize = 200;
+/// Longest tax number, in characters.
+const MAX_TAX_NUMBER: usize = 64;
+/// Largest request body.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The migration components of the service's database, in order: the framework's tables,
+/// then the service's own.
+pub fn components() -> [(&'static str, &'static Migrator); 3] {
+    [
+        ("dbps_outbox", &dbps_outbox::pg::MIGRATOR),
+        ("dbps_inbox", &dbps_core::inbox::pg::MIGRATOR),
+        (SERVICE, &MIGRATOR),
+    ]
 }
 
 /// The running service's state.
@@ -75,50 +80,82 @@ pub async fn prepare(
 pub struct App {
     pool: PgPool,
     outbox: PgOutbox,
-    topic: String,
 }
 
 impl App {
-    /// The service over `pool`, publishing customer events to `topic`.
-    pub fn new(pool: PgPool, topic: impl Into<String>) -> Self {
-        let topic = topic.into();
-        let naming = TopicNaming::new().events_pattern(topic.clone());
-        Self {
-            pool,
-            outbox: PgOutbox::new("customer").naming(naming),
-            topic,
-        }
-    }
+    /// Prepares the service's database and starts its relay and its command consumer on
+    /// `service` (both create their topics if they are missing). Serve [`App::router`]
+    /// with it next.
+    pub async fn start(service: &mut Service) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let pool = service.postgres(&components()).await?;
+        let naming = service.naming();
+        // Topics are named after the service's configured name (`customer`, or a test's
+        // unique one), as its outbox names them.
+        let name = service.name().to_string();
 
-    /// The events topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
+        let events = naming.events(&name, AGGREGATE)?;
+        let relay = Relay::builder(PgOutboxStore::new(pool.clone()), service.relay_publisher()?)
+            .create_topics([TopicSpec::new(events, 3)])
+            .build()?;
+        service.run_relay(relay);
+
+        let group = service.group(COMMANDS_CONSUMER);
+        let inbox = PgInbox::new(pool.clone(), group.clone(), Typed::new(MachineHistory));
+        let runner = ConsumerRunner::builder(service.kafka()?.clone(), &group, inbox)
+            .topic(naming.commands(&name)?)
+            .dead_letter_topic(naming.dead_letter(&group)?)
+            .create_topics(|name| TopicSpec::new(name, 3))
+            .build()?;
+        service.run_consumer(runner);
+
+        Ok(Self {
+            pool,
+            outbox: service.outbox(),
+        })
     }
 
     /// The HTTP routes.
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/health", get(|| async { "ok" }))
             .route("/customers", post(create_customer))
             .route("/customers/{id}", get(get_customer).put(update_customer))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
             .with_state(self.clone())
     }
+}
 
-    /// Creates the events topic if it does not exist.
-    pub async fn ensure_topic(&self, kafka: &KafkaConfig) -> anyhow::Result<()> {
-        ensure_topics(kafka, &[TopicSpec::new(&self.topic, 3)])
-            .await
-            .context("creating the events topic")?;
-        Ok(())
-    }
+/// Records delivered machines in the customer's history, inside the inbox's transaction.
+#[derive(Debug)]
+pub struct MachineHistory;
 
-    /// Runs the outbox relay until `shutdown` completes.
-    pub async fn relay(&self, kafka: &KafkaConfig, shutdown: dbps_core::CancellationToken) -> anyhow::Result<()> {
-        // No message timeout: during a broker outage the relay waits instead of failing.
-        let publisher = KafkaPublisher::builder(kafka.clone().set("message.timeout.ms", "0")).build()?;
-        let relay = Relay::builder(PgOutboxStore::new(self.pool.clone()), publisher).build()?;
-        let summary = relay.run(shutdown).await?;
-        tracing::info!(published = summary.published, parked = summary.parked, "relay stopped");
+impl TypedTxHandler<CustomerCommand> for MachineHistory {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        command: CustomerCommand,
+        envelope: &Envelope,
+    ) -> Result<(), HandlerError> {
+        let CustomerCommand::RecordMachineInstalled(RecordMachineInstalled {
+            customer_id,
+            machine,
+            installed_at,
+        }) = command;
+        let inserted = sqlx::query(
+            "insert into machine_history (id, customer_id, machine, installed_at)
+             select $1, id, $3, $4 from customers where id = $2",
+        )
+        .bind(Uuid::now_v7())
+        .bind(customer_id)
+        .bind(&machine)
+        .bind(installed_at)
+        .execute(conn)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            // Retrying cannot make an unknown customer appear: dead-letter it.
+            return Err(HandlerError::permanent(format!("no customer {customer_id}")));
+        }
+        tracing::info!(customer = %customer_id, message_id = %envelope.id, "machine recorded");
         Ok(())
     }
 }
@@ -138,8 +175,28 @@ pub struct Customer {
     pub version: i64,
 }
 
+/// A machine in a customer's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Machine {
+    /// The machine.
+    pub machine: String,
+    /// When it was installed.
+    pub installed_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `GET /customers/{id}`: the customer and its machines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerView {
+    /// The customer.
+    #[serde(flatten)]
+    pub customer: Customer,
+    /// Its machine history, oldest first.
+    pub machines: Vec<Machine>,
+}
+
 /// Body of `POST /customers`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateCustomer {
     /// Name.
     pub name: String,
@@ -149,8 +206,9 @@ pub struct CreateCustomer {
     pub email: String,
 }
 
-/// Body of `PUT /customers/{id}`: the fields to change.
+/// Body of `PUT /customers/{id}`: the fields to change, at least one.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UpdateCustomer {
     /// New name.
     pub name: Option<String>,
@@ -158,115 +216,157 @@ pub struct UpdateCustomer {
     pub tax_number: Option<String>,
     /// New email address.
     pub email: Option<String>,
+    /// The version the change was made from (like `If-Match`).
+    pub version: Option<i64>,
 }
 
-/// Errors of the API, as HTTP responses.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// The request is invalid.
-    #[error("{0}")]
-    Invalid(String),
-    /// No such customer.
-    #[error("customer {0} not found")]
-    NotFound(Uuid),
-    /// The database failed.
-    #[error("database unavailable")]
-    Database(#[from] sqlx::Error),
-    /// The outbox refused the event or failed.
-    #[error("event could not be recorded")]
-    Outbox(#[from] dbps_outbox::OutboxError),
+/// A database or outbox failure: `503`, logged without the request's data.
+fn unavailable(error: &dyn std::error::Error) -> Problem {
+    tracing::error!(%error, "request failed");
+    Problem::unavailable()
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match &self {
-            Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Database(_) | Self::Outbox(_) => {
-                tracing::error!(error = ?self, "request failed");
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-        };
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
-    }
+fn db(error: sqlx::Error) -> Problem {
+    unavailable(&error)
 }
 
-fn validate(name: Option<&str>, tax_number: Option<&str>, email: Option<&str>) -> Result<(), ApiError> {
-    if name.is_some_and(|n| n.trim().is_empty() || n.len() > 200) {
-        return Err(ApiError::Invalid("name must have 1 to 200 characters".into()));
-    }
-    if tax_number.is_some_and(|t| t.trim().is_empty() || t.len() > 64) {
-        return Err(ApiError::Invalid("tax_number must have 1 to 64 characters".into()));
-    }
-    if email.is_some_and(|e| !e.get(1..).is_some_and(|rest| rest.contains('@'))) {
-        return Err(ApiError::Invalid("email must be an address".into()));
-    }
-    Ok(())
+fn outbox(error: dbps_outbox::OutboxError) -> Problem {
+    unavailable(&error)
 }
 
-async fn create_customer(
-    State(app): State<App>,
-    Json(body): Json<CreateCustomer>,
-) -> Result<(StatusCode, Json<Customer>), ApiError> {
-    validate(Some(&body.name), Some(&body.tax_number), Some(&body.email))?;
-    let mut tx = app.pool.begin().await?;
+/// The customer with its version as `ETag`.
+fn with_etag(status: StatusCode, customer: impl Serialize, version: i64) -> Response {
+    (status, [(header::ETAG, etag(version))], Json(customer)).into_response()
+}
+
+async fn create_customer(State(app): State<App>, Json(body): Json<CreateCustomer>) -> Result<Response, Problem> {
+    let mut fields = Fields::new();
+    let name = fields.text("name", &body.name, MAX_NAME);
+    let tax_number = fields.text("tax_number", &body.tax_number, MAX_TAX_NUMBER);
+    let email = fields.email("email", &body.email);
+    fields.finish()?;
+
+    let mut tx = app.pool.begin().await.map_err(db)?;
     let customer: Customer = sqlx::query_as(
         "insert into customers (id, name, tax_number, email) values ($1, $2, $3, $4)
          returning id, name, tax_number, email, version",
     )
     .bind(Uuid::now_v7())
-    .bind(body.name.trim())
-    .bind(body.tax_number.trim())
-    .bind(body.email.trim())
+    .bind(name)
+    .bind(tax_number)
+    .bind(email)
     .fetch_one(&mut *tx)
-    .await?;
-    let event = CustomerCreated::from(&customer);
+    .await
+    .map_err(db)?;
     app.outbox
-        .enqueue_event(&mut tx, AGGREGATE, &customer.id.to_string(), &event)
-        .await?;
-    tx.commit().await?;
+        .enqueue_event(
+            &mut tx,
+            AGGREGATE,
+            &customer.id.to_string(),
+            &CustomerCreated::from(&customer),
+        )
+        .await
+        .map_err(outbox)?;
+    tx.commit().await.map_err(db)?;
     tracing::info!(id = %customer.id, "customer created");
-    Ok((StatusCode::CREATED, Json(customer)))
+    let version = customer.version;
+    let mut response = with_etag(StatusCode::CREATED, customer.clone(), version);
+    if let Ok(location) = format!("/customers/{}", customer.id).parse() {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
 }
 
 async fn update_customer(
     State(app): State<App>,
     Path(id): Path<Uuid>,
+    IfMatch(if_match): IfMatch,
     Json(body): Json<UpdateCustomer>,
-) -> Result<Json<Customer>, ApiError> {
-    validate(body.name.as_deref(), body.tax_number.as_deref(), body.email.as_deref())?;
-    let mut tx = app.pool.begin().await?;
-    // The row lock taken here also orders concurrent updates of one customer, so versions
-    // and event sequence numbers agree.
-    let customer: Option<Customer> = sqlx::query_as(
-        "update customers set name = coalesce($2, name), tax_number = coalesce($3, tax_number),
-             email = coalesce($4, email), version = version + 1, updated_at = now()
+) -> Result<Response, Problem> {
+    let mut fields = Fields::new();
+    let name = fields.optional_text("name", body.name.as_deref(), MAX_NAME);
+    let tax_number = fields.optional_text("tax_number", body.tax_number.as_deref(), MAX_TAX_NUMBER);
+    let email = fields.optional_email("email", body.email.as_deref());
+    if name.is_none() && tax_number.is_none() && email.is_none() {
+        fields.invalid("body", "name, tax_number or email must be given");
+    }
+    if let (Some(header), Some(body)) = (if_match, body.version)
+        && header != body
+    {
+        fields.invalid("version", "differs from If-Match");
+    }
+    fields.finish()?;
+    let expected = if_match.or(body.version);
+
+    let mut tx = app.pool.begin().await.map_err(db)?;
+    // The row lock taken here orders concurrent updates of one customer, so versions and
+    // event sequence numbers agree.
+    let current: Customer =
+        sqlx::query_as("select id, name, tax_number, email, version from customers where id = $1 for update")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Problem::not_found(format!("customer {id}")))?;
+    if let Some(expected) = expected
+        && expected != current.version
+    {
+        return Err(version_conflict(expected, current.version));
+    }
+    let changed = Customer {
+        name: name.map_or_else(|| current.name.clone(), str::to_owned),
+        tax_number: tax_number.map_or_else(|| current.tax_number.clone(), str::to_owned),
+        email: email.map_or_else(|| current.email.clone(), str::to_owned),
+        ..current.clone()
+    };
+    if changed == current {
+        // Nothing changes: no new version, no event.
+        return Ok(with_etag(StatusCode::OK, current.clone(), current.version));
+    }
+    let customer: Customer = sqlx::query_as(
+        "update customers set name = $2, tax_number = $3, email = $4, version = version + 1, updated_at = now()
          where id = $1 returning id, name, tax_number, email, version",
     )
     .bind(id)
-    .bind(body.name.as_deref().map(str::trim))
-    .bind(body.tax_number.as_deref().map(str::trim))
-    .bind(body.email.as_deref().map(str::trim))
-    .fetch_optional(&mut *tx)
-    .await?;
-    let customer = customer.ok_or(ApiError::NotFound(id))?;
-    let event = CustomerUpdated::from(&customer);
+    .bind(&changed.name)
+    .bind(&changed.tax_number)
+    .bind(&changed.email)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
     app.outbox
-        .enqueue_event(&mut tx, AGGREGATE, &customer.id.to_string(), &event)
-        .await?;
-    tx.commit().await?;
+        .enqueue_event(
+            &mut tx,
+            AGGREGATE,
+            &customer.id.to_string(),
+            &CustomerUpdated::from(&customer),
+        )
+        .await
+        .map_err(outbox)?;
+    tx.commit().await.map_err(db)?;
     tracing::info!(%id, version = customer.version, "customer updated");
-    Ok(Json(customer))
+    let version = customer.version;
+    Ok(with_etag(StatusCode::OK, customer, version))
 }
 
-async fn get_customer(State(app): State<App>, Path(id): Path<Uuid>) -> Result<Json<Customer>, ApiError> {
-    let customer: Option<Customer> =
-        sqlx::query_as("select id, name, tax_number, email, version from customers where id = $1")
-            .bind(id)
-            .fetch_optional(&app.pool)
-            .await?;
-    customer.map(Json).ok_or(ApiError::NotFound(id))
+async fn get_customer(State(app): State<App>, Path(id): Path<Uuid>, headers: HeaderMap) -> Result<Response, Problem> {
+    let customer: Customer = sqlx::query_as("select id, name, tax_number, email, version from customers where id = $1")
+        .bind(id)
+        .fetch_optional(&app.pool)
+        .await
+        .map_err(db)?
+        .ok_or_else(|| Problem::not_found(format!("customer {id}")))?;
+    let tag = etag(customer.version);
+    if headers.get(header::IF_NONE_MATCH) == Some(&tag) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());
+    }
+    let machines: Vec<Machine> = sqlx::query_as(
+        "select machine, installed_at from machine_history where customer_id = $1 order by installed_at, id",
+    )
+    .bind(id)
+    .fetch_all(&app.pool)
+    .await
+    .map_err(db)?;
+    let version = customer.version;
+    Ok(with_etag(StatusCode::OK, CustomerView { customer, machines }, version))
 }
-
-/// How long the binary waits for in-flight requests at shutdown.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

@@ -1,178 +1,300 @@
-//! The customer service over HTTP, with its own provisioned database, the relay in-process
-//! and the events read back from Kafka with the consumer runner.
+//! The customer service as its process runs it — its own provisioned database, the relay
+//! and the command consumer started by `App::start`, served by `dbps-service` — driven
+//! over HTTP and Kafka.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig};
-use dbps_core::{Envelope, Registry};
-use dbps_migrate::{Password, PgService, ServiceName};
-use example_customer_service::events::{CustomerCreated, CustomerUpdated};
-use example_customer_service::{App, CreateCustomer, Customer, UpdateCustomer, prepare};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
+use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
+use dbps_core::{CancellationToken, Envelope, Registry};
+use dbps_service::{Service, ServiceConfig};
+use example_customer_service::events::{CustomerCreated, CustomerEvent, CustomerUpdated, RecordMachineInstalled};
+use example_customer_service::{AGGREGATE, App, COMMANDS_CONSUMER, CreateCustomer, Customer, CustomerView, SERVICE};
+use rdkafka::Message as _;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-#[derive(Default)]
-struct Collect(Mutex<Vec<Envelope>>);
+/// The service running on a test's own database and topic namespace.
+struct Running {
+    /// The service's name: its unique test name, and the root of its topics.
+    name: String,
+    base: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<dbps_service::Result<()>>,
+    naming: dbps_core::kafka::TopicNaming,
+    group: String,
+    pool: sqlx::PgPool,
+}
 
-impl Handler for Collect {
-    async fn handle(&self, message: &Envelope) -> Result<(), HandlerError> {
-        self.0
-            .lock()
-            .map_err(|_| HandlerError::permanent("poisoned"))?
-            .push(message.clone());
-        Ok(())
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info,sqlx=warn,rdkafka=warn")
+        .with_test_writer()
+        .try_init();
+}
+
+async fn start(
+    test: &dbps_testkit::TestService,
+    kafka: &dbps_testkit::TestKafka,
+) -> Result<Running, Box<dyn std::error::Error + Send + Sync>> {
+    init_logs();
+    let (owner, runtime) = test.passwords();
+    // The test service is provisioned already, under its own unique name; the service
+    // migrates it as at every start.
+    let config = ServiceConfig::new(test.name().as_str())?
+        .postgres(test.server_options().clone())
+        .passwords(owner.clone(), runtime.clone())
+        .provision(false)
+        .kafka(KafkaConfig::new(kafka.brokers()))
+        .topic_prefix(kafka.prefix());
+    let mut service = Service::new(config);
+    let app = App::start(&mut service).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let running = Running {
+        name: service.name().to_string(),
+        base,
+        stop: service.shutdown_token(),
+        naming: service.naming(),
+        group: service.group(COMMANDS_CONSUMER),
+        pool: test.pool().clone(),
+        task: tokio::spawn(service.serve_on(listener, app.router())),
+    };
+    Ok(running)
+}
+
+fn ada() -> CreateCustomer {
+    CreateCustomer {
+        name: "Ada Lovelace".into(),
+        tax_number: "GB-1815".into(),
+        email: "ada@example.com".into(),
     }
 }
 
-/// Removes the service's database and roles, which live outside the testkit's database.
-async fn drop_service(admin: &sqlx::postgres::PgConnectOptions, service: &PgService) -> TestResult {
-    let mut conn = admin.connect().await?;
-    for sql in [
-        format!(r#"drop database if exists "{}" with (force)"#, service.database_name()),
-        format!(r#"drop role if exists "{}""#, service.runtime_role()),
-        format!(r#"drop role if exists "{}""#, service.owner_role()),
-    ] {
-        sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await?;
+async fn problem(
+    response: reqwest::Response,
+    status: StatusCode,
+) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/problem+json"),
+        "{status}"
+    );
+    Ok(response.json().await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_are_written_with_their_events_and_versions_over_http() -> TestResult {
+    let test = dbps_testkit::service(SERVICE).start().await?;
+    let kafka = dbps_testkit::kafka().await?;
+    let service = start(&test, &kafka).await?;
+    let http = reqwest::Client::new();
+    let customers = format!("{}/customers", service.base);
+
+    let created = http.post(&customers).json(&ada()).send().await?;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_eq!(created.headers()["etag"], "\"1\"");
+    let ada: Customer = created.json().await?;
+    let one = format!("{customers}/{}", ada.id);
+
+    // A change made from version 1 applies; a second one from version 1 is refused.
+    let renamed = http
+        .put(&one)
+        .header("if-match", "\"1\"")
+        .json(&json!({ "name": "Ada King" }))
+        .send()
+        .await?;
+    assert_eq!(renamed.status(), StatusCode::OK);
+    let renamed: Customer = renamed.json().await?;
+    assert_eq!((renamed.name.as_str(), renamed.version), ("Ada King", 2));
+    let stale = http
+        .put(&one)
+        .header("if-match", "\"1\"")
+        .json(&json!({ "name": "Countess of Lovelace" }))
+        .send()
+        .await?;
+    let stale = problem(stale, StatusCode::PRECONDITION_FAILED).await?;
+    assert_eq!(stale["current_version"], 2);
+    // The same values again: no new version, no event.
+    let same = http.put(&one).json(&json!({ "name": "Ada King" })).send().await?;
+    assert_eq!(same.status(), StatusCode::OK);
+    assert_eq!(same.json::<Customer>().await?.version, 2);
+
+    let view: CustomerView = http.get(&one).send().await?.json().await?;
+    assert_eq!(view.customer, renamed);
+    let unchanged = http.get(&one).header("if-none-match", "\"2\"").send().await?;
+    assert_eq!(unchanged.status(), StatusCode::NOT_MODIFIED);
+
+    // Exactly two events, in order, with the versions as sequence numbers.
+    let topic = service.naming.events(&service.name, AGGREGATE)?;
+    let mut reader = kafka.reader(&topic)?;
+    reader.wait_for(2).await?;
+    service.stop.cancel();
+    service.task.await??;
+    let records = reader.finish().await?;
+    assert_eq!(records.len(), 2, "the two committed changes, nothing else");
+    let events: Vec<Envelope> = records
+        .iter()
+        .map(dbps_core::kafka::decode_record)
+        .collect::<Result<_, _>>()?;
+    let registry = Registry::new();
+    let decoded: Vec<CustomerEvent> = events
+        .iter()
+        .map(|e| dbps_core::MessageSet::decode(&registry, e))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        decoded,
+        vec![
+            CustomerEvent::Created(CustomerCreated::from(&ada)),
+            CustomerEvent::Updated(CustomerUpdated::from(&renamed))
+        ]
+    );
+    for (event, sequence) in events.iter().zip([1, 2]) {
+        assert_eq!(event.aggregate_id, ada.id.to_string());
+        assert_eq!(event.sequence, Some(sequence));
+        assert_eq!(event.source, service.name);
+        assert!(event.trace.trace_id().is_some());
     }
-    conn.close().await?;
+    assert!(records.iter().all(|r| r.key() == Some(ada.id.to_string().as_bytes())));
+
+    // The runtime role cannot change its own tables.
+    let denied = sqlx::query("create table sneaky (x int)")
+        .execute(&service.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("42501")
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn customers_created_and_updated_over_http_publish_their_events_in_order() -> TestResult {
-    let pg = dbps_testkit::postgres().await?;
+async fn every_client_mistake_is_a_4xx_problem_and_writes_nothing() -> TestResult {
+    let test = dbps_testkit::service(SERVICE).start().await?;
     let kafka = dbps_testkit::kafka().await?;
-    let admin = pg.admin_options().clone();
-    let suffix = &uuid::Uuid::now_v7().simple().to_string()[20..];
-    let service = PgService::new(ServiceName::new(format!("customer_{suffix}"))?);
-    let result = scenario(&admin, &service, &kafka).await;
-    drop_service(&admin, &service).await?;
-    result
-}
-
-async fn scenario(
-    admin: &sqlx::postgres::PgConnectOptions,
-    service: &PgService,
-    kafka: &dbps_testkit::TestKafka,
-) -> TestResult {
-    let pool = prepare(admin, service, &Password::new("owner-pw")?, &Password::new("app-pw")?).await?;
-    let topic = kafka.create_topic("customer.customer.events", 3).await?;
-    let dlq = kafka.create_topic("dlq", 1).await?;
-    let config = KafkaConfig::new(kafka.brokers());
-    let app = App::new(pool.clone(), &topic);
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(axum::serve(listener, app.router()).into_future());
-    let stop_relay = dbps_core::CancellationToken::new();
-    let relay = {
-        let app = app.clone();
-        let config = config.clone();
-        let stop = stop_relay.clone();
-        tokio::spawn(async move { app.relay(&config, stop).await })
-    };
-
+    let service = start(&test, &kafka).await?;
     let http = reqwest::Client::new();
-    let create = CreateCustomer {
-        name: "Ada Lovelace".into(),
-        tax_number: "GB-1815".into(),
-        email: "ada@example.com".into(),
-    };
-    let response = http.post(format!("{base}/customers")).json(&create).send().await?;
-    assert_eq!(response.status(), 201);
-    let ada: Customer = response.json().await?;
-    assert_eq!(ada.version, 1);
+    let customers = format!("{}/customers", service.base);
+    let ada: Customer = http.post(&customers).json(&ada()).send().await?.json().await?;
+    let one = format!("{customers}/{}", ada.id);
 
-    let change = UpdateCustomer {
-        name: Some("Ada King".into()),
-        ..Default::default()
-    };
-    let response = http
-        .put(format!("{base}/customers/{}", ada.id))
-        .json(&change)
+    let long_name = "ü".repeat(201); // 201 characters, 402 bytes
+    let cases = [
+        (
+            json!({"name": "Ada", "tax_number": "X", "email": " @x"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"name": "A\u{0}da", "tax_number": "X", "email": "a@example.com"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"name": long_name, "tax_number": "X", "email": "a@example.com"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"name": "Ada", "tax_number": "X", "email": "a@example.com", "vip": true}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (json!({"name": "Ada"}), StatusCode::UNPROCESSABLE_ENTITY),
+    ];
+    for (body, status) in cases {
+        let response = http.post(&customers).json(&body).send().await?;
+        problem(response, status).await?;
+    }
+    let exactly_200 = json!({"name": "ü".repeat(200), "tax_number": "X", "email": "a@example.com"});
+    assert_eq!(
+        http.post(&customers).json(&exactly_200).send().await?.status(),
+        StatusCode::CREATED
+    );
+
+    let malformed = http
+        .post(&customers)
+        .header("content-type", "application/json")
+        .body("{\"name\":")
         .send()
         .await?;
-    assert_eq!(response.status(), 200);
-    let renamed: Customer = response.json().await?;
-    assert_eq!(
-        (renamed.name.as_str(), renamed.version, renamed.email.as_str()),
-        ("Ada King", 2, "ada@example.com")
-    );
+    problem(malformed, StatusCode::BAD_REQUEST).await?;
+    let huge = http
+        .post(&customers)
+        .header("content-type", "application/json")
+        .body(format!("{{\"name\": \"{}\"}}", "x".repeat(100_000)))
+        .send()
+        .await?;
+    problem(huge, StatusCode::PAYLOAD_TOO_LARGE).await?;
+    let empty = http.put(&one).json(&json!({})).send().await?;
+    problem(empty, StatusCode::UNPROCESSABLE_ENTITY).await?;
+    let not_a_version = http
+        .put(&one)
+        .header("if-match", "yesterday")
+        .json(&json!({"name": "Ada"}))
+        .send()
+        .await?;
+    problem(not_a_version, StatusCode::BAD_REQUEST).await?;
+    let unknown = http.get(format!("{customers}/{}", uuid::Uuid::now_v7())).send().await?;
+    problem(unknown, StatusCode::NOT_FOUND).await?;
+    let not_an_id = http.get(format!("{customers}/42")).send().await?;
+    problem(not_an_id, StatusCode::BAD_REQUEST).await?;
 
-    // Bad input: a typed 422 and nothing written; an unknown customer: 404.
-    let bad = CreateCustomer {
-        name: " ".into(),
-        tax_number: "X".into(),
-        email: "nobody".into(),
-    };
-    assert_eq!(
-        http.post(format!("{base}/customers")).json(&bad).send().await?.status(),
-        422
-    );
-    let missing = uuid::Uuid::now_v7();
-    assert_eq!(
-        http.put(format!("{base}/customers/{missing}"))
-            .json(&change)
-            .send()
-            .await?
-            .status(),
-        404
-    );
-    let fetched: Customer = http
-        .get(format!("{base}/customers/{}", ada.id))
+    // Two customers, two events: the mistakes wrote nothing.
+    let (rows,): (i64,) = sqlx::query_as("select count(*) from customers")
+        .fetch_one(&service.pool)
+        .await?;
+    assert_eq!(rows, 2);
+    let topic = service.naming.events(&service.name, AGGREGATE)?;
+    let mut reader = kafka.reader(&topic)?;
+    reader.wait_for(2).await?;
+    service.stop.cancel();
+    service.task.await??;
+    assert_eq!(reader.finish().await?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_commands_are_applied_once_and_unknown_customers_dead_lettered() -> TestResult {
+    let test = dbps_testkit::service(SERVICE).start().await?;
+    let kafka = dbps_testkit::kafka().await?;
+    let service = start(&test, &kafka).await?;
+    let http = reqwest::Client::new();
+    let ada: Customer = http
+        .post(format!("{}/customers", service.base))
+        .json(&ada())
         .send()
         .await?
         .json()
         .await?;
-    assert_eq!(fetched, renamed);
 
-    // The events, read back with the consumer runner.
-    let collected = Arc::new(Collect::default());
-    let runner = ConsumerRunner::builder(config.clone(), kafka.group_id("check"), Arc::clone(&collected))
-        .topic(&topic)
-        .dead_letter_topic(&dlq)
-        .build()?;
-    let stop = dbps_core::CancellationToken::new();
-    let consumer = tokio::spawn(runner.run(stop.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while collected.0.lock().map_err(|_| "poisoned")?.len() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "events did not arrive");
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    let install = |customer_id| RecordMachineInstalled {
+        customer_id,
+        machine: String::from("press P-200 #1137"),
+        installed_at: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default(),
+    };
+    let commands = service.naming.commands(&service.name)?;
+    let reply_to = kafka.topic_name("po.replies");
+    let command = Envelope::command("purchase-order", ada.id.to_string(), &reply_to, &install(ada.id))?;
+    let stray = Envelope::command("purchase-order", "nobody", &reply_to, &install(uuid::Uuid::now_v7()))?;
+    let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers())).build()?;
+    // The same command twice (a redelivery), and one for a customer that does not exist.
+    for envelope in [&command, &command, &stray] {
+        publisher.publish(&commands, envelope).await?;
     }
-    stop.cancel();
-    consumer.await??;
-    stop_relay.cancel();
-    relay.await??;
-    server.abort();
+    kafka.caught_up(&service.group, &commands).await?;
 
-    let events = collected.0.lock().map_err(|_| "poisoned")?.clone();
-    assert_eq!(events.len(), 2, "exactly the two committed changes: {events:?}");
-    let mut registry = Registry::new();
-    registry.register::<CustomerCreated>().register::<CustomerUpdated>();
-    let created: CustomerCreated = registry.decode(&events[0])?;
-    let updated: CustomerUpdated = registry.decode(&events[1])?;
-    assert_eq!(created, CustomerCreated::from(&ada));
-    assert_eq!(updated, CustomerUpdated::from(&renamed));
-    assert_eq!((events[0].sequence, events[1].sequence), (Some(1), Some(2)));
-    for event in &events {
-        assert_eq!(event.aggregate_id, ada.id.to_string());
-        assert_eq!(event.source, "customer");
-        assert!(event.trace.trace_id().is_some());
-    }
-
-    // The service's runtime role cannot run DDL in its own database.
-    let mut conn = pool.acquire().await?;
-    let error = sqlx::query("create table sneaky (x int)")
-        .execute(&mut *conn)
-        .await
-        .unwrap_err();
-    assert_eq!(
-        error.as_database_error().and_then(|e| e.code()).as_deref(),
-        Some("42501")
-    );
-    drop(conn);
-    pool.close().await;
+    let view: CustomerView = http
+        .get(format!("{}/customers/{}", service.base, ada.id))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(view.machines.len(), 1, "applied once: {:?}", view.machines);
+    assert_eq!(view.machines[0].machine, "press P-200 #1137");
+    let dead_letters = service.naming.dead_letter(&service.group)?;
+    let dead = kafka.reader(&dead_letters)?.wait_for(1).await?.len();
+    assert_eq!(dead, 1);
+    service.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), service.task).await???;
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use dbps_core::CancellationToken;
 use dbps_core::Envelope;
-use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig};
+use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig, TopicSpec};
 use example_customer_service::{CreateCustomer, Customer, UpdateCustomer};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -66,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
     let runner = ConsumerRunner::builder(KafkaConfig::new(&brokers), &group, Arc::clone(&printer))
         .topic("customer.customer.events")
         .dead_letter_topic("customer-demo.dlq")
+        .create_topics(|name| TopicSpec::new(name, 1))
         .build()?;
     let stop = CancellationToken::new();
     let consumer = tokio::spawn(runner.run(stop.clone()));
