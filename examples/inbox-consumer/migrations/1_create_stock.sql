@@ -1,0 +1,4 @@
+CREATE TABLE stock (
+    sku     text   PRIMARY KEY,
+    on_hand bigint NOT NULL
+);
