@@ -44,9 +44,9 @@
 //!
 //! # Services, topics and waiting
 //!
-//! - [`service`] (feature `service`) provisions a service the way production does — its
+//! - `service()` (feature `service`) provisions a service the way production does — its
 //!   own database, owner and runtime roles, the migration components it names — and
-//!   removes all of it when the [`TestService`] drops, also after a failed assertion.
+//!   removes all of it when the `TestService` drops, also after a failed assertion.
 //! - [`TestKafka::naming`] gives the default topic naming under the test's prefix, so a
 //!   service under test keeps its real topic names; every topic with the prefix (dead
 //!   letters included) is deleted with the handle. [`TestKafka::reader`] reads what
