@@ -199,5 +199,31 @@ impl Error {
     }
 }
 
+/// An error and its causes on one line, `outer: inner: innermost` — for logs and for the
+/// reasons stored with parked or dead-lettered messages.
+///
+/// ```
+/// let io = std::io::Error::other("connection reset");
+/// let error = dbps_core::Error::Spawn { what: "poll", source: io };
+/// assert_eq!(
+///     dbps_core::ErrorChain(&error).to_string(),
+///     "could not start the poll thread: connection reset"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(inner) = cause {
+            write!(f, ": {inner}")?;
+            cause = inner.source();
+        }
+        Ok(())
+    }
+}
+
 /// Results of dbps-core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

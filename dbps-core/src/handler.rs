@@ -47,13 +47,7 @@ impl HandlerError {
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = if self.transient { "transient" } else { "permanent" };
-        write!(f, "{kind} handler failure: {}", self.source)?;
-        let mut cause = self.source.source();
-        while let Some(inner) = cause {
-            write!(f, ": {inner}")?;
-            cause = inner.source();
-        }
-        Ok(())
+        write!(f, "{kind} handler failure: {}", crate::ErrorChain(self.source.as_ref()))
     }
 }
 

@@ -85,7 +85,7 @@ pub mod inbox;
 pub mod kafka;
 
 pub use envelope::{Envelope, MessageKind, TraceContext};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorChain, Result};
 pub use handler::{Handler, HandlerError, MessageSet, OtherTypes, Typed, TypedHandler};
 pub use limits::PayloadLimits;
 pub use registry::{Message, Registry};

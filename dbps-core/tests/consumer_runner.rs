@@ -7,50 +7,26 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{StockChanged, TestResult, eventually, header, read_records};
-use dbps_core::kafka::{
-    ConsumerRunner, Handler, HandlerError, KafkaConfig, KafkaPublisher, RetryPolicy, RunSummary, dead_letter_header,
+use common::{
+    StockChanged, TestResult, Topics, consumer, eventually, header, publish_all, read_records, start, topics,
 };
-use dbps_core::{CancellationToken, Envelope, Message as _, Registry};
+use dbps_core::kafka::{
+    ConsumerRunner, Handler, HandlerError, KafkaConfig, RetryPolicy, RunSummary, dead_letter_header,
+};
+use dbps_core::{Envelope, Message as _, Registry};
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::task::JoinHandle;
 
 fn fast_retries() -> RetryPolicy {
     RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(50), 5).expect("a valid policy")
 }
 
 fn event(sku: &str, sequence: i64) -> Result<Envelope, dbps_core::Error> {
-    let mut e = Envelope::event(
-        "inventory",
-        "stock",
-        sku,
-        &StockChanged {
-            sku: sku.into(),
-            on_hand: sequence,
-        },
-    )?;
+    let mut e = common::stock_changed(sku, sequence)?;
     e.sequence = Some(sequence);
     Ok(e)
-}
-
-async fn publish_all(brokers: &str, topic: &str, envelopes: &[Envelope]) -> TestResult {
-    let publisher = KafkaPublisher::builder(KafkaConfig::new(brokers)).build()?;
-    for result in publisher.publish_batch(envelopes.iter().map(|e| (topic, e))).await {
-        result?;
-    }
-    Ok(())
-}
-
-/// Starts a runner in the background; send on the returned channel to stop it gracefully.
-fn start<H: Handler>(
-    runner: ConsumerRunner<H>,
-) -> (CancellationToken, JoinHandle<Result<RunSummary, dbps_core::Error>>) {
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner.run(stop.clone()));
-    (stop, task)
 }
 
 /// Records what it handled, per aggregate, and fails on demand.
@@ -117,21 +93,19 @@ impl Recorder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failure_is_retried_and_succeeds() -> TestResult {
-    let kafka = dbps_testkit::kafka().await?;
-    let topic = kafka.create_topic("events", 1).await?;
-    let dlq = kafka.create_topic("dlq", 1).await?;
+    let Topics { kafka, topic, dlq, .. } = topics("events", 1).await?;
     let envelopes = vec![event("sku-1", 1)?, event("sku-1", 2)?];
     let recorder = Arc::new(Recorder::default());
     recorder.flaky.lock().expect("lock").insert(envelopes[0].id.clone(), 3);
     publish_all(kafka.brokers(), &topic, &envelopes).await?;
 
-    let runner = ConsumerRunner::builder(
-        KafkaConfig::new(kafka.brokers()),
+    let runner = consumer(
+        kafka.brokers(),
         kafka.group_id("g"),
+        &topic,
+        &dlq,
         Arc::clone(&recorder),
     )
-    .topic(&topic)
-    .dead_letter_topic(&dlq)
     .retry(fast_retries())
     .build()?;
     let (stop, task) = start(runner);
@@ -160,9 +134,7 @@ async fn transient_failure_is_retried_and_succeeds() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failure_and_undecodable_message_go_to_the_dead_letter_topic() -> TestResult {
-    let kafka = dbps_testkit::kafka().await?;
-    let topic = kafka.create_topic("events", 1).await?;
-    let dlq = kafka.create_topic("dlq", 1).await?;
+    let Topics { kafka, topic, dlq, .. } = topics("events", 1).await?;
 
     // In partition order: a poison event, a record no CloudEvents reader accepts, a
     // healthy event, and one whose retries run out.
@@ -193,13 +165,13 @@ async fn permanent_failure_and_undecodable_message_go_to_the_dead_letter_topic()
         .lock()
         .expect("lock")
         .insert(exhausted.id.clone(), usize::MAX);
-    let runner = ConsumerRunner::builder(
-        KafkaConfig::new(kafka.brokers()),
+    let runner = consumer(
+        kafka.brokers(),
         kafka.group_id("g"),
+        &topic,
+        &dlq,
         Arc::clone(&recorder),
     )
-    .topic(&topic)
-    .dead_letter_topic(&dlq)
     .retry(fast_retries())
     .build()?;
     let (stop, task) = start(runner);
@@ -256,9 +228,7 @@ async fn permanent_failure_and_undecodable_message_go_to_the_dead_letter_topic()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_order_holds_while_partitions_run_concurrently() -> TestResult {
-    let kafka = dbps_testkit::kafka().await?;
-    let topic = kafka.create_topic("events", 4).await?;
-    let dlq = kafka.create_topic("dlq", 1).await?;
+    let Topics { kafka, topic, dlq, .. } = topics("events", 4).await?;
     let keys = 16;
     let per_key = 25;
     let envelopes: Vec<Envelope> = (0..per_key)
@@ -270,13 +240,13 @@ async fn per_key_order_holds_while_partitions_run_concurrently() -> TestResult {
         delay: Some(Duration::from_millis(2)),
         ..Recorder::default()
     });
-    let runner = ConsumerRunner::builder(
-        KafkaConfig::new(kafka.brokers()),
+    let runner = consumer(
+        kafka.brokers(),
         kafka.group_id("g"),
+        &topic,
+        &dlq,
         Arc::clone(&recorder),
     )
-    .topic(&topic)
-    .dead_letter_topic(&dlq)
     .build()?;
     let (stop, task) = start(runner);
     eventually("all messages handled", || async {
@@ -303,10 +273,12 @@ async fn per_key_order_holds_while_partitions_run_concurrently() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_commits_so_the_next_runner_starts_after_it() -> TestResult {
-    let kafka = dbps_testkit::kafka().await?;
-    let topic = kafka.create_topic("events", 2).await?;
-    let dlq = kafka.create_topic("dlq", 1).await?;
-    let group = kafka.group_id("g");
+    let Topics {
+        kafka,
+        topic,
+        dlq,
+        group,
+    } = topics("events", 2).await?;
     let first: Vec<Envelope> = (0..20)
         .map(|i| event(&format!("sku-{}", i % 3), i))
         .collect::<Result<_, _>>()?;
@@ -314,9 +286,7 @@ async fn graceful_stop_commits_so_the_next_runner_starts_after_it() -> TestResul
 
     let a = Arc::new(Recorder::default());
     // A long commit interval: only the graceful stop commits.
-    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&a))
-        .topic(&topic)
-        .dead_letter_topic(&dlq)
+    let runner = consumer(kafka.brokers(), &group, &topic, &dlq, Arc::clone(&a))
         .commit_interval(Duration::from_secs(3600))
         .build()?;
     let (stop, task) = start(runner);
@@ -327,10 +297,7 @@ async fn graceful_stop_commits_so_the_next_runner_starts_after_it() -> TestResul
     let sentinel = event("sku-sentinel", 0)?;
     publish_all(kafka.brokers(), &topic, std::slice::from_ref(&sentinel)).await?;
     let b = Arc::new(Recorder::default());
-    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&b))
-        .topic(&topic)
-        .dead_letter_topic(&dlq)
-        .build()?;
+    let runner = consumer(kafka.brokers(), &group, &topic, &dlq, Arc::clone(&b)).build()?;
     let (stop, task) = start(runner);
     eventually("sentinel handled", || async { Ok(b.seen_count() >= 1) }).await?;
     stop.cancel();
@@ -451,10 +418,7 @@ async fn a_typed_handler_dispatches_by_type_and_dead_letters_or_ignores_the_othe
         let dlq = kafka.create_topic(&format!("dlq-{others:?}"), 1).await?;
         let group = kafka.group_id(&format!("{others:?}"));
         let typed = Arc::new(Typed::new(StockView::default()).other_types(others));
-        let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&typed))
-            .topic(&topic)
-            .dead_letter_topic(&dlq)
-            .build()?;
+        let runner = consumer(kafka.brokers(), &group, &topic, &dlq, Arc::clone(&typed)).build()?;
         let (stop, task) = start(runner);
         kafka.caught_up(&group, &topic).await?;
         stop.cancel();

@@ -3,21 +3,13 @@
 
 mod common;
 
-use common::{StockChanged, TestResult};
+use common::TestResult;
 use dbps_core::inbox::mongo::{Applied, MongoTransactionalInbox, SEQUENCE_FIELD, insert_once, update_once};
 use dbps_core::{Envelope, Error};
 use mongodb::bson::{Document, doc};
 
 fn event(sku: &str, sequence: Option<i64>) -> Result<Envelope, Error> {
-    let mut e = Envelope::event(
-        "inventory",
-        "stock",
-        sku,
-        &StockChanged {
-            sku: sku.into(),
-            on_hand: 1,
-        },
-    )?;
+    let mut e = common::stock_changed(sku, 1)?;
     e.sequence = sequence;
     Ok(e)
 }

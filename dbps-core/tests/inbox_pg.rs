@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{StockChanged, TestResult, eventually};
+use common::{StockChanged, TestResult, consumer, eventually, start};
 use dbps_core::CancellationToken;
 use dbps_core::Envelope;
 use dbps_core::inbox::pg::{self, PgInbox, TxHandler};
-use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig, KafkaPublisher};
+use dbps_core::kafka::{Handler, HandlerError, KafkaConfig, KafkaPublisher};
 use sqlx::{PgConnection, PgPool};
 
 /// Adds the event's quantity to a running total: applied twice, the total is wrong.
@@ -56,15 +56,7 @@ async fn stock(pool: &PgPool, sku: &str) -> Result<(i64, i32), sqlx::Error> {
 }
 
 fn event(sku: &str, quantity: i64) -> Result<Envelope, dbps_core::Error> {
-    Envelope::event(
-        "inventory",
-        "stock",
-        sku,
-        &StockChanged {
-            sku: sku.into(),
-            on_hand: quantity,
-        },
-    )
+    common::stock_changed(sku, quantity)
 }
 
 #[tokio::test]
@@ -169,9 +161,7 @@ async fn consumer_dropped_before_committing_redelivers_and_effects_apply_once() 
     }
 
     let first = Arc::new(PgInbox::new(db.pool().clone(), "stock-totals", AddToStock::default()));
-    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&first))
-        .topic(&topic)
-        .dead_letter_topic(&dlq)
+    let runner = consumer(kafka.brokers(), &group, &topic, &dlq, Arc::clone(&first))
         .commit_interval(Duration::from_secs(3600))
         .build()?;
     let crashed = tokio::spawn(runner.run(CancellationToken::new()));
@@ -194,12 +184,8 @@ async fn consumer_dropped_before_committing_redelivers_and_effects_apply_once() 
         inner: PgInbox::new(db.pool().clone(), "stock-totals", AddToStock::default()),
         delivered: AtomicUsize::new(0),
     });
-    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&second))
-        .topic(&topic)
-        .dead_letter_topic(&dlq)
-        .build()?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner.run(stop.clone()));
+    let runner = consumer(kafka.brokers(), &group, &topic, &dlq, Arc::clone(&second)).build()?;
+    let (stop, task) = start(runner);
     eventually("every message redelivered", || async {
         Ok(second.delivered.load(Ordering::SeqCst) >= 60)
     })

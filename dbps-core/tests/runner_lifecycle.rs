@@ -13,28 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{StockChanged, TestResult, eventually};
-use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig, KafkaPublisher, TopicSpec, missing_topics};
+use common::{StockChanged, TestResult, Topics, consumer, eventually, publish_all, start, topics};
+use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig, TopicSpec, missing_topics};
 use dbps_core::{CancellationToken, Envelope, Error};
 
 fn event(sku: &str, on_hand: i64) -> Result<Envelope, Error> {
-    Envelope::event(
-        "inventory",
-        "stock",
-        sku,
-        &StockChanged {
-            sku: sku.into(),
-            on_hand,
-        },
-    )
-}
-
-async fn publish(brokers: &str, topic: &str, envelopes: &[Envelope]) -> TestResult {
-    let publisher = KafkaPublisher::builder(KafkaConfig::new(brokers)).build()?;
-    for result in publisher.publish_batch(envelopes.iter().map(|e| (topic, e))).await {
-        result?;
-    }
-    Ok(())
+    common::stock_changed(sku, on_hand)
 }
 
 /// Counts what it handled; blocks on the message with `on_hand == block_at` until
@@ -105,15 +89,14 @@ async fn missing_topics_stop_the_runner_at_start_unless_it_may_create_them() -> 
         .dead_letter_topic(&dead_letters)
         .create_topics(|name| TopicSpec::new(name, 2))
         .build()?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner.run(stop.clone()));
+    let (stop, task) = start(runner);
     eventually("the runner to create its topics", || async {
         Ok(missing_topics(&config, &[topic.clone(), dead_letters.clone()])
             .await?
             .is_empty())
     })
     .await?;
-    publish(kafka.brokers(), &topic, &[event("sku-1", 1)?]).await?;
+    publish_all(kafka.brokers(), &topic, &[event("sku-1", 1)?]).await?;
     eventually("the message to be handled", || async {
         Ok(gate.handled.load(Ordering::SeqCst) == 1)
     })
@@ -125,24 +108,23 @@ async fn missing_topics_stop_the_runner_at_start_unless_it_may_create_them() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_finishes_the_message_in_flight_and_commits_it() -> TestResult {
-    let kafka = dbps_testkit::kafka().await?;
-    let topic = kafka.create_topic("stock", 1).await?;
-    let dead_letters = kafka.create_topic("dlq", 1).await?;
-    let group = kafka.group_id("stock-view");
-    publish(kafka.brokers(), &topic, &[event("sku-1", 1)?, event("sku-1", 2)?]).await?;
+    let Topics {
+        kafka,
+        topic,
+        dlq: dead_letters,
+        group,
+    } = topics("stock", 1).await?;
+    publish_all(kafka.brokers(), &topic, &[event("sku-1", 1)?, event("sku-1", 2)?]).await?;
 
     let gate = Arc::new(Gate {
         block_at: Some(2),
         ..Gate::default()
     });
     // Offsets are committed only at the stop.
-    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&gate))
-        .topic(&topic)
-        .dead_letter_topic(&dead_letters)
+    let runner = consumer(kafka.brokers(), &group, &topic, &dead_letters, Arc::clone(&gate))
         .commit_interval(Duration::from_secs(3600))
         .build()?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner.run(stop.clone()));
+    let (stop, task) = start(runner);
     tokio::time::timeout(Duration::from_secs(60), gate.blocked.notified()).await?;
     stop.cancel();
     assert!(!task.is_finished(), "the runner waits for the message in flight");
@@ -157,33 +139,28 @@ async fn a_graceful_stop_finishes_the_message_in_flight_and_commits_it() -> Test
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_reported_as_a_panic_and_its_message_is_not_committed() -> TestResult {
-    let kafka = dbps_testkit::kafka().await?;
-    let topic = kafka.create_topic("stock", 1).await?;
-    let dead_letters = kafka.create_topic("dlq", 1).await?;
-    let group = kafka.group_id("stock-view");
+    let Topics {
+        kafka,
+        topic,
+        dlq: dead_letters,
+        group,
+    } = topics("stock", 1).await?;
     let messages = [event("sku-1", 1)?, event("sku-1", 2)?, event("sku-1", 3)?];
-    publish(kafka.brokers(), &topic, &messages).await?;
+    publish_all(kafka.brokers(), &topic, &messages).await?;
 
     let panicking = Arc::new(Gate {
         panic_at: Some(2),
         ..Gate::default()
     });
-    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&panicking))
-        .topic(&topic)
-        .dead_letter_topic(&dead_letters)
-        .build()?;
+    let runner = consumer(kafka.brokers(), &group, &topic, &dead_letters, Arc::clone(&panicking)).build()?;
     let error = tokio::spawn(runner.run(CancellationToken::new())).await.unwrap_err();
     assert!(error.is_panic(), "{error:?}");
     assert_eq!(panicking.handled.load(Ordering::SeqCst), 1);
 
     // The next runner of the group starts at the message that panicked.
     let healthy = Arc::new(Gate::default());
-    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, Arc::clone(&healthy))
-        .topic(&topic)
-        .dead_letter_topic(&dead_letters)
-        .build()?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner.run(stop.clone()));
+    let runner = consumer(kafka.brokers(), &group, &topic, &dead_letters, Arc::clone(&healthy)).build()?;
+    let (stop, task) = start(runner);
     kafka.caught_up(&group, &topic).await?;
     stop.cancel();
     task.await??;
@@ -213,8 +190,7 @@ async fn an_unreachable_broker_is_waited_for_until_the_shutdown() -> TestResult 
     let runner = ConsumerRunner::builder(KafkaConfig::new("127.0.0.1:1"), "g", Gate::default())
         .topic("stock")
         .build()?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner.run(stop.clone()));
+    let (stop, task) = start(runner);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!task.is_finished(), "a transient error does not end the run");
     stop.cancel();

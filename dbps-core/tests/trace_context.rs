@@ -5,8 +5,8 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{StockChanged, TestResult, eventually};
-use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig, KafkaPublisher};
+use common::{StockChanged, TestResult, Topics, consumer, eventually, start, topics};
+use dbps_core::kafka::{Handler, HandlerError, KafkaConfig, KafkaPublisher};
 use dbps_core::{Envelope, TraceContext};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use tracing::Instrument as _;
@@ -48,9 +48,7 @@ impl Handler for TraceOfHandler {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_span_continues_the_writers_trace() -> TestResult {
     install_tracing();
-    let kafka = dbps_testkit::kafka().await?;
-    let topic = kafka.create_topic("traced", 1).await?;
-    let dlq = kafka.create_topic("dlq", 1).await?;
+    let Topics { kafka, topic, dlq, .. } = topics("traced", 1).await?;
 
     // Built inside the writer's span, the envelope carries that span's trace.
     let writer = tracing::info_span!("create_quote");
@@ -77,16 +75,8 @@ async fn the_consumer_span_continues_the_writers_trace() -> TestResult {
         .publish(&topic, &envelope)
         .await?;
     let handler = Arc::new(TraceOfHandler::default());
-    let runner = ConsumerRunner::builder(
-        KafkaConfig::new(kafka.brokers()),
-        kafka.group_id("g"),
-        Arc::clone(&handler),
-    )
-    .topic(&topic)
-    .dead_letter_topic(&dlq)
-    .build()?;
-    let stop = dbps_core::CancellationToken::new();
-    let task = tokio::spawn(runner.run(stop.clone()));
+    let runner = consumer(kafka.brokers(), kafka.group_id("g"), &topic, &dlq, Arc::clone(&handler)).build()?;
+    let (stop, task) = start(runner);
     eventually("message handled", || async {
         Ok(!handler.0.lock().map_err(|_| "poisoned")?.is_empty())
     })

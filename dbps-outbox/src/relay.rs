@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
-use dbps_core::CancellationToken;
 use dbps_core::kafka::{KafkaPublisher, TopicSpec, ensure_topics};
+use dbps_core::{CancellationToken, ErrorChain};
 use tracing::Instrument;
 
 use crate::error::{OutboxError, Result};
@@ -223,7 +223,7 @@ impl<S: OutboxStore> Relay<S> {
                     }
                 }
                 SessionEnd::Failed(error) => {
-                    tracing::error!(error = %error_chain(&error), "relay stopped by a permanent error");
+                    tracing::error!(error = %ErrorChain(&error), "relay stopped by a permanent error");
                     return Err(error);
                 }
             }
@@ -242,7 +242,7 @@ impl<S: OutboxStore> Relay<S> {
         let delay = backoff.next().unwrap_or(self.max_retry_delay);
         summary.retried += 1;
         metrics::counter!("dbps_outbox_relay_errors_total").increment(1);
-        tracing::warn!(error = %error_chain(error), ?delay, "relay round failed; retrying");
+        tracing::warn!(error = %ErrorChain(error), ?delay, "relay round failed; retrying");
         tokio::select! {
             () = shutdown.cancelled() => true,
             () = tokio::time::sleep(delay) => false,
@@ -366,7 +366,7 @@ impl<S: OutboxStore> Relay<S> {
                     break;
                 }
                 Err(error) => {
-                    let reason = error_chain(&error);
+                    let reason = ErrorChain(&error).to_string();
                     tracing::error!(
                         id = ?pending.id,
                         message_id = %pending.envelope.id,
@@ -430,16 +430,4 @@ fn is_message_fault(error: &dbps_core::Error) -> bool {
 
 fn is_missing_topic(error: &dbps_core::Error) -> bool {
     matches!(error, dbps_core::Error::Kafka { source, .. } if dbps_core::classify::is_missing_topic(source))
-}
-
-/// The error and its causes on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
 }

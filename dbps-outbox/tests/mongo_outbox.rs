@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    DEADLINE, TestResult, TestStore, assert_fetched_only_held_partitions, assert_in_order, fast, header, read,
+    DEADLINE, TestResult, TestStore, assert_fetched_only_held_partitions, assert_in_order, drain, fast, header, read,
     start_relay, summarise,
 };
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
@@ -171,11 +171,7 @@ async fn insert_and_update_carry_their_events_and_the_relay_publishes_them_in_or
         "the local server has no change streams: polling"
     );
     store.leave(lease).await?;
-    let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-    let reader = read(&f.kafka, &f.topic, 5).await?;
-    stop.cancel();
-    let summary = relay.await??;
-    let records = reader.finish().await?;
+    let (summary, records) = drain(fast(store.clone(), f.kafka.brokers())?, &f.kafka, &f.topic, 5).await?;
     assert_eq!(summary.published, 5);
 
     let seen = summarise(&records);
@@ -313,11 +309,7 @@ async fn failed_or_refused_writes_store_and_publish_nothing() -> TestResult {
     // One good write after all that: the topic gets exactly the two committed events.
     let bumped = f.bump("t-1", "bumped").await?;
     let store = f.store().await?;
-    let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-    let reader = read(&f.kafka, &f.topic, 2).await?;
-    stop.cancel();
-    relay.await??;
-    let records = reader.finish().await?;
+    let (_, records) = drain(fast(store.clone(), f.kafka.brokers())?, &f.kafka, &f.topic, 2).await?;
     let seen = summarise(&records);
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[1], ("t-1".to_owned(), 2, bumped));
@@ -459,11 +451,7 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
     let _ = relay.await;
     assert_eq!(stored(&f.tenders()).await?, 10, "nothing was marked");
 
-    let (stop, relay) = start_relay(fast(f.store().await?, f.kafka.brokers())?);
-    let reader = read(&f.kafka, &f.topic, 20).await?;
-    stop.cancel();
-    relay.await??;
-    let all = reader.finish().await?;
+    let (_, all) = drain(fast(f.store().await?, f.kafka.brokers())?, &f.kafka, &f.topic, 20).await?;
 
     let seen = summarise(&all);
     assert_eq!(seen.len(), 20, "every message twice: once before the crash, once after");
@@ -595,11 +583,7 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
         // The fix: a producer that accepts it. Replay, and it goes out (before the held
         // event, under HoldAggregate).
         store.replay(&parked[0].0.id).await?;
-        let (stop, task) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-        let reader = read(&f.kafka, &f.topic, 4).await?;
-        stop.cancel();
-        task.await??;
-        let all = reader.finish().await?;
+        let (_, all) = drain(fast(store.clone(), f.kafka.brokers())?, &f.kafka, &f.topic, 4).await?;
         let seen = summarise(&all);
         assert_eq!(seen.len(), 4, "{policy:?}");
         if policy == PoisonPolicy::HoldAggregate {

@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::{
-    TestResult, TestStore, assert_fetched_only_held_partitions, assert_in_order, fast, publisher, read, start_relay,
-    summarise,
+    TestResult, TestStore, assert_fetched_only_held_partitions, assert_in_order, drain, fast, publisher, read,
+    start_relay, summarise,
 };
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
 use dbps_core::{Envelope, Message, PayloadLimits};
-use dbps_outbox::pg::{MIGRATOR, PgOutbox, PgOutboxStore, PoisonPolicy, Retention};
+use dbps_outbox::pg::{Enqueued, MIGRATOR, PgOutbox, PgOutboxStore, PoisonPolicy, Retention};
 use dbps_outbox::{Backlog, OutboxError, OutboxStore, Relay};
 use dbps_testkit::eventually;
 use rdkafka::Message as _;
@@ -49,6 +49,26 @@ async fn fixture(partitions: i32) -> Result<Fixture, Box<dyn std::error::Error +
     })
 }
 
+impl Fixture {
+    /// Commits one transaction with a `QuoteChanged` per `(aggregate, note)`, in order.
+    async fn commit<const N: usize>(
+        &self,
+        changes: [(&str, &str); N],
+    ) -> Result<[Enqueued; N], Box<dyn std::error::Error + Send + Sync>> {
+        let mut tx = self.db.pool().begin().await?;
+        let mut enqueued = Vec::with_capacity(N);
+        for (aggregate, note) in changes {
+            enqueued.push(
+                self.outbox
+                    .enqueue_event(&mut tx, "quote", aggregate, &change(aggregate, note))
+                    .await?,
+            );
+        }
+        tx.commit().await?;
+        Ok(enqueued.try_into().map_err(|_| "one enqueued message per change")?)
+    }
+}
+
 fn change(quote: &str, note: &str) -> QuoteChanged {
     QuoteChanged {
         quote_id: quote.into(),
@@ -65,23 +85,16 @@ async fn rolled_back_transaction_publishes_nothing_and_committed_one_exactly_its
         .await?;
     tx.rollback().await?;
 
-    let mut tx = f.db.pool().begin().await?;
-    let a = f
-        .outbox
-        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "created"))
-        .await?;
-    let b = f
-        .outbox
-        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "priced"))
-        .await?;
-    tx.commit().await?;
+    let [a, b] = f.commit([("q-1", "created"), ("q-1", "priced")]).await?;
     assert_eq!((a.sequence, b.sequence), (Some(1), Some(2)));
 
-    let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
-    let reader = read(&f.kafka, &f.topic, 2).await?;
-    stop.cancel();
-    let summary = relay.await??;
-    let records = reader.finish().await?;
+    let (summary, records) = drain(
+        fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?,
+        &f.kafka,
+        &f.topic,
+        2,
+    )
+    .await?;
 
     let seen = summarise(&records);
     assert_eq!(
@@ -221,16 +234,12 @@ async fn two_relays_share_the_outbox_without_loss_or_reordering() -> TestResult 
 async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> TestResult {
     let f = fixture(1).await?;
     let mut committed = Vec::new();
-    let mut tx = f.db.pool().begin().await?;
-    for i in 0..10 {
-        committed.push(
-            f.outbox
-                .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", &i.to_string()))
-                .await?
-                .message_id,
-        );
-    }
-    tx.commit().await?;
+    let notes: [String; 10] = std::array::from_fn(|i| i.to_string());
+    committed.extend(
+        f.commit(notes.each_ref().map(|n| ("q-1", n.as_str())))
+            .await?
+            .map(|e| e.message_id),
+    );
 
     let crashing = TestStore::crash_before_mark(PgOutboxStore::new(f.db.pool().clone()));
     let (_stop, relay) = start_relay(fast(crashing.clone(), f.kafka.brokers())?);
@@ -244,11 +253,13 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
         .await?;
     assert_eq!(left, 10, "nothing was marked");
 
-    let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
-    let reader = read(&f.kafka, &f.topic, 20).await?;
-    stop.cancel();
-    relay.await??;
-    let all = reader.finish().await?;
+    let (_, all) = drain(
+        fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?,
+        &f.kafka,
+        &f.topic,
+        20,
+    )
+    .await?;
 
     let seen = summarise(&all);
     assert_eq!(seen.len(), 20, "every message twice: once before the crash, once after");
@@ -267,23 +278,10 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
 async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_the_fix() -> TestResult {
     for policy in [PoisonPolicy::Continue, PoisonPolicy::HoldAggregate] {
         let f = fixture(1).await?;
-        let mut tx = f.db.pool().begin().await?;
-        f.outbox
-            .enqueue_event(&mut tx, "quote", "q-big", &change("q-big", "ok"))
+        let big = "x".repeat(20_000);
+        let [_, poison, after, other] = f
+            .commit([("q-big", "ok"), ("q-big", &big), ("q-big", "after"), ("q-other", "ok")])
             .await?;
-        let poison = f
-            .outbox
-            .enqueue_event(&mut tx, "quote", "q-big", &change("q-big", &"x".repeat(20_000)))
-            .await?;
-        let after = f
-            .outbox
-            .enqueue_event(&mut tx, "quote", "q-big", &change("q-big", "after"))
-            .await?;
-        let other = f
-            .outbox
-            .enqueue_event(&mut tx, "quote", "q-other", &change("q-other", "ok"))
-            .await?;
-        tx.commit().await?;
 
         // A producer limited to 10 kB refuses the 20 kB event permanently.
         let small =
@@ -317,11 +315,7 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
         // The fix: a producer that accepts it. Replay, and it goes out (before the held
         // event, under HoldAggregate).
         store.replay(parked[0].0.id).await?;
-        let (stop, task) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-        let reader = read(&f.kafka, &f.topic, 4).await?;
-        stop.cancel();
-        task.await??;
-        let all = reader.finish().await?;
+        let (_, all) = drain(fast(store.clone(), f.kafka.brokers())?, &f.kafka, &f.topic, 4).await?;
         let seen = summarise(&all);
         assert_eq!(seen.len(), 4, "{policy:?}");
         if policy == PoisonPolicy::HoldAggregate {
@@ -340,16 +334,7 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
 async fn kept_rows_are_purged_by_retention() -> TestResult {
     let f = fixture(1).await?;
     let store = PgOutboxStore::new(f.db.pool().clone()).retention(Retention::Keep(Duration::from_secs(3600)));
-    let mut tx = f.db.pool().begin().await?;
-    let a = f
-        .outbox
-        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "a"))
-        .await?;
-    let b = f
-        .outbox
-        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "b"))
-        .await?;
-    tx.commit().await?;
+    let [a, b] = f.commit([("q-1", "a"), ("q-1", "b")]).await?;
     store.mark_published(&[a.id, b.id]).await?;
     sqlx::query("update dbps_outbox set published_at = now() - interval '2 hours' where id = $1")
         .bind(a.id)
@@ -443,16 +428,7 @@ async fn commands_and_replies_go_to_their_explicit_topic_unsequenced() -> TestRe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_row_is_parked_instead_of_stopping_the_relay() -> TestResult {
     let f = fixture(1).await?;
-    let mut tx = f.db.pool().begin().await?;
-    let bad = f
-        .outbox
-        .enqueue_event(&mut tx, "quote", "q-1", &change("q-1", "a"))
-        .await?;
-    let good = f
-        .outbox
-        .enqueue_event(&mut tx, "quote", "q-2", &change("q-2", "b"))
-        .await?;
-    tx.commit().await?;
+    let [bad, good] = f.commit([("q-1", "a"), ("q-2", "b")]).await?;
     // Damage one row behind the outbox's back: a kind no envelope has.
     sqlx::query("update dbps_outbox set kind = 'gossip' where id = $1")
         .bind(bad.id)
@@ -460,11 +436,7 @@ async fn corrupt_row_is_parked_instead_of_stopping_the_relay() -> TestResult {
         .await?;
 
     let store = PgOutboxStore::new(f.db.pool().clone());
-    let (stop, relay) = start_relay(fast(store.clone(), f.kafka.brokers())?);
-    let reader = read(&f.kafka, &f.topic, 1).await?;
-    stop.cancel();
-    relay.await??;
-    let records = reader.finish().await?;
+    let (_, records) = drain(fast(store.clone(), f.kafka.brokers())?, &f.kafka, &f.topic, 1).await?;
     assert_eq!(
         summarise(&records).into_iter().map(|(_, _, id)| id).collect::<Vec<_>>(),
         vec![good.message_id]

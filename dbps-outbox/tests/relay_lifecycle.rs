@@ -46,6 +46,14 @@ async fn enqueue(db: &dbps_testkit::TestPostgres, outbox: &PgOutbox, topic: &str
     Ok(())
 }
 
+/// A database with the outbox's tables, and Kafka.
+async fn migrated()
+-> Result<(dbps_testkit::TestPostgres, dbps_testkit::TestKafka), Box<dyn std::error::Error + Send + Sync>> {
+    let db = dbps_testkit::postgres().await?;
+    MIGRATOR.run(db.pool()).await?;
+    Ok((db, dbps_testkit::kafka().await?))
+}
+
 /// Advisory locks held in the test's database (the relays' membership and partitions).
 async fn advisory_locks(db: &dbps_testkit::TestPostgres) -> Result<i64, sqlx::Error> {
     let (locks,): (i64,) = sqlx::query_as(
@@ -59,9 +67,7 @@ async fn advisory_locks(db: &dbps_testkit::TestPostgres) -> Result<i64, sqlx::Er
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_finishes_the_batch_in_flight_marks_it_and_releases_the_leases() -> TestResult {
-    let db = dbps_testkit::postgres().await?;
-    MIGRATOR.run(db.pool()).await?;
-    let kafka = dbps_testkit::kafka().await?;
+    let (db, kafka) = migrated().await?;
     let topic = kafka.create_topic("catalog.product.events", 1).await?;
     let outbox = PgOutbox::new("catalog");
     enqueue(&db, &outbox, &topic, 10).await?;
@@ -130,9 +136,7 @@ async fn refused_credentials_stop_the_relay_at_once() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_connections_are_retried_counted_and_lose_nothing() -> TestResult {
-    let db = dbps_testkit::postgres().await?;
-    MIGRATOR.run(db.pool()).await?;
-    let kafka = dbps_testkit::kafka().await?;
+    let (db, kafka) = migrated().await?;
     let topic = kafka.create_topic("catalog.product.events", 1).await?;
     let outbox = PgOutbox::new("catalog");
     let (stop, relay) = start_relay(fast(PgOutboxStore::new(db.pool().clone()), kafka.brokers())?);
@@ -161,9 +165,7 @@ async fn lost_connections_are_retried_counted_and_lose_nothing() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_whose_topic_does_not_exist_waits_for_it_and_is_never_parked() -> TestResult {
-    let db = dbps_testkit::postgres().await?;
-    MIGRATOR.run(db.pool()).await?;
-    let kafka = dbps_testkit::kafka().await?;
+    let (db, kafka) = migrated().await?;
     let topic = kafka.topic_name("catalog.product.events"); // not created yet
     let outbox = PgOutbox::new("catalog");
     enqueue(&db, &outbox, &topic, 1).await?;
@@ -201,9 +203,7 @@ async fn a_message_whose_topic_does_not_exist_waits_for_it_and_is_never_parked()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_creates_the_topics_it_is_given_before_it_publishes() -> TestResult {
-    let db = dbps_testkit::postgres().await?;
-    MIGRATOR.run(db.pool()).await?;
-    let kafka = dbps_testkit::kafka().await?;
+    let (db, kafka) = migrated().await?;
     let topic = kafka.naming().events("catalog", "product")?;
     let config = KafkaConfig::new(kafka.brokers());
     assert_eq!(
@@ -234,9 +234,7 @@ async fn the_relay_creates_the_topics_it_is_given_before_it_publishes() -> TestR
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_inside_the_relay_reaches_the_caller_as_a_panic() -> TestResult {
-    let db = dbps_testkit::postgres().await?;
-    MIGRATOR.run(db.pool()).await?;
-    let kafka = dbps_testkit::kafka().await?;
+    let (db, kafka) = migrated().await?;
     let store = TestStore::panic_on_fetch(PgOutboxStore::new(db.pool().clone()));
     let (_stop, task) = start_relay(fast(store, kafka.brokers())?);
     let error = task.await.unwrap_err();

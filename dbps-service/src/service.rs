@@ -280,7 +280,7 @@ impl Service {
                     failure.get_or_insert(ServiceError::Ended { task });
                 }
                 Ok((task, Err(source))) => {
-                    tracing::error!(%task, error = %error_chain(source.as_ref()), "a part of the service failed; stopping");
+                    tracing::error!(%task, error = %dbps_core::ErrorChain(source.as_ref()), "a part of the service failed; stopping");
                     failure.get_or_insert(ServiceError::Task { task, source });
                 }
                 Err(error) if error.is_panic() => {
@@ -321,18 +321,6 @@ impl Service {
             )
             .route("/metrics", get(move || async move { metrics.render() }))
     }
-}
-
-/// The error and its causes on one line.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
 }
 
 /// SIGTERM (as sent by orchestrators) or Ctrl-C.

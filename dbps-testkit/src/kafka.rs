@@ -212,6 +212,17 @@ fn high_watermarks<C: rdkafka::consumer::ConsumerContext>(
     Ok(ends)
 }
 
+/// The value of header `name` of a record read from Kafka, as text.
+pub fn header<'a>(record: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    use rdkafka::message::Headers as _;
+    record
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
 /// What reached one topic, read from its beginning (see [`TestKafka::reader`]).
 pub struct TopicReader {
     brokers: &'static str,

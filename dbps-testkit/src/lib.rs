@@ -76,7 +76,7 @@ mod wait;
 
 pub use error::{Error, Result};
 #[cfg(feature = "kafka")]
-pub use kafka::{TestKafka, TopicReader, kafka};
+pub use kafka::{TestKafka, TopicReader, header, kafka};
 #[cfg(feature = "mongodb")]
 pub use mongo::{TestMongo, mongo};
 #[cfg(feature = "postgres")]

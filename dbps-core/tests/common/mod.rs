@@ -3,13 +3,15 @@
 
 use std::time::Duration;
 
-use dbps_core::Message;
+use dbps_core::kafka::{ConsumerRunner, ConsumerRunnerBuilder, Handler, KafkaConfig, RunSummary};
+use dbps_core::{CancellationToken, Envelope, Message};
 use futures::StreamExt;
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -23,6 +25,73 @@ pub struct StockChanged {
 
 impl Message for StockChanged {
     const TYPE: &'static str = "inventory.StockChanged";
+}
+
+/// A test's Kafka namespace with a topic of `partitions` partitions, a dead-letter topic
+/// and a consumer group name.
+pub struct Topics {
+    pub kafka: dbps_testkit::TestKafka,
+    pub topic: String,
+    pub dlq: String,
+    pub group: String,
+}
+
+pub async fn topics(name: &str, partitions: i32) -> Result<Topics, Box<dyn std::error::Error + Send + Sync>> {
+    let kafka = dbps_testkit::kafka().await?;
+    let topic = kafka.create_topic(name, partitions).await?;
+    let dlq = kafka.create_topic("dlq", 1).await?;
+    let group = kafka.group_id("g");
+    Ok(Topics {
+        kafka,
+        topic,
+        dlq,
+        group,
+    })
+}
+
+/// Publishes `envelopes` to `topic`, failing on the first refusal.
+pub async fn publish_all(brokers: &str, topic: &str, envelopes: &[Envelope]) -> TestResult {
+    let publisher = dbps_core::kafka::KafkaPublisher::builder(KafkaConfig::new(brokers)).build()?;
+    for result in publisher.publish_batch(envelopes.iter().map(|e| (topic, e))).await {
+        result?;
+    }
+    Ok(())
+}
+
+/// A runner of `handler` in `group` over `topic`, dead-lettering to `dead_letters`; finish
+/// it with further settings and `build()`.
+pub fn consumer<H: Handler>(
+    brokers: &str,
+    group: impl Into<String>,
+    topic: &str,
+    dead_letters: &str,
+    handler: H,
+) -> ConsumerRunnerBuilder<H> {
+    ConsumerRunner::builder(KafkaConfig::new(brokers), group, handler)
+        .topic(topic)
+        .dead_letter_topic(dead_letters)
+}
+
+/// Starts a runner in the background; cancel the token to stop it gracefully.
+pub fn start<H: Handler>(
+    runner: ConsumerRunner<H>,
+) -> (CancellationToken, JoinHandle<Result<RunSummary, dbps_core::Error>>) {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(runner.run(stop.clone()));
+    (stop, task)
+}
+
+/// A `StockChanged` event of `sku` with `on_hand`, without a sequence number.
+pub fn stock_changed(sku: &str, on_hand: i64) -> Result<Envelope, dbps_core::Error> {
+    Envelope::event(
+        "inventory",
+        "stock",
+        sku,
+        &StockChanged {
+            sku: sku.into(),
+            on_hand,
+        },
+    )
 }
 
 /// Reads `count` records from the start of `topic` with a throw-away group.
@@ -60,15 +129,8 @@ where
     Ok(dbps_testkit::eventually(what, check).await?)
 }
 
-pub fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
-    use rdkafka::message::Headers;
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-}
+#[allow(unused_imports)]
+pub use dbps_testkit::header;
 
 pub fn payload_json(message: &OwnedMessage) -> serde_json::Value {
     serde_json::from_slice(message.payload().unwrap_or_default()).unwrap_or(serde_json::Value::Null)

@@ -11,8 +11,7 @@ use dbps_core::CancellationToken;
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
 use dbps_outbox::{Backlog, OutboxError, OutboxStore, Pending, Relay, RelaySummary, Retention};
 use dbps_testkit::{TestKafka, TopicReader};
-use rdkafka::Message as _;
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 pub const DEADLINE: Duration = Duration::from_secs(90);
@@ -40,6 +39,21 @@ pub fn fast<S: OutboxStore>(store: S, brokers: &str) -> Result<Relay<S>, Box<dyn
         .build()?)
 }
 
+/// Runs `relay` until `count` records reached `topic`, stops it, and returns its summary
+/// and every record it published (duplicates included).
+pub async fn drain<S: OutboxStore>(
+    relay: Relay<S>,
+    kafka: &TestKafka,
+    topic: &str,
+    count: usize,
+) -> Result<(RelaySummary, Vec<OwnedMessage>), Box<dyn std::error::Error + Send + Sync>> {
+    let (stop, task) = start_relay(relay);
+    let reader = read(kafka, topic, count).await?;
+    stop.cancel();
+    let summary = task.await??;
+    Ok((summary, reader.finish().await?))
+}
+
 /// A reader of `topic` once `count` records have reached it. Stop the relays, then
 /// [`TopicReader::finish`] reads everything else they published: duplicates show up
 /// without waiting for a quiet period.
@@ -49,14 +63,7 @@ pub async fn read(kafka: &TestKafka, topic: &str, count: usize) -> Result<TopicR
     Ok(reader)
 }
 
-pub fn header<'a>(record: &'a OwnedMessage, name: &str) -> Option<&'a str> {
-    record
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-}
+pub use dbps_testkit::header;
 
 /// (aggregate id, sequence, message id) of each record, in topic order per partition.
 pub fn summarise(records: &[OwnedMessage]) -> Vec<(String, i64, String)> {

@@ -45,29 +45,26 @@ impl Message for CustomerUpdated {
     const TYPE: &'static str = "customer.CustomerUpdated";
 }
 
-impl From<&Customer> for CustomerCreated {
-    fn from(c: &Customer) -> Self {
-        Self {
-            id: c.id,
-            name: c.name.clone(),
-            tax_number: c.tax_number.clone(),
-            email: c.email.clone(),
-            version: c.version,
-        }
-    }
+/// Both events carry the customer's whole state.
+macro_rules! from_customer {
+    ($($event:ty),+) => {
+        $(
+            impl From<&Customer> for $event {
+                fn from(c: &Customer) -> Self {
+                    Self {
+                        id: c.id,
+                        name: c.name.clone(),
+                        tax_number: c.tax_number.clone(),
+                        email: c.email.clone(),
+                        version: c.version,
+                    }
+                }
+            }
+        )+
+    };
 }
 
-impl From<&Customer> for CustomerUpdated {
-    fn from(c: &Customer) -> Self {
-        Self {
-            id: c.id,
-            name: c.name.clone(),
-            tax_number: c.tax_number.clone(),
-            email: c.email.clone(),
-            version: c.version,
-        }
-    }
-}
+from_customer!(CustomerCreated, CustomerUpdated);
 
 dbps_core::message_set! {
     /// The events on `customer.customer.events`, for the services that follow them.

@@ -230,13 +230,39 @@ fn db(error: sqlx::Error) -> Problem {
     unavailable(&error)
 }
 
-fn outbox(error: dbps_outbox::OutboxError) -> Problem {
+fn outbox_error(error: dbps_outbox::OutboxError) -> Problem {
     unavailable(&error)
 }
 
 /// The customer with its version as `ETag`.
 fn with_etag(status: StatusCode, customer: impl Serialize, version: i64) -> Response {
     (status, [(header::ETAG, etag(version))], Json(customer)).into_response()
+}
+
+/// Writes `customer` with `sql` (an insert or an update binding id, name, tax number and
+/// email, returning the row) and the event `event` makes of the result, in one
+/// transaction.
+async fn store<E: dbps_core::Message>(
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    outbox: &PgOutbox,
+    sql: &'static str,
+    customer: &Customer,
+    event: impl FnOnce(&Customer) -> E,
+) -> Result<Customer, Problem> {
+    let stored: Customer = sqlx::query_as(sql)
+        .bind(customer.id)
+        .bind(&customer.name)
+        .bind(&customer.tax_number)
+        .bind(&customer.email)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+    outbox
+        .enqueue_event(&mut tx, AGGREGATE, &stored.id.to_string(), &event(&stored))
+        .await
+        .map_err(outbox_error)?;
+    tx.commit().await.map_err(db)?;
+    Ok(stored)
 }
 
 async fn create_customer(State(app): State<App>, Json(body): Json<CreateCustomer>) -> Result<Response, Problem> {
@@ -246,28 +272,23 @@ async fn create_customer(State(app): State<App>, Json(body): Json<CreateCustomer
     let email = fields.email("email", &body.email);
     fields.finish()?;
 
-    let mut tx = app.pool.begin().await.map_err(db)?;
-    let customer: Customer = sqlx::query_as(
+    let draft = Customer {
+        id: Uuid::now_v7(),
+        name: name.to_owned(),
+        tax_number: tax_number.to_owned(),
+        email: email.to_owned(),
+        version: 1,
+    };
+    let tx = app.pool.begin().await.map_err(db)?;
+    let customer = store(
+        tx,
+        &app.outbox,
         "insert into customers (id, name, tax_number, email) values ($1, $2, $3, $4)
          returning id, name, tax_number, email, version",
+        &draft,
+        |c: &Customer| CustomerCreated::from(c),
     )
-    .bind(Uuid::now_v7())
-    .bind(name)
-    .bind(tax_number)
-    .bind(email)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db)?;
-    app.outbox
-        .enqueue_event(
-            &mut tx,
-            AGGREGATE,
-            &customer.id.to_string(),
-            &CustomerCreated::from(&customer),
-        )
-        .await
-        .map_err(outbox)?;
-    tx.commit().await.map_err(db)?;
+    .await?;
     tracing::info!(id = %customer.id, "customer created");
     let version = customer.version;
     let mut response = with_etag(StatusCode::CREATED, customer.clone(), version);
@@ -323,27 +344,15 @@ async fn update_customer(
         // Nothing changes: no new version, no event.
         return Ok(with_etag(StatusCode::OK, current.clone(), current.version));
     }
-    let customer: Customer = sqlx::query_as(
+    let customer = store(
+        tx,
+        &app.outbox,
         "update customers set name = $2, tax_number = $3, email = $4, version = version + 1, updated_at = now()
          where id = $1 returning id, name, tax_number, email, version",
+        &changed,
+        |c: &Customer| CustomerUpdated::from(c),
     )
-    .bind(id)
-    .bind(&changed.name)
-    .bind(&changed.tax_number)
-    .bind(&changed.email)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db)?;
-    app.outbox
-        .enqueue_event(
-            &mut tx,
-            AGGREGATE,
-            &customer.id.to_string(),
-            &CustomerUpdated::from(&customer),
-        )
-        .await
-        .map_err(outbox)?;
-    tx.commit().await.map_err(db)?;
+    .await?;
     tracing::info!(%id, version = customer.version, "customer updated");
     let version = customer.version;
     Ok(with_etag(StatusCode::OK, customer, version))

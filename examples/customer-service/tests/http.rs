@@ -25,6 +25,35 @@ struct Running {
     naming: dbps_core::kafka::TopicNaming,
     group: String,
     pool: sqlx::PgPool,
+    kafka: dbps_testkit::TestKafka,
+    // Dropped last: removes the service's database and roles.
+    _database: dbps_testkit::TestService,
+}
+
+impl Running {
+    /// `POST /customers` of Ada, answered.
+    async fn create_ada(&self, http: &reqwest::Client) -> Result<Customer, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(http
+            .post(format!("{}/customers", self.base))
+            .json(&ada())
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Stops the service, reads every record its relay wrote to the customer topic.
+    async fn stop_and_read_events(
+        self,
+        at_least: usize,
+    ) -> Result<Vec<rdkafka::message::OwnedMessage>, Box<dyn std::error::Error + Send + Sync>> {
+        let topic = self.naming.events(&self.name, AGGREGATE)?;
+        let mut reader = self.kafka.reader(&topic)?;
+        reader.wait_for(at_least).await?;
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task).await???;
+        Ok(reader.finish().await?)
+    }
 }
 
 fn init_logs() {
@@ -34,11 +63,11 @@ fn init_logs() {
         .try_init();
 }
 
-async fn start(
-    test: &dbps_testkit::TestService,
-    kafka: &dbps_testkit::TestKafka,
-) -> Result<Running, Box<dyn std::error::Error + Send + Sync>> {
+/// The service on its own provisioned test database and topic namespace, serving.
+async fn start() -> Result<Running, Box<dyn std::error::Error + Send + Sync>> {
     init_logs();
+    let test = dbps_testkit::service(SERVICE).start().await?;
+    let kafka = dbps_testkit::kafka().await?;
     let (owner, runtime) = test.passwords();
     // The test service is provisioned already, under its own unique name; the service
     // migrates it as at every start.
@@ -60,6 +89,8 @@ async fn start(
         group: service.group(COMMANDS_CONSUMER),
         pool: test.pool().clone(),
         task: tokio::spawn(service.serve_on(listener, app.router())),
+        kafka,
+        _database: test,
     };
     Ok(running)
 }
@@ -87,9 +118,7 @@ async fn problem(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customers_are_written_with_their_events_and_versions_over_http() -> TestResult {
-    let test = dbps_testkit::service(SERVICE).start().await?;
-    let kafka = dbps_testkit::kafka().await?;
-    let service = start(&test, &kafka).await?;
+    let service = start().await?;
     let http = reqwest::Client::new();
     let customers = format!("{}/customers", service.base);
 
@@ -127,13 +156,19 @@ async fn customers_are_written_with_their_events_and_versions_over_http() -> Tes
     let unchanged = http.get(&one).header("if-none-match", "\"2\"").send().await?;
     assert_eq!(unchanged.status(), StatusCode::NOT_MODIFIED);
 
+    // The runtime role cannot change its own tables.
+    let denied = sqlx::query("create table sneaky (x int)")
+        .execute(&service.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("42501")
+    );
+
     // Exactly two events, in order, with the versions as sequence numbers.
-    let topic = service.naming.events(&service.name, AGGREGATE)?;
-    let mut reader = kafka.reader(&topic)?;
-    reader.wait_for(2).await?;
-    service.stop.cancel();
-    service.task.await??;
-    let records = reader.finish().await?;
+    let name = service.name.clone();
+    let records = service.stop_and_read_events(2).await?;
     assert_eq!(records.len(), 2, "the two committed changes, nothing else");
     let events: Vec<Envelope> = records
         .iter()
@@ -154,31 +189,20 @@ async fn customers_are_written_with_their_events_and_versions_over_http() -> Tes
     for (event, sequence) in events.iter().zip([1, 2]) {
         assert_eq!(event.aggregate_id, ada.id.to_string());
         assert_eq!(event.sequence, Some(sequence));
-        assert_eq!(event.source, service.name);
+        assert_eq!(event.source, name);
         assert!(event.trace.trace_id().is_some());
     }
     assert!(records.iter().all(|r| r.key() == Some(ada.id.to_string().as_bytes())));
 
-    // The runtime role cannot change its own tables.
-    let denied = sqlx::query("create table sneaky (x int)")
-        .execute(&service.pool)
-        .await
-        .unwrap_err();
-    assert_eq!(
-        denied.as_database_error().and_then(|e| e.code()).as_deref(),
-        Some("42501")
-    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_client_mistake_is_a_4xx_problem_and_writes_nothing() -> TestResult {
-    let test = dbps_testkit::service(SERVICE).start().await?;
-    let kafka = dbps_testkit::kafka().await?;
-    let service = start(&test, &kafka).await?;
+    let service = start().await?;
     let http = reqwest::Client::new();
     let customers = format!("{}/customers", service.base);
-    let ada: Customer = http.post(&customers).json(&ada()).send().await?.json().await?;
+    let ada = service.create_ada(&http).await?;
     let one = format!("{customers}/{}", ada.id);
 
     let long_name = "ü".repeat(201); // 201 characters, 402 bytes
@@ -244,28 +268,15 @@ async fn every_client_mistake_is_a_4xx_problem_and_writes_nothing() -> TestResul
         .fetch_one(&service.pool)
         .await?;
     assert_eq!(rows, 2);
-    let topic = service.naming.events(&service.name, AGGREGATE)?;
-    let mut reader = kafka.reader(&topic)?;
-    reader.wait_for(2).await?;
-    service.stop.cancel();
-    service.task.await??;
-    assert_eq!(reader.finish().await?.len(), 2);
+    assert_eq!(service.stop_and_read_events(2).await?.len(), 2);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machine_commands_are_applied_once_and_unknown_customers_dead_lettered() -> TestResult {
-    let test = dbps_testkit::service(SERVICE).start().await?;
-    let kafka = dbps_testkit::kafka().await?;
-    let service = start(&test, &kafka).await?;
+    let service = start().await?;
     let http = reqwest::Client::new();
-    let ada: Customer = http
-        .post(format!("{}/customers", service.base))
-        .json(&ada())
-        .send()
-        .await?
-        .json()
-        .await?;
+    let ada = service.create_ada(&http).await?;
 
     let install = |customer_id| RecordMachineInstalled {
         customer_id,
@@ -273,15 +284,15 @@ async fn machine_commands_are_applied_once_and_unknown_customers_dead_lettered()
         installed_at: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default(),
     };
     let commands = service.naming.commands(&service.name)?;
-    let reply_to = kafka.topic_name("po.replies");
+    let reply_to = service.kafka.topic_name("po.replies");
     let command = Envelope::command("purchase-order", ada.id.to_string(), &reply_to, &install(ada.id))?;
     let stray = Envelope::command("purchase-order", "nobody", &reply_to, &install(uuid::Uuid::now_v7()))?;
-    let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers())).build()?;
+    let publisher = KafkaPublisher::builder(KafkaConfig::new(service.kafka.brokers())).build()?;
     // The same command twice (a redelivery), and one for a customer that does not exist.
     for envelope in [&command, &command, &stray] {
         publisher.publish(&commands, envelope).await?;
     }
-    kafka.caught_up(&service.group, &commands).await?;
+    service.kafka.caught_up(&service.group, &commands).await?;
 
     let view: CustomerView = http
         .get(format!("{}/customers/{}", service.base, ada.id))
@@ -292,7 +303,7 @@ async fn machine_commands_are_applied_once_and_unknown_customers_dead_lettered()
     assert_eq!(view.machines.len(), 1, "applied once: {:?}", view.machines);
     assert_eq!(view.machines[0].machine, "press P-200 #1137");
     let dead_letters = service.naming.dead_letter(&service.group)?;
-    let dead = kafka.reader(&dead_letters)?.wait_for(1).await?.len();
+    let dead = service.kafka.reader(&dead_letters)?.wait_for(1).await?.len();
     assert_eq!(dead, 1);
     service.stop.cancel();
     tokio::time::timeout(Duration::from_secs(60), service.task).await???;
