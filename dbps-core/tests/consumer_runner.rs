@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{
-    StockChanged, TestResult, Topics, consumer, eventually, header, publish_all, read_records, start, topics,
-};
+use common::{StockChanged, TestResult, consumer, eventually, header, publish_all, read_records, start, topics};
 use dbps_core::kafka::{
     ConsumerRunner, Handler, HandlerError, KafkaConfig, RetryPolicy, RunSummary, dead_letter_header,
 };
@@ -93,21 +91,13 @@ impl Recorder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failure_is_retried_and_succeeds() -> TestResult {
-    let Topics { kafka, topic, dlq, .. } = topics("events", 1).await?;
+    let t = topics("events", 1).await?;
     let envelopes = vec![event("sku-1", 1)?, event("sku-1", 2)?];
     let recorder = Arc::new(Recorder::default());
     recorder.flaky.lock().expect("lock").insert(envelopes[0].id.clone(), 3);
-    publish_all(kafka.brokers(), &topic, &envelopes).await?;
+    t.publish(&envelopes).await?;
 
-    let runner = consumer(
-        kafka.brokers(),
-        kafka.group_id("g"),
-        &topic,
-        &dlq,
-        Arc::clone(&recorder),
-    )
-    .retry(fast_retries())
-    .build()?;
+    let runner = t.consumer(Arc::clone(&recorder)).retry(fast_retries()).build()?;
     let (stop, task) = start(runner);
     eventually("both messages handled", || async { Ok(recorder.seen_count() == 2) }).await?;
     stop.cancel();
@@ -134,16 +124,18 @@ async fn transient_failure_is_retried_and_succeeds() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failure_and_undecodable_message_go_to_the_dead_letter_topic() -> TestResult {
-    let Topics { kafka, topic, dlq, .. } = topics("events", 1).await?;
+    let t = topics("events", 1).await?;
 
     // In partition order: a poison event, a record no CloudEvents reader accepts, a
     // healthy event, and one whose retries run out.
     let poison = event("sku-poison", 1)?;
-    publish_all(kafka.brokers(), &topic, std::slice::from_ref(&poison)).await?;
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka.brokers()).create()?;
+    t.publish(std::slice::from_ref(&poison)).await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", t.kafka.brokers())
+        .create()?;
     producer
         .send(
-            FutureRecord::to(&topic)
+            FutureRecord::to(&t.topic)
                 .key("sku-raw")
                 .payload("not json at all")
                 .headers(OwnedHeaders::new().insert(Header {
@@ -156,7 +148,7 @@ async fn permanent_failure_and_undecodable_message_go_to_the_dead_letter_topic()
         .map_err(|(e, _)| e)?;
     let healthy = event("sku-ok", 1)?;
     let exhausted = event("sku-ok", 2)?;
-    publish_all(kafka.brokers(), &topic, &[healthy.clone(), exhausted.clone()]).await?;
+    t.publish(&[healthy.clone(), exhausted.clone()]).await?;
 
     let recorder = Arc::new(Recorder::default());
     recorder.poison.lock().expect("lock").push("sku-poison".into());
@@ -165,17 +157,9 @@ async fn permanent_failure_and_undecodable_message_go_to_the_dead_letter_topic()
         .lock()
         .expect("lock")
         .insert(exhausted.id.clone(), usize::MAX);
-    let runner = consumer(
-        kafka.brokers(),
-        kafka.group_id("g"),
-        &topic,
-        &dlq,
-        Arc::clone(&recorder),
-    )
-    .retry(fast_retries())
-    .build()?;
+    let runner = t.consumer(Arc::clone(&recorder)).retry(fast_retries()).build()?;
     let (stop, task) = start(runner);
-    let dead = read_records(kafka.brokers(), &dlq, 3).await?;
+    let dead = read_records(t.kafka.brokers(), &t.dlq, 3).await?;
     stop.cancel();
     let summary = task.await??;
 
@@ -198,7 +182,7 @@ async fn permanent_failure_and_undecodable_message_go_to_the_dead_letter_topic()
         Some(poison.id.as_str()),
         "original headers are kept"
     );
-    assert_eq!(header(first, dead_letter_header::TOPIC), Some(topic.as_str()));
+    assert_eq!(header(first, dead_letter_header::TOPIC), Some(t.topic.as_str()));
     assert_eq!(header(first, dead_letter_header::PARTITION), Some("0"));
     assert_eq!(header(first, dead_letter_header::OFFSET), Some("0"));
     assert!(header(first, dead_letter_header::REASON).is_some_and(|r| r.contains("violates a business rule")));
@@ -228,26 +212,19 @@ async fn permanent_failure_and_undecodable_message_go_to_the_dead_letter_topic()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_order_holds_while_partitions_run_concurrently() -> TestResult {
-    let Topics { kafka, topic, dlq, .. } = topics("events", 4).await?;
+    let t = topics("events", 4).await?;
     let keys = 16;
     let per_key = 25;
     let envelopes: Vec<Envelope> = (0..per_key)
         .flat_map(|seq| (0..keys).map(move |k| event(&format!("sku-{k}"), seq)))
         .collect::<Result<_, _>>()?;
-    publish_all(kafka.brokers(), &topic, &envelopes).await?;
+    t.publish(&envelopes).await?;
 
     let recorder = Arc::new(Recorder {
         delay: Some(Duration::from_millis(2)),
         ..Recorder::default()
     });
-    let runner = consumer(
-        kafka.brokers(),
-        kafka.group_id("g"),
-        &topic,
-        &dlq,
-        Arc::clone(&recorder),
-    )
-    .build()?;
+    let runner = t.consumer(Arc::clone(&recorder)).build()?;
     let (stop, task) = start(runner);
     eventually("all messages handled", || async {
         Ok(recorder.seen_count() == envelopes.len())
@@ -273,20 +250,16 @@ async fn per_key_order_holds_while_partitions_run_concurrently() -> TestResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_commits_so_the_next_runner_starts_after_it() -> TestResult {
-    let Topics {
-        kafka,
-        topic,
-        dlq,
-        group,
-    } = topics("events", 2).await?;
+    let t = topics("events", 2).await?;
     let first: Vec<Envelope> = (0..20)
         .map(|i| event(&format!("sku-{}", i % 3), i))
         .collect::<Result<_, _>>()?;
-    publish_all(kafka.brokers(), &topic, &first).await?;
+    t.publish(&first).await?;
 
     let a = Arc::new(Recorder::default());
     // A long commit interval: only the graceful stop commits.
-    let runner = consumer(kafka.brokers(), &group, &topic, &dlq, Arc::clone(&a))
+    let runner = t
+        .consumer(Arc::clone(&a))
         .commit_interval(Duration::from_secs(3600))
         .build()?;
     let (stop, task) = start(runner);
@@ -295,9 +268,9 @@ async fn graceful_stop_commits_so_the_next_runner_starts_after_it() -> TestResul
     task.await??;
 
     let sentinel = event("sku-sentinel", 0)?;
-    publish_all(kafka.brokers(), &topic, std::slice::from_ref(&sentinel)).await?;
+    t.publish(std::slice::from_ref(&sentinel)).await?;
     let b = Arc::new(Recorder::default());
-    let runner = consumer(kafka.brokers(), &group, &topic, &dlq, Arc::clone(&b)).build()?;
+    let runner = t.consumer(Arc::clone(&b)).build()?;
     let (stop, task) = start(runner);
     eventually("sentinel handled", || async { Ok(b.seen_count() >= 1) }).await?;
     stop.cancel();

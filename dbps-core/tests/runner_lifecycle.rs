@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{StockChanged, TestResult, Topics, consumer, eventually, publish_all, start, topics};
+use common::{StockChanged, TestResult, eventually, publish_all, start, topics};
 use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig, TopicSpec, missing_topics};
 use dbps_core::{CancellationToken, Envelope, Error};
 
@@ -108,20 +108,16 @@ async fn missing_topics_stop_the_runner_at_start_unless_it_may_create_them() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_finishes_the_message_in_flight_and_commits_it() -> TestResult {
-    let Topics {
-        kafka,
-        topic,
-        dlq: dead_letters,
-        group,
-    } = topics("stock", 1).await?;
-    publish_all(kafka.brokers(), &topic, &[event("sku-1", 1)?, event("sku-1", 2)?]).await?;
+    let t = topics("stock", 1).await?;
+    t.publish(&[event("sku-1", 1)?, event("sku-1", 2)?]).await?;
 
     let gate = Arc::new(Gate {
         block_at: Some(2),
         ..Gate::default()
     });
     // Offsets are committed only at the stop.
-    let runner = consumer(kafka.brokers(), &group, &topic, &dead_letters, Arc::clone(&gate))
+    let runner = t
+        .consumer(Arc::clone(&gate))
         .commit_interval(Duration::from_secs(3600))
         .build()?;
     let (stop, task) = start(runner);
@@ -133,35 +129,30 @@ async fn a_graceful_stop_finishes_the_message_in_flight_and_commits_it() -> Test
 
     assert_eq!(summary.handled, 2, "the message in flight was finished");
     // Both offsets were committed: the group has caught up with the topic.
-    kafka.caught_up(&group, &topic).await?;
+    t.kafka.caught_up(&t.group, &t.topic).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_reported_as_a_panic_and_its_message_is_not_committed() -> TestResult {
-    let Topics {
-        kafka,
-        topic,
-        dlq: dead_letters,
-        group,
-    } = topics("stock", 1).await?;
+    let t = topics("stock", 1).await?;
     let messages = [event("sku-1", 1)?, event("sku-1", 2)?, event("sku-1", 3)?];
-    publish_all(kafka.brokers(), &topic, &messages).await?;
+    t.publish(&messages).await?;
 
     let panicking = Arc::new(Gate {
         panic_at: Some(2),
         ..Gate::default()
     });
-    let runner = consumer(kafka.brokers(), &group, &topic, &dead_letters, Arc::clone(&panicking)).build()?;
+    let runner = t.consumer(Arc::clone(&panicking)).build()?;
     let error = tokio::spawn(runner.run(CancellationToken::new())).await.unwrap_err();
     assert!(error.is_panic(), "{error:?}");
     assert_eq!(panicking.handled.load(Ordering::SeqCst), 1);
 
     // The next runner of the group starts at the message that panicked.
     let healthy = Arc::new(Gate::default());
-    let runner = consumer(kafka.brokers(), &group, &topic, &dead_letters, Arc::clone(&healthy)).build()?;
+    let runner = t.consumer(Arc::clone(&healthy)).build()?;
     let (stop, task) = start(runner);
-    kafka.caught_up(&group, &topic).await?;
+    t.kafka.caught_up(&t.group, &t.topic).await?;
     stop.cancel();
     task.await??;
     assert_eq!(healthy.handled.load(Ordering::SeqCst), 2, "messages 2 and 3, not 1");

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{StockChanged, TestResult, Topics, consumer, eventually, start, topics};
+use common::{StockChanged, TestResult, eventually, start, topics};
 use dbps_core::kafka::{Handler, HandlerError, KafkaConfig, KafkaPublisher};
 use dbps_core::{Envelope, TraceContext};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
@@ -48,7 +48,7 @@ impl Handler for TraceOfHandler {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_span_continues_the_writers_trace() -> TestResult {
     install_tracing();
-    let Topics { kafka, topic, dlq, .. } = topics("traced", 1).await?;
+    let t = topics("traced", 1).await?;
 
     // Built inside the writer's span, the envelope carries that span's trace.
     let writer = tracing::info_span!("create_quote");
@@ -70,12 +70,12 @@ async fn the_consumer_span_continues_the_writers_trace() -> TestResult {
     assert_eq!(envelope.trace.trace_id(), Some(writer_trace.as_str()));
     assert_eq!(TraceContext::current(), None, "outside any span there is no trace");
 
-    KafkaPublisher::builder(KafkaConfig::new(kafka.brokers()))
+    KafkaPublisher::builder(KafkaConfig::new(t.kafka.brokers()))
         .build()?
-        .publish(&topic, &envelope)
+        .publish(&t.topic, &envelope)
         .await?;
     let handler = Arc::new(TraceOfHandler::default());
-    let runner = consumer(kafka.brokers(), kafka.group_id("g"), &topic, &dlq, Arc::clone(&handler)).build()?;
+    let runner = t.consumer(Arc::clone(&handler)).build()?;
     let (stop, task) = start(runner);
     eventually("message handled", || async {
         Ok(!handler.0.lock().map_err(|_| "poisoned")?.is_empty())

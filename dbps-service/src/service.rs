@@ -35,20 +35,12 @@ use crate::error::{BoxError, Result, ServiceError};
 ///   half-running service does not stay up;
 /// - parts still running after the shutdown grace period are abandoned, as in a crash,
 ///   and `serve` says which.
+#[derive(Debug)]
 pub struct Service {
     config: ServiceConfig,
     shutdown: CancellationToken,
     tasks: JoinSet<(String, std::result::Result<(), BoxError>)>,
     metrics: PrometheusHandle,
-}
-
-impl std::fmt::Debug for Service {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Service")
-            .field("config", &self.config)
-            .field("tasks", &self.tasks.len())
-            .finish_non_exhaustive()
-    }
 }
 
 /// The process's Prometheus recorder, installed by the first service of the process.

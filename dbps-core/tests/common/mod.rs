@@ -36,6 +36,18 @@ pub struct Topics {
     pub group: String,
 }
 
+impl Topics {
+    /// A runner of `handler` in this group over this topic and dead-letter topic.
+    pub fn consumer<H: Handler>(&self, handler: H) -> ConsumerRunnerBuilder<H> {
+        consumer(self.kafka.brokers(), &self.group, &self.topic, &self.dlq, handler)
+    }
+
+    /// Publishes `envelopes` to this topic.
+    pub async fn publish(&self, envelopes: &[Envelope]) -> TestResult {
+        publish_all(self.kafka.brokers(), &self.topic, envelopes).await
+    }
+}
+
 pub async fn topics(name: &str, partitions: i32) -> Result<Topics, Box<dyn std::error::Error + Send + Sync>> {
     let kafka = dbps_testkit::kafka().await?;
     let topic = kafka.create_topic(name, partitions).await?;

@@ -83,14 +83,7 @@ async fn main() -> anyhow::Result<()> {
             tax_number: tax.into(),
             email: format!("{}@example.com", name.split(' ').next().unwrap_or("x").to_lowercase()),
         };
-        let customer: Customer = http
-            .post(format!("{base}/customers"))
-            .json(&body)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let customer: Customer = answer(http.post(format!("{base}/customers")).json(&body)).await?;
         println!("  http   -> POST /customers          {} {}", customer.id, customer.name);
         printer
             .ours
@@ -104,14 +97,7 @@ async fn main() -> anyhow::Result<()> {
             email: Some(format!("billing+{}@example.com", customer.version)),
             ..Default::default()
         };
-        let updated: Customer = http
-            .put(format!("{base}/customers/{}", customer.id))
-            .json(&change)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let updated: Customer = answer(http.put(format!("{base}/customers/{}", customer.id)).json(&change)).await?;
         println!("  http   -> PUT /customers/{}  version {}", updated.id, updated.version);
     }
 
@@ -137,6 +123,11 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("all 5 events arrived, in order per customer");
     Ok(())
+}
+
+/// Sends `request` and reads its JSON answer; an error status is an error.
+async fn answer(request: reqwest::RequestBuilder) -> anyhow::Result<Customer> {
+    Ok(request.send().await?.error_for_status()?.json().await?)
 }
 
 async fn wait_for_health(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
