@@ -161,7 +161,13 @@ impl TraceContext {
 ///
 /// The payload is JSON, kept as validated raw text so that it passes from the database
 /// to Kafka without being parsed again.
+///
+/// Build one with [`Envelope::event`], [`Envelope::command`] or [`Envelope::reply_to`];
+/// stores and bridges that hold an encoded payload start from [`Envelope::raw`] and set
+/// the fields they kept. The fields are public to read and to set, and the struct is
+/// `#[non_exhaustive]`, so that new attributes do not break callers.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Envelope {
     /// Unique id of the message (a UUIDv7 for messages dbps creates; any non-empty string
     /// for messages from other CloudEvents producers). Inboxes de-duplicate on it.
@@ -298,6 +304,30 @@ impl Envelope {
             headers: BTreeMap::new(),
             payload,
         })
+    }
+
+    /// A message of `message_type` with an already-encoded JSON `payload` (not checked
+    /// against the payload limits: it was, when it was first built), a fresh id, schema
+    /// version 1, the current time and no source, aggregate or trace yet. A store that
+    /// reads messages back sets the fields it kept.
+    pub fn raw(kind: MessageKind, message_type: impl Into<String>, payload: Box<RawValue>) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            kind,
+            message_type: message_type.into(),
+            schema_version: 1,
+            source: String::new(),
+            aggregate_type: None,
+            aggregate_id: String::new(),
+            sequence: None,
+            occurred_at: Utc::now(),
+            correlation_id: None,
+            causation_id: None,
+            reply_to: None,
+            trace: TraceContext::default(),
+            headers: BTreeMap::new(),
+            payload,
+        }
     }
 
     /// Marks this message as caused by `cause`: same correlation (or the cause's id when it

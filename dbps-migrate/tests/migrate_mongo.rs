@@ -156,20 +156,15 @@ async fn the_lock_is_renewed_while_a_migration_runs() -> TestResult {
                 .ok_or("no lock document")?
                 .get_datetime("expires_at")?
                 .to_owned();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let current = *lock_document(&db)
-                    .await?
-                    .ok_or("no lock document")?
-                    .get_datetime("expires_at")?;
-                if current > first {
-                    return Ok(());
+            dbps_testkit::eventually("the lock to be renewed", || {
+                let db = db.clone();
+                async move {
+                    let lock = lock_document(&db).await?.ok_or("no lock document")?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(*lock.get_datetime("expires_at")? > first)
                 }
-                if tokio::time::Instant::now() > deadline {
-                    return Err("the lock was not renewed within 10 s".into());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            })
+            .await?;
+            Ok(())
         })
         .run()
         .await?;

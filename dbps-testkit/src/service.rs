@@ -160,6 +160,19 @@ impl TestService {
         (&self.owner, &self.runtime)
     }
 
+    /// Waits until the service's outbox (`dbps_outbox`) holds no message waiting to be
+    /// published — parked ones aside: its relay has drained it.
+    pub async fn outbox_drained(&self) -> Result<()> {
+        crate::eventually("the service's outbox to drain", || async {
+            let (waiting,): (i64,) =
+                sqlx::query_as("select count(*) from dbps_outbox where published_at is null and parked_at is null")
+                    .fetch_one(self.pool())
+                    .await?;
+            Ok::<_, sqlx::Error>(waiting == 0)
+        })
+        .await
+    }
+
     /// A migration runner for this service (to apply further components).
     pub fn migrations(&self) -> PgMigrations {
         self.service.migrations()

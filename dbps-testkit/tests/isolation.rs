@@ -119,11 +119,11 @@ async fn kafka_topics_are_prefixed_and_deleted_with_handle() -> TestResult {
     };
     assert!(topic_exists(ta.clone())?);
     drop(a);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while topic_exists(ta.clone())? {
-        assert!(std::time::Instant::now() < deadline, "{ta} not deleted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    dbps_testkit::eventually(&format!("{ta} to be deleted"), || {
+        let exists = topic_exists(ta.clone());
+        async move { exists.map(|exists| !exists) }
+    })
+    .await?;
     assert!(topic_exists(tb.clone())?, "{tb} deleted with the other handle");
     Ok(())
 }

@@ -161,26 +161,22 @@ pub(crate) fn decode(id: MongoMessageId, entry: &Document) -> Result<Decoded> {
         Some(other) => return Err(corrupt(format!("headers is a {:?}", other.element_type()))),
     };
     let payload = RawValue::from_string(text("payload")?).map_err(|e| corrupt(format!("payload: {e}")))?;
-    let envelope = Envelope {
-        id: text("message_id")?,
-        kind,
-        message_type: text("message_type")?,
-        schema_version: u32::try_from(schema_version).map_err(|e| corrupt(format!("schema_version: {e}")))?,
-        source: text("source")?,
-        aggregate_type: optional("aggregate_type")?,
-        aggregate_id: text("aggregate_id")?,
-        sequence: integer("sequence")?,
-        occurred_at,
-        correlation_id: optional("correlation_id")?,
-        causation_id: optional("causation_id")?,
-        reply_to: optional("reply_to")?,
-        trace: TraceContext {
-            traceparent: optional("traceparent")?,
-            tracestate: optional("tracestate")?,
-        },
-        headers,
-        payload,
+    let mut envelope = Envelope::raw(kind, text("message_type")?, payload);
+    envelope.id = text("message_id")?;
+    envelope.schema_version = u32::try_from(schema_version).map_err(|e| corrupt(format!("schema_version: {e}")))?;
+    envelope.source = text("source")?;
+    envelope.aggregate_type = optional("aggregate_type")?;
+    envelope.aggregate_id = text("aggregate_id")?;
+    envelope.sequence = integer("sequence")?;
+    envelope.occurred_at = occurred_at;
+    envelope.correlation_id = optional("correlation_id")?;
+    envelope.causation_id = optional("causation_id")?;
+    envelope.reply_to = optional("reply_to")?;
+    envelope.trace = TraceContext {
+        traceparent: optional("traceparent")?,
+        tracestate: optional("tracestate")?,
     };
+    envelope.headers = headers;
     let topic = text("topic")?;
     Ok(Decoded {
         position,

@@ -190,26 +190,26 @@ fn pending(row: &PgRow) -> Result<Pending> {
     };
     let payload: String = row.try_get("payload").map_err(get)?;
     let schema_version: i32 = row.try_get("schema_version").map_err(get)?;
-    let envelope = Envelope {
-        id: row.try_get("message_id").map_err(get)?,
-        kind: MessageKind::parse(&kind).map_err(|e| corrupt(e.to_string()))?,
-        message_type: row.try_get("message_type").map_err(get)?,
-        schema_version: u32::try_from(schema_version).map_err(|e| corrupt(e.to_string()))?,
-        source: row.try_get("source").map_err(get)?,
-        aggregate_type: row.try_get("aggregate_type").map_err(get)?,
-        aggregate_id: row.try_get("aggregate_id").map_err(get)?,
-        sequence: row.try_get("sequence").map_err(get)?,
-        occurred_at: row.try_get::<DateTime<Utc>, _>("occurred_at").map_err(get)?,
-        correlation_id: row.try_get("correlation_id").map_err(get)?,
-        causation_id: row.try_get("causation_id").map_err(get)?,
-        reply_to: row.try_get("reply_to").map_err(get)?,
-        trace: TraceContext {
-            traceparent: row.try_get("traceparent").map_err(get)?,
-            tracestate: row.try_get("tracestate").map_err(get)?,
-        },
-        headers,
-        payload: RawValue::from_string(payload).map_err(|e| corrupt(format!("payload: {e}")))?,
+    let mut envelope = Envelope::raw(
+        MessageKind::parse(&kind).map_err(|e| corrupt(e.to_string()))?,
+        row.try_get::<String, _>("message_type").map_err(get)?,
+        RawValue::from_string(payload).map_err(|e| corrupt(format!("payload: {e}")))?,
+    );
+    envelope.id = row.try_get("message_id").map_err(get)?;
+    envelope.schema_version = u32::try_from(schema_version).map_err(|e| corrupt(e.to_string()))?;
+    envelope.source = row.try_get("source").map_err(get)?;
+    envelope.aggregate_type = row.try_get("aggregate_type").map_err(get)?;
+    envelope.aggregate_id = row.try_get("aggregate_id").map_err(get)?;
+    envelope.sequence = row.try_get("sequence").map_err(get)?;
+    envelope.occurred_at = row.try_get::<DateTime<Utc>, _>("occurred_at").map_err(get)?;
+    envelope.correlation_id = row.try_get("correlation_id").map_err(get)?;
+    envelope.causation_id = row.try_get("causation_id").map_err(get)?;
+    envelope.reply_to = row.try_get("reply_to").map_err(get)?;
+    envelope.trace = TraceContext {
+        traceparent: row.try_get("traceparent").map_err(get)?,
+        tracestate: row.try_get("tracestate").map_err(get)?,
     };
+    envelope.headers = headers;
     Ok(Pending {
         id,
         topic: row.try_get("topic").map_err(get)?,

@@ -61,6 +61,9 @@ async fn orders_are_counted_once_per_event() -> TestResult {
         .await?;
     assert_eq!(refused.status(), 422);
 
+    // The relay has published every order's event.
+    orders_db.outbox_drained().await?;
+
     // Every event once, then one of them again: a redelivery.
     let first = kafka.reader(&topic)?.wait_for(3).await?[0].clone();
     let again = dbps_core::kafka::decode_record(&first)?;
