@@ -230,8 +230,15 @@ fn db(error: sqlx::Error) -> Problem {
     unavailable(&error)
 }
 
+/// The outbox refuses an event for what it is (over the payload limits) — a client's
+/// data made it so: `422`; anything else is the database: `503`.
 fn outbox_error(error: dbps_outbox::OutboxError) -> Problem {
-    unavailable(&error)
+    match error {
+        dbps_outbox::OutboxError::Message(refused) => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY).detail(format!("the change cannot be recorded: {refused}"))
+        }
+        other => unavailable(&other),
+    }
 }
 
 /// The customer with its version as `ETag`.
