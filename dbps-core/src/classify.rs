@@ -200,6 +200,18 @@ pub fn is_message_fault(error: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
+/// Redis: transient is what the client itself would retry — a dropped or refused
+/// connection, a timeout, a server loading its data set or failing over, a cluster
+/// redirection; permanent are refused credentials, a wrong reply type, invalid
+/// configuration and script errors.
+#[cfg(feature = "redis")]
+impl Classify for redis::RedisError {
+    fn is_transient(&self) -> bool {
+        !matches!(self.kind(), redis::ErrorKind::AuthenticationFailed)
+            && !matches!(self.retry_method(), redis::RetryMethod::NoRetry)
+    }
+}
+
 /// Whether a Kafka error says a topic does not exist.
 #[cfg(feature = "kafka")]
 pub fn is_missing_topic(error: &rdkafka::error::KafkaError) -> bool {

@@ -82,7 +82,7 @@ pub use mongo::{TestMongo, mongo};
 #[cfg(feature = "postgres")]
 pub use postgres::{TestPostgres, postgres};
 #[cfg(feature = "redis")]
-pub use redis::{TestRedis, redis};
+pub use redis::{RedisProcess, TestRedis, redis, redis_process};
 pub use server::Backend;
 #[cfg(feature = "service")]
 pub use service::{TestService, TestServiceBuilder, service};

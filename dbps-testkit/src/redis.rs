@@ -83,3 +83,96 @@ impl Drop for TestRedis {
         });
     }
 }
+
+/// A Redis server of one test's own, started from the `redis-server` binary (`PATH`, or
+/// `DBPS_REDIS_SERVER`) on a free loopback port, without persistence — for tests that stop
+/// and restart Redis, which the shared server cannot do for them. Stopped on drop.
+pub struct RedisProcess {
+    binary: String,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl std::fmt::Debug for RedisProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisProcess")
+            .field("port", &self.port)
+            .field("running", &self.child.is_some())
+            .finish()
+    }
+}
+
+/// Starts a private Redis server and waits until it answers.
+pub async fn redis_process() -> Result<RedisProcess> {
+    let binary = std::env::var("DBPS_REDIS_SERVER").unwrap_or_else(|_| String::from("redis-server"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|e| Error::NoServer {
+            backend: Backend::Redis,
+            var: "DBPS_REDIS_SERVER",
+            reason: format!("no free port: {e}"),
+        })?;
+    let mut process = RedisProcess {
+        binary,
+        port,
+        child: None,
+    };
+    process.start().await?;
+    Ok(process)
+}
+
+impl RedisProcess {
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL: as abrupt as a crash) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, empty, and waits until it answers.
+    pub async fn start(&mut self) -> Result<()> {
+        let child = std::process::Command::new(&self.binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| Error::NoServer {
+                backend: Backend::Redis,
+                var: "DBPS_REDIS_SERVER",
+                reason: format!(
+                    "could not start {} ({e}); `scripts/stack.sh up` installs it",
+                    self.binary
+                ),
+            })?;
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).map_err(Error::Redis)?;
+        crate::eventually("the private redis server to answer", || {
+            let client = client.clone();
+            async move {
+                match client.get_multiplexed_async_connection().await {
+                    Ok(mut conn) => redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .map(|pong| pong == "PONG")
+                        .or(Ok::<_, redis::RedisError>(false)),
+                    Err(_) => Ok(false),
+                }
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

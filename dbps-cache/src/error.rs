@@ -1,0 +1,68 @@
+//! The errors of dbps-cache.
+
+/// Errors of the caches, the rate limiter and the session store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    /// Redis refused a request or could not be reached.
+    #[cfg(feature = "redis")]
+    #[error("redis {operation} failed")]
+    Redis {
+        /// What was being done (`lookup`, `fill`, `invalidate`, `rate limit`, ...).
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// Redis did not answer within the configured timeout.
+    #[error("redis {operation} did not answer within {timeout:?}")]
+    Timeout {
+        /// What was being done.
+        operation: &'static str,
+        /// The timeout.
+        timeout: std::time::Duration,
+    },
+    /// A cached value could not be encoded or decoded.
+    #[error("cached value of {key} could not be encoded or decoded")]
+    Codec {
+        /// The cache key.
+        key: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A setting is invalid.
+    #[error("invalid cache configuration: {setting}: {reason}")]
+    InvalidConfig {
+        /// The setting.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Loading reference data from its source failed.
+    #[error("reference data {name} could not be loaded")]
+    Load {
+        /// The reference data's name.
+        name: String,
+        /// The loader's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl CacheError {
+    /// Whether retrying later may succeed: Redis unreachable, slow or restarting.
+    pub fn is_transient(&self) -> bool {
+        #[allow(unused_imports)]
+        use dbps_core::classify::Classify as _;
+        match self {
+            #[cfg(feature = "redis")]
+            Self::Redis { source, .. } => source.is_transient(),
+            Self::Timeout { .. } | Self::Load { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Results of dbps-cache.
+pub type Result<T, E = CacheError> = std::result::Result<T, E>;

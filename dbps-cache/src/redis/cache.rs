@@ -1,0 +1,410 @@
+//! Cache-aside over Redis that a slow loader cannot make stale.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dbps_core::{Envelope, Handler, HandlerError};
+use redis::Script;
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::OnceCell;
+
+use crate::error::{CacheError, Result};
+
+/// Reads a value and its key's generation in one step.
+const LOOKUP: &str = r"
+return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
+";
+
+/// Stores a loaded value only if the key's generation is still the one the loader saw:
+/// an invalidation since then makes the value stale, and it is dropped.
+const FILL: &str = r"
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+";
+
+/// Deletes the value and moves the key to its next generation, in one step.
+const INVALIDATE: &str = r"
+redis.call('DEL', KEYS[1])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+";
+
+/// The generation of a key a lookup saw: a fill with it succeeds only if no invalidation
+/// came in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation(String);
+
+/// What a lookup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup<V> {
+    /// The cached value.
+    Hit(V),
+    /// No value; load it and [`RedisCache::fill`] it with this generation.
+    Miss(Generation),
+    /// Redis did not answer in time or failed: load the value and do not fill.
+    Unavailable,
+}
+
+/// Builds a [`RedisCache`].
+#[derive(Debug)]
+pub struct RedisCacheBuilder<V> {
+    conn: ConnectionManager,
+    namespace: String,
+    ttl: Duration,
+    jitter: f64,
+    timeout: Duration,
+    generation_ttl: Duration,
+    _value: PhantomData<fn() -> V>,
+}
+
+impl<V> RedisCacheBuilder<V> {
+    /// How long a value stays cached (default 5 minutes): the bound on staleness should an
+    /// invalidation ever be lost.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Up to this fraction is added to each value's time to live at random (default 0.1),
+    /// so that values cached together do not expire together.
+    pub fn jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// How long a read or a fill may wait for Redis before the cache answers from the
+    /// loader instead (default 50 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long a key's generation is remembered after its last invalidation (default
+    /// 24 h); it must exceed the longest load.
+    pub fn generation_ttl(mut self, ttl: Duration) -> Self {
+        self.generation_ttl = ttl;
+        self
+    }
+
+    /// Checks the settings and builds the cache.
+    pub fn build(self) -> Result<RedisCache<V>> {
+        let invalid = |setting, reason: &str| {
+            Err(CacheError::InvalidConfig {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.namespace.is_empty() || self.namespace.contains(['{', '}']) {
+            return invalid("namespace", "must be non-empty and without braces");
+        }
+        if self.ttl.is_zero() || self.timeout.is_zero() {
+            return invalid("ttl, timeout", "must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return invalid("jitter", "must be between 0 and 1");
+        }
+        if self.generation_ttl <= self.ttl {
+            return invalid("generation_ttl", "must exceed the ttl");
+        }
+        Ok(RedisCache {
+            inner: Arc::new(Inner {
+                conn: self.conn,
+                namespace: self.namespace,
+                ttl: self.ttl,
+                jitter: self.jitter,
+                timeout: self.timeout,
+                generation_ttl: self.generation_ttl,
+                flights: Mutex::new(HashMap::new()),
+                lookup: Script::new(LOOKUP),
+                fill: Script::new(FILL),
+                invalidate: Script::new(INVALIDATE),
+            }),
+            _value: PhantomData,
+        })
+    }
+}
+
+/// A cache-aside over Redis for values of type `V` (serde JSON), under a namespace of
+/// its own (`inventory:stock:`), that never puts back a value read before an
+/// invalidation.
+///
+/// Each key has a *generation* next to its value. A lookup that misses returns the
+/// generation it saw; the loaded value is stored only if the generation is unchanged, in
+/// one Lua script, and [`RedisCache::invalidate`] deletes the value and moves the
+/// generation on, also in one script. So a loader that read the database before a change
+/// and writes after its invalidation is refused: the interleaving that makes plain
+/// "delete on change" caches serve stale data until the TTL cannot happen.
+///
+/// - **Single flight**: concurrent misses of one key in this process run the loader
+///   once; the others wait for its value.
+/// - **Redis down or slow**: a read that does not answer within the timeout falls
+///   through to the loader (and is not filled); a request never fails because the cache
+///   is gone. Counted in `dbps_cache_errors_total`.
+/// - **TTL with jitter** bounds staleness should an invalidation ever be lost.
+///
+/// Metrics, labelled by `cache` (the namespace): `dbps_cache_hits_total`,
+/// `dbps_cache_misses_total`, `dbps_cache_loads_total`, `dbps_cache_load_seconds`,
+/// `dbps_cache_stale_fills_total` (fills refused after an invalidation),
+/// `dbps_cache_invalidations_total`, `dbps_cache_errors_total{op}`.
+pub struct RedisCache<V> {
+    inner: Arc<Inner<V>>,
+    _value: PhantomData<fn() -> V>,
+}
+
+struct Inner<V> {
+    conn: ConnectionManager,
+    namespace: String,
+    ttl: Duration,
+    jitter: f64,
+    timeout: Duration,
+    generation_ttl: Duration,
+    flights: Mutex<HashMap<String, Arc<OnceCell<V>>>>,
+    lookup: Script,
+    fill: Script,
+    invalidate: Script,
+}
+
+impl<V> Clone for RedisCache<V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            _value: PhantomData,
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for RedisCache<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("namespace", &self.inner.namespace)
+            .field("ttl", &self.inner.ttl)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache<V> {
+    /// A builder for a cache over `conn`, its keys starting with `namespace`
+    /// (`<service>:<what>:`).
+    pub fn builder(conn: ConnectionManager, namespace: impl Into<String>) -> RedisCacheBuilder<V> {
+        RedisCacheBuilder {
+            conn,
+            namespace: namespace.into(),
+            ttl: Duration::from_secs(300),
+            jitter: 0.1,
+            timeout: Duration::from_millis(50),
+            generation_ttl: Duration::from_secs(24 * 3600),
+            _value: PhantomData,
+        }
+    }
+
+    /// The Redis keys of `key`: its value and its generation. The key sits in braces, a
+    /// hash tag, so both land on one cluster slot, as one script needs.
+    pub fn redis_keys(&self, key: &str) -> [String; 2] {
+        let value = format!("{}{{{key}}}", self.inner.namespace);
+        let generation = format!("{value}:gen");
+        [value, generation]
+    }
+
+    /// The value of `key`: from Redis, or from `load` on a miss (once for all concurrent
+    /// misses of the key in this process), which is then cached unless an invalidation
+    /// came in between. A failing `load` is returned as is and nothing is cached.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &str, load: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<V, E>>,
+    {
+        let generation = match self.lookup(key).await {
+            Lookup::Hit(value) => return Ok(value),
+            Lookup::Miss(generation) => Some(generation),
+            Lookup::Unavailable => None,
+        };
+        let flight = Arc::clone(
+            self.inner
+                .flights
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(key.to_owned())
+                .or_default(),
+        );
+        let loaded = flight
+            .get_or_try_init(|| async {
+                let started = Instant::now();
+                let value = load().await?;
+                let labels = [("cache", self.inner.namespace.clone())];
+                metrics::counter!("dbps_cache_loads_total", &labels).increment(1);
+                metrics::histogram!("dbps_cache_load_seconds", &labels).record(started.elapsed().as_secs_f64());
+                if let Some(generation) = &generation {
+                    // A refused or failed fill only costs a later miss.
+                    let _ = self.fill(key, &value, generation).await;
+                }
+                Ok(value)
+            })
+            .await
+            .cloned();
+        let mut flights = self
+            .inner
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flights.get(key).is_some_and(|current| Arc::ptr_eq(current, &flight)) {
+            flights.remove(key);
+        }
+        loaded
+    }
+
+    /// Looks `key` up: its value, or the generation to fill it with after a load.
+    pub async fn lookup(&self, key: &str) -> Lookup<V> {
+        let [value_key, generation_key] = self.redis_keys(key);
+        let mut conn = self.inner.conn.clone();
+        let mut invocation = self.inner.lookup.key(&value_key);
+        invocation.key(&generation_key);
+        let found: Result<(Option<String>, Option<String>)> =
+            self.bounded("lookup", invocation.invoke_async(&mut conn)).await;
+        let labels = [("cache", self.inner.namespace.clone())];
+        let (text, generation) = match found {
+            Ok(found) => found,
+            Err(_) => return Lookup::Unavailable,
+        };
+        let generation = Generation(generation.unwrap_or_else(|| String::from("0")));
+        match text.map(|text| serde_json::from_str(&text)) {
+            Some(Ok(value)) => {
+                metrics::counter!("dbps_cache_hits_total", &labels).increment(1);
+                Lookup::Hit(value)
+            }
+            Some(Err(source)) => {
+                // A value of an older shape: treat it as missing; the fill replaces it.
+                let error = CacheError::Codec {
+                    key: key.to_owned(),
+                    source,
+                };
+                tracing::warn!(key, error = %dbps_core::ErrorChain(&error), "cached value unreadable");
+                metrics::counter!("dbps_cache_misses_total", &labels).increment(1);
+                Lookup::Miss(generation)
+            }
+            None => {
+                metrics::counter!("dbps_cache_misses_total", &labels).increment(1);
+                Lookup::Miss(generation)
+            }
+        }
+    }
+
+    /// Caches `value` for `key` unless the key was invalidated since the lookup that saw
+    /// `generation`. Returns whether it was stored.
+    pub async fn fill(&self, key: &str, value: &V, generation: &Generation) -> Result<bool> {
+        let text = serde_json::to_string(value).map_err(|source| CacheError::Codec {
+            key: key.to_owned(),
+            source,
+        })?;
+        let [value_key, generation_key] = self.redis_keys(key);
+        let ttl_ms = self.ttl_with_jitter().as_millis().max(1);
+        let mut conn = self.inner.conn.clone();
+        let mut invocation = self.inner.fill.key(&value_key);
+        invocation
+            .key(&generation_key)
+            .arg(&generation.0)
+            .arg(text)
+            .arg(u64::try_from(ttl_ms).unwrap_or(u64::MAX));
+        let stored: i64 = self.bounded("fill", invocation.invoke_async(&mut conn)).await?;
+        if stored == 0 {
+            metrics::counter!("dbps_cache_stale_fills_total", "cache" => self.inner.namespace.clone()).increment(1);
+            tracing::debug!(key, "fill refused: the key was invalidated while it was loaded");
+        }
+        Ok(stored == 1)
+    }
+
+    /// Removes `key`'s value and refuses every fill of a load that began before.
+    pub async fn invalidate(&self, key: &str) -> Result<()> {
+        let [value_key, generation_key] = self.redis_keys(key);
+        let mut conn = self.inner.conn.clone();
+        let mut invocation = self.inner.invalidate.key(&value_key);
+        invocation
+            .key(&generation_key)
+            .arg(u64::try_from(self.inner.generation_ttl.as_millis()).unwrap_or(u64::MAX));
+        let _: i64 = self.bounded("invalidate", invocation.invoke_async(&mut conn)).await?;
+        metrics::counter!("dbps_cache_invalidations_total", "cache" => self.inner.namespace.clone()).increment(1);
+        Ok(())
+    }
+
+    fn ttl_with_jitter(&self) -> Duration {
+        let extra = rand::random::<f64>() * self.inner.jitter;
+        self.inner.ttl.mul_f64(1.0 + extra)
+    }
+
+    /// Runs a Redis call with the cache's timeout, counting failures.
+    async fn bounded<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let result = match tokio::time::timeout(self.inner.timeout, call).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(source)) => CacheError::Redis { operation, source },
+            Err(_) => CacheError::Timeout {
+                operation,
+                timeout: self.inner.timeout,
+            },
+        };
+        metrics::counter!("dbps_cache_errors_total", "cache" => self.inner.namespace.clone(), "op" => operation)
+            .increment(1);
+        tracing::debug!(cache = %self.inner.namespace, error = %dbps_core::ErrorChain(&result), "redis unavailable; answering from the loader");
+        Err(result)
+    }
+}
+
+/// A consumer-runner handler that invalidates a cache's keys when the owning service's
+/// events arrive: `keys` names the keys a message makes stale (none for messages that
+/// concern no cached value).
+///
+/// An invalidation Redis cannot take now is a transient failure: the runner retries it,
+/// and the TTL bounds staleness if it never gets through.
+pub struct Invalidate<V, F> {
+    cache: RedisCache<V>,
+    keys: F,
+}
+
+impl<V, F> std::fmt::Debug for Invalidate<V, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invalidate")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V, F> Invalidate<V, F>
+where
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    F: Fn(&Envelope) -> Vec<String> + Send + Sync + 'static,
+{
+    /// Invalidates `keys(message)` of `cache` for each message.
+    pub fn new(cache: RedisCache<V>, keys: F) -> Self {
+        Self { cache, keys }
+    }
+}
+
+impl<V, F> Handler for Invalidate<V, F>
+where
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    F: Fn(&Envelope) -> Vec<String> + Send + Sync + 'static,
+{
+    async fn handle(&self, message: &Envelope) -> Result<(), HandlerError> {
+        for key in (self.keys)(message) {
+            self.cache.invalidate(&key).await.map_err(|error| {
+                if error.is_transient() {
+                    HandlerError::transient(error)
+                } else {
+                    HandlerError::permanent(error)
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
