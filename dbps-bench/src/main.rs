@@ -5,6 +5,7 @@
 //! eval "$(scripts/stack.sh env)"
 //! cargo run --release -p dbps-bench -- outbox [--duration 20s] [--json PATH] [--chart PATH]
 //! cargo run --release -p dbps-bench -- outbox-mongo [--duration 20s] [--json PATH]
+//! cargo run --release -p dbps-bench -- cache [--duration 20s] [--json PATH]
 //! ```
 //!
 //! The machines dbps is developed on are small and shared, so absolute figures drift from
@@ -20,6 +21,7 @@
 #![allow(clippy::print_stdout)]
 
 mod baseline;
+mod cache;
 mod chart;
 mod cpu;
 mod observer;
@@ -51,6 +53,10 @@ enum Scenario {
     /// The MongoDB outbox: relay drain rate and write → consumer latency beside the
     /// server's raw insert rate, and the cost of writing events with inserts and updates.
     OutboxMongo(outbox_mongo::Args),
+    /// dbps-cache's Redis pieces: cache-aside hit reads beside plain `GET`s, the hit ratio
+    /// under a Zipf key distribution, invalidation → fresh read, and rate-limiter decisions
+    /// beside a no-op `EVALSHA`.
+    Cache(cache::Args),
 }
 
 #[tokio::main]
@@ -63,5 +69,6 @@ async fn main() -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Outbox(args) => outbox::run(args).await,
         Scenario::OutboxMongo(args) => outbox_mongo::run(args).await,
+        Scenario::Cache(args) => cache::run(args).await,
     }
 }

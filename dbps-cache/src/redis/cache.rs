@@ -6,18 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dbps_core::{Envelope, Handler, HandlerError};
-use redis::Script;
 use redis::aio::ConnectionManager;
+use redis::{AsyncCommands as _, Script};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
 use crate::error::{CacheError, Result};
-
-/// Reads a value and its key's generation in one step.
-const LOOKUP: &str = r"
-return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
-";
 
 /// Stores a loaded value only if the key's generation is still the one the loader saw:
 /// an invalidation since then makes the value stale, and it is dropped.
@@ -114,6 +109,7 @@ impl<V> RedisCacheBuilder<V> {
         if self.generation_ttl <= self.ttl {
             return invalid("generation_ttl", "must exceed the ttl");
         }
+        let metrics = Metrics::new(&self.namespace);
         Ok(RedisCache {
             inner: Arc::new(Inner {
                 conn: self.conn,
@@ -123,7 +119,7 @@ impl<V> RedisCacheBuilder<V> {
                 timeout: self.timeout,
                 generation_ttl: self.generation_ttl,
                 flights: Mutex::new(HashMap::new()),
-                lookup: Script::new(LOOKUP),
+                metrics,
                 fill: Script::new(FILL),
                 invalidate: Script::new(INVALIDATE),
             }),
@@ -167,9 +163,34 @@ struct Inner<V> {
     timeout: Duration,
     generation_ttl: Duration,
     flights: Mutex<HashMap<String, Arc<OnceCell<V>>>>,
-    lookup: Script,
     fill: Script,
     invalidate: Script,
+    metrics: Metrics,
+}
+
+/// The cache's metric handles, registered once: a hit costs an increment, not a lookup
+/// in the recorder's registry.
+struct Metrics {
+    hits: metrics::Counter,
+    misses: metrics::Counter,
+    loads: metrics::Counter,
+    load_seconds: metrics::Histogram,
+    stale_fills: metrics::Counter,
+    invalidations: metrics::Counter,
+}
+
+impl Metrics {
+    fn new(cache: &str) -> Self {
+        let label = || [("cache", cache.to_owned())];
+        Self {
+            hits: metrics::counter!("dbps_cache_hits_total", &label()),
+            misses: metrics::counter!("dbps_cache_misses_total", &label()),
+            loads: metrics::counter!("dbps_cache_loads_total", &label()),
+            load_seconds: metrics::histogram!("dbps_cache_load_seconds", &label()),
+            stale_fills: metrics::counter!("dbps_cache_stale_fills_total", &label()),
+            invalidations: metrics::counter!("dbps_cache_invalidations_total", &label()),
+        }
+    }
 }
 
 impl<V> Clone for RedisCache<V> {
@@ -209,9 +230,18 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache
     /// The Redis keys of `key`: its value and its generation. The key sits in braces, a
     /// hash tag, so both land on one cluster slot, as one script needs.
     pub fn redis_keys(&self, key: &str) -> [String; 2] {
-        let value = format!("{}{{{key}}}", self.inner.namespace);
+        let value = self.value_key(key);
         let generation = format!("{value}:gen");
         [value, generation]
+    }
+
+    fn value_key(&self, key: &str) -> String {
+        let mut value = String::with_capacity(self.inner.namespace.len() + key.len() + 2);
+        value.push_str(&self.inner.namespace);
+        value.push('{');
+        value.push_str(key);
+        value.push('}');
+        value
     }
 
     /// The value of `key`: from Redis, or from `load` on a miss (once for all concurrent
@@ -239,9 +269,8 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache
             .get_or_try_init(|| async {
                 let started = Instant::now();
                 let value = load().await?;
-                let labels = [("cache", self.inner.namespace.clone())];
-                metrics::counter!("dbps_cache_loads_total", &labels).increment(1);
-                metrics::histogram!("dbps_cache_load_seconds", &labels).record(started.elapsed().as_secs_f64());
+                self.inner.metrics.loads.increment(1);
+                self.inner.metrics.load_seconds.record(started.elapsed().as_secs_f64());
                 if let Some(generation) = &generation {
                     // A refused or failed fill only costs a later miss.
                     let _ = self.fill(key, &value, generation).await;
@@ -262,38 +291,40 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache
     }
 
     /// Looks `key` up: its value, or the generation to fill it with after a load.
+    ///
+    /// A hit costs one `GET`. On a miss the generation is read next: an invalidation
+    /// between the two reads gives the newer generation, and the load that follows reads
+    /// the database after it, so the fill is still safe.
     pub async fn lookup(&self, key: &str) -> Lookup<V> {
-        let [value_key, generation_key] = self.redis_keys(key);
+        let value_key = self.value_key(key);
         let mut conn = self.inner.conn.clone();
-        let mut invocation = self.inner.lookup.key(&value_key);
-        invocation.key(&generation_key);
-        let found: Result<(Option<String>, Option<String>)> =
-            self.bounded("lookup", invocation.invoke_async(&mut conn)).await;
-        let labels = [("cache", self.inner.namespace.clone())];
-        let (text, generation) = match found {
-            Ok(found) => found,
+        let text: Option<String> = match self.bounded("lookup", conn.get(&value_key)).await {
+            Ok(text) => text,
             Err(_) => return Lookup::Unavailable,
         };
-        let generation = Generation(generation.unwrap_or_else(|| String::from("0")));
-        match text.map(|text| serde_json::from_str(&text)) {
-            Some(Ok(value)) => {
-                metrics::counter!("dbps_cache_hits_total", &labels).increment(1);
-                Lookup::Hit(value)
+        if let Some(text) = text {
+            match serde_json::from_str(&text) {
+                Ok(value) => {
+                    self.inner.metrics.hits.increment(1);
+                    return Lookup::Hit(value);
+                }
+                Err(source) => {
+                    // A value of an older shape: treat it as missing; the fill replaces it.
+                    let error = CacheError::Codec {
+                        key: key.to_owned(),
+                        source,
+                    };
+                    tracing::warn!(key, error = %dbps_core::ErrorChain(&error), "cached value unreadable");
+                }
             }
-            Some(Err(source)) => {
-                // A value of an older shape: treat it as missing; the fill replaces it.
-                let error = CacheError::Codec {
-                    key: key.to_owned(),
-                    source,
-                };
-                tracing::warn!(key, error = %dbps_core::ErrorChain(&error), "cached value unreadable");
-                metrics::counter!("dbps_cache_misses_total", &labels).increment(1);
-                Lookup::Miss(generation)
-            }
-            None => {
-                metrics::counter!("dbps_cache_misses_total", &labels).increment(1);
-                Lookup::Miss(generation)
-            }
+        }
+        self.inner.metrics.misses.increment(1);
+        match self
+            .bounded("lookup", conn.get::<_, Option<String>>(format!("{value_key}:gen")))
+            .await
+        {
+            Ok(generation) => Lookup::Miss(Generation(generation.unwrap_or_else(|| String::from("0")))),
+            Err(_) => Lookup::Unavailable,
         }
     }
 
@@ -315,7 +346,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache
             .arg(u64::try_from(ttl_ms).unwrap_or(u64::MAX));
         let stored: i64 = self.bounded("fill", invocation.invoke_async(&mut conn)).await?;
         if stored == 0 {
-            metrics::counter!("dbps_cache_stale_fills_total", "cache" => self.inner.namespace.clone()).increment(1);
+            self.inner.metrics.stale_fills.increment(1);
             tracing::debug!(key, "fill refused: the key was invalidated while it was loaded");
         }
         Ok(stored == 1)
@@ -330,7 +361,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache
             .key(&generation_key)
             .arg(u64::try_from(self.inner.generation_ttl.as_millis()).unwrap_or(u64::MAX));
         let _: i64 = self.bounded("invalidate", invocation.invoke_async(&mut conn)).await?;
-        metrics::counter!("dbps_cache_invalidations_total", "cache" => self.inner.namespace.clone()).increment(1);
+        self.inner.metrics.invalidations.increment(1);
         Ok(())
     }
 

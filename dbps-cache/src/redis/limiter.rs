@@ -85,22 +85,39 @@ pub struct Decision {
 /// Keys live under the limiter's namespace (`<service>:ratelimit:`) and expire when their
 /// quota is whole again. Metrics: `dbps_ratelimit_decisions_total{limiter, outcome}`
 /// (`allowed`, `limited`) and `dbps_ratelimit_unavailable_total{limiter}`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RateLimiter {
     conn: ConnectionManager,
     namespace: String,
     quota: Quota,
     timeout: Duration,
     script: Arc<Script>,
+    /// `dbps_ratelimit_decisions_total`, allowed and limited, registered once.
+    decisions: Arc<[metrics::Counter; 2]>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("namespace", &self.namespace)
+            .field("quota", &self.quota)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RateLimiter {
     /// A limiter of `quota` per key, its keys under `namespace`; Redis gets 50 ms to
     /// decide.
     pub fn new(conn: ConnectionManager, namespace: impl Into<String>, quota: Quota) -> Self {
+        let namespace = namespace.into();
+        let decisions = ["allowed", "limited"].map(|outcome| {
+            metrics::counter!("dbps_ratelimit_decisions_total", "limiter" => namespace.clone(), "outcome" => outcome)
+        });
         Self {
             conn,
-            namespace: namespace.into(),
+            decisions: Arc::new(decisions),
+            namespace,
             quota,
             timeout: Duration::from_millis(50),
             script: Arc::new(Script::new(GCRA)),
@@ -150,9 +167,8 @@ impl RateLimiter {
             reset_after: micros(reset_after),
             retry_after: (allowed != 1).then(|| micros(retry_after)),
         };
-        let outcome = if decision.allowed { "allowed" } else { "limited" };
-        metrics::counter!("dbps_ratelimit_decisions_total", "limiter" => self.namespace.clone(), "outcome" => outcome)
-            .increment(1);
+        let [allowed, limited] = &*self.decisions;
+        if decision.allowed { allowed } else { limited }.increment(1);
         Ok(decision)
     }
 }
