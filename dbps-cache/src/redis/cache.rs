@@ -298,12 +298,12 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache
     pub async fn lookup(&self, key: &str) -> Lookup<V> {
         let value_key = self.value_key(key);
         let mut conn = self.inner.conn.clone();
-        let text: Option<String> = match self.bounded("lookup", conn.get(&value_key)).await {
+        let text: Option<Vec<u8>> = match self.bounded("lookup", conn.get(&value_key)).await {
             Ok(text) => text,
             Err(_) => return Lookup::Unavailable,
         };
         if let Some(text) = text {
-            match serde_json::from_str(&text) {
+            match serde_json::from_slice(&text) {
                 Ok(value) => {
                     self.inner.metrics.hits.increment(1);
                     return Lookup::Hit(value);
