@@ -246,16 +246,8 @@ async fn measure(args: &Args, conn: ConnectionManager, namespace: &str) -> anyho
     let hit = |cache: RedisCache<Stock>, misses: Arc<AtomicU64>| {
         move |_| {
             let (cache, misses) = (cache.clone(), Arc::clone(&misses));
-            async move {
-                let key = rand::rng().random_range(0..keys);
-                cache
-                    .get_or_load(&key.to_string(), || async move {
-                        misses.fetch_add(1, Ordering::Relaxed);
-                        Ok::<_, anyhow::Error>(stock(key, 1))
-                    })
-                    .await?;
-                Ok(())
-            }
+            let key = rand::rng().random_range(0..keys);
+            async move { read(&cache, key, &misses).await }
         }
     };
     let (mut raw, mut hits) = (Measured::empty()?, Measured::empty()?);
@@ -281,7 +273,6 @@ async fn measure(args: &Args, conn: ConnectionManager, namespace: &str) -> anyho
     // 2. Zipf(1.0) over the keys, an empty cache with a short TTL.
     let zipf_cache: RedisCache<Stock> = RedisCache::builder(conn.clone(), format!("{namespace}zipf:"))
         .ttl(args.zipf_ttl)
-        .generation_ttl(args.zipf_ttl * 10)
         .build()?;
     let zipf = Zipf::new(keys as f64, 1.0).context("zipf")?;
     let loads = Arc::new(AtomicU64::new(0));
@@ -290,16 +281,8 @@ async fn measure(args: &Args, conn: ConnectionManager, namespace: &str) -> anyho
         let (cache, loads) = (zipf_cache.clone(), Arc::clone(&loads));
         timed(args.tasks, args.duration / 2, move |_| {
             let (cache, loads) = (cache.clone(), Arc::clone(&loads));
-            async move {
-                let key = zipf.sample(&mut rand::rng()) as u64;
-                cache
-                    .get_or_load(&key.to_string(), || async move {
-                        loads.fetch_add(1, Ordering::Relaxed);
-                        Ok::<_, anyhow::Error>(stock(key, 1))
-                    })
-                    .await?;
-                Ok(())
-            }
+            let key = zipf.sample(&mut rand::rng()) as u64;
+            async move { read(&cache, key, &loads).await }
         })
         .await?
     };
@@ -424,6 +407,17 @@ async fn invalidate_to_fresh(cache: &RedisCache<Stock>, readers: usize) -> anyho
     };
     progress::done(&bar, "invalidate → fresh", &format!("p50 {:.2} ms", result.p50));
     Ok(result)
+}
+
+/// One read of `key` through `cache`, counting the loads (misses).
+async fn read(cache: &RedisCache<Stock>, key: u64, loads: &AtomicU64) -> anyhow::Result<()> {
+    cache
+        .get_or_load(&key.to_string(), || async move {
+            loads.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, anyhow::Error>(stock(key, 1))
+        })
+        .await?;
+    Ok(())
 }
 
 fn render(r: &CacheReport) -> String {

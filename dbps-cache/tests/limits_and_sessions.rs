@@ -20,11 +20,30 @@ async fn serve(router: Router) -> Result<(String, dbps_core::CancellationToken),
     let stop = dbps_core::CancellationToken::new();
     let stopped = stop.clone();
     tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stopped.cancelled_owned())
-            .await
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped.cancelled_owned())
+        .await
     });
     Ok((base, stop))
+}
+
+/// `GET /` answering "ok", behind `limit`.
+fn limited(limit: RateLimit) -> Router {
+    Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(axum::middleware::from_fn_with_state(limit, rate_limit))
+}
+
+/// A limiter of `limit` requests a minute in the test's Redis namespace.
+fn per_minute(redis: &dbps_testkit::TestRedis, limit: u32) -> Result<RateLimiter, dbps_cache::CacheError> {
+    Ok(RateLimiter::new(
+        redis.connection(),
+        redis.key("limit:"),
+        Quota::new(limit, Duration::from_secs(60))?,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,20 +85,10 @@ async fn fifty_concurrent_callers_get_exactly_the_quota_in_every_window() -> Tes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_middleware_answers_429_with_the_standard_headers() -> TestResult {
     let redis = dbps_testkit::redis().await?;
-    let limiter = RateLimiter::new(
-        redis.connection(),
-        redis.key("limit:"),
-        Quota::new(3, Duration::from_secs(60))?,
-    );
-    let router = Router::new()
-        .route("/quotes", get(|| async { "ok" }))
-        .layer(axum::middleware::from_fn_with_state(
-            RateLimit::new(limiter).by_header("x-api-key"),
-            rate_limit,
-        ));
+    let router = limited(RateLimit::new(per_minute(&redis, 3)?).by_header("x-api-key"));
     let (base, stop) = serve(router).await?;
     let http = reqwest::Client::new();
-    let call = |key: &'static str| http.get(format!("{base}/quotes")).header("x-api-key", key).send();
+    let call = |key: &'static str| http.get(format!("{base}/")).header("x-api-key", key).send();
 
     for remaining in [2, 1, 0] {
         let ok = call("partner-a").await?;
@@ -97,9 +106,24 @@ async fn the_middleware_answers_429_with_the_standard_headers() -> TestResult {
     assert_eq!(problem["status"], 429);
     // Another key, and a request without one, are not held back.
     assert_eq!(call("partner-b").await?.status(), StatusCode::OK);
+    assert_eq!(http.get(format!("{base}/")).send().await?.status(), StatusCode::OK);
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_the_middleware_limits_each_client_address() -> TestResult {
+    let redis = dbps_testkit::redis().await?;
+    let router = limited(RateLimit::new(per_minute(&redis, 2)?));
+    let (base, stop) = serve(router).await?;
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(http.get(format!("{base}/")).send().await?.status());
+    }
     assert_eq!(
-        http.get(format!("{base}/quotes")).send().await?.status(),
-        StatusCode::OK
+        statuses,
+        [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]
     );
     stop.cancel();
     Ok(())
@@ -110,11 +134,6 @@ async fn without_redis_the_middleware_fails_open_or_closed_as_configured() -> Te
     let mut server = dbps_testkit::redis_process().await?;
     let conn = redis::aio::ConnectionManager::new(redis::Client::open(server.url())?).await?;
     let limiter = RateLimiter::new(conn, "svc:limit:", Quota::new(100, Duration::from_secs(1))?);
-    let limited = |limit: RateLimit| {
-        Router::new()
-            .route("/", get(|| async { "ok" }))
-            .layer(axum::middleware::from_fn_with_state(limit, rate_limit))
-    };
     let (open, stop_open) = serve(limited(RateLimit::new(limiter.clone()).by_header("x-api-key"))).await?;
     let (closed, stop_closed) = serve(limited(RateLimit::new(limiter).by_header("x-api-key").fail_closed())).await?;
     let http = reqwest::Client::new();

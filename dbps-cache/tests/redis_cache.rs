@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use dbps_cache::redis::{Invalidate, Lookup, RedisCache};
-use dbps_core::kafka::{ConsumerRunner, KafkaConfig, KafkaPublisher};
-use dbps_core::{CancellationToken, Envelope, Message};
-use serde::{Deserialize, Serialize};
+mod common;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+use common::TestResult;
+use dbps_cache::redis::{Invalidate, Lookup, RedisCache};
+use dbps_core::{Envelope, Message};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Stock {
@@ -144,8 +144,6 @@ async fn values_expire_with_their_ttl() -> TestResult {
     let redis = dbps_testkit::redis().await?;
     let cache = RedisCache::<Stock>::builder(redis.connection(), redis.key("stock:"))
         .ttl(Duration::from_millis(200))
-        .jitter(0.0)
-        .generation_ttl(Duration::from_secs(60))
         .build()?;
     cache.get_or_load("sku-1", || async { Ok::<_, &str>(stock(3)) }).await?;
     assert_eq!(cache.lookup("sku-1").await, Lookup::Hit(stock(3)));
@@ -206,33 +204,16 @@ impl Message for StockChanged {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owning_services_events_invalidate_the_keys_they_change() -> TestResult {
     let redis = dbps_testkit::redis().await?;
-    let kafka = dbps_testkit::kafka().await?;
-    let topic = kafka.create_topic("inventory.stock.events", 1).await?;
-    let dlq = kafka.create_topic("dlq", 1).await?;
-    let group = kafka.group_id("stock-cache");
     let cache = cache(&redis).await?;
     cache.get_or_load("sku-1", || async { Ok::<_, &str>(stock(4)) }).await?;
     assert_eq!(cache.lookup("sku-1").await, Lookup::Hit(stock(4)));
 
     let invalidate = Invalidate::new(cache.clone(), |event: &Envelope| vec![event.aggregate_id.clone()]);
-    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, invalidate)
-        .topic(&topic)
-        .dead_letter_topic(&dlq)
-        .build()?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner.run(stop.clone()));
     let changed = StockChanged {
         sku: String::from("sku-1"),
         on_hand: 3,
     };
-    let event = Envelope::event("inventory", "stock", "sku-1", &changed)?;
-    KafkaPublisher::builder(KafkaConfig::new(kafka.brokers()))
-        .build()?
-        .publish(&topic, &event)
-        .await?;
-    kafka.caught_up(&group, &topic).await?;
+    common::consume(invalidate, &[Envelope::event("inventory", "stock", "sku-1", &changed)?]).await?;
     assert!(matches!(cache.lookup("sku-1").await, Lookup::Miss(_)));
-    stop.cancel();
-    task.await??;
     Ok(())
 }

@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dbps_cache::reference::{Applied, Item, ReferenceData, ReferenceUpdates};
-use dbps_core::kafka::{ConsumerRunner, HandlerError, KafkaConfig, KafkaPublisher};
-use dbps_core::{CancellationToken, Envelope, Message, Registry};
-use serde::{Deserialize, Serialize};
+mod common;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+use common::TestResult;
+use dbps_cache::reference::{Applied, Item, ReferenceData, ReferenceUpdates};
+use dbps_core::kafka::HandlerError;
+use dbps_core::{Envelope, Message, Registry};
+use serde::{Deserialize, Serialize};
 
 /// The owning service's products: name and version per sku.
 type Source = Arc<Mutex<Vec<Item<String, String>>>>;
@@ -118,10 +119,6 @@ impl Message for ProductChanged {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn product_events_reach_the_reference_data_through_the_consumer_runner() -> TestResult {
-    let kafka = dbps_testkit::kafka().await?;
-    let topic = kafka.create_topic("inventory.product.events", 1).await?;
-    let dlq = kafka.create_topic("dlq", 1).await?;
-    let group = kafka.group_id("products");
     let source: Source = Arc::new(Mutex::new(vec![product("p-1", 1, "Press")]));
     let data = Arc::new(products(
         &source,
@@ -135,13 +132,7 @@ async fn product_events_reach_the_reference_data_through_the_consumer_runner() -
         let changed: ProductChanged = registry.decode(event).map_err(HandlerError::permanent)?;
         Ok(Some((changed.sku, event.sequence.unwrap_or_default(), changed.name)))
     });
-    let runner = ConsumerRunner::builder(KafkaConfig::new(kafka.brokers()), &group, updates)
-        .topic(&topic)
-        .dead_letter_topic(&dlq)
-        .build()?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runner.run(stop.clone()));
-    let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers())).build()?;
+    let mut events = Vec::new();
     for (sequence, name) in [(2, Some("Press XL")), (3, None)] {
         let change = ProductChanged {
             sku: String::from("p-1"),
@@ -149,11 +140,9 @@ async fn product_events_reach_the_reference_data_through_the_consumer_runner() -
         };
         let mut event = Envelope::event("inventory", "product", "p-1", &change)?;
         event.sequence = Some(sequence);
-        publisher.publish(&topic, &event).await?;
+        events.push(event);
     }
-    kafka.caught_up(&group, &topic).await?;
+    common::consume(updates, &events).await?;
     assert_eq!(data.get(&"p-1".to_owned()).await?, None, "deleted by version 3");
-    stop.cancel();
-    task.await??;
     Ok(())
 }

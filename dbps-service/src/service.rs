@@ -225,10 +225,14 @@ impl Service {
             .layer(axum::middleware::from_fn(crate::http::problem_layer));
         let stopped = self.shutdown.clone();
         self.spawn(String::from("http"), async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped.cancelled_owned())
-                .await
-                .map_err(Into::into)
+            // With the client's address (`ConnectInfo`), which rate limits key by.
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(stopped.cancelled_owned())
+            .await
+            .map_err(Into::into)
         });
         tracing::info!(service = %self.config.name, addr = ?addr, "service started");
         self.wait().await

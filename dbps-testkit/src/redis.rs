@@ -87,19 +87,11 @@ impl Drop for TestRedis {
 /// A Redis server of one test's own, started from the `redis-server` binary (`PATH`, or
 /// `DBPS_REDIS_SERVER`) on a free loopback port, without persistence — for tests that stop
 /// and restart Redis, which the shared server cannot do for them. Stopped on drop.
+#[derive(Debug)]
 pub struct RedisProcess {
     binary: String,
     port: u16,
     child: Option<std::process::Child>,
-}
-
-impl std::fmt::Debug for RedisProcess {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisProcess")
-            .field("port", &self.port)
-            .field("running", &self.child.is_some())
-            .finish()
-    }
 }
 
 /// Starts a private Redis server and waits until it answers.

@@ -53,39 +53,34 @@ pub enum Lookup<V> {
 pub struct RedisCacheBuilder<V> {
     conn: ConnectionManager,
     namespace: String,
+    settings: Settings,
+    _value: PhantomData<fn() -> V>,
+}
+
+/// How a cache keeps its values.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
     ttl: Duration,
     jitter: f64,
     timeout: Duration,
     generation_ttl: Duration,
-    _value: PhantomData<fn() -> V>,
 }
 
 impl<V> RedisCacheBuilder<V> {
-    /// How long a value stays cached (default 5 minutes): the bound on staleness should an
-    /// invalidation ever be lost.
+    /// How long a value stays cached (default 5 minutes), plus up to 10 % at random so
+    /// that values cached together do not expire together: the bound on staleness should
+    /// an invalidation ever be lost. A key's generation is kept ten times as long (at
+    /// least a day), longer than any load takes.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
-
-    /// Up to this fraction is added to each value's time to live at random (default 0.1),
-    /// so that values cached together do not expire together.
-    pub fn jitter(mut self, jitter: f64) -> Self {
-        self.jitter = jitter;
+        self.settings.ttl = ttl;
+        self.settings.generation_ttl = (ttl * 10).max(Duration::from_secs(24 * 3600));
         self
     }
 
     /// How long a read or a fill may wait for Redis before the cache answers from the
     /// loader instead (default 50 ms).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// How long a key's generation is remembered after its last invalidation (default
-    /// 24 h); it must exceed the longest load.
-    pub fn generation_ttl(mut self, ttl: Duration) -> Self {
-        self.generation_ttl = ttl;
+        self.settings.timeout = timeout;
         self
     }
 
@@ -100,24 +95,16 @@ impl<V> RedisCacheBuilder<V> {
         if self.namespace.is_empty() || self.namespace.contains(['{', '}']) {
             return invalid("namespace", "must be non-empty and without braces");
         }
-        if self.ttl.is_zero() || self.timeout.is_zero() {
+        let settings = self.settings;
+        if settings.ttl.is_zero() || settings.timeout.is_zero() {
             return invalid("ttl, timeout", "must be positive");
-        }
-        if !(0.0..=1.0).contains(&self.jitter) {
-            return invalid("jitter", "must be between 0 and 1");
-        }
-        if self.generation_ttl <= self.ttl {
-            return invalid("generation_ttl", "must exceed the ttl");
         }
         let metrics = Metrics::new(&self.namespace);
         Ok(RedisCache {
             inner: Arc::new(Inner {
                 conn: self.conn,
                 namespace: self.namespace,
-                ttl: self.ttl,
-                jitter: self.jitter,
-                timeout: self.timeout,
-                generation_ttl: self.generation_ttl,
+                settings,
                 flights: Mutex::new(HashMap::new()),
                 metrics,
                 fill: Script::new(FILL),
@@ -158,10 +145,7 @@ pub struct RedisCache<V> {
 struct Inner<V> {
     conn: ConnectionManager,
     namespace: String,
-    ttl: Duration,
-    jitter: f64,
-    timeout: Duration,
-    generation_ttl: Duration,
+    settings: Settings,
     flights: Mutex<HashMap<String, Arc<OnceCell<V>>>>,
     fill: Script,
     invalidate: Script,
@@ -206,8 +190,8 @@ impl<V> std::fmt::Debug for RedisCache<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisCache")
             .field("namespace", &self.inner.namespace)
-            .field("ttl", &self.inner.ttl)
-            .field("timeout", &self.inner.timeout)
+            .field("ttl", &self.inner.settings.ttl)
+            .field("timeout", &self.inner.settings.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -219,10 +203,12 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache
         RedisCacheBuilder {
             conn,
             namespace: namespace.into(),
-            ttl: Duration::from_secs(300),
-            jitter: 0.1,
-            timeout: Duration::from_millis(50),
-            generation_ttl: Duration::from_secs(24 * 3600),
+            settings: Settings {
+                ttl: Duration::from_secs(300),
+                jitter: 0.1,
+                timeout: Duration::from_millis(50),
+                generation_ttl: Duration::from_secs(24 * 3600),
+            },
             _value: PhantomData,
         }
     }
@@ -359,15 +345,15 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache
         let mut invocation = self.inner.invalidate.key(&value_key);
         invocation
             .key(&generation_key)
-            .arg(u64::try_from(self.inner.generation_ttl.as_millis()).unwrap_or(u64::MAX));
+            .arg(u64::try_from(self.inner.settings.generation_ttl.as_millis()).unwrap_or(u64::MAX));
         let _: i64 = self.bounded("invalidate", invocation.invoke_async(&mut conn)).await?;
         self.inner.metrics.invalidations.increment(1);
         Ok(())
     }
 
     fn ttl_with_jitter(&self) -> Duration {
-        let extra = rand::random::<f64>() * self.inner.jitter;
-        self.inner.ttl.mul_f64(1.0 + extra)
+        let extra = rand::random::<f64>() * self.inner.settings.jitter;
+        self.inner.settings.ttl.mul_f64(1.0 + extra)
     }
 
     /// Runs a Redis call with the cache's timeout, counting failures.
@@ -376,12 +362,12 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> RedisCache
         operation: &'static str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        let result = match tokio::time::timeout(self.inner.timeout, call).await {
+        let result = match tokio::time::timeout(self.inner.settings.timeout, call).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(source)) => CacheError::Redis { operation, source },
             Err(_) => CacheError::Timeout {
                 operation,
-                timeout: self.inner.timeout,
+                timeout: self.inner.settings.timeout,
             },
         };
         metrics::counter!("dbps_cache_errors_total", "cache" => self.inner.namespace.clone(), "op" => operation)

@@ -85,7 +85,7 @@ pub struct Decision {
 /// Keys live under the limiter's namespace (`<service>:ratelimit:`) and expire when their
 /// quota is whole again. Metrics: `dbps_ratelimit_decisions_total{limiter, outcome}`
 /// (`allowed`, `limited`) and `dbps_ratelimit_unavailable_total{limiter}`.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RateLimiter {
     conn: ConnectionManager,
     namespace: String,
@@ -94,16 +94,6 @@ pub struct RateLimiter {
     script: Arc<Script>,
     /// `dbps_ratelimit_decisions_total`, allowed and limited, registered once.
     decisions: Arc<[metrics::Counter; 2]>,
-}
-
-impl std::fmt::Debug for RateLimiter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimiter")
-            .field("namespace", &self.namespace)
-            .field("quota", &self.quota)
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
-    }
 }
 
 impl RateLimiter {
@@ -173,8 +163,24 @@ impl RateLimiter {
     }
 }
 
+/// Names the key a request counts against (`None`: not limited).
+type Keying = dyn Fn(&Request) -> Option<String> + Send + Sync;
+
 /// What the middleware keys a request by.
-type KeyFn = Arc<dyn Fn(&Request) -> Option<String> + Send + Sync>;
+#[derive(Clone)]
+struct KeyFn(Arc<Keying>);
+
+impl std::fmt::Debug for KeyFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyFn")
+    }
+}
+
+/// The client's address, from `ConnectInfo<SocketAddr>`.
+fn client_address(request: &Request) -> Option<String> {
+    let ConnectInfo(addr) = request.extensions().get::<ConnectInfo<std::net::SocketAddr>>()?;
+    Some(addr.ip().to_string())
+}
 
 /// A [`RateLimiter`] as axum middleware:
 ///
@@ -197,53 +203,37 @@ type KeyFn = Arc<dyn Fn(&Request) -> Option<String> + Send + Sync>;
 /// header, no client address) is not limited. When Redis cannot decide, the request goes
 /// ahead (fail open, the default) or gets `503` (fail closed), counted in
 /// `dbps_ratelimit_unavailable_total` either way.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RateLimit {
     limiter: RateLimiter,
     key: KeyFn,
     fail_open: bool,
 }
 
-impl std::fmt::Debug for RateLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimit")
-            .field("limiter", &self.limiter)
-            .field("fail_open", &self.fail_open)
-            .finish_non_exhaustive()
-    }
-}
-
 impl RateLimit {
     /// Limits requests by their client address (`ConnectInfo<SocketAddr>`, which
     /// `dbps-service` provides); change the key with the `by_` methods.
     pub fn new(limiter: RateLimiter) -> Self {
+        let key = KeyFn(Arc::new(client_address));
         Self {
             limiter,
-            key: Arc::new(|request: &Request| {
-                request
-                    .extensions()
-                    .get::<ConnectInfo<std::net::SocketAddr>>()
-                    .map(|ConnectInfo(addr)| addr.ip().to_string())
-            }),
+            key,
             fail_open: true,
         }
     }
 
     /// Limits by the value of header `name` (an API key).
     pub fn by_header(mut self, name: &'static str) -> Self {
-        self.key = Arc::new(move |request: &Request| {
-            request
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| format!("{name}:{v}"))
-        });
+        self.key = KeyFn(Arc::new(move |request: &Request| {
+            let value = request.headers().get(name)?.to_str().ok()?;
+            Some(format!("{name}:{value}"))
+        }));
         self
     }
 
     /// Limits by a key of the caller's choosing; `None` leaves the request unlimited.
     pub fn by(mut self, key: impl Fn(&Request) -> Option<String> + Send + Sync + 'static) -> Self {
-        self.key = Arc::new(key);
+        self.key = KeyFn(Arc::new(key));
         self
     }
 
@@ -257,7 +247,7 @@ impl RateLimit {
 
 /// The middleware function of [`RateLimit`].
 pub async fn rate_limit(State(limit): State<RateLimit>, request: Request, next: Next) -> Response {
-    let Some(key) = (limit.key)(&request) else {
+    let Some(key) = (limit.key.0)(&request) else {
         return next.run(request).await;
     };
     match limit.limiter.check(&key).await {
