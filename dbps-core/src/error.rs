@@ -191,6 +191,7 @@ impl Error {
         }
     }
 
+    #[cfg_attr(not(any(feature = "kafka", feature = "postgres")), allow(dead_code))]
     pub(crate) fn config(setting: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::InvalidConfig {
             setting: setting.into(),
