@@ -39,6 +39,54 @@ pub enum CacheError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A PostgreSQL statement of a replica failed.
+    #[cfg(feature = "postgres")]
+    #[error("postgres {operation} failed")]
+    Postgres {
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A MongoDB operation of a replica failed.
+    #[cfg(feature = "mongodb")]
+    #[error("mongodb {operation} failed")]
+    Mongo {
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// A request to a snapshot endpoint failed or answered with an error status.
+    #[cfg(feature = "http")]
+    #[error("snapshot request {url} failed")]
+    Http {
+        /// The URL asked.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// An event for a replica carries no aggregate sequence number, so it cannot be
+    /// ordered against the others.
+    #[error("replica {replica}: message {message_id} has no aggregate sequence number")]
+    NoSequence {
+        /// The replica.
+        replica: String,
+        /// The message.
+        message_id: String,
+    },
+    /// Repairing a replica from its source failed.
+    #[error("replica {replica}: repair failed")]
+    Repair {
+        /// The replica.
+        replica: String,
+        /// The failure.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Loading reference data from its source failed.
     #[error("reference data {name} could not be loaded")]
     Load {
@@ -58,8 +106,24 @@ impl CacheError {
         match self {
             #[cfg(feature = "redis")]
             Self::Redis { source, .. } => source.is_transient(),
+            #[cfg(feature = "postgres")]
+            Self::Postgres { source, .. } => source.is_transient(),
+            #[cfg(feature = "mongodb")]
+            Self::Mongo { source, .. } => source.is_transient(),
+            #[cfg(feature = "http")]
+            Self::Http { source, .. } => !source.status().is_some_and(|s| s.is_client_error()),
             Self::Timeout { .. } | Self::Load { .. } => true,
             _ => false,
+        }
+    }
+}
+
+impl From<CacheError> for dbps_core::HandlerError {
+    fn from(error: CacheError) -> Self {
+        if error.is_transient() {
+            Self::transient(error)
+        } else {
+            Self::permanent(error)
         }
     }
 }

@@ -16,6 +16,11 @@
 //! - [`redis::RedisSessionStore`] (feature `redis`): a tower-sessions store over the
 //!   workspace's Redis client; sessions survive restarts and expire in Redis.
 //!
+//! - [`replica`]: another service's data in this service's own database (feature
+//!   `postgres` for tables, `mongodb` for collections), kept by its events, guarded by
+//!   each aggregate's sequence number so it never goes back in time, with backfill from
+//!   the owner's snapshot and a reconciler that finds and repairs drift.
+//!
 //! `docs/caching.md` says when to use a replica, the Redis cache or reference data.
 //!
 //! ```no_run
@@ -39,10 +44,15 @@
 //!
 //! - `redis` (default): the Redis cache, its invalidation handler, the rate limiter with
 //!   its middleware and the session store.
+//! - `postgres` (default): replicas in PostgreSQL tables, the owner's snapshot from a
+//!   table.
+//! - `mongodb`: replicas in MongoDB collections.
+//! - `http` (default): the owner's snapshot endpoints (axum) and their client (reqwest).
 
 mod error;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod reference;
+pub mod replica;
 
 pub use error::{CacheError, Result};

@@ -111,6 +111,38 @@ impl<H: Handler> Handler for Arc<H> {
     }
 }
 
+/// Handles the messages of one partition a batch at a time: what arrived together is
+/// applied together, for example in one database transaction, so that the apply rate is
+/// not one commit per message. The consumer runner calls it with up to
+/// [`max_batch`](Self::max_batch) messages of one partition, in offset order.
+///
+/// Every [`Handler`] is a batch handler of one message, so the runner takes either.
+///
+/// A batch is all or nothing: on `Ok` the runner commits past its last message; on a
+/// transient error it retries the whole batch with backoff; on a permanent error (or
+/// exhausted retries) it hands the batch's messages over again one at a time, so that
+/// only the message that fails on its own goes to the dead-letter topic.
+pub trait BatchHandler: Send + Sync + 'static {
+    /// The most messages handed over in one call (at least 1).
+    fn max_batch(&self) -> usize;
+
+    /// Handles `messages` (one partition's, in offset order) as one unit.
+    fn handle_batch(&self, messages: &[Envelope]) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+impl<H: Handler> BatchHandler for H {
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    async fn handle_batch(&self, messages: &[Envelope]) -> Result<(), HandlerError> {
+        for message in messages {
+            self.handle(message).await?;
+        }
+        Ok(())
+    }
+}
+
 /// A closed set of message types a handler understands, as an enum with one variant per
 /// type; declared with [`message_set!`](crate::message_set). A topic that carries several
 /// types (`CustomerCreated`, `CustomerUpdated`) is handled by one [`TypedHandler`] that

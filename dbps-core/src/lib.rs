@@ -86,7 +86,7 @@ pub mod kafka;
 
 pub use envelope::{Envelope, MessageKind, TraceContext};
 pub use error::{Error, ErrorChain, Result};
-pub use handler::{Handler, HandlerError, MessageSet, OtherTypes, Typed, TypedHandler};
+pub use handler::{BatchHandler, Handler, HandlerError, MessageSet, OtherTypes, Typed, TypedHandler};
 pub use limits::PayloadLimits;
 pub use registry::{Message, Registry};
 /// The shutdown signal of every long-running dbps part (relay, consumer runner, saga

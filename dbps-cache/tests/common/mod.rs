@@ -28,3 +28,68 @@ pub async fn consume<H: Handler>(handler: H, events: &[Envelope]) -> TestResult 
     task.await??;
     Ok(())
 }
+
+pub mod owner;
+
+/// A topic filled with events, consumed by runners spawned on it (one group).
+pub struct Stream {
+    kafka: dbps_testkit::TestKafka,
+    topic: String,
+    dlq: String,
+    group: String,
+    stop: CancellationToken,
+}
+
+impl Stream {
+    /// A fresh topic (two partitions) holding `events`.
+    pub async fn start(events: &[Envelope]) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let kafka = dbps_testkit::kafka().await?;
+        let topic = kafka.create_topic("events", 2).await?;
+        let dlq = kafka.create_topic("dlq", 1).await?;
+        let group = kafka.group_id("replica");
+        let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers())).build()?;
+        for event in events {
+            publisher.publish(&topic, event).await?;
+        }
+        Ok(Self {
+            kafka,
+            topic,
+            dlq,
+            group,
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// Runs `handler` in a runner of the stream's group.
+    pub fn spawn<H: dbps_core::BatchHandler>(
+        &self,
+        handler: H,
+    ) -> tokio::task::JoinHandle<dbps_core::Result<dbps_core::kafka::RunSummary>> {
+        let runner = ConsumerRunner::builder(KafkaConfig::new(self.kafka.brokers()), &self.group, handler)
+            .topic(&self.topic)
+            .dead_letter_topic(&self.dlq)
+            .build()
+            .expect("valid runner");
+        tokio::spawn(runner.run(self.stop.clone()))
+    }
+
+    /// Waits until the group committed every event.
+    pub async fn caught_up(&self) -> Result<(), dbps_testkit::Error> {
+        self.kafka.caught_up(&self.group, &self.topic).await
+    }
+
+    /// Stops the runners.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Runs `handler` over a fresh topic holding `events` until it has committed them all.
+pub async fn consume_batched<H: dbps_core::BatchHandler>(handler: H, events: &[Envelope]) -> TestResult {
+    let stream = Stream::start(events).await?;
+    let task = stream.spawn(handler);
+    stream.caught_up().await?;
+    stream.stop();
+    task.await??;
+    Ok(())
+}

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use super::{KafkaConfig, KafkaPublisher};
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
-use crate::handler::Handler;
+use crate::handler::BatchHandler;
 use crate::wire;
 
 /// How transient failures are retried: exponential backoff with jitter, bounded.
@@ -175,7 +175,7 @@ impl<H> fmt::Debug for ConsumerRunnerBuilder<H> {
     }
 }
 
-impl<H: Handler> ConsumerRunnerBuilder<H> {
+impl<H: BatchHandler> ConsumerRunnerBuilder<H> {
     /// Adds a topic to consume.
     pub fn topic(mut self, topic: impl Into<String>) -> Self {
         self.topics.push(topic.into());
@@ -265,7 +265,8 @@ impl<H: Handler> ConsumerRunnerBuilder<H> {
     }
 }
 
-/// Runs a [`Handler`] for the messages of some topics under a consumer group.
+/// Runs a [`Handler`], or a [`BatchHandler`](crate::BatchHandler) that applies what arrived
+/// together in one go, for the messages of some topics under a consumer group.
 ///
 /// - **At least once**: an offset is committed only after its message's handler
 ///   succeeded or the message was dead-lettered. Nothing is auto-committed.
@@ -314,7 +315,7 @@ impl<H> fmt::Debug for ConsumerRunner<H> {
     }
 }
 
-impl<H: Handler> ConsumerRunner<H> {
+impl<H: BatchHandler> ConsumerRunner<H> {
     /// A builder for a runner of `handler` in consumer group `group_id`.
     pub fn builder(config: KafkaConfig, group_id: impl Into<String>, handler: H) -> ConsumerRunnerBuilder<H> {
         ConsumerRunnerBuilder {
@@ -677,7 +678,7 @@ struct PollLoop<H> {
     max_queued: usize,
 }
 
-impl<H: Handler> PollLoop<H> {
+impl<H: BatchHandler> PollLoop<H> {
     fn run(self) -> Result<()> {
         let shared = Arc::clone(&self.worker.shared);
         let mut last_commit = Instant::now();
@@ -871,24 +872,106 @@ enum Outcome {
     Abandoned,
 }
 
-impl<H: Handler> Worker<H> {
+impl<H: BatchHandler> Worker<H> {
     async fn run_partition(self, state: Arc<PartitionState>, mut receiver: mpsc::UnboundedReceiver<OwnedMessage>) {
-        while let Some(message) = receiver.recv().await {
-            state.queued.fetch_sub(1, Ordering::SeqCst);
+        let max_batch = self.handler.max_batch().max(1);
+        while let Some(first) = receiver.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < max_batch {
+                match receiver.try_recv() {
+                    Ok(message) => batch.push(message),
+                    Err(_) => break,
+                }
+            }
+            state.queued.fetch_sub(batch.len(), Ordering::SeqCst);
             if state.revoked.load(Ordering::SeqCst) {
                 break;
             }
-            let offset = message.offset();
-            match self.process(&state, &message).await {
+            let last_offset = batch.last().map_or(0, OwnedMessage::offset);
+            let outcome = if let [message] = batch.as_slice() {
+                self.process(&state, message).await
+            } else {
+                self.process_batch(&state, &batch).await
+            };
+            match outcome {
                 Outcome::Handled | Outcome::DeadLettered => {
                     let mut progress = state.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    progress.next_offset = Some(offset + 1);
+                    progress.next_offset = Some(last_offset + 1);
                     progress.committed = false;
                 }
                 Outcome::Abandoned => break,
             }
         }
         state.mark_finished();
+    }
+
+    /// Handles several messages of one partition with one call of the handler. Messages
+    /// that cannot be decoded are dead-lettered first; a batch that fails permanently, or
+    /// keeps failing, is handled again one message at a time, so that only the messages
+    /// that fail on their own are dead-lettered.
+    async fn process_batch(&self, state: &PartitionState, records: &[OwnedMessage]) -> Outcome {
+        let topic = records[0].topic().to_owned();
+        let labels = [("group", self.shared.group_id.clone()), ("topic", topic)];
+        let mut envelopes = Vec::with_capacity(records.len());
+        let mut decoded = Vec::with_capacity(records.len());
+        for record in records {
+            match decode_record(record) {
+                Ok(envelope) => {
+                    envelopes.push(envelope);
+                    decoded.push(record);
+                }
+                Err(error) => {
+                    let reason = format!("undecodable message: {error}");
+                    if let Outcome::Abandoned = self.dead_letter(state, record, &reason).await {
+                        return Outcome::Abandoned;
+                    }
+                }
+            }
+        }
+        if envelopes.is_empty() {
+            return Outcome::DeadLettered;
+        }
+        let span = tracing::info_span!(
+            "dbps.consume_batch",
+            messages = envelopes.len(),
+            first_offset = decoded[0].offset(),
+            last_offset = decoded[decoded.len() - 1].offset(),
+        );
+        let mut delays = self.retry.delays();
+        let error = loop {
+            let started = Instant::now();
+            let result = self.handler.handle_batch(&envelopes).instrument(span.clone()).await;
+            metrics::histogram!("dbps_consumer_handler_seconds", &labels).record(started.elapsed().as_secs_f64());
+            let error = match result {
+                Ok(()) => {
+                    let count = envelopes.len() as u64;
+                    self.shared.handled.fetch_add(count, Ordering::Relaxed);
+                    metrics::counter!("dbps_consumer_messages_total", &with_outcome(&labels, "handled"))
+                        .increment(count);
+                    return Outcome::Handled;
+                }
+                Err(error) => error,
+            };
+            metrics::counter!("dbps_consumer_failures_total", &labels).increment(1);
+            if !error.is_transient() {
+                break error;
+            }
+            let Some(delay) = delays.next() else {
+                break error;
+            };
+            tracing::warn!(parent: &span, %error, ?delay, "batch handler failed, retrying");
+            metrics::counter!("dbps_consumer_retries_total", &labels).increment(1);
+            if !self.sleep_unless_revoked(state, delay).await {
+                return Outcome::Abandoned;
+            }
+        };
+        tracing::warn!(parent: &span, %error, "batch failed; handling its messages one at a time");
+        for record in decoded {
+            if let Outcome::Abandoned = self.process(state, record).await {
+                return Outcome::Abandoned;
+            }
+        }
+        Outcome::Handled
     }
 
     async fn process(&self, state: &PartitionState, message: &OwnedMessage) -> Outcome {
@@ -921,7 +1004,11 @@ impl<H: Handler> Worker<H> {
         let mut delays = self.retry.delays();
         loop {
             let started = Instant::now();
-            let result = self.handler.handle(&envelope).instrument(span.clone()).await;
+            let result = self
+                .handler
+                .handle_batch(std::slice::from_ref(&envelope))
+                .instrument(span.clone())
+                .await;
             metrics::histogram!("dbps_consumer_handler_seconds", &labels).record(started.elapsed().as_secs_f64());
             let error = match result {
                 Ok(()) => {

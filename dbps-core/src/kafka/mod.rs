@@ -5,7 +5,7 @@ mod consumer;
 mod publisher;
 mod topics;
 
-pub use crate::handler::{Handler, HandlerError};
+pub use crate::handler::{BatchHandler, Handler, HandlerError};
 pub use config::KafkaConfig;
 pub use consumer::{
     ConsumerRunner, ConsumerRunnerBuilder, ERROR_LOG_INTERVAL, RetryPolicy, RunSummary, dead_letter_header,

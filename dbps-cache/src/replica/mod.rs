@@ -1,0 +1,396 @@
+//! Event-driven replicas: another service's data, kept in this service's own database by
+//! that service's events, that never goes back in time.
+//!
+//! A replica is a declaration: a [`Projection`] says what an event (or a snapshot record)
+//! means as rows, and a target keeps them — [`PgReplica`] (feature `postgres`) in a table,
+//! [`MongoReplica`] (feature `mongodb`) in a collection. The target does the subtle parts:
+//!
+//! - **Guarded by the aggregate's sequence number.** Each aggregate's newest applied
+//!   sequence is kept; a duplicate, reordered or late event (one whose sequence is not
+//!   newer) changes nothing and is counted as stale.
+//! - **Tombstones.** A delete removes the aggregate's rows and keeps its sequence, so a
+//!   late update cannot bring it back. Tombstones are purged after a horizon
+//!   ([`PgReplica::purge_tombstones`]).
+//! - **Gaps** (a jump in an aggregate's sequence) are logged and counted, and with a
+//!   [`SnapshotSource`] the record is re-fetched from its owner.
+//! - **Batches.** On PostgreSQL, what arrived together is applied in one transaction with
+//!   a fixed number of statements, with the inbox.
+//! - **Backfill then stream.** A new replica fills itself from the owner's paged snapshot
+//!   ([`PgReplica::backfill`], [`http::snapshot_router`]) while it consumes the stream;
+//!   the sequence guard makes the order irrelevant.
+//! - **Lag** (source time → applied) is a histogram, `dbps_replica_lag_seconds`.
+//!
+//! [`Reconciler`] compares a replica with its source by digests of `(id, sequence)` per
+//! bucket of ids, lists only the buckets that differ, reports drift and can repair it.
+//!
+//! Metrics, labelled by `replica`: `dbps_replica_applied_total`,
+//! `dbps_replica_stale_total`, `dbps_replica_duplicates_total`, `dbps_replica_gaps_total`,
+//! `dbps_replica_refetched_total`, `dbps_replica_lag_seconds`, and from the reconciler
+//! `dbps_replica_drift{kind=missing|extra|stale}` and `dbps_replica_repaired_total`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use dbps_core::{Envelope, HandlerError, MessageSet, Registry};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{CacheError, Result};
+
+mod digest;
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "mongodb")]
+mod mongo;
+#[cfg(feature = "postgres")]
+mod pg;
+mod reconcile;
+
+pub use digest::{BucketDigest, DIGEST_BUCKETS, bucket_of, entry_hash};
+#[cfg(feature = "mongodb")]
+pub use mongo::{MongoReplica, MongoReplicaBuilder};
+#[cfg(feature = "postgres")]
+pub use pg::{MIGRATOR, NoSource, PgReplica, PgReplicaBuilder, PgSnapshotSource};
+pub use reconcile::{DriftReport, Reconciler, ReplicaSide};
+
+/// One row of a replica: column (or field) names and JSON values. PostgreSQL converts the
+/// values to the columns' types (`jsonb_populate_recordset`).
+pub type Row = Map<String, Value>;
+
+/// What an event or a snapshot record means for a replica.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Change {
+    /// The aggregate's rows as of this sequence. They replace every row kept for the
+    /// aggregate (none is allowed: the aggregate then has no row here).
+    Rows(Vec<Row>),
+    /// The aggregate was deleted: its rows go and a tombstone keeps its sequence.
+    Delete,
+    /// The event does not change this replica's rows (another field changed). The
+    /// aggregate's sequence still advances, so that the next event is not taken for a
+    /// gap.
+    Unchanged,
+}
+
+impl Change {
+    /// One row, from any serializable value that serializes to a JSON object.
+    pub fn row<T: Serialize>(value: &T) -> Result<Self> {
+        Ok(Self::Rows(vec![to_row(value)?]))
+    }
+
+    /// Several rows (a one-to-many map, such as one entry per email address).
+    pub fn rows<'a, T: Serialize + 'a>(values: impl IntoIterator<Item = &'a T>) -> Result<Self> {
+        values
+            .into_iter()
+            .map(to_row)
+            .collect::<Result<Vec<_>>>()
+            .map(Self::Rows)
+    }
+}
+
+fn to_row<T: Serialize>(value: &T) -> Result<Row> {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(row)) => Ok(row),
+        Ok(other) => Err(CacheError::InvalidConfig {
+            setting: "replica row",
+            reason: format!("a row must serialize to a JSON object, not {other}"),
+        }),
+        Err(source) => Err(CacheError::Codec {
+            key: String::from("replica row"),
+            source,
+        }),
+    }
+}
+
+/// What a replica keeps of another service's aggregates: how an event and a snapshot
+/// record become rows.
+///
+/// ```
+/// use dbps_cache::replica::{Change, Projection};
+/// use dbps_core::{Envelope, HandlerError, Message, message_set};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// pub struct CustomerChanged { pub name: String, pub tax_number: String }
+/// impl Message for CustomerChanged { const TYPE: &'static str = "customer.CustomerChanged"; }
+/// #[derive(Debug, Serialize, Deserialize)]
+/// pub struct CustomerDeleted {}
+/// impl Message for CustomerDeleted { const TYPE: &'static str = "customer.CustomerDeleted"; }
+///
+/// message_set! {
+///     pub enum CustomerEvents { Changed(CustomerChanged), Deleted(CustomerDeleted) }
+/// }
+///
+/// /// Quote's `customer_cache (id, name, tax_number, source_sequence)`.
+/// struct CustomerCache;
+///
+/// #[derive(Serialize)]
+/// struct CacheRow<'a> { name: &'a str, tax_number: &'a str }
+///
+/// impl Projection for CustomerCache {
+///     type Events = CustomerEvents;
+///     type Snapshot = CustomerChanged;
+///
+///     fn project(&self, event: CustomerEvents, _: &Envelope) -> Result<Change, HandlerError> {
+///         match event {
+///             CustomerEvents::Changed(c) => self.snapshot(c),
+///             CustomerEvents::Deleted(_) => Ok(Change::Delete),
+///         }
+///     }
+///
+///     fn snapshot(&self, c: CustomerChanged) -> Result<Change, HandlerError> {
+///         Ok(Change::row(&CacheRow { name: &c.name, tax_number: &c.tax_number })
+///             .map_err(HandlerError::permanent)?)
+///     }
+/// }
+/// ```
+pub trait Projection: Send + Sync + 'static {
+    /// The events the replica understands. Other types on the topic are skipped (counted
+    /// as `dbps_replica_ignored_total`) but still advance nothing.
+    type Events: MessageSet;
+    /// The state of one aggregate in the owner's snapshot (backfill, re-fetch, repair).
+    type Snapshot: DeserializeOwned + Send;
+
+    /// What `event` means for the replica. The replica fills in the aggregate column and
+    /// the sequence column of each row itself.
+    fn project(&self, event: Self::Events, envelope: &Envelope) -> Result<Change, HandlerError>;
+
+    /// What a snapshot record means for the replica.
+    fn snapshot(&self, state: Self::Snapshot) -> Result<Change, HandlerError>;
+}
+
+/// One aggregate in an owner's snapshot: its id, its sequence and its state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// The aggregate's sequence number when the state was read.
+    pub sequence: i64,
+    /// The state, as the owner serves it.
+    pub state: Value,
+}
+
+/// One page of an owner's snapshot, in aggregate-id order.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SnapshotPage {
+    /// The records of this page.
+    pub records: Vec<SnapshotRecord>,
+    /// The id to ask the next page after; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// Where a replica's data comes from: the owning service's paged snapshot, one record by
+/// id, and digests of `(id, sequence)` for reconciliation. [`PgSnapshotSource`] serves it
+/// from the owner's table; [`http::HttpSource`] reads it from the owner's REST endpoints
+/// ([`http::snapshot_router`]).
+pub trait SnapshotSource: Send + Sync {
+    /// Up to `limit` records with ids after `after`, in id order.
+    fn page(&self, after: Option<&str>, limit: usize) -> impl Future<Output = Result<SnapshotPage>> + Send;
+
+    /// One record, `None` if the owner does not have it (any more).
+    fn get(&self, aggregate_id: &str) -> impl Future<Output = Result<Option<SnapshotRecord>>> + Send;
+
+    /// Count and digest of `(id, sequence)` for each of the [`DIGEST_BUCKETS`] buckets.
+    fn digests(&self) -> impl Future<Output = Result<Vec<BucketDigest>>> + Send;
+
+    /// `(id, sequence)` of every record in the given buckets.
+    fn entries(&self, buckets: &[u16]) -> impl Future<Output = Result<Vec<(String, i64)>>> + Send;
+}
+
+/// The event-type registry and decoding shared by the targets.
+pub(crate) struct Decoder {
+    registry: Registry,
+}
+
+impl fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Decoder").finish_non_exhaustive()
+    }
+}
+
+/// What one event asks of the replica, decoded and projected.
+#[derive(Debug)]
+pub(crate) struct Projected {
+    pub(crate) aggregate_id: String,
+    pub(crate) sequence: i64,
+    pub(crate) change: Change,
+    pub(crate) source_time: chrono::DateTime<chrono::Utc>,
+}
+
+impl Decoder {
+    pub(crate) fn new(registry: Registry) -> Self {
+        Self { registry }
+    }
+
+    /// Projects `envelope`; `Ok(None)` for a type the projection does not know.
+    pub(crate) fn project<P: Projection>(
+        &self,
+        replica: &str,
+        projection: &P,
+        envelope: &Envelope,
+    ) -> Result<Option<Projected>, HandlerError> {
+        if !<P::Events as MessageSet>::TYPES.contains(&envelope.message_type.as_str()) {
+            metrics::counter!("dbps_replica_ignored_total", "replica" => replica.to_owned()).increment(1);
+            return Ok(None);
+        }
+        let Some(sequence) = envelope.sequence else {
+            return Err(HandlerError::permanent(CacheError::NoSequence {
+                replica: replica.to_owned(),
+                message_id: envelope.id.clone(),
+            }));
+        };
+        let event = P::Events::decode(&self.registry, envelope).map_err(HandlerError::permanent)?;
+        let change = projection.project(event, envelope)?;
+        Ok(Some(Projected {
+            aggregate_id: envelope.aggregate_id.clone(),
+            sequence,
+            change,
+            source_time: envelope.occurred_at,
+        }))
+    }
+
+    /// Projects a snapshot record.
+    pub(crate) fn project_snapshot<P: Projection>(
+        projection: &P,
+        record: &SnapshotRecord,
+    ) -> Result<Projected, HandlerError> {
+        let state: P::Snapshot = serde_json::from_value(record.state.clone()).map_err(|source| {
+            HandlerError::permanent(CacheError::Codec {
+                key: record.aggregate_id.clone(),
+                source,
+            })
+        })?;
+        Ok(Projected {
+            aggregate_id: record.aggregate_id.clone(),
+            sequence: record.sequence,
+            change: projection.snapshot(state)?,
+            source_time: chrono::Utc::now(),
+        })
+    }
+}
+
+/// The net effect of one aggregate's events in a batch: the newest sequence, the last
+/// change that replaces rows (if any), and whether the sequences had a gap.
+#[derive(Debug)]
+pub(crate) struct Collapsed {
+    pub(crate) sequence: i64,
+    /// `None`: only `Unchanged` events.
+    pub(crate) change: Option<Change>,
+    pub(crate) sequences: Vec<i64>,
+    pub(crate) source_times: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Groups projected events by aggregate, in sequence order.
+pub(crate) fn collapse(events: Vec<Projected>) -> BTreeMap<String, Collapsed> {
+    let mut by_aggregate: BTreeMap<String, Vec<Projected>> = BTreeMap::new();
+    for event in events {
+        by_aggregate.entry(event.aggregate_id.clone()).or_default().push(event);
+    }
+    by_aggregate
+        .into_iter()
+        .map(|(id, mut events)| {
+            events.sort_by_key(|e| e.sequence);
+            events.dedup_by_key(|e| e.sequence);
+            let sequences = events.iter().map(|e| e.sequence).collect();
+            let source_times = events.iter().map(|e| e.source_time).collect();
+            let sequence = events.last().map_or(0, |e| e.sequence);
+            let change = events
+                .into_iter()
+                .rev()
+                .map(|e| e.change)
+                .find(|c| !matches!(c, Change::Unchanged));
+            (
+                id,
+                Collapsed {
+                    sequence,
+                    change,
+                    sequences,
+                    source_times,
+                },
+            )
+        })
+        .collect()
+}
+
+impl Collapsed {
+    /// The events newer than `current`, and whether their sequences leave a gap after it.
+    /// An aggregate seen for the first time has no gap (a replica may start mid-stream,
+    /// and backfill fills the rest).
+    pub(crate) fn gap_after(&self, current: Option<i64>) -> bool {
+        let Some(current) = current else {
+            return false;
+        };
+        (current + 1..)
+            .zip(self.sequences.iter().filter(|&&s| s > current))
+            .any(|(expected, &sequence)| sequence != expected)
+    }
+}
+
+/// Records the lag of applied events.
+pub(crate) fn record_lag(replica: &str, source_times: &[chrono::DateTime<chrono::Utc>]) {
+    let now = chrono::Utc::now();
+    for time in source_times {
+        let lag = (now - *time).to_std().unwrap_or_default();
+        metrics::histogram!("dbps_replica_lag_seconds", "replica" => replica.to_owned()).record(lag.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn projected(id: &str, sequence: i64, change: Change) -> Projected {
+        Projected {
+            aggregate_id: id.to_owned(),
+            sequence,
+            change,
+            source_time: chrono::Utc::now(),
+        }
+    }
+
+    fn rows(name: &str) -> Change {
+        let mut row = Row::new();
+        row.insert("name".into(), Value::from(name));
+        Change::Rows(vec![row])
+    }
+
+    #[test]
+    fn collapse_keeps_the_newest_change_per_aggregate() {
+        let collapsed = collapse(vec![
+            projected("a", 3, rows("a3")),
+            projected("b", 1, rows("b1")),
+            projected("a", 2, rows("a2")),
+            projected("a", 4, Change::Unchanged),
+            projected("a", 3, rows("a3")),
+        ]);
+        let a = &collapsed["a"];
+        assert_eq!(a.sequence, 4);
+        assert_eq!(a.change, Some(rows("a3")));
+        assert_eq!(a.sequences, vec![2, 3, 4]);
+        assert_eq!(collapsed["b"].change, Some(rows("b1")));
+    }
+
+    #[test]
+    fn a_delete_wins_over_earlier_rows() {
+        let collapsed = collapse(vec![projected("a", 1, rows("a1")), projected("a", 2, Change::Delete)]);
+        assert_eq!(collapsed["a"].change, Some(Change::Delete));
+    }
+
+    #[test]
+    fn gaps_are_jumps_after_the_current_sequence() {
+        let c = collapse(vec![projected("a", 4, rows("x")), projected("a", 5, rows("y"))]);
+        assert!(!c["a"].gap_after(Some(3)));
+        assert!(c["a"].gap_after(Some(2)));
+        assert!(!c["a"].gap_after(Some(4)), "4 is stale, 5 follows it");
+        assert!(!c["a"].gap_after(None));
+        let holes = collapse(vec![projected("a", 2, rows("x")), projected("a", 4, rows("y"))]);
+        assert!(holes["a"].gap_after(Some(1)));
+    }
+
+    #[test]
+    fn rows_must_be_objects() {
+        assert!(Change::row(&5).is_err());
+        assert!(matches!(Change::row(&serde_json::json!({"a": 1})), Ok(Change::Rows(r)) if r.len() == 1));
+    }
+}
