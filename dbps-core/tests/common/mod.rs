@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dbps_core::kafka::{ConsumerRunner, ConsumerRunnerBuilder, Handler, KafkaConfig, RunSummary};
+use dbps_core::kafka::{ConsumerRunner, ConsumerRunnerBuilder, KafkaConfig, RunSummary};
 use dbps_core::{CancellationToken, Envelope, Message};
 use futures::StreamExt;
 use rdkafka::ClientConfig;
@@ -38,7 +38,7 @@ pub struct Topics {
 
 impl Topics {
     /// A runner of `handler` in this group over this topic and dead-letter topic.
-    pub fn consumer<H: Handler>(&self, handler: H) -> ConsumerRunnerBuilder<H> {
+    pub fn consumer<H: dbps_core::BatchHandler>(&self, handler: H) -> ConsumerRunnerBuilder<H> {
         consumer(self.kafka.brokers(), &self.group, &self.topic, &self.dlq, handler)
     }
 
@@ -72,7 +72,7 @@ pub async fn publish_all(brokers: &str, topic: &str, envelopes: &[Envelope]) -> 
 
 /// A runner of `handler` in `group` over `topic`, dead-lettering to `dead_letters`; finish
 /// it with further settings and `build()`.
-pub fn consumer<H: Handler>(
+pub fn consumer<H: dbps_core::BatchHandler>(
     brokers: &str,
     group: impl Into<String>,
     topic: &str,
@@ -85,7 +85,7 @@ pub fn consumer<H: Handler>(
 }
 
 /// Starts a runner in the background; cancel the token to stop it gracefully.
-pub fn start<H: Handler>(
+pub fn start<H: dbps_core::BatchHandler>(
     runner: ConsumerRunner<H>,
 ) -> (CancellationToken, JoinHandle<Result<RunSummary, dbps_core::Error>>) {
     let stop = CancellationToken::new();
