@@ -6,6 +6,7 @@
 //! cargo run --release -p dbps-bench -- outbox [--duration 20s] [--json PATH] [--chart PATH]
 //! cargo run --release -p dbps-bench -- outbox-mongo [--duration 20s] [--json PATH]
 //! cargo run --release -p dbps-bench -- cache [--duration 20s] [--json PATH]
+//! cargo run --release -p dbps-bench -- replica [--duration 20s] [--json PATH]
 //! ```
 //!
 //! The machines dbps is developed on are small and shared, so absolute figures drift from
@@ -29,6 +30,7 @@ mod outbox;
 mod outbox_mongo;
 mod probes;
 mod progress;
+mod replica;
 mod report;
 mod servers;
 mod workload;
@@ -57,6 +59,10 @@ enum Scenario {
     /// under a Zipf key distribution, invalidation → fresh read, and rate-limiter decisions
     /// beside a no-op `EVALSHA`.
     Cache(cache::Args),
+    /// dbps-cache's PostgreSQL replica: the apply rate from a backlog beside the same
+    /// runner writing nothing, commit → replica row latency beside the outbox's own commit
+    /// → consumer latency, and the reconciler over 100k records.
+    Replica(replica::Args),
 }
 
 #[tokio::main]
@@ -70,5 +76,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Outbox(args) => outbox::run(args).await,
         Scenario::OutboxMongo(args) => outbox_mongo::run(args).await,
         Scenario::Cache(args) => cache::run(args).await,
+        Scenario::Replica(args) => replica::run(args).await,
     }
 }

@@ -63,20 +63,24 @@ pub(crate) struct Topics {
     pub(crate) events: String,
     /// The topic the raw producer baseline publishes to.
     pub(crate) raw: String,
+    /// The dead-letter topic of the scenarios' consumer runners (one partition).
+    pub(crate) dead_letters: String,
     brokers: String,
 }
 
 impl Topics {
-    /// Creates both topics, `partitions` partitions each.
+    /// Creates the topics, `partitions` partitions each (the dead-letter topic one).
     pub(crate) async fn create(brokers: &str, suffix: &str, partitions: i32) -> anyhow::Result<Self> {
         let topics = Self {
             events: format!("dbps-bench-{suffix}.order.events"),
             raw: format!("dbps-bench-{suffix}.raw"),
+            dead_letters: format!("dbps-bench-{suffix}.dlq"),
             brokers: brokers.to_owned(),
         };
         let specs = [
             TopicSpec::new(&topics.events, partitions),
             TopicSpec::new(&topics.raw, partitions),
+            TopicSpec::new(&topics.dead_letters, 1),
         ];
         if let Err(error) = ensure_topics(&KafkaConfig::new(brokers), &specs).await {
             topics.remove().await;
@@ -85,7 +89,7 @@ impl Topics {
         Ok(topics)
     }
 
-    /// Deletes both topics. Failures are reported, not returned: the measurement is
+    /// Deletes the topics. Failures are reported, not returned: the measurement is
     /// already done.
     pub(crate) async fn remove(&self) {
         let delete_topics = async {
@@ -93,7 +97,7 @@ impl Topics {
                 .set("bootstrap.servers", &self.brokers)
                 .create()?;
             let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-            for result in admin.delete_topics(&[&self.events, &self.raw], &options).await? {
+            for result in admin.delete_topics(&[&self.events, &self.raw, &self.dead_letters], &options).await? {
                 if let Err((topic, code)) = result {
                     eprintln!("warning: could not delete topic {topic}: {code}");
                 }

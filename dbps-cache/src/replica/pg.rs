@@ -268,17 +268,33 @@ impl<P: Projection, S: SnapshotSource> PgReplica<P, S> {
     pub async fn apply(&self, events: &[Envelope]) -> Result<usize, HandlerError> {
         let inner = &self.inner;
         let mut tx = inner.pool.begin().await?;
+        // One round trip records the messages in the inbox and locks the versions of their
+        // aggregates.
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-        let fresh: BTreeSet<String> = sqlx::query_scalar(
-            "insert into dbps_inbox (consumer, message_id) select $1, unnest($2::text[]) \
-             on conflict do nothing returning message_id",
+        let aggregates: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+        let rows = sqlx::query(
+            "with fresh as (insert into dbps_inbox (consumer, message_id) select $1, unnest($2::text[]) \
+             on conflict do nothing returning message_id), \
+             held as (select aggregate_id, sequence, deleted from dbps_replica_versions \
+             where replica = $3 and aggregate_id = any($4) for update) \
+             select true, message_id, 0::int8, false from fresh \
+             union all select false, aggregate_id, sequence, deleted from held",
         )
         .bind(&inner.consumer)
         .bind(&ids)
+        .bind(&inner.name)
+        .bind(&aggregates)
         .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+        .await?;
+        let mut fresh = BTreeSet::new();
+        let mut held = HashMap::new();
+        for row in rows {
+            if row.get::<bool, _>(0) {
+                fresh.insert(row.get::<String, _>(1));
+            } else {
+                held.insert(row.get::<String, _>(1), (row.get::<i64, _>(2), row.get::<bool, _>(3)));
+            }
+        }
         let duplicates = events.len() - fresh.len();
         if duplicates > 0 {
             metrics::counter!("dbps_replica_duplicates_total", "replica" => inner.name.clone())
@@ -292,7 +308,7 @@ impl<P: Projection, S: SnapshotSource> PgReplica<P, S> {
         }
         let collapsed = super::collapse(projected);
         let source_times: Vec<_> = collapsed.values().flat_map(|c| c.source_times.clone()).collect();
-        let applied = self.apply_collapsed(&mut tx, collapsed, false).await?;
+        let applied = self.apply_collapsed(&mut tx, collapsed, false, Some(held)).await?;
         tx.commit().await?;
         super::record_lag(&inner.name, &source_times);
         self.refetch(&applied.gaps).await?;
@@ -309,7 +325,7 @@ impl<P: Projection, S: SnapshotSource> PgReplica<P, S> {
             .collect::<Result<Vec<_>, _>>()?;
         let mut tx = self.inner.pool.begin().await?;
         let applied = self
-            .apply_collapsed(&mut tx, super::collapse(projected), repair)
+            .apply_collapsed(&mut tx, super::collapse(projected), repair, None)
             .await?;
         tx.commit().await?;
         Ok(applied)
@@ -384,6 +400,7 @@ impl<P: Projection, S: SnapshotSource> PgReplica<P, S> {
         conn: &mut PgConnection,
         collapsed: BTreeMap<String, Collapsed>,
         repair: bool,
+        held: Option<HashMap<String, (i64, bool)>>,
     ) -> Result<Applied, sqlx::Error> {
         let inner = &self.inner;
         let mut applied = Applied::default();
@@ -391,17 +408,21 @@ impl<P: Projection, S: SnapshotSource> PgReplica<P, S> {
             return Ok(applied);
         }
         let ids: Vec<&str> = collapsed.keys().map(String::as_str).collect();
-        let current: HashMap<String, (i64, bool)> = sqlx::query(
-            "select aggregate_id, sequence, deleted from dbps_replica_versions \
+        let current: HashMap<String, (i64, bool)> = if let Some(held) = held {
+            held
+        } else {
+            sqlx::query(
+                "select aggregate_id, sequence, deleted from dbps_replica_versions \
              where replica = $1 and aggregate_id = any($2) for update",
-        )
-        .bind(&inner.name)
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|row| (row.get::<String, _>(0), (row.get::<i64, _>(1), row.get::<bool, _>(2))))
-        .collect();
+            )
+            .bind(&inner.name)
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|row| (row.get::<String, _>(0), (row.get::<i64, _>(1), row.get::<bool, _>(2))))
+            .collect()
+        };
 
         let (mut v_ids, mut v_seqs, mut v_deleted, mut v_times) = (vec![], vec![], vec![], vec![]);
         for (id, change) in &collapsed {
