@@ -244,7 +244,10 @@ async fn drain<B: BatchHandler + Clone>(
         if done >= total {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "{label}: only {done} of {total} after 10 minutes");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{label}: only {done} of {total} after 10 minutes"
+        );
         anyhow::ensure!(!task.is_finished(), "{label}: the runner stopped early");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -424,7 +427,9 @@ async fn raw_commits(pool: &PgPool, duration: Duration) -> anyhow::Result<f64> {
         let (pool, count) = (pool.clone(), Arc::clone(&count));
         tasks.push(tokio::spawn(async move {
             while Instant::now() < end {
-                sqlx::query("insert into bench_commits values (1)").execute(&pool).await?;
+                sqlx::query("insert into bench_commits values (1)")
+                    .execute(&pool)
+                    .await?;
                 count.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<_, sqlx::Error>(())
@@ -434,7 +439,11 @@ async fn raw_commits(pool: &PgPool, duration: Duration) -> anyhow::Result<f64> {
         task.await??;
     }
     let tps = count.load(Ordering::Relaxed) as f64 / duration.as_secs_f64();
-    progress::done(&bar, "raw commits (one-row inserts)", &format!("{} tx/s", thousands(tps)));
+    progress::done(
+        &bar,
+        "raw commits (one-row inserts)",
+        &format!("{} tx/s", thousands(tps)),
+    );
     Ok(tps)
 }
 
@@ -452,7 +461,9 @@ async fn write_one(pool: &PgPool, outbox: &PgOutbox, id: i64, n: u64) -> anyhow:
     .bind(&event.tax_number)
     .execute(&mut *tx)
     .await?;
-    outbox.enqueue_event(&mut tx, "customer", &id.to_string(), &event).await?;
+    outbox
+        .enqueue_event(&mut tx, "customer", &id.to_string(), &event)
+        .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -588,15 +599,22 @@ async fn reconcile_phase(args: &Args, pool: &PgPool) -> anyhow::Result<(f64, f64
     )
     .execute(pool)
     .await?;
-    sqlx::raw_sql("analyze bench_customers; analyze bench_customer_cache").execute(pool).await?;
+    sqlx::raw_sql("analyze bench_customers; analyze bench_customer_cache")
+        .execute(pool)
+        .await?;
     let source = PgSnapshotSource::new(pool.clone(), "bench_customers", "id", "version")?;
     let clean = Reconciler::new(source.clone(), replica(pool)?);
     // One run to warm the caches, then the timed one.
     clean.run().await?;
     let report = clean.run().await?;
-    anyhow::ensure!(report.is_clean(), "an identical replica was reported as drifted: {report:?}");
+    anyhow::ensure!(
+        report.is_clean(),
+        "an identical replica was reported as drifted: {report:?}"
+    );
     let clean_s = report.took.as_secs_f64();
-    sqlx::query("delete from bench_customer_cache where id % 2000 = 1").execute(pool).await?;
+    sqlx::query("delete from bench_customer_cache where id % 2000 = 1")
+        .execute(pool)
+        .await?;
     sqlx::query("update bench_customer_cache set source_sequence = 0 where id % 2000 = 2")
         .execute(pool)
         .await?;
@@ -641,7 +659,11 @@ fn render(r: &ReplicaReport) -> String {
         vec![
             String::from("apply from a backlog, events/s"),
             thousands(r.apply_eps),
-            format!("raw consume {}/s ({:.2})", thousands(r.raw_consume_eps), r.apply_vs_raw_consume),
+            format!(
+                "raw consume {}/s ({:.2})",
+                thousands(r.raw_consume_eps),
+                r.apply_vs_raw_consume
+            ),
             target("apply_eps"),
         ],
         vec![

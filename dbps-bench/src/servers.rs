@@ -97,7 +97,10 @@ impl Topics {
                 .set("bootstrap.servers", &self.brokers)
                 .create()?;
             let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-            for result in admin.delete_topics(&[&self.events, &self.raw, &self.dead_letters], &options).await? {
+            for result in admin
+                .delete_topics(&[&self.events, &self.raw, &self.dead_letters], &options)
+                .await?
+            {
                 if let Err((topic, code)) = result {
                     eprintln!("warning: could not delete topic {topic}: {code}");
                 }

@@ -57,7 +57,7 @@ async fn stale_events_and_late_updates_after_a_delete_change_nothing() -> TestRe
     let v1 = owner.upsert(Customer::new("Ada")).await?;
     let id = v1.aggregate_id.clone();
     let v2 = owner.rename(&id, "Ada L.").await?;
-    assert_eq!(replica.apply(&[v2.clone()]).await?, 1);
+    assert_eq!(replica.apply(std::slice::from_ref(&v2)).await?, 1);
     // Older and repeated events are stale.
     assert_eq!(replica.apply(&[v1.clone(), v2.clone()]).await?, 0);
     assert_eq!(cached(&mongo).await?[&id], (String::from("Ada L."), 2));
@@ -106,7 +106,7 @@ async fn one_document_per_address_and_a_changed_address_removes_the_old_one() ->
                 .collect::<Vec<_>>(),
         )
     };
-    replica.apply(&[v1.clone()]).await?;
+    replica.apply(std::slice::from_ref(&v1)).await?;
     assert_eq!(emails().await?, ["l@example.com", "linus@example.com"]);
     replica.apply(&[v2, v1]).await?;
     assert_eq!(emails().await?, ["linus@example.org"]);

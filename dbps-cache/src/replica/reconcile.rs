@@ -62,8 +62,13 @@ pub struct DriftReport {
     pub repaired: usize,
     /// Extra aggregates removed by the repair.
     pub removed: usize,
-    /// How long the comparison (and repair) took.
+    /// How long the comparison (and repair) took (seconds, in JSON).
+    #[serde(rename = "took_s", serialize_with = "seconds")]
     pub took: Duration,
+}
+
+fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(duration.as_secs_f64())
 }
 
 impl DriftReport {
