@@ -265,7 +265,7 @@ impl<H: BatchHandler> ConsumerRunnerBuilder<H> {
     }
 }
 
-/// Runs a [`Handler`], or a [`BatchHandler`](crate::BatchHandler) that applies what arrived
+/// Runs a [`Handler`](crate::Handler), or a [`BatchHandler`] that applies what arrived
 /// together in one go, for the messages of some topics under a consumer group.
 ///
 /// - **At least once**: an offset is committed only after its message's handler
