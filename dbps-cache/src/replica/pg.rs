@@ -311,7 +311,11 @@ impl<P: Projection, S: SnapshotSource> PgReplica<P, S> {
         let applied = self.apply_collapsed(&mut tx, collapsed, false, Some(held)).await?;
         tx.commit().await?;
         super::record_lag(&inner.name, &source_times);
-        self.refetch(&applied.gaps).await?;
+        // The batch is committed: a failed re-fetch is logged, not retried with the batch
+        // (a retry would find its events applied); the reconciler repairs what stays.
+        if let Err(error) = self.refetch(&applied.gaps).await {
+            tracing::warn!(replica = %inner.name, %error, "re-fetching after a gap failed");
+        }
         Ok(applied.advanced)
     }
 
