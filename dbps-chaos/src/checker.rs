@@ -12,7 +12,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::model::POISON_HEADER;
+use crate::model::{POISON_HEADER, REPLAY_HEADER};
 
 /// What to check.
 #[derive(Debug)]
@@ -46,6 +46,10 @@ pub(crate) struct Counts {
     pub(crate) topic_records: u64,
     /// Records on the topic that repeat an event already there (at-least-once).
     pub(crate) topic_duplicates: u64,
+    /// Records the harness published again on purpose, under fresh ids (the `replica`
+    /// scenario's replayer); not counted as published events.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) replayed_records: u64,
     /// Committed, non-poison events not delivered: missing from the topic or, when
     /// consumers ran, never applied.
     pub(crate) lost: u64,
@@ -127,6 +131,10 @@ pub(crate) struct Counts {
     pub(crate) publish_latency_max_ms: Option<i64>,
 }
 
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
 impl Counts {
     /// The counts that must be zero, with their values.
     pub(crate) fn must_be_zero(&self) -> Vec<(&'static str, u64)> {
@@ -183,6 +191,8 @@ struct Record {
     id: Option<String>,
     sequence: Option<i64>,
     poison: Option<String>,
+    /// The original message's id, for a record the harness published again.
+    replay: Option<String>,
 }
 
 /// Reads everything and counts.
@@ -365,6 +375,15 @@ fn count_topic<'r>(
     let mut latencies: Vec<i64> = Vec::new();
     for record in records {
         if record.poison.is_some() {
+            continue;
+        }
+        if let Some(original) = record.replay.as_deref() {
+            // Published again on purpose under a fresh id: the original must be a
+            // committed event.
+            c.replayed_records += 1;
+            if !committed.contains_key(original) {
+                c.phantom_published += 1;
+            }
             continue;
         }
         let Some(id) = record.id.as_deref() else {
@@ -580,6 +599,7 @@ fn record(message: &BorrowedMessage<'_>) -> Record {
     let mut id = None;
     let mut sequence = None;
     let mut poison = None;
+    let mut replay = None;
     if let Some(headers) = message.headers() {
         for header in headers.iter() {
             let value = header.value.and_then(|v| std::str::from_utf8(v).ok());
@@ -587,6 +607,7 @@ fn record(message: &BorrowedMessage<'_>) -> Record {
                 "ce_id" => id = value.map(str::to_owned),
                 "ce_sequence" => sequence = value.and_then(|v| v.parse().ok()),
                 POISON_HEADER => poison = value.map(str::to_owned),
+                REPLAY_HEADER => replay = value.map(str::to_owned),
                 _ => {}
             }
         }
@@ -601,6 +622,7 @@ fn record(message: &BorrowedMessage<'_>) -> Record {
         id,
         sequence,
         poison,
+        replay,
     }
 }
 
@@ -644,6 +666,7 @@ mod tests {
             id: Some(id.to_owned()),
             sequence: sequence.parse().ok(),
             poison: None,
+            replay: None,
         }
     }
 
@@ -703,6 +726,34 @@ mod tests {
         assert_eq!(c.key_partition_splits, 1);
         assert_eq!(c.published_unique, 4);
         assert!(!published.contains("a-2"));
+    }
+
+    #[test]
+    fn replayed_records_are_neither_events_nor_disorder() {
+        // a-1 published again after a-3 under a fresh id: counted as replayed, not as a
+        // duplicate, a phantom or an order violation; a replay of an unknown event is a
+        // phantom.
+        let replay = |id: &str, original: &str| {
+            let mut r = record(original);
+            r.id = Some(id.to_owned());
+            r.replay = Some(original.to_owned());
+            r
+        };
+        let records = vec![
+            record("a-1"),
+            record("a-2"),
+            record("a-3"),
+            replay("r-1", "a-1"),
+            replay("r-2", "zz-1"),
+        ];
+        let mut c = Counts::default();
+        let (published, _) = count_topic(&records, &committed(), &HashSet::new(), &mut c);
+        assert_eq!(c.replayed_records, 2);
+        assert_eq!(c.published_unique, 3);
+        assert_eq!(c.topic_duplicates, 0);
+        assert_eq!(c.order_violations_topic, 0);
+        assert_eq!(c.phantom_published, 1);
+        assert!(!published.contains("r-1"));
     }
 
     #[test]

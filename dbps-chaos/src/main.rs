@@ -14,6 +14,7 @@
 //! | `consumer-kill` | consumer-group members killed with SIGKILL at random moments | every effect applied exactly once |
 //! | `broker-restart` | the Kafka broker stopped and started under load | nothing lost, the relay resumes by itself |
 //! | `poison` | one oversize or malformed record per 10,000 | every one parked or dead-lettered, healthy keys unaffected |
+//! | `replica` | `PgReplica` consumers killed with SIGKILL at random; 8 % of the events published again late, out of order, including old updates of deleted customers | every replica row equal to its source row, no record going back in time, no deleted record coming back |
 //!
 //! Writers, relays and consumers run as separate processes of this executable (the
 //! hidden `worker` subcommand), so they can be killed for real. Writers commit one event
@@ -31,6 +32,7 @@
 mod checker;
 mod model;
 mod procs;
+mod replica;
 mod report;
 mod scenarios;
 mod stack;
@@ -65,6 +67,9 @@ enum Command {
     BrokerRestart(ScenarioArgs),
     /// One oversize or malformed record per 10,000.
     Poison(ScenarioArgs),
+    /// Replicas kept by events (`PgReplica`): consumers killed with SIGKILL at random (at
+    /// least 20 kills), 8 % of the events published again out of order.
+    Replica(ScenarioArgs),
     /// A process of a scenario (started by the scenarios themselves).
     #[command(hide = true)]
     Worker {
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
         Command::ConsumerKill(args) => (Scenario::ConsumerKill, args),
         Command::BrokerRestart(args) => (Scenario::BrokerRestart, args),
         Command::Poison(args) => (Scenario::Poison, args),
+        Command::Replica(args) => (Scenario::Replica, args),
     };
     init_tracing("warn");
     match runtime.block_on(scenarios::run(scenario, args)) {

@@ -80,3 +80,96 @@ create table effect_totals (
 pub(crate) fn aggregate_id(n: u32) -> String {
     format!("order-{n}")
 }
+
+// ---------------------------------------------------------------------------------------
+// The replica scenario
+// ---------------------------------------------------------------------------------------
+
+/// The aggregate type of the replica scenario's events.
+pub(crate) const CUSTOMER: &str = "customer";
+
+/// The replica's name: its table in the replica database, and its inbox consumer
+/// (`replica:<name>`).
+pub(crate) const REPLICA_NAME: &str = "customer_replica";
+
+/// Header of a record the replayer published again: the original message's id.
+pub(crate) const REPLAY_HEADER: &str = "chaos-replay";
+
+/// A customer was created or changed: its whole state as of the event's sequence.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CustomerChanged {
+    /// The customer (aggregate).
+    pub(crate) id: String,
+    /// Its name as of this version.
+    pub(crate) name: String,
+}
+
+impl Message for CustomerChanged {
+    const TYPE: &'static str = "chaos.CustomerChanged";
+}
+
+/// A customer was deleted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CustomerDeleted {
+    /// The customer (aggregate).
+    pub(crate) id: String,
+}
+
+impl Message for CustomerDeleted {
+    const TYPE: &'static str = "chaos.CustomerDeleted";
+}
+
+dbps_core::message_set! {
+    /// The events the replica understands.
+    pub(crate) enum CustomerEvents { Changed(CustomerChanged), Deleted(CustomerDeleted) }
+}
+
+/// The owner's tables, in the service database next to the outbox and
+/// `committed_events` (which the customer writers fill as the other writers do).
+///
+/// `chaos_customers` is the source of truth the replica is compared with: `version` is
+/// the sequence of the customer's latest event. `deleted_customers` holds each deleted
+/// customer and the sequence of its delete event, written in the delete's transaction.
+/// `source_events` keeps each event's type and payload, so that the replayer can publish
+/// it again later; `replayed_events` lists what it published again (under fresh ids),
+/// with the customer's sequence at that moment.
+pub(crate) const REPLICA_SOURCE_SCHEMA: &str = r"
+create table chaos_customers (
+    id      text   primary key,
+    name    text   not null,
+    version bigint not null
+);
+create table deleted_customers (
+    id         text        primary key,
+    sequence   bigint      not null,
+    deleted_at timestamptz not null default clock_timestamp()
+);
+create table source_events (
+    message_id   text  primary key,
+    message_type text  not null,
+    payload      jsonb not null
+);
+create table replayed_events (
+    message_id       text        primary key,
+    original_id      text        not null,
+    aggregate_id     text        not null,
+    sequence         bigint      not null,
+    current_sequence bigint      not null,
+    replayed_at      timestamptz not null default clock_timestamp()
+);
+";
+
+/// The replica's table, in the replica database next to `dbps_inbox` and
+/// `dbps_replica_versions`.
+pub(crate) const REPLICA_SCHEMA: &str = r"
+create table customer_replica (
+    id              text   primary key,
+    name            text   not null,
+    source_sequence bigint not null
+);
+";
+
+/// The id of customer number `n`.
+pub(crate) fn customer_id(n: u32) -> String {
+    format!("customer-{n}")
+}

@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::checker::Counts;
+use crate::replica::ReplicaCounts;
 
 /// One scenario's result. The first keys are the ones every result carries; `counts`
 /// has every count the checker made, `results` what is particular to the scenario.
@@ -31,6 +32,9 @@ pub(crate) struct Report {
     pub(crate) settings: serde_json::Map<String, Value>,
     pub(crate) results: serde_json::Map<String, Value>,
     pub(crate) counts: Counts,
+    /// The replica scenario's comparison of the replica with its source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) replica: Option<ReplicaCounts>,
 }
 
 impl Report {
@@ -56,6 +60,20 @@ impl Report {
             println!("{name:<32} {value:>12}  {rule}");
         }
         println!("{:<32} {:>12}", "faults_injected", self.faults_injected);
+        if let Some(replica) = &self.replica {
+            println!();
+            println!("{:<32} {:>12}  must be", "replica", "value");
+            println!("{} {}  {}", "-".repeat(32), "-".repeat(12), "-".repeat(8));
+            let zero: Vec<&str> = replica.must_be_zero().iter().map(|(name, _)| *name).collect();
+            for (name, value) in replica.rows() {
+                let rule = if zero.contains(&name) {
+                    if value == "0" { "0  ok" } else { "0  FAILED" }
+                } else {
+                    ""
+                };
+                println!("{name:<32} {value:>12}  {rule}");
+            }
+        }
         if !self.results.is_empty() {
             println!();
             for (name, value) in &self.results {
@@ -87,13 +105,14 @@ impl Report {
 fn rows(c: &Counts) -> Vec<(&'static str, String)> {
     let opt = |v: Option<u64>| v.map_or_else(|| String::from("-"), |v| v.to_string());
     let ms = |v: Option<i64>| v.map_or_else(|| String::from("-"), |v| format!("{v} ms"));
-    vec![
+    let mut rows = vec![
         ("committed", c.committed.to_string()),
         ("committed_late", c.committed_late.to_string()),
         ("rolled_back", c.rolled_back.to_string()),
         ("published_unique", c.published_unique.to_string()),
         ("topic_records", c.topic_records.to_string()),
         ("topic_duplicates", c.topic_duplicates.to_string()),
+        ("replayed_records", c.replayed_records.to_string()),
         ("effects_applied", opt(c.effects_applied)),
         ("lost", c.lost.to_string()),
         ("lost_on_topic", c.lost_on_topic.to_string()),
@@ -131,5 +150,8 @@ fn rows(c: &Counts) -> Vec<(&'static str, String)> {
         ("publish_latency_p50", ms(c.publish_latency_p50_ms)),
         ("publish_latency_p99", ms(c.publish_latency_p99_ms)),
         ("publish_latency_max", ms(c.publish_latency_max_ms)),
-    ]
+    ];
+    // Only the replica scenario publishes records again on purpose.
+    rows.retain(|(name, value)| *name != "replayed_records" || value != "0");
+    rows
 }

@@ -18,9 +18,11 @@ use sqlx::PgPool;
 
 use crate::checker::{self, CheckInput};
 use crate::model::{
-    CONSUMER_SCHEMA, INBOX_CONSUMER, MONGO_ORDERS, OrderChanged, POISON_HEADER, SERVICE_SCHEMA, aggregate_id,
+    CONSUMER_SCHEMA, INBOX_CONSUMER, MONGO_ORDERS, OrderChanged, POISON_HEADER, REPLICA_SOURCE_SCHEMA, SERVICE_SCHEMA,
+    aggregate_id,
 };
 use crate::procs::Worker;
+use crate::replica::{self, Replayer, ReplicaCounts, Watcher};
 use crate::report::Report;
 use crate::stack::{Servers, git_commit};
 
@@ -33,6 +35,7 @@ pub(crate) enum Scenario {
     ConsumerKill,
     BrokerRestart,
     Poison,
+    Replica,
 }
 
 impl Scenario {
@@ -44,6 +47,7 @@ impl Scenario {
             Self::ConsumerKill => "consumer-kill",
             Self::BrokerRestart => "broker-restart",
             Self::Poison => "poison",
+            Self::Replica => "replica",
         }
     }
 
@@ -64,6 +68,8 @@ impl Scenario {
             consumers: 0,
             min_faults: 0,
             kill_interval_s: 1.0..6.0,
+            replay_fraction: 0.0,
+            delete_every: 0,
         };
         match self {
             Self::RelayKill => Plan {
@@ -119,6 +125,18 @@ impl Scenario {
                 consumers: 2,
                 ..base
             },
+            // `events` counts the updates; each customer's create and the deletes of one
+            // customer in `delete_every` come on top.
+            Self::Replica => Plan {
+                events: 50_000,
+                load_seconds: Some(120.0),
+                consumers: 2,
+                min_faults: 20,
+                kill_interval_s: 2.0..7.0,
+                replay_fraction: 0.08,
+                delete_every: 50,
+                ..base
+            },
         }
     }
 }
@@ -138,6 +156,13 @@ pub(crate) struct ScenarioArgs {
     /// Faults to inject at least, instead of the scenario's minimum (kills, restarts).
     #[arg(long)]
     faults: Option<u32>,
+    /// Aggregates the events are spread over, instead of the scenario's number.
+    #[arg(long)]
+    aggregates: Option<u32>,
+    /// Spread the load over this many seconds, instead of the scenario's time (for a quick
+    /// run of a paced scenario).
+    #[arg(long)]
+    seconds: Option<f64>,
     /// Keep the databases, topics and worker logs of a passing run.
     #[arg(long)]
     keep: bool,
@@ -175,10 +200,17 @@ struct Plan {
     consumers: u32,
     min_faults: u32,
     kill_interval_s: Range<f64>,
+    /// Publish this fraction of the committed events again, later, under fresh ids
+    /// (replica).
+    replay_fraction: f64,
+    /// Delete one customer in this many, near the end of the load (replica; 0: none).
+    delete_every: u32,
 }
 
 /// How long the system may go without progress while settling.
 const SETTLE_STALL: Duration = Duration::from_secs(120);
+/// The least share of the committed events `replica` publishes again, in percent.
+const MIN_REDELIVERED_PCT: f64 = 5.0;
 /// How long the broker stays down in `broker-restart`.
 const OUTAGE: Duration = Duration::from_secs(15);
 
@@ -190,6 +222,14 @@ pub(crate) async fn run(scenario: Scenario, args: ScenarioArgs) -> Result<bool> 
     }
     if let Some(faults) = args.faults {
         plan.min_faults = faults;
+    }
+    if let Some(aggregates) = args.aggregates {
+        anyhow::ensure!(aggregates > 0, "--aggregates must be at least 1");
+        plan.aggregates = aggregates;
+    }
+    if let Some(seconds) = args.seconds {
+        anyhow::ensure!(seconds > 0.0, "--seconds must be positive");
+        plan.load_seconds = Some(seconds);
     }
     let seed = args.seed.unwrap_or_else(rand::random);
     let servers = Servers {
@@ -319,17 +359,27 @@ impl Run {
             .execute(&service)
             .await
             .context("service schema")?;
+        if scenario == Scenario::Replica {
+            sqlx::raw_sql(REPLICA_SOURCE_SCHEMA)
+                .execute(&service)
+                .await
+                .context("owner schema")?;
+        }
         let (consumer_db, consumer) = if plan.consumers > 0 {
             let name = format!("{service_db}_consumer");
             let pool = servers.create_database(&name, 4).await?;
-            dbps_core::inbox::pg::MIGRATOR
-                .run(&pool)
-                .await
-                .context("inbox migrations")?;
-            sqlx::raw_sql(CONSUMER_SCHEMA)
-                .execute(&pool)
-                .await
-                .context("consumer schema")?;
+            if scenario == Scenario::Replica {
+                replica::migrate_replica_database(&pool).await?;
+            } else {
+                dbps_core::inbox::pg::MIGRATOR
+                    .run(&pool)
+                    .await
+                    .context("inbox migrations")?;
+                sqlx::raw_sql(CONSUMER_SCHEMA)
+                    .execute(&pool)
+                    .await
+                    .context("consumer schema")?;
+            }
             (Some(name), Some(pool))
         } else {
             (None, None)
@@ -400,6 +450,7 @@ impl Run {
         let mut outages = Vec::new();
         match self.scenario {
             Scenario::RelayKill | Scenario::MongoRelayKill | Scenario::ConsumerKill => self.kill_loop().await?,
+            Scenario::Replica => return self.execute_replica().await,
             Scenario::Gap => self.wait_for_writers().await?,
             Scenario::BrokerRestart => {
                 // Steady load first, then the broker goes away for a while and comes back.
@@ -466,14 +517,130 @@ impl Run {
             self.results
                 .insert(String::from("malformed_kinds"), Value::Array(kinds));
         }
-        Ok(self.report(counts))
+        Ok(self.report(counts, None))
     }
 
-    fn report(&mut self, counts: checker::Counts) -> Report {
+    /// The replica scenario: the load with consumer kills and replays, a watcher on the
+    /// replica table, then late replays of deleted customers' events once their deletes
+    /// are applied, and the checks.
+    async fn execute_replica(&mut self) -> Result<Report> {
+        let replica_pool = self
+            .consumer
+            .clone()
+            .context("the replica scenario needs its replica database")?;
+        let watcher = Watcher::spawn(replica_pool.clone());
+        let replayer = Replayer::new(self.service.clone(), &self.servers.brokers, &self.topic)?;
+        let stop = dbps_core::CancellationToken::new();
+        let replaying = tokio::spawn(replayer.during_load(self.plan.replay_fraction, stop.clone()));
+        let killed = self.kill_loop().await;
+        stop.cancel();
+        let mut replayer = replaying.await.context("the replayer panicked")??;
+        killed?;
+        println!(
+            "[{:>6.1}s] load done; {} records published again so far",
+            self.started.elapsed().as_secs_f64(),
+            replayer.replayed
+        );
+        self.settle().await?;
+        // Every delete is applied now: old events of the deleted customers arrive after it.
+        let deleted: i64 = sqlx::query_scalar("select count(*) from deleted_customers")
+            .fetch_one(&self.service)
+            .await?;
+        let late = replayer.replay_deleted(deleted * 10, 10).await?;
+        let committed = u64::try_from(self.committed().await?).unwrap_or(0);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let target = (committed as f64 * self.plan.replay_fraction).ceil() as u64;
+        let mut topped = 0;
+        while replayer.replayed < target {
+            let n = replayer
+                .replay(i64::try_from(target - replayer.replayed).unwrap_or(i64::MAX))
+                .await?;
+            if n == 0 {
+                break;
+            }
+            topped += n;
+        }
+        println!(
+            "[{:>6.1}s] published {late} old events of {deleted} deleted customers again, and {topped} others; {} in all",
+            self.started.elapsed().as_secs_f64(),
+            replayer.replayed
+        );
+        self.wait_until_zero("the replicas to apply the late records", |run| {
+            Box::pin(async move {
+                let expected = run.expected_applied().await?;
+                let applied = run.applied().await?.unwrap_or(0);
+                Ok((expected - applied).max(0))
+            })
+        })
+        .await?;
+        for worker in self.relays.iter_mut().chain(self.consumers.iter_mut()) {
+            if !worker.stop(Duration::from_secs(30)).await? {
+                self.failures
+                    .push(format!("{} did not stop gracefully within 30 s", worker.name()));
+            }
+        }
+        let watched = watcher.stop().await?;
+        self.progress(true).await;
+        println!("checking: reading the databases and the topics directly, then reconciling ...");
+        let check = checker::check(&CheckInput {
+            service: &self.service,
+            consumer: None,
+            brokers: &self.servers.brokers,
+            topic: &self.topic,
+            dlq: Some(&self.dlq),
+            malformed: &self.malformed,
+        })
+        .await?;
+        let replica = replica::check(&self.service, &replica_pool, watched).await?;
+        if check.counts.replayed_records != replica.redelivered {
+            self.failures.push(format!(
+                "{} records published again, {} found on the topic",
+                replica.redelivered, check.counts.replayed_records
+            ));
+        }
+        if let Some(dead) = check.counts.dlq_records.filter(|&n| n > 0) {
+            self.failures.push(format!("{dead} records dead-lettered"));
+        }
+        // The replica logs each jump in an aggregate's sequences; partitions keep each
+        // customer's events in order, so none is expected.
+        let gaps: usize = self.consumers.iter().map(|c| c.log_count("sequence gap")).sum();
+        self.results.insert(String::from("sequence_gaps_logged"), json!(gaps));
+        Ok(self.report(check.counts, Some(replica)))
+    }
+
+    fn report(&mut self, counts: checker::Counts, replica: Option<ReplicaCounts>) -> Report {
         let mut failures = std::mem::take(&mut self.failures);
         for (name, value) in counts.must_be_zero() {
             if value != 0 {
                 failures.push(format!("{name} = {value}, must be 0"));
+            }
+        }
+        if let Some(replica) = &replica {
+            for (name, value) in replica.must_be_zero() {
+                if value != 0 {
+                    failures.push(format!("{name} = {value}, must be 0"));
+                }
+            }
+            if replica.updates < self.plan.events {
+                failures.push(format!(
+                    "committed {} updates, the scenario needs {}",
+                    replica.updates, self.plan.events
+                ));
+            }
+            if replica.redelivered_pct < MIN_REDELIVERED_PCT {
+                failures.push(format!(
+                    "published {} % of the events again, the scenario needs {MIN_REDELIVERED_PCT} %",
+                    replica.redelivered_pct
+                ));
+            }
+            if self.plan.delete_every > 0 && replica.redelivered_after_delete == 0 {
+                failures.push(String::from(
+                    "no event of a deleted customer was published again after its delete",
+                ));
             }
         }
         if counts.committed < self.plan.events {
@@ -523,6 +690,12 @@ impl Run {
         if plan.poison_every > 0 {
             settings.insert(String::from("poison_every"), json!(plan.poison_every));
         }
+        if plan.replay_fraction > 0.0 {
+            settings.insert(String::from("replay_fraction"), json!(plan.replay_fraction));
+        }
+        if plan.delete_every > 0 {
+            settings.insert(String::from("delete_every"), json!(plan.delete_every));
+        }
         settings.insert(String::from("relays"), json!(plan.relays));
         if !plan.relay_args.is_empty() {
             settings.insert(String::from("relay_args"), json!(plan.relay_args.join(" ")));
@@ -556,6 +729,7 @@ impl Run {
             settings,
             results: std::mem::take(&mut self.results),
             counts,
+            replica,
         }
     }
 
@@ -585,9 +759,14 @@ impl Run {
         }
         if let Some(consumer_db) = &self.consumer_db {
             let consumer_url = self.servers.database_url(consumer_db);
+            let role = if self.scenario == Scenario::Replica {
+                "replica"
+            } else {
+                "consumer"
+            };
             for i in 0..self.plan.consumers {
                 let args = vec![
-                    String::from("consumer"),
+                    String::from(role),
                     String::from("--brokers"),
                     self.servers.brokers.clone(),
                     String::from("--name"),
@@ -622,6 +801,33 @@ impl Run {
             };
             #[allow(clippy::cast_precision_loss)] // small counts
             let writer_rate = rate.map_or(0.0, |r| r / processes as f64);
+            if self.scenario == Scenario::Replica {
+                let args = vec![
+                    String::from("customer-writer"),
+                    String::from("--topic"),
+                    self.topic.clone(),
+                    String::from("--writer-id"),
+                    i.to_string(),
+                    String::from("--writers"),
+                    processes.to_string(),
+                    String::from("--concurrency"),
+                    self.plan.writer_concurrency.to_string(),
+                    String::from("--customers"),
+                    self.plan.aggregates.to_string(),
+                    String::from("--updates"),
+                    share.to_string(),
+                    String::from("--rate"),
+                    format!("{writer_rate:.3}"),
+                    String::from("--delete-every"),
+                    self.plan.delete_every.to_string(),
+                    String::from("--seed"),
+                    self.rng.random::<u64>().to_string(),
+                ];
+                let mut worker = Worker::new(&format!("writer-{i}"), args, self.worker_env(&service_url), &self.dir);
+                worker.start()?;
+                self.writers.push(worker);
+                continue;
+            }
             let mut args = vec![
                 String::from("writer"),
                 String::from("--topic"),
@@ -772,10 +978,30 @@ impl Run {
         )
     }
 
+    /// The messages the consumers must have handled once the system settled: every
+    /// healthy committed event and (replica) every record published again.
+    async fn expected_applied(&self) -> Result<i64> {
+        if self.scenario == Scenario::Replica {
+            let replayed: i64 = sqlx::query_scalar("select count(*) from replayed_events")
+                .fetch_one(&self.service)
+                .await?;
+            return Ok(self.committed().await? + replayed);
+        }
+        self.healthy_committed().await
+    }
+
     async fn applied(&self) -> Result<Option<i64>> {
         let Some(pool) = &self.consumer else {
             return Ok(None);
         };
+        if self.scenario == Scenario::Replica {
+            // The replica's inbox is the only one in its database.
+            return Ok(Some(
+                sqlx::query_scalar("select count(*) from dbps_inbox")
+                    .fetch_one(pool)
+                    .await?,
+            ));
+        }
         Ok(Some(
             sqlx::query_scalar("select count(*) from dbps_inbox where consumer = $1")
                 .bind(INBOX_CONSUMER)
@@ -806,10 +1032,10 @@ impl Run {
 
     // --- Faults ---------------------------------------------------------------------------------
 
-    /// Kills relays (relay-kill) or consumers (consumer-kill) with SIGKILL at random
+    /// Kills relays (relay-kill) or consumers (consumer-kill, replica) with SIGKILL at random
     /// moments while the writers run, and until the minimum number of kills is reached.
     async fn kill_loop(&mut self) -> Result<()> {
-        let consumers = self.scenario == Scenario::ConsumerKill;
+        let consumers = matches!(self.scenario, Scenario::ConsumerKill | Scenario::Replica);
         loop {
             if !self.writers_running() && self.faults >= u64::from(self.plan.min_faults) {
                 return Ok(());
@@ -1063,7 +1289,7 @@ impl Run {
             );
             self.wait_until_zero("the consumers to catch up", |run| {
                 Box::pin(async move {
-                    let expected = run.healthy_committed().await?;
+                    let expected = run.expected_applied().await?;
                     let applied = run.applied().await?.unwrap_or(0);
                     Ok((expected - applied).max(0))
                 })

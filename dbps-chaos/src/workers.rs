@@ -1,4 +1,5 @@
-//! The processes the scenarios run, kill and restart: writers, relays and consumers.
+//! The processes the scenarios run, kill and restart: writers, relays and consumers (the
+//! `replica` scenario's customer writers and replica consumers are in `replica.rs`).
 //!
 //! Each is started by the orchestrator as `dbps-chaos worker <role> ...`, with the
 //! database URL in `DBPS_CHAOS_DB_URL` (so that the password stays out of `ps`). A worker
@@ -36,6 +37,10 @@ pub(crate) enum Role {
     Relay(RelayArgs),
     /// Runs one consumer-group member that applies effects through the inbox.
     Consumer(ConsumerArgs),
+    /// Creates, updates and deletes customers, one event per transaction (replica).
+    CustomerWriter(crate::replica::CustomerWriterArgs),
+    /// Runs one consumer-group member that keeps the customer replica (replica).
+    Replica(crate::replica::ReplicaConsumerArgs),
 }
 
 /// Runs a worker until it is done or its standard input closes.
@@ -44,12 +49,14 @@ pub(crate) async fn run(role: Role) -> Result<()> {
         Role::Writer(args) => writer(args).await,
         Role::Relay(args) => relay(args).await,
         Role::Consumer(args) => consumer(args).await,
+        Role::CustomerWriter(args) => crate::replica::writer(args).await,
+        Role::Replica(args) => crate::replica::consumer(args).await,
     }
 }
 
 /// Completes when standard input reaches its end (the orchestrator closed it, or died),
 /// or on SIGINT / SIGTERM.
-fn shutdown_requested() -> dbps_core::CancellationToken {
+pub(crate) fn shutdown_requested() -> dbps_core::CancellationToken {
     let token = dbps_core::CancellationToken::new();
     let cancel = token.clone();
     let requested = shutdown_signal();
@@ -60,7 +67,7 @@ fn shutdown_requested() -> dbps_core::CancellationToken {
     token
 }
 
-fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+pub(crate) fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     let (closed, on_close) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
@@ -85,7 +92,7 @@ fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
-async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+pub(crate) async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(60))
