@@ -7,12 +7,14 @@
 //! 2. apply from a backlog: `--backlog` events over `--aggregates` customers are on a
 //!    topic; a runner with a handler that writes nothing (A) and a runner with the
 //!    replica (B) each read all of it, ABBA, each with a fresh group and an empty replica.
-//!    The clock starts at the first handled batch, so the group join is not counted;
+//!    The clock starts at the first handled batch, so the group join is not counted, and
+//!    each run starts after a `CHECKPOINT`;
 //! 3. lag at half load: writers update customers and write their events with the outbox
 //!    for `D/4` flat out, then at half that rate for `D/2` while the relay publishes and
 //!    two runners consume the topic: one that writes nothing (the outbox's own commit →
 //!    consumer latency) and the replica (commit → row committed in the replica). Both
-//!    clocks start at the event's `occurred_at`, taken in the writing transaction;
+//!    clocks start at the event's `occurred_at`, taken in the writing transaction (the
+//!    phase starts after a `CHECKPOINT`);
 //! 4. reconcile: `--reconcile-records` customers and a replica holding the same, compared
 //!    by the reconciler (clean), then with 100 records damaged (50 rows removed, 50 set
 //!    back) compared and repaired.
@@ -283,10 +285,21 @@ fn replica(pool: &PgPool) -> anyhow::Result<PgReplica<CustomerCache>> {
         .build()?)
 }
 
+/// Empties the replica and writes every dirty page out (`CHECKPOINT`), so that each
+/// timed phase starts from the same state: otherwise the checkpoint that the previous
+/// phase's writes make due lands in the next one, with its full-page writes.
 async fn reset_replica(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::raw_sql("truncate bench_customer_cache, dbps_inbox, dbps_replica_versions")
         .execute(pool)
         .await?;
+    checkpoint(pool).await
+}
+
+async fn checkpoint(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("checkpoint")
+        .execute(pool)
+        .await
+        .context("CHECKPOINT (the bench's role needs superuser or pg_checkpoint)")?;
     Ok(())
 }
 
@@ -348,6 +361,7 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
             .await?;
             apply_rates.push(rate);
         } else {
+            checkpoint(&pool).await?;
             let rate = drain(
                 servers,
                 scratch,
