@@ -1,0 +1,306 @@
+//! Saga definitions: typed data, steps in order, each a command to a participant with the
+//! replies that mean success or failure, a compensation, a timeout and a retry count.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dbps_core::{Envelope, Message, Registry};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::error::{Result, SagaError};
+
+/// A command to send: the participant service (its command topic) and the message.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub(crate) service: String,
+    pub(crate) message_type: &'static str,
+    pub(crate) schema_version: u32,
+    pub(crate) payload: Box<RawValue>,
+}
+
+impl Command {
+    /// `message` for the participant `service`; it goes to that service's command topic.
+    pub fn to<M: Message>(service: impl Into<String>, message: &M) -> Result<Self> {
+        Ok(Self {
+            service: service.into(),
+            message_type: M::TYPE,
+            schema_version: M::VERSION,
+            payload: serde_json::value::to_raw_value(message).map_err(SagaError::Data)?,
+        })
+    }
+}
+
+/// The reply a participant sends when it compensated a step (also when there was nothing
+/// to undo: compensations are idempotent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Compensated {}
+
+impl Message for Compensated {
+    const TYPE: &'static str = "dbps.saga.Compensated";
+}
+
+/// The reply a participant sends when it could not compensate a step yet; the
+/// orchestrator retries with backoff and, after its attempts, marks the saga `stuck`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CompensationFailed {
+    /// Why.
+    pub reason: String,
+}
+
+impl Message for CompensationFailed {
+    const TYPE: &'static str = "dbps.saga.CompensationFailed";
+}
+
+type CommandFn<D> = Arc<dyn Fn(&D) -> Result<Command> + Send + Sync>;
+type ApplyFn<D> = Arc<dyn Fn(&mut D, &Registry, &Envelope) -> Result<()> + Send + Sync>;
+
+/// One step of a saga.
+pub struct Step<D> {
+    name: &'static str,
+    command: Option<CommandFn<D>>,
+    compensation: Option<CommandFn<D>>,
+    success: Vec<(&'static str, ApplyFn<D>)>,
+    failure: BTreeSet<&'static str>,
+    timeout: Duration,
+    retries: u32,
+}
+
+impl<D> fmt::Debug for Step<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Step")
+            .field("name", &self.name)
+            .field("success", &self.success.iter().map(|(t, _)| *t).collect::<Vec<_>>())
+            .field("failure", &self.failure)
+            .field("compensates", &self.compensation.is_some())
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Send + Sync + 'static> Step<D> {
+    /// A step named `name` (unique within its saga), timing out after 30 s, not re-sent.
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            command: None,
+            compensation: None,
+            success: Vec::new(),
+            failure: BTreeSet::new(),
+            timeout: Duration::from_secs(30),
+            retries: 0,
+        }
+    }
+
+    /// The command the step sends, made from the saga's data.
+    pub fn command(mut self, command: impl Fn(&D) -> Result<Command> + Send + Sync + 'static) -> Self {
+        self.command = Some(Arc::new(command));
+        self
+    }
+
+    /// A reply of type `M` means success; `apply` records what it says in the saga's data.
+    pub fn on_success<M: Message>(mut self, apply: impl Fn(&mut D, M) + Send + Sync + 'static) -> Self {
+        self.success.push((
+            M::TYPE,
+            Arc::new(move |data, registry, reply| {
+                let message = registry.decode::<M>(reply).map_err(SagaError::Message)?;
+                apply(data, message);
+                Ok(())
+            }),
+        ));
+        self
+    }
+
+    /// A reply of type `M` means the step failed: the saga compensates the steps before it.
+    pub fn on_failure<M: Message>(mut self) -> Self {
+        self.failure.insert(M::TYPE);
+        self
+    }
+
+    /// The command that undoes the step, sent in reverse order when a later step fails.
+    /// The participant answers [`Compensated`] (also when there is nothing to undo) or
+    /// [`CompensationFailed`].
+    pub fn compensate(mut self, command: impl Fn(&D) -> Result<Command> + Send + Sync + 'static) -> Self {
+        self.compensation = Some(Arc::new(command));
+        self
+    }
+
+    /// How long the step waits for its reply (default 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How many times the command is sent again after a timeout before the step counts
+    /// as failed (default 0). Participants must handle a command twice as once (inbox).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+}
+
+/// A saga type at one version: its steps in order.
+///
+/// An instance keeps the version it started with and finishes under that version's
+/// steps, so register the older version beside the new one until its instances end.
+pub struct Definition<D> {
+    name: &'static str,
+    version: u32,
+    steps: Vec<Step<D>>,
+}
+
+impl<D> fmt::Debug for Definition<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Definition")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("steps", &self.steps)
+            .finish()
+    }
+}
+
+impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Definition<D> {
+    /// The saga type `name` at `version`, with no step yet.
+    pub fn new(name: &'static str, version: u32) -> Self {
+        Self {
+            name,
+            version,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Adds the next step.
+    pub fn step(mut self, step: Step<D>) -> Self {
+        self.steps.push(step);
+        self
+    }
+
+    /// Checks the definition: at least one step, unique names, a command and at least one
+    /// success reply per step, a timeout above zero.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let invalid = |reason: String| SagaError::InvalidConfig {
+            setting: "saga definition",
+            reason: format!("{} v{}: {reason}", self.name, self.version),
+        };
+        if self.steps.is_empty() {
+            return Err(invalid(String::from("has no step")));
+        }
+        let mut names = BTreeSet::new();
+        for step in &self.steps {
+            if !names.insert(step.name) {
+                return Err(invalid(format!("two steps are named {:?}", step.name)));
+            }
+            if step.command.is_none() {
+                return Err(invalid(format!("step {:?} has no command", step.name)));
+            }
+            if step.success.is_empty() {
+                return Err(invalid(format!("step {:?} has no success reply", step.name)));
+            }
+            if step.timeout.is_zero() {
+                return Err(invalid(format!("step {:?} has a zero timeout", step.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a reply to a step's command means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Success,
+    Failure(String),
+}
+
+/// A definition with its data type erased: the orchestrator keeps data as JSON.
+pub(crate) trait Saga: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn steps(&self) -> usize;
+    fn step_name(&self, step: usize) -> &'static str;
+    fn has_compensation(&self, step: usize) -> bool;
+    fn timeout(&self, step: usize) -> Duration;
+    fn retries(&self, step: usize) -> u32;
+    fn command(&self, step: usize, data: &Value) -> Result<Command>;
+    fn compensation(&self, step: usize, data: &Value) -> Result<Command>;
+    /// Classifies a reply to the step's command and, on success, applies it to the data.
+    fn reply(&self, step: usize, data: &mut Value, registry: &Registry, reply: &Envelope) -> Result<Outcome>;
+}
+
+impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Saga for Definition<D> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn steps(&self) -> usize {
+        self.steps.len()
+    }
+    fn step_name(&self, step: usize) -> &'static str {
+        self.steps.get(step).map_or("?", |s| s.name)
+    }
+    fn has_compensation(&self, step: usize) -> bool {
+        self.steps.get(step).is_some_and(|s| s.compensation.is_some())
+    }
+    fn timeout(&self, step: usize) -> Duration {
+        self.steps.get(step).map_or(Duration::from_secs(30), |s| s.timeout)
+    }
+    fn retries(&self, step: usize) -> u32 {
+        self.steps.get(step).map_or(0, |s| s.retries)
+    }
+
+    fn command(&self, step: usize, data: &Value) -> Result<Command> {
+        let data: D = serde_json::from_value(data.clone()).map_err(SagaError::Data)?;
+        let make = self
+            .steps
+            .get(step)
+            .and_then(|s| s.command.as_ref())
+            .ok_or_else(|| SagaError::InvalidConfig {
+                setting: "saga step",
+                reason: format!("{} has no step {step}", self.name),
+            })?;
+        make(&data)
+    }
+
+    fn compensation(&self, step: usize, data: &Value) -> Result<Command> {
+        let data: D = serde_json::from_value(data.clone()).map_err(SagaError::Data)?;
+        let make = self
+            .steps
+            .get(step)
+            .and_then(|s| s.compensation.as_ref())
+            .ok_or_else(|| SagaError::InvalidConfig {
+                setting: "saga step",
+                reason: format!("{} step {step} has no compensation", self.name),
+            })?;
+        make(&data)
+    }
+
+    fn reply(&self, step: usize, data: &mut Value, registry: &Registry, reply: &Envelope) -> Result<Outcome> {
+        let unexpected = || SagaError::UnexpectedReply {
+            saga: self.name.to_owned(),
+            step: self.step_name(step).to_owned(),
+            message_type: reply.message_type.clone(),
+        };
+        let step = self.steps.get(step).ok_or_else(unexpected)?;
+        if step.failure.contains(reply.message_type.as_str()) {
+            return Ok(Outcome::Failure(format!(
+                "{} replied {}",
+                step.name, reply.message_type
+            )));
+        }
+        let (_, apply) = step
+            .success
+            .iter()
+            .find(|(t, _)| *t == reply.message_type)
+            .ok_or_else(unexpected)?;
+        let mut typed: D = serde_json::from_value(data.clone()).map_err(SagaError::Data)?;
+        apply(&mut typed, registry, reply)?;
+        *data = serde_json::to_value(&typed).map_err(SagaError::Data)?;
+        Ok(Outcome::Success)
+    }
+}

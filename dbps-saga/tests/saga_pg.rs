@@ -1,0 +1,643 @@
+//! The orchestrator and its participants against the real stack: PostgreSQL for state,
+//! outbox and inbox, Kafka for commands and replies.
+
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use dbps_core::inbox::pg::PgInbox;
+use dbps_core::kafka::{ConsumerRunner, KafkaConfig, KafkaPublisher, TopicSpec};
+use dbps_core::{CancellationToken, Envelope, HandlerError, Message, MessageKind, message_set};
+use dbps_outbox::Relay;
+use dbps_outbox::pg::{PgOutbox, PgOutboxStore};
+use dbps_saga::{
+    Command, CommandHandler, Compensated, CompensationFailed, Definition, Orchestrator, Participant, Reply, SagaError,
+    SagaState, Step,
+};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+macro_rules! message {
+    ($name:ident { $($field:ident: $ty:ty),* } = $type:literal) => {
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        struct $name { $($field: $ty),* }
+        impl Message for $name {
+            const TYPE: &'static str = $type;
+        }
+    };
+}
+
+message!(
+    ReserveStock {
+        quote: String,
+        qty: i64
+    } = "inventory.ReserveStock"
+);
+message!(ReleaseStock { quote: String } = "inventory.ReleaseStock");
+message!(StockReserved { reservation: String } = "inventory.StockReserved");
+message!(StockShort { missing: i64 } = "inventory.StockShort");
+message!(
+    CreatePo {
+        quote: String,
+        amount: i64
+    } = "orders.CreatePo"
+);
+message!(CancelPo { quote: String } = "orders.CancelPo");
+message!(PoCreated { po: String } = "orders.PoCreated");
+message!(PoRejected { reason: String } = "orders.PoRejected");
+message!(Bill { quote: String } = "billing.Bill");
+message!(Billed {} = "billing.Billed");
+
+message_set! { enum InventoryCommands { Reserve(ReserveStock), Release(ReleaseStock) } }
+message_set! { enum OrderCommands { Create(CreatePo), Cancel(CancelPo) } }
+message_set! { enum BillingCommands { Bill(Bill) } }
+
+/// The saga's data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct Order {
+    quote: String,
+    qty: i64,
+    amount: i64,
+    reservation: Option<String>,
+    po: Option<String>,
+}
+
+fn definition(bill_timeout: Duration) -> Definition<Order> {
+    Definition::new("order", 1)
+        .step(
+            Step::new("reserve-stock")
+                .command(|o: &Order| {
+                    Command::to(
+                        "inventory",
+                        &ReserveStock {
+                            quote: o.quote.clone(),
+                            qty: o.qty,
+                        },
+                    )
+                })
+                .on_success(|o: &mut Order, r: StockReserved| o.reservation = Some(r.reservation))
+                .on_failure::<StockShort>()
+                .compensate(|o: &Order| Command::to("inventory", &ReleaseStock { quote: o.quote.clone() }))
+                .timeout(Duration::from_secs(20)),
+        )
+        .step(
+            Step::new("purchase-order")
+                .command(|o: &Order| {
+                    Command::to(
+                        "orders",
+                        &CreatePo {
+                            quote: o.quote.clone(),
+                            amount: o.amount,
+                        },
+                    )
+                })
+                .on_success(|o: &mut Order, r: PoCreated| o.po = Some(r.po))
+                .on_failure::<PoRejected>()
+                .compensate(|o: &Order| Command::to("orders", &CancelPo { quote: o.quote.clone() }))
+                .timeout(Duration::from_secs(20)),
+        )
+        .step(
+            Step::new("bill")
+                .command(|o: &Order| Command::to("billing", &Bill { quote: o.quote.clone() }))
+                .on_success(|_: &mut Order, _: Billed| {})
+                .timeout(bill_timeout),
+        )
+}
+
+struct Inventory;
+
+impl CommandHandler<InventoryCommands> for Inventory {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        command: InventoryCommands,
+        _: &Envelope,
+    ) -> Result<Reply, HandlerError> {
+        match command {
+            InventoryCommands::Reserve(r) if r.qty > 100 => Reply::new(&StockShort { missing: r.qty - 100 }),
+            InventoryCommands::Reserve(r) => {
+                sqlx::query("insert into reservations (quote, qty) values ($1, $2)")
+                    .bind(&r.quote)
+                    .bind(r.qty)
+                    .execute(&mut *conn)
+                    .await?;
+                Reply::new(&StockReserved { reservation: r.quote })
+            }
+            InventoryCommands::Release(r) => {
+                let failing: bool =
+                    sqlx::query_scalar("select exists (select 1 from flags where name = 'fail_release')")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                if failing {
+                    return Reply::new(&CompensationFailed {
+                        reason: String::from("the warehouse system is down"),
+                    });
+                }
+                sqlx::query("delete from reservations where quote = $1")
+                    .bind(&r.quote)
+                    .execute(&mut *conn)
+                    .await?;
+                Reply::new(&Compensated {})
+            }
+        }
+    }
+}
+
+struct Orders;
+
+impl CommandHandler<OrderCommands> for Orders {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        command: OrderCommands,
+        _: &Envelope,
+    ) -> Result<Reply, HandlerError> {
+        match command {
+            OrderCommands::Create(c) if c.amount > 1000 => Reply::new(&PoRejected {
+                reason: format!("{} is over the credit limit", c.amount),
+            }),
+            OrderCommands::Create(c) => {
+                sqlx::query("insert into purchase_orders (quote, amount) values ($1, $2)")
+                    .bind(&c.quote)
+                    .bind(c.amount)
+                    .execute(&mut *conn)
+                    .await?;
+                Reply::new(&PoCreated {
+                    po: format!("po-{}", c.quote),
+                })
+            }
+            OrderCommands::Cancel(c) => {
+                sqlx::query("delete from purchase_orders where quote = $1")
+                    .bind(&c.quote)
+                    .execute(&mut *conn)
+                    .await?;
+                Reply::new(&Compensated {})
+            }
+        }
+    }
+}
+
+struct Billing;
+
+impl CommandHandler<BillingCommands> for Billing {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        command: BillingCommands,
+        _: &Envelope,
+    ) -> Result<Reply, HandlerError> {
+        let BillingCommands::Bill(bill) = command;
+        sqlx::query("insert into bills (quote) values ($1)")
+            .bind(&bill.quote)
+            .execute(&mut *conn)
+            .await?;
+        Reply::new(&Billed {})
+    }
+}
+
+/// A database, a Kafka namespace, the relay, the participants and the orchestrator's
+/// reply consumer and deadline scanner.
+struct World {
+    db: dbps_testkit::TestPostgres,
+    kafka: dbps_testkit::TestKafka,
+    orchestrator: Orchestrator,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl World {
+    async fn start(bill_timeout: Duration, billing: bool) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let db = dbps_testkit::postgres().await?;
+        dbps_migrate::PgMigrations::new(dbps_migrate::ServiceName::new("quote")?)
+            .schema(dbps_migrate::Identifier::new("public")?)
+            .component("dbps_outbox", &dbps_outbox::pg::MIGRATOR)
+            .component("dbps_inbox", &dbps_core::inbox::pg::MIGRATOR)
+            .component("dbps_saga", &dbps_saga::MIGRATOR)
+            .run(&sqlx::postgres::PgConnectOptions::from_str(db.url())?)
+            .await?;
+        sqlx::raw_sql(
+            "create table reservations (quote text primary key, qty bigint not null);
+             create table purchase_orders (quote text primary key, amount bigint not null);
+             create table bills (quote text primary key);
+             create table flags (name text primary key);",
+        )
+        .execute(db.pool())
+        .await?;
+        let kafka = dbps_testkit::kafka().await?;
+        let naming = kafka.naming();
+        let topics = [
+            naming.commands("inventory")?,
+            naming.commands("orders")?,
+            naming.commands("billing")?,
+            naming.replies("quote")?,
+        ];
+        let specs: Vec<(&str, i32)> = topics.iter().map(|t| (t.as_str(), 2)).collect();
+        kafka.create_topics(&specs).await?;
+        let orchestrator = Orchestrator::builder(db.pool().clone(), "quote")
+            .naming(naming.clone())
+            .register(definition(bill_timeout))
+            .compensation(3, Duration::from_millis(100), Duration::from_secs(20))
+            .poll_interval(Duration::from_millis(100))
+            .build()?;
+        let stop = CancellationToken::new();
+        let mut world = Self {
+            db,
+            kafka,
+            orchestrator,
+            stop,
+            tasks: Vec::new(),
+        };
+        let config = KafkaConfig::new(world.kafka.brokers());
+        let pool = world.db.pool().clone();
+        let relay = Relay::builder(
+            PgOutboxStore::new(pool.clone()),
+            KafkaPublisher::builder(config.clone()).build()?,
+        )
+        .poll_interval(Duration::from_millis(50))
+        .build()?;
+        world.spawn(relay.run(world.stop.clone()));
+        world.spawn(world.orchestrator.clone().run(world.stop.clone()));
+        let groups = ["quote", "inventory", "orders", "billing"].map(|name| world.kafka.group_id(name));
+        let group = |name: &str| groups.iter().find(|g| g.contains(name)).cloned().unwrap_or_default();
+        let replies = PgInbox::new(pool.clone(), "quote", world.orchestrator.replies());
+        world.consume(&config, &group("quote"), &topics[3], replies)?;
+        let outbox = |service: &str| PgOutbox::new(service).naming(naming.clone());
+        let inventory = PgInbox::new(
+            pool.clone(),
+            "inventory",
+            Participant::new(outbox("inventory"), Inventory),
+        );
+        world.consume(&config, &group("inventory"), &topics[0], inventory)?;
+        let orders = PgInbox::new(pool.clone(), "orders", Participant::new(outbox("orders"), Orders));
+        world.consume(&config, &group("orders"), &topics[1], orders)?;
+        if billing {
+            let bills = PgInbox::new(pool, "billing", Participant::new(outbox("billing"), Billing));
+            world.consume(&config, &group("billing"), &topics[2], bills)?;
+        }
+        Ok(world)
+    }
+
+    fn spawn<T: Send + 'static, E: std::fmt::Debug + Send + 'static>(
+        &mut self,
+        run: impl Future<Output = Result<T, E>> + Send + 'static,
+    ) {
+        self.tasks.push(tokio::spawn(async move {
+            run.await.expect("a part of the test world failed");
+        }));
+    }
+
+    fn consume<H: dbps_core::BatchHandler>(
+        &mut self,
+        config: &KafkaConfig,
+        group: &str,
+        topic: &str,
+        handler: H,
+    ) -> Result<(), dbps_core::Error> {
+        let runner = ConsumerRunner::builder(config.clone(), group, handler)
+            .topic(topic)
+            .create_topics(|name| TopicSpec::new(name, 1))
+            .build()?;
+        self.spawn(runner.run(self.stop.clone()));
+        Ok(())
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.db.pool()
+    }
+
+    async fn start_saga(&self, order: &Order) -> Result<Uuid, Box<dyn std::error::Error + Send + Sync>> {
+        let mut tx = self.pool().begin().await?;
+        let id = self.orchestrator.start(&mut tx, "order", order).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Waits until every saga is in `state`.
+    async fn all_reach(&self, ids: &[Uuid], state: SagaState) -> TestResult {
+        dbps_testkit::eventually(&format!("{} sagas {state}", ids.len()), || async {
+            for id in ids {
+                let instance = self.orchestrator.get(*id).await?.ok_or("a saga vanished")?;
+                if instance.state != state {
+                    return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(false);
+                }
+            }
+            Ok(true)
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn count(&self, table: &str) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(*) from {table}")))
+            .fetch_one(self.pool())
+            .await
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn order(quote: &str, qty: i64, amount: i64) -> Order {
+    Order {
+        quote: quote.to_owned(),
+        qty,
+        amount,
+        ..Order::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_happy_path_completes_every_step_once_and_records_its_history() -> TestResult {
+    let world = World::start(Duration::from_secs(20), true).await?;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(world.start_saga(&order(&format!("q{n}"), 10, 100)).await?);
+    }
+    world.all_reach(&ids, SagaState::Completed).await?;
+    assert_eq!(world.count("reservations").await?, 5);
+    assert_eq!(world.count("purchase_orders").await?, 5);
+    assert_eq!(world.count("bills").await?, 5);
+    let done = world.orchestrator.get(ids[0]).await?.ok_or("missing")?;
+    assert_eq!(done.data["reservation"], "q0");
+    assert_eq!(done.data["po"], "po-q0");
+    let history: Vec<(usize, String, String)> = world
+        .orchestrator
+        .history(ids[0])
+        .await?
+        .into_iter()
+        .map(|(step, from, to, _)| (step, from, to))
+        .collect();
+    let moves = |v: &[(usize, &str, &str)]| -> Vec<(usize, String, String)> {
+        v.iter()
+            .map(|(s, f, t)| (*s, (*f).to_owned(), (*t).to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        history,
+        moves(&[
+            (0, "new", "running"),
+            (1, "running", "running"),
+            (2, "running", "running"),
+            (2, "running", "completed"),
+        ])
+    );
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_compensates_exactly_the_earlier_steps_in_reverse() -> TestResult {
+    let world = World::start(Duration::from_secs(20), true).await?;
+    // Fails at step 2 (the PO is over the limit): the reservation is released.
+    let at_two = world.start_saga(&order("over-limit", 10, 5_000)).await?;
+    // Fails at step 1 (stock short): nothing to undo.
+    let at_one = world.start_saga(&order("short", 500, 100)).await?;
+    world.all_reach(&[at_two, at_one], SagaState::Compensated).await?;
+    assert_eq!(world.count("reservations").await?, 0);
+    assert_eq!(world.count("purchase_orders").await?, 0);
+    let compensated = world.orchestrator.get(at_two).await?.ok_or("missing")?;
+    assert!(compensated.last_error.is_some_and(|e| e.contains("PoRejected")));
+    let history = world.orchestrator.history(at_two).await?;
+    let last = history.last().ok_or("no history")?;
+    assert_eq!((last.0, last.2.as_str()), (0, "compensated"), "step 0 compensated last");
+    assert!(
+        history
+            .iter()
+            .all(|(step, _, to, _)| !(to == "compensating" && *step == 1)),
+        "the failed step itself is not compensated"
+    );
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_never_answers_times_out_and_the_earlier_steps_are_compensated() -> TestResult {
+    // Billing is not running: the third step's command is never answered.
+    let world = World::start(Duration::from_secs(1), false).await?;
+    let id = world.start_saga(&order("silent", 10, 100)).await?;
+    world.all_reach(&[id], SagaState::Compensated).await?;
+    assert_eq!(world.count("reservations").await?, 0);
+    assert_eq!(world.count("purchase_orders").await?, 0);
+    let causes: Vec<String> = world.orchestrator.history(id).await?.into_iter().map(|h| h.3).collect();
+    assert_eq!(causes.iter().filter(|c| *c == "timeout").count(), 1);
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_that_keeps_failing_is_stuck_until_an_operator_retries_it() -> TestResult {
+    let world = World::start(Duration::from_secs(20), true).await?;
+    sqlx::query("insert into flags values ('fail_release')")
+        .execute(world.pool())
+        .await?;
+    let id = world.start_saga(&order("stuck", 10, 5_000)).await?;
+    world.all_reach(&[id], SagaState::Stuck).await?;
+    let stuck = world.orchestrator.get(id).await?.ok_or("missing")?;
+    assert!(
+        stuck
+            .last_error
+            .is_some_and(|e| e.contains("warehouse system is down") && e.contains("3 attempts"))
+    );
+    assert_eq!(world.orchestrator.overdue(Duration::ZERO).await?.len(), 1);
+    assert_eq!(world.orchestrator.in_state(SagaState::Stuck, 10).await?.len(), 1);
+    assert_eq!(world.count("reservations").await?, 1, "nothing is dropped silently");
+    // A retry of a saga that is not stuck is refused.
+    let completed = world.start_saga(&order("fine", 1, 1)).await?;
+    world.all_reach(&[completed], SagaState::Completed).await?;
+    assert!(matches!(
+        world.orchestrator.retry(completed).await,
+        Err(SagaError::WrongState { .. })
+    ));
+    // The operator fixes the cause and retries.
+    sqlx::query("delete from flags").execute(world.pool()).await?;
+    world.orchestrator.retry(id).await?;
+    world.all_reach(&[id], SagaState::Compensated).await?;
+    assert_eq!(
+        world.count("reservations").await?,
+        1,
+        "only the completed saga's reservation is left"
+    );
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_deadline_scanners_on_one_database_move_each_saga_once() -> TestResult {
+    let world = World::start(Duration::from_millis(500), false).await?;
+    // A second orchestrator process on the same database.
+    let second = Orchestrator::builder(world.pool().clone(), "quote")
+        .naming(world.kafka.naming())
+        .register(definition(Duration::from_millis(500)))
+        .compensation(3, Duration::from_millis(100), Duration::from_secs(20))
+        .poll_interval(Duration::from_millis(50))
+        .build()?;
+    let second_stop = CancellationToken::new();
+    let scanner = tokio::spawn(second.run(second_stop.clone()));
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        ids.push(world.start_saga(&order(&format!("t{n}"), 1, 1)).await?);
+    }
+    world.all_reach(&ids, SagaState::Compensated).await?;
+    second_stop.cancel();
+    let summary = scanner.await??;
+    let per_saga: Vec<(Uuid, i64)> =
+        sqlx::query_as("select saga_id, count(*) from dbps_saga_history where cause = 'timeout' group by saga_id")
+            .fetch_all(world.pool())
+            .await?;
+    assert_eq!(per_saga.len(), 30);
+    assert!(
+        per_saga.iter().all(|(_, n)| *n == 1),
+        "a saga timed out twice: {per_saga:?}"
+    );
+    tracing::info!(?summary, "second scanner");
+    assert_eq!(world.count("reservations").await?, 0);
+    assert_eq!(world.count("purchase_orders").await?, 0);
+    world.stop().await;
+    Ok(())
+}
+
+fn reply(saga: Uuid, causation: &str, message: &impl Serialize, message_type: &str) -> Envelope {
+    let payload = serde_json::value::to_raw_value(message).expect("json");
+    let mut reply = Envelope::raw(MessageKind::Reply, message_type, payload);
+    reply.correlation_id = Some(saga.to_string());
+    reply.causation_id = Some(causation.to_owned());
+    reply
+}
+
+#[tokio::test]
+async fn late_duplicate_unknown_and_uncorrelated_replies_change_nothing() -> TestResult {
+    let db = dbps_testkit::postgres().await?;
+    dbps_migrate::PgMigrations::new(dbps_migrate::ServiceName::new("quote")?)
+        .schema(dbps_migrate::Identifier::new("public")?)
+        .component("dbps_outbox", &dbps_outbox::pg::MIGRATOR)
+        .component("dbps_saga", &dbps_saga::MIGRATOR)
+        .run(&sqlx::postgres::PgConnectOptions::from_str(db.url())?)
+        .await?;
+    let orchestrator = Orchestrator::builder(db.pool().clone(), "quote")
+        .register(definition(Duration::from_secs(20)))
+        .build()?;
+    let mut tx = db.pool().begin().await?;
+    let id = orchestrator.start(&mut tx, "order", &order("q", 1, 1)).await?;
+    tx.commit().await?;
+    let waiting = orchestrator.get(id).await?.ok_or("missing")?;
+    let command = waiting.awaiting.clone().ok_or("no command awaited")?;
+
+    // A reply to another (earlier, or re-sent) command: ignored.
+    let mut tx = db.pool().begin().await?;
+    let stale = reply(
+        id,
+        "an-earlier-command",
+        &StockReserved {
+            reservation: "x".into(),
+        },
+        StockReserved::TYPE,
+    );
+    orchestrator.handle_reply(&mut tx, &stale).await?;
+    tx.commit().await?;
+    assert_eq!(
+        orchestrator.get(id).await?.ok_or("missing")?.lock_version,
+        waiting.lock_version
+    );
+
+    // A reply type the step does not know: a typed error, the saga untouched.
+    let mut tx = db.pool().begin().await?;
+    let odd = reply(id, &command, &Billed {}, Billed::TYPE);
+    let refused = orchestrator.handle_reply(&mut tx, &odd).await;
+    assert!(matches!(refused, Err(SagaError::UnexpectedReply { .. })), "{refused:?}");
+    tx.rollback().await?;
+
+    // The real reply moves it once; the same reply again is late.
+    let real = reply(
+        id,
+        &command,
+        &StockReserved {
+            reservation: "r".into(),
+        },
+        StockReserved::TYPE,
+    );
+    for _ in 0..2 {
+        let mut tx = db.pool().begin().await?;
+        orchestrator.handle_reply(&mut tx, &real).await?;
+        tx.commit().await?;
+    }
+    let moved = orchestrator.get(id).await?.ok_or("missing")?;
+    assert_eq!((moved.step, moved.lock_version), (1, waiting.lock_version + 1));
+    assert_eq!(moved.data["reservation"], "r");
+
+    // No saga id, or an unknown one: typed errors (dead-lettered by the runner).
+    let mut tx = db.pool().begin().await?;
+    let mut loose = real.clone();
+    loose.correlation_id = None;
+    assert!(matches!(
+        orchestrator.handle_reply(&mut tx, &loose).await,
+        Err(SagaError::Uncorrelated { .. })
+    ));
+    let unknown = reply(Uuid::now_v7(), &command, &Billed {}, Billed::TYPE);
+    assert!(matches!(
+        orchestrator.handle_reply(&mut tx, &unknown).await,
+        Err(SagaError::NotFound { .. })
+    ));
+    tx.rollback().await?;
+
+    // Version 2 deployed without version 1: an instance of version 1 is refused, untouched.
+    let v2_only = Orchestrator::builder(db.pool().clone(), "quote")
+        .register(
+            Definition::<Order>::new("order", 2).step(
+                Step::new("only")
+                    .command(|o: &Order| Command::to("billing", &Bill { quote: o.quote.clone() }))
+                    .on_success(|_: &mut Order, _: Billed| {}),
+            ),
+        )
+        .build()?;
+    let next = moved.awaiting.clone().ok_or("no command awaited")?;
+    let mut tx = db.pool().begin().await?;
+    let for_v1 = reply(id, &next, &PoCreated { po: "p".into() }, PoCreated::TYPE);
+    assert!(matches!(
+        v2_only.handle_reply(&mut tx, &for_v1).await,
+        Err(SagaError::UnknownVersion { version: 1, .. })
+    ));
+    tx.rollback().await?;
+    // The orchestrator that has version 1 finishes the instance under version 1's steps.
+    let mut tx = db.pool().begin().await?;
+    orchestrator.handle_reply(&mut tx, &for_v1).await?;
+    tx.commit().await?;
+    let third = orchestrator.get(id).await?.ok_or("missing")?;
+    assert_eq!((third.version, third.step), (1, 2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_definitions_are_typed_errors() {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://localhost/none")
+        .expect("lazy pool");
+    let build = |definition: Definition<Order>| {
+        Orchestrator::builder(pool.clone(), "quote")
+            .register(definition)
+            .build()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(build(Definition::new("order", 1)).contains("no step"));
+    let step = || {
+        Step::new("a")
+            .command(|o: &Order| Command::to("billing", &Bill { quote: o.quote.clone() }))
+            .on_success(|_: &mut Order, _: Billed| {})
+    };
+    assert!(build(Definition::new("order", 1).step(step()).step(step())).contains("two steps"));
+    assert!(build(Definition::new("order", 1).step(Step::new("b"))).contains("no command"));
+    let twice = Orchestrator::builder(pool.clone(), "quote")
+        .register(Definition::new("order", 1).step(step()))
+        .register(Definition::new("order", 1).step(step()))
+        .build();
+    assert!(twice.is_err_and(|e| e.to_string().contains("registered twice")));
+    assert!(Orchestrator::builder(pool, "quote").build().is_err());
+}
