@@ -7,6 +7,7 @@
 //! cargo run --release -p dbps-bench -- outbox-mongo [--duration 20s] [--json PATH]
 //! cargo run --release -p dbps-bench -- cache [--duration 20s] [--json PATH]
 //! cargo run --release -p dbps-bench -- replica [--duration 20s] [--json PATH]
+//! cargo run --release -p dbps-bench -- saga [--duration 20s] [--json PATH]
 //! ```
 //!
 //! The machines dbps is developed on are small and shared, so absolute figures drift from
@@ -32,6 +33,7 @@ mod probes;
 mod progress;
 mod replica;
 mod report;
+mod saga;
 mod servers;
 mod workload;
 
@@ -63,6 +65,10 @@ enum Scenario {
     /// runner writing nothing, commit → replica row latency beside the outbox's own commit
     /// → consumer latency, and the reconciler over 100k records.
     Replica(replica::Args),
+    /// dbps-saga: three-step sagas through real participants on Kafka, completed and state
+    /// transitions per second beside the server's raw commit rate, start → completed
+    /// latency at a quarter and half of that rate, and the idle scanner's queries.
+    Saga(saga::Args),
 }
 
 #[tokio::main]
@@ -77,5 +83,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::OutboxMongo(args) => outbox_mongo::run(args).await,
         Scenario::Cache(args) => cache::run(args).await,
         Scenario::Replica(args) => replica::run(args).await,
+        Scenario::Saga(args) => saga::run(args).await,
     }
 }

@@ -432,7 +432,7 @@ fn changed(n: u64) -> CustomerChanged {
     }
 }
 
-async fn raw_commits(pool: &PgPool, duration: Duration) -> anyhow::Result<f64> {
+pub(crate) async fn raw_commits(pool: &PgPool, duration: Duration) -> anyhow::Result<f64> {
     let bar = progress::timed("raw commits (one-row inserts)", duration);
     let end = Instant::now() + duration;
     let count = Arc::new(AtomicU64::new(0));

@@ -92,24 +92,26 @@ impl Topics {
     /// Deletes the topics. Failures are reported, not returned: the measurement is
     /// already done.
     pub(crate) async fn remove(&self) {
-        let delete_topics = async {
-            let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &self.brokers)
-                .create()?;
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-            for result in admin
-                .delete_topics(&[&self.events, &self.raw, &self.dead_letters], &options)
-                .await?
-            {
-                if let Err((topic, code)) = result {
-                    eprintln!("warning: could not delete topic {topic}: {code}");
-                }
+        delete_topics(&self.brokers, &[&self.events, &self.raw, &self.dead_letters]).await;
+    }
+}
+
+/// Deletes `topics`. Failures are reported, not returned: the measurement is already done.
+pub(crate) async fn delete_topics(brokers: &str, topics: &[&str]) {
+    let delete = async {
+        let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()?;
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for result in admin.delete_topics(topics, &options).await? {
+            if let Err((topic, code)) = result {
+                eprintln!("warning: could not delete topic {topic}: {code}");
             }
-            Ok::<_, rdkafka::error::KafkaError>(())
-        };
-        if let Err(error) = delete_topics.await {
-            eprintln!("warning: could not delete the benchmark topics: {error}");
         }
+        Ok::<_, rdkafka::error::KafkaError>(())
+    };
+    if let Err(error) = delete.await {
+        eprintln!("warning: could not delete the benchmark topics: {error}");
     }
 }
 

@@ -285,6 +285,8 @@ pub struct DeadlineSummary {
     pub timed_out: u64,
     /// Transient failures retried.
     pub retried: u64,
+    /// Scans for due deadlines (one query each; a due saga adds its own transaction).
+    pub scans: u64,
 }
 
 impl Orchestrator {
@@ -568,6 +570,7 @@ impl Orchestrator {
             if shutdown.is_cancelled() {
                 return Ok(summary);
             }
+            summary.scans += 1;
             let pause = match self.claim_due(&shutdown).await {
                 Ok(0) => {
                     failures = 0;
