@@ -271,12 +271,13 @@ async fn measure(
     parts.spawn(relay.run(parts.stop.clone()));
     let group = |name: &str| format!("{}-{name}", scratch.database);
     let dlq = &scratch.topics.dead_letters;
-    let replies = PgInbox::new(orchestrator_pool, "quote", orchestrator.replies());
+    // Replies and commands are applied in batches: one commit for what arrived together.
+    let replies = PgInbox::new(orchestrator_pool, "quote", orchestrator.replies()).batched(64);
     let consumer = runner(&config, group("quote"), &topics[3], dlq, replies)?;
     parts.spawn(consumer.run(parts.stop.clone()));
     for (service, topic) in SERVICES.iter().zip(topics) {
         let participant = Participant::new(PgOutbox::new(*service).naming(naming.clone()), Effect);
-        let handler = PgInbox::new(part_pool(service).await?, *service, participant);
+        let handler = PgInbox::new(part_pool(service).await?, *service, participant).batched(64);
         let consumer = runner(&config, group(service), topic, dlq, handler)?;
         parts.spawn(consumer.run(parts.stop.clone()));
     }

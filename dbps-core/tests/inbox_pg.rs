@@ -230,3 +230,42 @@ impl Counting<PgInbox<AddToStock>> {
         self.inner.handler().calls.load(Ordering::SeqCst)
     }
 }
+
+#[tokio::test]
+async fn a_batched_inbox_applies_each_message_once_and_a_failing_batch_not_at_all() -> TestResult {
+    use dbps_core::BatchHandler as _;
+    let db = setup().await?;
+    let inbox = PgInbox::new(db.pool().clone(), "stock-batched", AddToStock::default()).batched(16);
+    assert_eq!(inbox.max_batch(), 16);
+    let (a, b) = (event("sku-1", 5)?, event("sku-1", 2)?);
+    // A message twice in one batch, then the batch again: each applied once.
+    inbox.handle_batch(&[a.clone(), b.clone(), a.clone()]).await?;
+    inbox.handle_batch(&[b.clone(), a.clone()]).await?;
+    assert_eq!(stock(db.pool(), "sku-1").await?, (7, 2));
+
+    // A batch whose handler fails: its effect and its inbox record roll back together.
+    let failing = PgInbox::new(
+        db.pool().clone(),
+        "stock-batched",
+        AddToStock {
+            fail_after_write: true,
+            ..AddToStock::default()
+        },
+    )
+    .batched(16);
+    let c = event("sku-2", 1)?;
+    assert!(failing.handle_batch(&[c.clone()]).await.is_err());
+    let recorded: i64 = sqlx::query_scalar("select count(*) from dbps_inbox where message_id = $1")
+        .bind(&c.id)
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(recorded, 0, "the inbox record rolled back with the effect");
+    let none: Option<(i64, i32)> = sqlx::query_as("select on_hand, applied from stock where sku = 'sku-2'")
+        .fetch_optional(db.pool())
+        .await?;
+    assert_eq!(none, None);
+    // Applied by a healthy handler afterwards, once.
+    inbox.handle_batch(&[c.clone(), event("sku-2", 3)?]).await?;
+    assert_eq!(stock(db.pool(), "sku-2").await?, (4, 2));
+    Ok(())
+}

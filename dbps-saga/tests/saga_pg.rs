@@ -262,7 +262,8 @@ impl World {
         world.spawn(world.orchestrator.clone().run(world.stop.clone()));
         let groups = ["quote", "inventory", "orders", "billing"].map(|name| world.kafka.group_id(name));
         let group = |name: &str| groups.iter().find(|g| g.contains(name)).cloned().unwrap_or_default();
-        let replies = PgInbox::new(pool.clone(), "quote", world.orchestrator.replies());
+        // Replies and commands in batches (`batched`), as a busy service runs them.
+        let replies = PgInbox::new(pool.clone(), "quote", world.orchestrator.replies()).batched(32);
         world.consume(&config, &group("quote"), &topics[3], replies)?;
         let outbox = |service: &str| PgOutbox::new(service).naming(naming.clone());
         let inventory = PgInbox::new(

@@ -144,6 +144,62 @@ impl<H: TxHandler> Handler for PgInbox<H> {
     }
 }
 
+impl<H: TxHandler> PgInbox<H> {
+    /// The same inbox applying up to `max_batch` messages of a partition in one
+    /// transaction: one commit per batch instead of one per message, where commits are
+    /// what bounds the rate.
+    pub fn batched(self, max_batch: usize) -> BatchedInbox<H> {
+        BatchedInbox {
+            inbox: self,
+            max_batch: max_batch.max(1),
+        }
+    }
+}
+
+/// A [`PgInbox`] that applies what arrived together in one transaction; a
+/// [`BatchHandler`](crate::BatchHandler) for the consumer runner. Each message is still
+/// recorded and applied once, in offset order. A batch is all or nothing: when one
+/// message's handler fails, the transaction rolls back and the runner retries the batch,
+/// or hands its messages over one at a time (so only the failing one is dead-lettered).
+#[derive(Debug)]
+pub struct BatchedInbox<H> {
+    inbox: PgInbox<H>,
+    max_batch: usize,
+}
+
+impl<H: TxHandler> crate::BatchHandler for BatchedInbox<H> {
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    async fn handle_batch(&self, messages: &[Envelope]) -> Result<(), HandlerError> {
+        let inbox = &self.inbox;
+        let mut tx = inbox.pool.begin().await?;
+        let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+        let fresh: std::collections::HashSet<String> = sqlx::query_scalar(
+            "insert into dbps_inbox (consumer, message_id) select $1, unnest($2::text[]) \
+             on conflict do nothing returning message_id",
+        )
+        .bind(&inbox.consumer)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let mut seen = std::collections::HashSet::new();
+        for message in messages {
+            // A message twice in one batch (a producer's retry) is applied once.
+            if !fresh.contains(&message.id) || !seen.insert(message.id.as_str()) {
+                metrics::counter!("dbps_inbox_duplicates_total", "consumer" => inbox.consumer.clone()).increment(1);
+                continue;
+            }
+            inbox.handler.handle(&mut tx, message).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 /// Deletes inbox records older than `window`, returning how many. Run it periodically;
 /// the window must exceed the longest time a message can be redelivered after it was
 /// first handled (Kafka retention of the consumed topics is a safe bound).
