@@ -58,11 +58,22 @@ impl Message for CompensationFailed {
 
 type CommandFn<D> = Arc<dyn Fn(&D) -> Result<Command> + Send + Sync>;
 type ApplyFn<D> = Arc<dyn Fn(&mut D, &Registry, &Envelope) -> Result<()> + Send + Sync>;
+type KeyFn<D> = Arc<dyn Fn(&D) -> String + Send + Sync>;
+type EventKeyFn = Arc<dyn Fn(&Registry, &Envelope) -> Result<String> + Send + Sync>;
+
+/// What a step that awaits an event listens for.
+struct Awaits<D> {
+    /// The saga's correlation key, from its data.
+    key: Option<KeyFn<D>>,
+    /// Event types, how to read the key from each, and (for successes) what it records.
+    events: Vec<(&'static str, EventKeyFn, Option<ApplyFn<D>>)>,
+}
 
 /// One step of a saga.
 pub struct Step<D> {
     name: &'static str,
     command: Option<CommandFn<D>>,
+    awaits: Option<Awaits<D>>,
     compensation: Option<CommandFn<D>>,
     success: Vec<(&'static str, ApplyFn<D>)>,
     failure: BTreeSet<&'static str>,
@@ -89,6 +100,7 @@ impl<D: Send + Sync + 'static> Step<D> {
         Self {
             name,
             command: None,
+            awaits: None,
             compensation: None,
             success: Vec::new(),
             failure: BTreeSet::new(),
@@ -100,6 +112,58 @@ impl<D: Send + Sync + 'static> Step<D> {
     /// The command the step sends, made from the saga's data.
     pub fn command(mut self, command: impl Fn(&D) -> Result<Command> + Send + Sync + 'static) -> Self {
         self.command = Some(Arc::new(command));
+        self
+    }
+
+    /// Instead of sending a command, the step awaits an event (the ADR's event-driven
+    /// flow: `QuoteCreated` → `StockReserved` or `StockReservationFailed`). `key` is the
+    /// saga's correlation key, from its data; [`on_event`](Self::on_event) and
+    /// [`on_failure_event`](Self::on_failure_event) say which events end the wait and
+    /// where their key is. The step's timeout is the event's deadline. Events are handed
+    /// to the orchestrator by [`Orchestrator::events`](crate::Orchestrator::events).
+    pub fn awaits(mut self, key: impl Fn(&D) -> String + Send + Sync + 'static) -> Self {
+        self.awaiting().key = Some(Arc::new(key));
+        self
+    }
+
+    fn awaiting(&mut self) -> &mut Awaits<D> {
+        self.awaits.get_or_insert_with(|| Awaits {
+            key: None,
+            events: Vec::new(),
+        })
+    }
+
+    /// An event of type `M` whose key (`key`) matches ends the wait with success;
+    /// `apply` records what it says.
+    pub fn on_event<M: Message>(
+        mut self,
+        key: impl Fn(&M) -> String + Send + Sync + 'static,
+        apply: impl Fn(&mut D, M) + Send + Sync + 'static,
+    ) -> Self {
+        let key = Arc::new(key);
+        let read_key = {
+            let key = Arc::clone(&key);
+            Arc::new(move |registry: &Registry, event: &Envelope| {
+                let message = registry.decode::<M>(event).map_err(SagaError::Message)?;
+                Ok(key(&message))
+            })
+        };
+        let apply: ApplyFn<D> = Arc::new(move |data, registry, event| {
+            let message = registry.decode::<M>(event).map_err(SagaError::Message)?;
+            apply(data, message);
+            Ok(())
+        });
+        self.awaiting().events.push((M::TYPE, read_key, Some(apply)));
+        self
+    }
+
+    /// An event of type `M` whose key matches ends the wait with failure.
+    pub fn on_failure_event<M: Message>(mut self, key: impl Fn(&M) -> String + Send + Sync + 'static) -> Self {
+        let read_key: EventKeyFn = Arc::new(move |registry, event| {
+            let message = registry.decode::<M>(event).map_err(SagaError::Message)?;
+            Ok(key(&message))
+        });
+        self.awaiting().events.push((M::TYPE, read_key, None));
         self
     }
 
@@ -195,11 +259,27 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Definition<D> {
             if !names.insert(step.name) {
                 return Err(invalid(format!("two steps are named {:?}", step.name)));
             }
-            if step.command.is_none() {
-                return Err(invalid(format!("step {:?} has no command", step.name)));
-            }
-            if step.success.is_empty() {
-                return Err(invalid(format!("step {:?} has no success reply", step.name)));
+            match (&step.command, &step.awaits) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(format!(
+                        "step {:?} both sends a command and awaits an event",
+                        step.name
+                    )));
+                }
+                (None, None) => return Err(invalid(format!("step {:?} has no command", step.name))),
+                (Some(_), None) if step.success.is_empty() => {
+                    return Err(invalid(format!("step {:?} has no success reply", step.name)));
+                }
+                (None, Some(awaits)) if !awaits.events.iter().any(|(_, _, apply)| apply.is_some()) => {
+                    return Err(invalid(format!("step {:?} awaits no success event", step.name)));
+                }
+                (None, Some(awaits)) if awaits.key.is_none() => {
+                    return Err(invalid(format!(
+                        "step {:?} awaits events without a key (`awaits`)",
+                        step.name
+                    )));
+                }
+                _ => {}
             }
             if step.timeout.is_zero() {
                 return Err(invalid(format!("step {:?} has a zero timeout", step.name)));
@@ -229,6 +309,17 @@ pub(crate) trait Saga: Send + Sync {
     fn compensation(&self, step: usize, data: &Value) -> Result<Command>;
     /// Classifies a reply to the step's command and, on success, applies it to the data.
     fn reply(&self, step: usize, data: &mut Value, registry: &Registry, reply: &Envelope) -> Result<Outcome>;
+    /// For a step that awaits an event: the key the instance waits under.
+    fn await_key(&self, step: usize, data: &Value) -> Result<Option<String>>;
+    /// The steps that await events of this type, with the key the event carries for each.
+    fn listeners(&self, registry: &Registry, event: &Envelope) -> Result<Vec<(usize, String)>>;
+    /// Classifies an awaited event and, on success, applies it to the data.
+    fn event(&self, step: usize, data: &mut Value, registry: &Registry, event: &Envelope) -> Result<Outcome>;
+}
+
+/// The key an instance awaiting `step` of `saga` waits under.
+pub(crate) fn await_key(saga: &str, step: &str, key: &str) -> String {
+    format!("{saga}\u{1f}{step}\u{1f}{key}")
 }
 
 impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Saga for Definition<D> {
@@ -278,6 +369,59 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Saga for Definitio
                 reason: format!("{} step {step} has no compensation", self.name),
             })?;
         make(&data)
+    }
+
+    fn await_key(&self, step: usize, data: &Value) -> Result<Option<String>> {
+        let Some(awaits) = self.steps.get(step).and_then(|s| s.awaits.as_ref()) else {
+            return Ok(None);
+        };
+        let Some(key) = &awaits.key else {
+            return Ok(None);
+        };
+        let data: D = serde_json::from_value(data.clone()).map_err(SagaError::Data)?;
+        Ok(Some(await_key(self.name, self.step_name(step), &key(&data))))
+    }
+
+    fn listeners(&self, registry: &Registry, event: &Envelope) -> Result<Vec<(usize, String)>> {
+        let mut found = Vec::new();
+        for (index, step) in self.steps.iter().enumerate() {
+            let Some(awaits) = &step.awaits else { continue };
+            for (message_type, read_key, _) in &awaits.events {
+                if *message_type == event.message_type {
+                    found.push((index, await_key(self.name, step.name, &read_key(registry, event)?)));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn event(&self, step: usize, data: &mut Value, registry: &Registry, event: &Envelope) -> Result<Outcome> {
+        let unexpected = || SagaError::UnexpectedReply {
+            saga: self.name.to_owned(),
+            step: self.step_name(step).to_owned(),
+            message_type: event.message_type.clone(),
+        };
+        let awaits = self
+            .steps
+            .get(step)
+            .and_then(|s| s.awaits.as_ref())
+            .ok_or_else(unexpected)?;
+        let (_, _, apply) = awaits
+            .events
+            .iter()
+            .find(|(t, _, _)| *t == event.message_type)
+            .ok_or_else(unexpected)?;
+        let Some(apply) = apply else {
+            return Ok(Outcome::Failure(format!(
+                "{} received {}",
+                self.step_name(step),
+                event.message_type
+            )));
+        };
+        let mut typed: D = serde_json::from_value(data.clone()).map_err(SagaError::Data)?;
+        apply(&mut typed, registry, event)?;
+        *data = serde_json::to_value(&typed).map_err(SagaError::Data)?;
+        Ok(Outcome::Success)
     }
 
     fn reply(&self, step: usize, data: &mut Value, registry: &Registry, reply: &Envelope) -> Result<Outcome> {

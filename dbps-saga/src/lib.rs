@@ -52,8 +52,12 @@
 //! # let _ = id; Ok(()) }
 //! ```
 //!
-//! Not yet here: local steps, parallel groups, steps that await an event, MongoDB
-//! participants.
+//! A step may also await an event instead of a reply ([`Step::awaits`]), matched by a
+//! correlation key, with the step's timeout as its deadline: the ADR's event-driven flow
+//! (`QuoteCreated` → `StockReserved` / `StockReservationFailed`) as a persisted state
+//! machine. The orchestrator's [`events`](Orchestrator::events) handler takes those events.
+//!
+//! Not yet here: local steps, parallel groups, MongoDB participants.
 
 mod definition;
 mod error;
@@ -64,5 +68,5 @@ mod participant;
 pub use definition::{Command, Compensated, CompensationFailed, Definition, Step};
 pub use error::{Result, SagaError};
 pub use machine::SagaState;
-pub use orchestrator::{DeadlineSummary, MIGRATOR, Orchestrator, OrchestratorBuilder, Replies, SagaInstance};
+pub use orchestrator::{DeadlineSummary, Events, MIGRATOR, Orchestrator, OrchestratorBuilder, Replies, SagaInstance};
 pub use participant::{CommandHandler, Participant, Reply};

@@ -50,6 +50,8 @@ pub struct SagaInstance {
     pub attempt: u32,
     /// The message id of the command whose reply it waits for.
     pub awaiting: Option<String>,
+    /// For a step that awaits an event: the key the event must carry.
+    pub await_key: Option<String>,
     /// When the wait times out.
     pub deadline: Option<DateTime<Utc>>,
     /// The last failure (a step's refusal, a timeout, a compensation's failure).
@@ -66,8 +68,8 @@ fn state_name<S: serde::Serializer>(state: &SagaState, serializer: S) -> Result<
     serializer.serialize_str(state.as_str())
 }
 
-const COLUMNS: &str = "id, saga_type, version, state, data, step, attempt, awaiting, deadline, last_error, \
-                       created_at, updated_at, lock_version";
+const COLUMNS: &str = "id, saga_type, version, state, data, step, attempt, awaiting, await_key, deadline, \
+                       last_error, created_at, updated_at, lock_version";
 
 impl SagaInstance {
     fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self> {
@@ -84,6 +86,7 @@ impl SagaInstance {
             step: usize::try_from(row.get::<i32, _>("step")).unwrap_or_default(),
             attempt: u32::try_from(row.get::<i32, _>("attempt")).unwrap_or_default(),
             awaiting: row.get("awaiting"),
+            await_key: row.get("await_key"),
             deadline: row.get("deadline"),
             last_error: row.get("last_error"),
             created_at: row.get("created_at"),
@@ -358,6 +361,7 @@ impl Orchestrator {
             step: 0,
             attempt: 0,
             awaiting: None,
+            await_key: None,
             deadline: None,
             last_error: None,
             created_at: Utc::now(),
@@ -405,21 +409,26 @@ impl Orchestrator {
         caused_by: Option<&Envelope>,
     ) -> Result<SagaState> {
         let started = Instant::now();
-        let awaiting = match plan.send {
-            None => None,
-            Some(send) => {
-                let command = match send {
-                    Outgoing::Command(step) => saga.command(step, &instance.data)?,
-                    Outgoing::Compensation(step) => saga.compensation(step, &instance.data)?,
-                };
-                Some(self.send(conn, instance, command, caused_by).await?)
+        let (awaiting, await_key) = match plan.send {
+            None => (None, None),
+            Some(Outgoing::Command(step)) => match saga.await_key(step, &instance.data)? {
+                // The step awaits an event: nothing to send, a key to wait under.
+                Some(key) => (None, Some(key)),
+                None => {
+                    let command = saga.command(step, &instance.data)?;
+                    (Some(self.send(conn, instance, command, caused_by).await?), None)
+                }
+            },
+            Some(Outgoing::Compensation(step)) => {
+                let command = saga.compensation(step, &instance.data)?;
+                (Some(self.send(conn, instance, command, caused_by).await?), None)
             }
         };
         let wait_ms = plan.wait.map(|w| i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
         sqlx::query(
             "update dbps_saga_instances set state = $2, step = $3, attempt = $4, awaiting = $5, \
              deadline = now() + $6 * interval '1 millisecond', last_error = coalesce($7, last_error), data = $8, \
-             updated_at = now(), lock_version = lock_version + 1 where id = $1",
+             await_key = $9, updated_at = now(), lock_version = lock_version + 1 where id = $1",
         )
         .bind(instance.id)
         .bind(plan.to.state.as_str())
@@ -429,6 +438,7 @@ impl Orchestrator {
         .bind(wait_ms)
         .bind(&plan.error)
         .bind(&instance.data)
+        .bind(&await_key)
         .execute(&mut *conn)
         .await
         .map_err(pg("move saga"))?;
@@ -558,6 +568,54 @@ impl Orchestrator {
     /// The handler of the reply topic, for a [`PgInbox`](dbps_core::inbox::pg::PgInbox).
     pub fn replies(&self) -> Replies {
         Replies(self.clone())
+    }
+
+    /// Moves the sagas that await `event` (a step built with
+    /// [`Step::awaits`](crate::Step::awaits)) and whose key it carries, in the caller's
+    /// transaction (the inbox's). Returns how many moved; an event no saga awaits (any
+    /// more: after a timeout, say) moves none and is counted in
+    /// `dbps_saga_unawaited_events_total`.
+    pub async fn handle_event(&self, conn: &mut PgConnection, event: &Envelope) -> Result<usize> {
+        let mut moved = 0;
+        for saga in self.inner.sagas.values() {
+            for (step, key) in saga.listeners(&self.inner.registry, event)? {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "select {COLUMNS} from dbps_saga_instances where await_key = $1 and state = 'running' \
+                     and version = $2 and step = $3 order by id for update"
+                )))
+                .bind(&key)
+                .bind(i32::try_from(saga.version()).unwrap_or(i32::MAX))
+                .bind(i32::try_from(step).unwrap_or(i32::MAX))
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(pg("find awaiting sagas"))?;
+                for row in &rows {
+                    let mut instance = SagaInstance::from_row(row)?;
+                    let input = match saga.event(step, &mut instance.data, &self.inner.registry, event)? {
+                        Outcome::Success => Input::Succeeded,
+                        Outcome::Failure(reason) => Input::Failed(reason),
+                    };
+                    let cause = format!("event {}", event.message_type);
+                    if let Some(plan) =
+                        machine::next(&ShapeOf(saga.as_ref()), &self.inner.policy, instance.position(), input)
+                    {
+                        self.apply(conn, &instance, saga.as_ref(), plan, &cause, Some(event))
+                            .await?;
+                        moved += 1;
+                    }
+                }
+            }
+        }
+        if moved == 0 {
+            metrics::counter!("dbps_saga_unawaited_events_total", "type" => event.message_type.clone()).increment(1);
+        }
+        Ok(moved)
+    }
+
+    /// The handler of the topics whose events steps await, for a
+    /// [`PgInbox`](dbps_core::inbox::pg::PgInbox).
+    pub fn events(&self) -> Events {
+        Events(self.clone())
     }
 
     /// Claims due deadlines until `shutdown` is cancelled: each due saga moves on by its
@@ -741,6 +799,17 @@ impl Orchestrator {
             .into_iter()
             .map(|(step, from, to, cause)| (usize::try_from(step).unwrap_or_default(), from, to, cause))
             .collect())
+    }
+}
+
+/// The event handler of an [`Orchestrator`] (see [`Orchestrator::events`]).
+#[derive(Debug, Clone)]
+pub struct Events(Orchestrator);
+
+impl TxHandler for Events {
+    async fn handle(&self, conn: &mut PgConnection, message: &Envelope) -> Result<(), HandlerError> {
+        self.0.handle_event(conn, message).await?;
+        Ok(())
     }
 }
 
