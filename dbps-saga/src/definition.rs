@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use serde_json::value::RawValue;
+use sqlx::PgConnection;
 
 use crate::error::{Result, SagaError};
 
@@ -59,6 +60,19 @@ impl Message for CompensationFailed {
 type CommandFn<D> = Arc<dyn Fn(&D) -> Result<Command> + Send + Sync>;
 type ApplyFn<D> = Arc<dyn Fn(&mut D, &Registry, &Envelope) -> Result<()> + Send + Sync>;
 type KeyFn<D> = Arc<dyn Fn(&D) -> String + Send + Sync>;
+
+/// A step run in the orchestrator's own transaction (a local step), or its compensation.
+///
+/// It runs in the transaction of the transition that reached it, with the saga's data;
+/// `Ok(true)` is success, `Ok(false)` failure (the saga compensates), an error rolls the
+/// whole transition back (a reply is retried by the runner, a timeout by the scanner).
+pub trait LocalStep<D>: Send + Sync + 'static {
+    /// Runs the step.
+    fn run<'a>(&'a self, conn: &'a mut PgConnection, data: &'a mut D) -> BoxFuture<'a, Result<bool>>;
+}
+
+/// The boxed future of a [`LocalStep`]: `Box::pin(async move { ... })`.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 type EventKeyFn = Arc<dyn Fn(&Registry, &Envelope) -> Result<String> + Send + Sync>;
 
 /// What a step that awaits an event listens for.
@@ -73,6 +87,8 @@ struct Awaits<D> {
 pub struct Step<D> {
     name: &'static str,
     command: Option<CommandFn<D>>,
+    local: Option<Arc<dyn LocalStep<D>>>,
+    local_compensation: Option<Arc<dyn LocalStep<D>>>,
     awaits: Option<Awaits<D>>,
     compensation: Option<CommandFn<D>>,
     success: Vec<(&'static str, ApplyFn<D>)>,
@@ -100,6 +116,8 @@ impl<D: Send + Sync + 'static> Step<D> {
         Self {
             name,
             command: None,
+            local: None,
+            local_compensation: None,
             awaits: None,
             compensation: None,
             success: Vec::new(),
@@ -112,6 +130,19 @@ impl<D: Send + Sync + 'static> Step<D> {
     /// The command the step sends, made from the saga's data.
     pub fn command(mut self, command: impl Fn(&D) -> Result<Command> + Send + Sync + 'static) -> Self {
         self.command = Some(Arc::new(command));
+        self
+    }
+
+    /// Instead of sending a command, the step runs `step` in the orchestrator's own
+    /// transaction (a local step: mark the quote `Pending Stock`, say), then moves on.
+    pub fn local(mut self, step: impl LocalStep<D>) -> Self {
+        self.local = Some(Arc::new(step));
+        self
+    }
+
+    /// Undoes a local step, in the orchestrator's own transaction.
+    pub fn compensate_locally(mut self, step: impl LocalStep<D>) -> Self {
+        self.local_compensation = Some(Arc::new(step));
         self
     }
 
@@ -259,13 +290,20 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Definition<D> {
             if !names.insert(step.name) {
                 return Err(invalid(format!("two steps are named {:?}", step.name)));
             }
+            let kinds = usize::from(step.command.is_some())
+                + usize::from(step.awaits.is_some())
+                + usize::from(step.local.is_some());
+            if kinds > 1 {
+                return Err(invalid(format!(
+                    "step {:?} may either send a command, await an event or run locally, not both",
+                    step.name
+                )));
+            }
+            if step.compensation.is_some() && step.local_compensation.is_some() {
+                return Err(invalid(format!("step {:?} has two compensations", step.name)));
+            }
             match (&step.command, &step.awaits) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(format!(
-                        "step {:?} both sends a command and awaits an event",
-                        step.name
-                    )));
-                }
+                _ if step.local.is_some() => {}
                 (None, None) => return Err(invalid(format!("step {:?} has no command", step.name))),
                 (Some(_), None) if step.success.is_empty() => {
                     return Err(invalid(format!("step {:?} has no success reply", step.name)));
@@ -303,6 +341,17 @@ pub(crate) trait Saga: Send + Sync {
     fn steps(&self) -> usize;
     fn step_name(&self, step: usize) -> &'static str;
     fn has_compensation(&self, step: usize) -> bool;
+    /// Whether the step (or its compensation) runs locally.
+    fn is_local(&self, step: usize, compensation: bool) -> bool;
+    /// Runs a local step (`compensation`: its local compensation); `None` when the step
+    /// (or its compensation) is not local.
+    fn run_local<'a>(
+        &'a self,
+        step: usize,
+        compensation: bool,
+        conn: &'a mut PgConnection,
+        data: &'a mut Value,
+    ) -> Option<BoxFuture<'a, Result<bool>>>;
     fn timeout(&self, step: usize) -> Duration;
     fn retries(&self, step: usize) -> u32;
     fn command(&self, step: usize, data: &Value) -> Result<Command>;
@@ -336,7 +385,41 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Saga for Definitio
         self.steps.get(step).map_or("?", |s| s.name)
     }
     fn has_compensation(&self, step: usize) -> bool {
-        self.steps.get(step).is_some_and(|s| s.compensation.is_some())
+        self.steps
+            .get(step)
+            .is_some_and(|s| s.compensation.is_some() || s.local_compensation.is_some())
+    }
+
+    fn is_local(&self, step: usize, compensation: bool) -> bool {
+        self.steps.get(step).is_some_and(|s| {
+            if compensation {
+                s.local_compensation.is_some()
+            } else {
+                s.local.is_some()
+            }
+        })
+    }
+
+    fn run_local<'a>(
+        &'a self,
+        step: usize,
+        compensation: bool,
+        conn: &'a mut PgConnection,
+        data: &'a mut Value,
+    ) -> Option<BoxFuture<'a, Result<bool>>> {
+        let step = self.steps.get(step)?;
+        let local = if compensation {
+            &step.local_compensation
+        } else {
+            &step.local
+        };
+        let local = Arc::clone(local.as_ref()?);
+        Some(Box::pin(async move {
+            let mut typed: D = serde_json::from_value(data.clone()).map_err(SagaError::Data)?;
+            let succeeded = local.run(conn, &mut typed).await?;
+            *data = serde_json::to_value(&typed).map_err(SagaError::Data)?;
+            Ok(succeeded)
+        }))
     }
     fn timeout(&self, step: usize) -> Duration {
         self.steps.get(step).map_or(Duration::from_secs(30), |s| s.timeout)

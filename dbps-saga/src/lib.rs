@@ -57,7 +57,10 @@
 //! (`QuoteCreated` → `StockReserved` / `StockReservationFailed`) as a persisted state
 //! machine. The orchestrator's [`events`](Orchestrator::events) handler takes those events.
 //!
-//! Not yet here: local steps, parallel groups, MongoDB participants.
+//! A step may also run in the orchestrator's own transaction ([`Step::local`], a
+//! [`LocalStep`]) and be compensated there ([`Step::compensate_locally`]).
+//!
+//! Not yet here: parallel groups, MongoDB participants.
 
 mod definition;
 mod error;
@@ -65,7 +68,7 @@ mod machine;
 mod orchestrator;
 mod participant;
 
-pub use definition::{Command, Compensated, CompensationFailed, Definition, Step};
+pub use definition::{BoxFuture, Command, Compensated, CompensationFailed, Definition, LocalStep, Step};
 pub use error::{Result, SagaError};
 pub use machine::SagaState;
 pub use orchestrator::{DeadlineSummary, Events, MIGRATOR, Orchestrator, OrchestratorBuilder, Replies, SagaInstance};

@@ -394,9 +394,49 @@ impl Orchestrator {
             step = saga.step_name(plan.to.step),
             cause,
         );
-        self.apply_plan(conn, instance, saga, plan, cause, caused_by)
+        let mut state = self
+            .apply_plan(conn, instance, saga, plan.clone(), cause, caused_by)
             .instrument(span)
-            .await
+            .await?;
+        // A local step runs at once, in this transaction, and moves the saga on; several in
+        // a row run one after another.
+        let mut at = plan;
+        let mut current = instance.clone();
+        loop {
+            let (step, compensation) = match at.send {
+                Some(Outgoing::Command(step)) => (step, false),
+                Some(Outgoing::Compensation(step)) => (step, true),
+                None => return Ok(state),
+            };
+            current.state = at.to.state;
+            current.step = at.to.step;
+            current.attempt = at.to.attempt;
+            let Some(run) = saga.run_local(step, compensation, conn, &mut current.data) else {
+                return Ok(state);
+            };
+            let input = if run.await? {
+                Input::Succeeded
+            } else {
+                Input::Failed(format!("local step {} failed", saga.step_name(step)))
+            };
+            let Some(next) = machine::next(&ShapeOf(saga), &self.inner.policy, current.position(), input) else {
+                return Ok(state);
+            };
+            let span = tracing::info_span!(
+                "dbps.saga.transition",
+                saga = saga.name(),
+                saga_id = %current.id,
+                from = current.state.as_str(),
+                to = next.to.state.as_str(),
+                step = saga.step_name(next.to.step),
+                cause = "local step",
+            );
+            state = self
+                .apply_plan(conn, &current, saga, next.clone(), "local step", caused_by)
+                .instrument(span)
+                .await?;
+            at = next;
+        }
     }
 
     async fn apply_plan(
@@ -411,6 +451,8 @@ impl Orchestrator {
         let started = Instant::now();
         let (awaiting, await_key) = match plan.send {
             None => (None, None),
+            Some(Outgoing::Command(step)) if saga.is_local(step, false) => (None, None),
+            Some(Outgoing::Compensation(step)) if saga.is_local(step, true) => (None, None),
             Some(Outgoing::Command(step)) => match saga.await_key(step, &instance.data)? {
                 // The step awaits an event: nothing to send, a key to wait under.
                 Some(key) => (None, Some(key)),
