@@ -60,16 +60,23 @@
 //! A step may also run in the orchestrator's own transaction ([`Step::local`], a
 //! [`LocalStep`]) and be compensated there ([`Step::compensate_locally`]).
 //!
-//! Not yet here: parallel groups, MongoDB participants.
+//! On MongoDB (feature `mongodb`), a [`MongoParticipant`] records a command's effect as one
+//! new document that carries the reply in its outbox: one atomic insert, no transaction.
+//!
+//! Not yet here: parallel groups.
 
 mod definition;
 mod error;
 mod machine;
+#[cfg(feature = "mongodb")]
+mod mongo;
 mod orchestrator;
 mod participant;
 
 pub use definition::{BoxFuture, Command, Compensated, CompensationFailed, Definition, LocalStep, Step};
 pub use error::{Result, SagaError};
 pub use machine::SagaState;
+#[cfg(feature = "mongodb")]
+pub use mongo::{MongoCommandHandler, MongoParticipant};
 pub use orchestrator::{DeadlineSummary, Events, MIGRATOR, Orchestrator, OrchestratorBuilder, Replies, SagaInstance};
 pub use participant::{CommandHandler, Participant, Reply};

@@ -19,9 +19,9 @@ use crate::error::SagaError;
 /// [`CompensationFailed`]: crate::CompensationFailed
 #[derive(Debug, Clone)]
 pub struct Reply {
-    message_type: &'static str,
-    schema_version: u32,
-    payload: Box<RawValue>,
+    pub(crate) message_type: &'static str,
+    pub(crate) schema_version: u32,
+    pub(crate) payload: Box<RawValue>,
 }
 
 impl Reply {
