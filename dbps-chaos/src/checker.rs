@@ -522,6 +522,12 @@ pub(crate) async fn topic_size(brokers: &str, topic: &str) -> Result<i64> {
     .context("watermark reader panicked")?
 }
 
+/// The `ce_id` of every record on a topic, in the order read (`None` for a record
+/// without one).
+pub(crate) async fn topic_ids(brokers: &str, topic: &str) -> Result<Vec<Option<String>>> {
+    Ok(read_topic(brokers, topic).await?.into_iter().map(|r| r.id).collect())
+}
+
 /// Reads a topic from its low to its high watermark, every partition, with a consumer
 /// of its own (no group offsets are used or committed).
 async fn read_topic(brokers: &str, topic: &str) -> Result<Vec<Record>> {

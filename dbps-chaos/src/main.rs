@@ -15,6 +15,7 @@
 //! | `broker-restart` | the Kafka broker stopped and started under load | nothing lost, the relay resumes by itself |
 //! | `poison` | one oversize or malformed record per 10,000 | every one parked or dead-lettered, healthy keys unaffected |
 //! | `replica` | `PgReplica` consumers killed with SIGKILL at random; 8 % of the events published again late, out of order, including old updates of deleted customers | every replica row equal to its source row, no record going back in time, no deleted record coming back |
+//! | `saga-kill` | 10,000 sagas (70 % complete, 20 % refused at step 2, 10 % unanswered at step 3) while the saga orchestrator, its participants and the relays are killed with SIGKILL at random | every saga completed or compensated, each effect applied once, nothing left behind by a compensated saga, no transition twice |
 //!
 //! Writers, relays and consumers run as separate processes of this executable (the
 //! hidden `worker` subcommand), so they can be killed for real. Writers commit one event
@@ -34,6 +35,9 @@ mod model;
 mod procs;
 mod replica;
 mod report;
+mod saga;
+mod saga_check;
+mod saga_run;
 mod scenarios;
 mod stack;
 mod workers;
@@ -70,6 +74,10 @@ enum Command {
     /// Replicas kept by events (`PgReplica`): consumers killed with SIGKILL at random (at
     /// least 20 kills), 8 % of the events published again out of order.
     Replica(ScenarioArgs),
+    /// Sagas (`dbps-saga`) with a mix of outcomes while the orchestrator, the participants
+    /// and the relays are killed with SIGKILL at random (at least 20 kills). `--events` is
+    /// the number of sagas, `--seconds` how long they are started over.
+    SagaKill(ScenarioArgs),
     /// A process of a scenario (started by the scenarios themselves).
     #[command(hide = true)]
     Worker {
@@ -105,9 +113,19 @@ fn main() -> ExitCode {
         Command::BrokerRestart(args) => (Scenario::BrokerRestart, args),
         Command::Poison(args) => (Scenario::Poison, args),
         Command::Replica(args) => (Scenario::Replica, args),
+        Command::SagaKill(args) => {
+            init_tracing("warn");
+            return exit_code(runtime.block_on(saga_run::run(args)));
+        }
     };
     init_tracing("warn");
-    match runtime.block_on(scenarios::run(scenario, args)) {
+    exit_code(runtime.block_on(scenarios::run(scenario, args)))
+}
+
+/// 0 when the scenario passed, 1 when a count that must be zero is not, 2 when the harness
+/// could not run.
+fn exit_code(outcome: anyhow::Result<bool>) -> ExitCode {
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(error) => {

@@ -146,39 +146,39 @@ impl Scenario {
 pub(crate) struct ScenarioArgs {
     /// Write the result as a JSON object to PATH.
     #[arg(long, value_name = "PATH")]
-    json: Option<PathBuf>,
+    pub(crate) json: Option<PathBuf>,
     /// Seed of the random choices (kill moments, victims, keys); printed when chosen.
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Events to commit, instead of the scenario's full size.
     #[arg(long)]
-    events: Option<u64>,
+    pub(crate) events: Option<u64>,
     /// Faults to inject at least, instead of the scenario's minimum (kills, restarts).
     #[arg(long)]
-    faults: Option<u32>,
+    pub(crate) faults: Option<u32>,
     /// Aggregates the events are spread over, instead of the scenario's number.
     #[arg(long)]
-    aggregates: Option<u32>,
+    pub(crate) aggregates: Option<u32>,
     /// Spread the load over this many seconds, instead of the scenario's time (for a quick
     /// run of a paced scenario).
     #[arg(long)]
-    seconds: Option<f64>,
+    pub(crate) seconds: Option<f64>,
     /// Keep the databases, topics and worker logs of a passing run.
     #[arg(long)]
-    keep: bool,
+    pub(crate) keep: bool,
     /// Administrative PostgreSQL URL (eval "$(scripts/stack.sh env)" sets it).
     #[arg(long, env = "DBPS_POSTGRES_URL", hide_env_values = true)]
-    postgres_url: String,
+    pub(crate) postgres_url: String,
     /// Kafka bootstrap servers (eval "$(scripts/stack.sh env)" sets them).
     #[arg(long, env = "DBPS_KAFKA_BROKERS")]
-    kafka_brokers: String,
+    pub(crate) kafka_brokers: String,
     /// MongoDB connection string, for mongo-relay-kill (eval "$(scripts/stack.sh env)"
     /// sets it).
     #[arg(long, env = "DBPS_MONGODB_URI", hide_env_values = true)]
     mongodb_uri: Option<String>,
     /// The stack script the broker-restart scenario stops and starts Kafka with.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh"))]
-    stack_script: PathBuf,
+    pub(crate) stack_script: PathBuf,
 }
 
 /// Load, workers and faults of a scenario.

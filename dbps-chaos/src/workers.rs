@@ -41,6 +41,10 @@ pub(crate) enum Role {
     CustomerWriter(crate::replica::CustomerWriterArgs),
     /// Runs one consumer-group member that keeps the customer replica (replica).
     Replica(crate::replica::ReplicaConsumerArgs),
+    /// Runs the saga orchestrator: reply consumer, deadline scanner and starter (saga-kill).
+    SagaOrchestrator(crate::saga::OrchestratorArgs),
+    /// Runs one saga participant's command consumer (saga-kill).
+    SagaParticipant(crate::saga::ParticipantArgs),
 }
 
 /// Runs a worker until it is done or its standard input closes.
@@ -51,6 +55,8 @@ pub(crate) async fn run(role: Role) -> Result<()> {
         Role::Consumer(args) => consumer(args).await,
         Role::CustomerWriter(args) => crate::replica::writer(args).await,
         Role::Replica(args) => crate::replica::consumer(args).await,
+        Role::SagaOrchestrator(args) => crate::saga::orchestrator(args).await,
+        Role::SagaParticipant(args) => crate::saga::participant(args).await,
     }
 }
 
@@ -476,6 +482,10 @@ pub(crate) struct RelayArgs {
     /// relay's partitions wait for another relay).
     #[arg(long, default_value_t = 5000)]
     lease_ms: u64,
+    /// Keep published rows (marked published) instead of deleting them, so the checker
+    /// can compare the outbox with the topics (PostgreSQL outbox only).
+    #[arg(long)]
+    keep_published: bool,
 }
 
 async fn relay(args: RelayArgs) -> Result<()> {
@@ -496,7 +506,11 @@ async fn relay(args: RelayArgs) -> Result<()> {
         }
         None => {
             let pool = connect(&args.db_url, 4).await?;
-            run_relay(&args, Relay::builder(PgOutboxStore::new(pool), publisher)).await?
+            let mut store = PgOutboxStore::new(pool);
+            if args.keep_published {
+                store = store.retention(dbps_outbox::Retention::Keep(Duration::from_secs(7 * 24 * 3600)));
+            }
+            run_relay(&args, Relay::builder(store, publisher)).await?
         }
     };
     println!(

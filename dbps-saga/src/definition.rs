@@ -232,7 +232,8 @@ impl<D: Send + Sync + 'static> Step<D> {
     }
 
     /// How many times the command is sent again after a timeout before the step counts
-    /// as failed (default 0). Participants must handle a command twice as once (inbox).
+    /// as failed (default 0). A command sent again has a new message id, so the inbox does
+    /// not recognise it: participants must be idempotent for it.
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
