@@ -165,6 +165,7 @@ struct SagaReport {
     transitions_per_s: f64,
     raw_pg_commit_tps: f64,
     commits_per_s: f64,
+    db_commits_per_s: f64,
     commit_efficiency: f64,
     latency_ms: Millis,
     latency: Vec<LatencyAt>,
@@ -324,8 +325,11 @@ async fn measure(
     load.await??;
     let sagas_per_s = (after.completed - before.completed) as f64 / elapsed;
     let transitions_per_s = (after.transitions - before.transitions) as f64 / elapsed;
+    // Logical transactions: each transition of the orchestrator and each command a
+    // participant applied is atomic on its own; batching commits several at once.
     let commits_per_s =
         ((after.transitions - before.transitions) + (after.participant - before.participant)) as f64 / elapsed;
+    let db_commits_per_s = (after.database - before.database) as f64 / elapsed;
     progress::done(
         &bar,
         label,
@@ -390,6 +394,7 @@ async fn measure(
         transitions_per_s,
         raw_pg_commit_tps,
         commits_per_s,
+        db_commits_per_s,
         commit_efficiency,
         latency_ms: half,
         latency,
@@ -423,13 +428,16 @@ struct Counts {
     completed: i64,
     transitions: i64,
     participant: i64,
+    /// Every transaction the database committed (relay, scanner and starters included).
+    database: i64,
 }
 
 async fn counts(pool: &PgPool) -> anyhow::Result<Counts> {
-    let (completed, transitions, participant): (i64, i64, i64) = sqlx::query_as(
+    let (completed, transitions, participant, database): (i64, i64, i64, i64) = sqlx::query_as(
         "select (select count(*) from dbps_saga_instances where state = 'completed'),
                 (select count(*) from dbps_saga_history),
-                (select count(*) from dbps_inbox where consumer <> 'quote')",
+                (select count(*) from dbps_inbox where consumer <> 'quote'),
+                (select xact_commit from pg_stat_database where datname = current_database())",
     )
     .fetch_one(pool)
     .await?;
@@ -437,6 +445,7 @@ async fn counts(pool: &PgPool) -> anyhow::Result<Counts> {
         completed,
         transitions,
         participant,
+        database,
     })
 }
 
