@@ -595,7 +595,7 @@ fn render(r: &SagaReport) -> String {
             target("transitions_per_s"),
         ],
         vec![
-            String::from("commits (orchestrator + participants), /s"),
+            String::from("orchestrator + participant transactions, /s"),
             thousands(r.commits_per_s),
             format!(
                 "raw commits {}/s ({:.2})",
@@ -603,6 +603,12 @@ fn render(r: &SagaReport) -> String {
                 r.commit_efficiency
             ),
             target("commit_efficiency"),
+        ],
+        vec![
+            String::from("database commits (all, batched), /s"),
+            thousands(r.db_commits_per_s),
+            String::from("relay, scanner, starters included"),
+            String::new(),
         ],
     ];
     for at in &r.latency {
