@@ -208,10 +208,10 @@ struct Parts {
 }
 
 impl Parts {
-    fn spawn<T, E: Into<anyhow::Error>>(&mut self, run: impl Future<Output = Result<T, E>> + Send + 'static)
+    fn spawn<T, E>(&mut self, run: impl Future<Output = Result<T, E>> + Send + 'static)
     where
         T: Send + 'static,
-        E: Send + 'static,
+        E: Into<anyhow::Error> + Send + 'static,
     {
         self.tasks
             .push(tokio::spawn(async move { run.await.map(|_| ()).map_err(Into::into) }));

@@ -60,7 +60,7 @@
 //! A step may also run in the orchestrator's own transaction ([`Step::local`], a
 //! [`LocalStep`]) and be compensated there ([`Step::compensate_locally`]).
 //!
-//! On MongoDB (feature `mongodb`), a [`MongoParticipant`] records a command's effect as one
+//! On MongoDB (feature `mongodb`), a `MongoParticipant` records a command's effect as one
 //! new document that carries the reply in its outbox: one atomic insert, no transaction.
 //!
 //! Not yet here: parallel groups.

@@ -3,7 +3,7 @@
 //!
 //! A replica is a declaration: a [`Projection`] says what an event (or a snapshot record)
 //! means as rows, and a target keeps them — [`PgReplica`] (feature `postgres`) in a table,
-//! [`MongoReplica`] (feature `mongodb`) in a collection. The target does the subtle parts:
+//! `MongoReplica` (feature `mongodb`) in a collection. The target does the subtle parts:
 //!
 //! - **Guarded by the aggregate's sequence number.** Each aggregate's newest applied
 //!   sequence is kept; a duplicate, reordered or late event (one whose sequence is not

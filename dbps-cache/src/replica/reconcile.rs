@@ -13,7 +13,7 @@ use crate::error::Result;
 
 /// The replica's side of a reconciliation: its digests and entries, computed from the
 /// rows it holds (not from its version table, so damaged rows show), and the means to
-/// repair them. [`PgReplica`](super::PgReplica) and [`MongoReplica`](super::MongoReplica)
+/// repair them. `PgReplica` and `MongoReplica`
 /// implement it.
 ///
 /// The reconciler expects every live aggregate of the source to have at least one row in
