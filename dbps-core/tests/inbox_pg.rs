@@ -254,7 +254,7 @@ async fn a_batched_inbox_applies_each_message_once_and_a_failing_batch_not_at_al
     )
     .batched(16);
     let c = event("sku-2", 1)?;
-    assert!(failing.handle_batch(&[c.clone()]).await.is_err());
+    assert!(failing.handle_batch(std::slice::from_ref(&c)).await.is_err());
     let recorded: i64 = sqlx::query_scalar("select count(*) from dbps_inbox where message_id = $1")
         .bind(&c.id)
         .fetch_one(db.pool())
