@@ -328,6 +328,28 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Definition<D> {
     }
 }
 
+impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Definition<D> {
+    /// Makes a step's command or compensation from the saga's data.
+    fn make(
+        &self,
+        step: usize,
+        data: &Value,
+        pick: impl Fn(&Step<D>) -> Option<&CommandFn<D>>,
+        what: &str,
+    ) -> Result<Command> {
+        let make = self
+            .steps
+            .get(step)
+            .and_then(pick)
+            .ok_or_else(|| SagaError::InvalidConfig {
+                setting: "saga step",
+                reason: format!("{} step {step} has no {what}", self.name),
+            })?;
+        let data: D = serde_json::from_value(data.clone()).map_err(SagaError::Data)?;
+        make(&data)
+    }
+}
+
 /// What a reply to a step's command means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -430,29 +452,11 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Saga for Definitio
     }
 
     fn command(&self, step: usize, data: &Value) -> Result<Command> {
-        let data: D = serde_json::from_value(data.clone()).map_err(SagaError::Data)?;
-        let make = self
-            .steps
-            .get(step)
-            .and_then(|s| s.command.as_ref())
-            .ok_or_else(|| SagaError::InvalidConfig {
-                setting: "saga step",
-                reason: format!("{} has no step {step}", self.name),
-            })?;
-        make(&data)
+        self.make(step, data, |s| s.command.as_ref(), "command")
     }
 
     fn compensation(&self, step: usize, data: &Value) -> Result<Command> {
-        let data: D = serde_json::from_value(data.clone()).map_err(SagaError::Data)?;
-        let make = self
-            .steps
-            .get(step)
-            .and_then(|s| s.compensation.as_ref())
-            .ok_or_else(|| SagaError::InvalidConfig {
-                setting: "saga step",
-                reason: format!("{} step {step} has no compensation", self.name),
-            })?;
-        make(&data)
+        self.make(step, data, |s| s.compensation.as_ref(), "compensation")
     }
 
     fn await_key(&self, step: usize, data: &Value) -> Result<Option<String>> {

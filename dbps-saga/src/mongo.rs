@@ -7,7 +7,7 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use dbps_core::classify::is_duplicate_key;
-use dbps_core::{Envelope, Handler, HandlerError, MessageKind, MessageSet, Registry};
+use dbps_core::{Envelope, Handler, HandlerError, MessageSet, Registry};
 use dbps_outbox::OutboxError;
 use dbps_outbox::mongo::MongoOutbox;
 use mongodb::Collection;
@@ -77,10 +77,7 @@ impl<S: MessageSet, H: MongoCommandHandler<S>> MongoParticipant<S, H> {
         let decoded = S::decode(&self.registry, command).map_err(HandlerError::permanent)?;
         let (mut document, reply) = self.handler.handle(decoded, command).await?;
         document.insert("_id", command.id.as_str());
-        let mut envelope = Envelope::raw(MessageKind::Reply, reply.message_type, reply.payload).caused_by(command);
-        envelope.schema_version = reply.schema_version;
-        envelope.source = self.outbox.service().to_owned();
-        envelope.aggregate_id.clone_from(&command.aggregate_id);
+        let envelope = reply.envelope(command, self.outbox.service());
         let message = self
             .outbox
             .message(&reply_to, envelope)

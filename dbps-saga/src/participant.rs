@@ -19,12 +19,22 @@ use crate::error::SagaError;
 /// [`CompensationFailed`]: crate::CompensationFailed
 #[derive(Debug, Clone)]
 pub struct Reply {
-    pub(crate) message_type: &'static str,
-    pub(crate) schema_version: u32,
-    pub(crate) payload: Box<RawValue>,
+    message_type: &'static str,
+    schema_version: u32,
+    payload: Box<RawValue>,
 }
 
 impl Reply {
+    /// The reply's envelope: caused by `command` (same correlation, its trace continued),
+    /// from `service`, about the command's aggregate (the saga).
+    pub(crate) fn envelope(self, command: &Envelope, service: &str) -> Envelope {
+        let mut envelope = Envelope::raw(MessageKind::Reply, self.message_type, self.payload).caused_by(command);
+        envelope.schema_version = self.schema_version;
+        envelope.source = service.to_owned();
+        envelope.aggregate_id.clone_from(&command.aggregate_id);
+        envelope
+    }
+
     /// `message` as the reply.
     pub fn new<M: Message>(message: &M) -> Result<Self, HandlerError> {
         Ok(Self {
@@ -95,11 +105,11 @@ impl<S: MessageSet, H: CommandHandler<S>> TxHandler for Participant<S, H> {
             })
         })?;
         let decoded = S::decode(&self.registry, command).map_err(HandlerError::permanent)?;
-        let reply = self.handler.handle(conn, decoded, command).await?;
-        let mut envelope = Envelope::raw(MessageKind::Reply, reply.message_type, reply.payload).caused_by(command);
-        envelope.schema_version = reply.schema_version;
-        envelope.source.clone_from(&self.service);
-        envelope.aggregate_id.clone_from(&command.aggregate_id);
+        let envelope = self
+            .handler
+            .handle(conn, decoded, command)
+            .await?
+            .envelope(command, &self.service);
         self.outbox
             .enqueue(conn, &reply_to, envelope)
             .await
