@@ -95,6 +95,8 @@ pub struct Step<D> {
     failure: BTreeSet<&'static str>,
     timeout: Duration,
     retries: u32,
+    /// A parallel group's branches (empty for any other step).
+    branches: Vec<Step<D>>,
 }
 
 impl<D> fmt::Debug for Step<D> {
@@ -106,6 +108,7 @@ impl<D> fmt::Debug for Step<D> {
             .field("compensates", &self.compensation.is_some())
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
+            .field("branches", &self.branches)
             .finish_non_exhaustive()
     }
 }
@@ -124,7 +127,28 @@ impl<D: Send + Sync + 'static> Step<D> {
             failure: BTreeSet::new(),
             timeout: Duration::from_secs(30),
             retries: 0,
+            branches: Vec::new(),
         }
+    }
+
+    /// A parallel group named `name`: the commands of its [`branch`](Self::branch)es are
+    /// sent at once, and the group succeeds when every branch has replied with success.
+    /// When one branch fails, the others are compensated (those that succeeded, and those
+    /// not answered yet: a branch's compensation reaches its participant after its
+    /// command, on the same partition) and then the steps before the group, in reverse.
+    ///
+    /// The group's [`timeout`](Self::timeout) and [`retries`](Self::retries) apply to it
+    /// as a whole: a retry sends again the commands of the branches that did not answer.
+    pub fn parallel(name: &'static str) -> Self {
+        Self::new(name)
+    }
+
+    /// Adds a branch to a parallel group: a step that sends a command (not a local step,
+    /// an awaited event or a group), with its replies and compensation. Its own timeout
+    /// and retries are not used: the group's are.
+    pub fn branch(mut self, branch: Step<D>) -> Self {
+        self.branches.push(branch);
+        self
     }
 
     /// The command the step sends, made from the saga's data.
@@ -291,6 +315,10 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Definition<D> {
             if !names.insert(step.name) {
                 return Err(invalid(format!("two steps are named {:?}", step.name)));
             }
+            if !step.branches.is_empty() {
+                self.validate_group(step, &mut names).map_err(invalid)?;
+                continue;
+            }
             let kinds = usize::from(step.command.is_some())
                 + usize::from(step.awaits.is_some())
                 + usize::from(step.local.is_some());
@@ -326,6 +354,59 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Definition<D> {
         }
         Ok(())
     }
+
+    /// A parallel group: nothing of its own but a timeout and retries; at least two
+    /// branches, each a command with a success reply.
+    fn validate_group(&self, group: &Step<D>, names: &mut BTreeSet<&'static str>) -> Result<(), String> {
+        let name = group.name;
+        if group.command.is_some()
+            || group.local.is_some()
+            || group.awaits.is_some()
+            || group.compensation.is_some()
+            || group.local_compensation.is_some()
+            || !group.success.is_empty()
+            || !group.failure.is_empty()
+        {
+            return Err(format!(
+                "parallel group {name:?} has a command, replies or a compensation of its own: its branches do"
+            ));
+        }
+        if group.branches.len() < 2 {
+            return Err(format!("parallel group {name:?} has fewer than two branches"));
+        }
+        if group.timeout.is_zero() {
+            return Err(format!("parallel group {name:?} has a zero timeout"));
+        }
+        for branch in &group.branches {
+            if !names.insert(branch.name) {
+                return Err(format!("two steps are named {:?}", branch.name));
+            }
+            if branch.command.is_none()
+                || branch.local.is_some()
+                || branch.awaits.is_some()
+                || branch.local_compensation.is_some()
+                || !branch.branches.is_empty()
+            {
+                return Err(format!(
+                    "branch {:?} of {name:?} must send a command (not run locally, await an event or be a group)",
+                    branch.name
+                ));
+            }
+            if branch.success.is_empty() {
+                return Err(format!("branch {:?} of {name:?} has no success reply", branch.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// A step, or a branch of a parallel group.
+    fn at(&self, step: usize, branch: Option<usize>) -> Option<&Step<D>> {
+        let step = self.steps.get(step)?;
+        match branch {
+            None => Some(step),
+            Some(branch) => step.branches.get(branch),
+        }
+    }
 }
 
 impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Definition<D> {
@@ -333,13 +414,13 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Definition<D> {
     fn make(
         &self,
         step: usize,
+        branch: Option<usize>,
         data: &Value,
         pick: impl Fn(&Step<D>) -> Option<&CommandFn<D>>,
         what: &str,
     ) -> Result<Command> {
         let make = self
-            .steps
-            .get(step)
+            .at(step, branch)
             .and_then(pick)
             .ok_or_else(|| SagaError::InvalidConfig {
                 setting: "saga step",
@@ -363,7 +444,12 @@ pub(crate) trait Saga: Send + Sync {
     fn version(&self) -> u32;
     fn steps(&self) -> usize;
     fn step_name(&self, step: usize) -> &'static str;
+    /// A parallel group's branch count (0: not a group).
+    fn branches(&self, step: usize) -> usize;
+    fn branch_name(&self, step: usize, branch: usize) -> &'static str;
+    /// Whether the step (for a group: any branch) has a compensation.
     fn has_compensation(&self, step: usize) -> bool;
+    fn branch_has_compensation(&self, step: usize, branch: usize) -> bool;
     /// Whether the step (or its compensation) runs locally.
     fn is_local(&self, step: usize, compensation: bool) -> bool;
     /// Runs a local step (`compensation`: its local compensation); `None` when the step
@@ -377,10 +463,19 @@ pub(crate) trait Saga: Send + Sync {
     ) -> Option<BoxFuture<'a, Result<bool>>>;
     fn timeout(&self, step: usize) -> Duration;
     fn retries(&self, step: usize) -> u32;
-    fn command(&self, step: usize, data: &Value) -> Result<Command>;
-    fn compensation(&self, step: usize, data: &Value) -> Result<Command>;
-    /// Classifies a reply to the step's command and, on success, applies it to the data.
-    fn reply(&self, step: usize, data: &mut Value, registry: &Registry, reply: &Envelope) -> Result<Outcome>;
+    /// The command of a step or of a group's branch.
+    fn command(&self, step: usize, branch: Option<usize>, data: &Value) -> Result<Command>;
+    fn compensation(&self, step: usize, branch: Option<usize>, data: &Value) -> Result<Command>;
+    /// Classifies a reply to the command of a step or branch and, on success, applies it
+    /// to the data.
+    fn reply(
+        &self,
+        step: usize,
+        branch: Option<usize>,
+        data: &mut Value,
+        registry: &Registry,
+        reply: &Envelope,
+    ) -> Result<Outcome>;
     /// For a step that awaits an event: the key the instance waits under.
     fn await_key(&self, step: usize, data: &Value) -> Result<Option<String>>;
     /// The steps that await events of this type, with the key the event carries for each.
@@ -407,10 +502,21 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Saga for Definitio
     fn step_name(&self, step: usize) -> &'static str {
         self.steps.get(step).map_or("?", |s| s.name)
     }
+    fn branches(&self, step: usize) -> usize {
+        self.steps.get(step).map_or(0, |s| s.branches.len())
+    }
+    fn branch_name(&self, step: usize, branch: usize) -> &'static str {
+        self.at(step, Some(branch)).map_or("?", |s| s.name)
+    }
     fn has_compensation(&self, step: usize) -> bool {
-        self.steps
-            .get(step)
-            .is_some_and(|s| s.compensation.is_some() || s.local_compensation.is_some())
+        self.steps.get(step).is_some_and(|s| {
+            s.compensation.is_some()
+                || s.local_compensation.is_some()
+                || s.branches.iter().any(|b| b.compensation.is_some())
+        })
+    }
+    fn branch_has_compensation(&self, step: usize, branch: usize) -> bool {
+        self.at(step, Some(branch)).is_some_and(|b| b.compensation.is_some())
     }
 
     fn is_local(&self, step: usize, compensation: bool) -> bool {
@@ -451,12 +557,12 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Saga for Definitio
         self.steps.get(step).map_or(0, |s| s.retries)
     }
 
-    fn command(&self, step: usize, data: &Value) -> Result<Command> {
-        self.make(step, data, |s| s.command.as_ref(), "command")
+    fn command(&self, step: usize, branch: Option<usize>, data: &Value) -> Result<Command> {
+        self.make(step, branch, data, |s| s.command.as_ref(), "command")
     }
 
-    fn compensation(&self, step: usize, data: &Value) -> Result<Command> {
-        self.make(step, data, |s| s.compensation.as_ref(), "compensation")
+    fn compensation(&self, step: usize, branch: Option<usize>, data: &Value) -> Result<Command> {
+        self.make(step, branch, data, |s| s.compensation.as_ref(), "compensation")
     }
 
     fn await_key(&self, step: usize, data: &Value) -> Result<Option<String>> {
@@ -512,13 +618,22 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> Saga for Definitio
         Ok(Outcome::Success)
     }
 
-    fn reply(&self, step: usize, data: &mut Value, registry: &Registry, reply: &Envelope) -> Result<Outcome> {
+    fn reply(
+        &self,
+        step: usize,
+        branch: Option<usize>,
+        data: &mut Value,
+        registry: &Registry,
+        reply: &Envelope,
+    ) -> Result<Outcome> {
         let unexpected = || SagaError::UnexpectedReply {
             saga: self.name.to_owned(),
-            step: self.step_name(step).to_owned(),
+            step: branch
+                .map_or_else(|| self.step_name(step), |b| self.branch_name(step, b))
+                .to_owned(),
             message_type: reply.message_type.clone(),
         };
-        let step = self.steps.get(step).ok_or_else(unexpected)?;
+        let step = self.at(step, branch).ok_or_else(unexpected)?;
         if step.failure.contains(reply.message_type.as_str()) {
             return Ok(Outcome::Failure(format!(
                 "{} replied {}",

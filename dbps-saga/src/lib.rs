@@ -63,7 +63,9 @@
 //! On MongoDB (feature `mongodb`), a `MongoParticipant` records a command's effect as one
 //! new document that carries the reply in its outbox: one atomic insert, no transaction.
 //!
-//! Not yet here: parallel groups.
+//! A step may also be a parallel group ([`Step::parallel`] with [`Step::branch`]es): the
+//! branches' commands leave at once, the group succeeds when all succeeded, and when one
+//! fails the others are compensated, then the steps before the group.
 
 mod definition;
 mod error;
@@ -78,5 +80,7 @@ pub use error::{Result, SagaError};
 pub use machine::SagaState;
 #[cfg(feature = "mongodb")]
 pub use mongo::{MongoCommandHandler, MongoParticipant};
-pub use orchestrator::{DeadlineSummary, Events, MIGRATOR, Orchestrator, OrchestratorBuilder, Replies, SagaInstance};
+pub use orchestrator::{
+    Branch, BranchState, DeadlineSummary, Events, MIGRATOR, Orchestrator, OrchestratorBuilder, Replies, SagaInstance,
+};
 pub use participant::{CommandHandler, Participant, Reply};

@@ -59,6 +59,8 @@ impl fmt::Display for SagaState {
 /// What the machine needs to know of a definition.
 pub(crate) trait Shape {
     fn steps(&self) -> usize;
+    /// Whether the step is a parallel group.
+    fn is_group(&self, step: usize) -> bool;
     fn has_compensation(&self, step: usize) -> bool;
     fn timeout(&self, step: usize) -> Duration;
     fn retries(&self, step: usize) -> u32;
@@ -186,6 +188,11 @@ pub(crate) fn next(shape: &impl Shape, policy: &CompensationPolicy, at: Position
             wait: None,
             error: None,
         }),
+        // A branch of a parallel group said no: the group's other branches are undone
+        // (the orchestrator knows which branch failed and leaves it), then the steps before.
+        (SagaState::Running, Input::Failed(reason)) if shape.is_group(at.step) => {
+            Some(compensate_below(shape, policy, at.step + 1, Some(reason)))
+        }
         // The step said no: it did nothing, the steps before it are undone.
         (SagaState::Running, Input::Failed(reason)) => Some(compensate_below(shape, policy, at.step, Some(reason))),
         (SagaState::Running, Input::TimedOut) if at.attempt < shape.retries(at.step) => Some(Plan {
@@ -261,6 +268,9 @@ mod tests {
         fn steps(&self) -> usize {
             3
         }
+        fn is_group(&self, _: usize) -> bool {
+            false
+        }
         fn has_compensation(&self, step: usize) -> bool {
             step != 1
         }
@@ -317,6 +327,44 @@ mod tests {
             go(at(SagaState::Running, 0, 0), Input::Failed("no".into())).to.state,
             SagaState::Compensated
         );
+    }
+
+    #[test]
+    fn a_failed_branch_compensates_its_own_group_then_the_earlier_steps() -> Result<(), &'static str> {
+        /// `Three` whose last step is a parallel group.
+        struct Grouped;
+        impl Shape for Grouped {
+            fn steps(&self) -> usize {
+                Three.steps()
+            }
+            fn is_group(&self, step: usize) -> bool {
+                step == 2
+            }
+            fn has_compensation(&self, step: usize) -> bool {
+                Three.has_compensation(step)
+            }
+            fn timeout(&self, step: usize) -> Duration {
+                Three.timeout(step)
+            }
+            fn retries(&self, step: usize) -> u32 {
+                Three.retries(step)
+            }
+        }
+        // A failing branch leaves siblings to undo in the group itself.
+        let plan = next(
+            &Grouped,
+            &POLICY,
+            at(SagaState::Running, 2, 0),
+            Input::Failed("no".into()),
+        )
+        .ok_or("stays")?;
+        assert_eq!(
+            (plan.to, plan.send),
+            (at(SagaState::Compensating, 2, 0), Some(Send::Compensation(2)))
+        );
+        let then = next(&Grouped, &POLICY, plan.to, Input::Succeeded).ok_or("stays")?;
+        assert_eq!(then.send, Some(Send::Compensation(0)));
+        Ok(())
     }
 
     #[test]

@@ -12,8 +12,8 @@ use dbps_core::inbox::pg::TxHandler;
 use dbps_core::kafka::TopicNaming;
 use dbps_core::{CancellationToken, Envelope, HandlerError, MessageKind, Registry};
 use dbps_outbox::pg::PgOutbox;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, PgPool, Row as _};
@@ -62,6 +62,48 @@ pub struct SagaInstance {
     pub updated_at: DateTime<Utc>,
     /// Bumped by every transition.
     pub lock_version: i64,
+    /// While a parallel group runs or is compensated (and after it ended the saga): its
+    /// branches, in the definition's order.
+    pub branches: Vec<Branch>,
+}
+
+/// A branch of a parallel group, as its saga records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Branch {
+    /// The branch's step name.
+    pub name: String,
+    /// Where it is.
+    pub state: BranchState,
+    /// The message id of the command or compensation whose reply it waits for.
+    pub awaiting: Option<String>,
+}
+
+/// Where a branch of a parallel group is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BranchState {
+    /// Its command was sent; its reply is awaited.
+    Sent,
+    /// It replied with success.
+    Succeeded,
+    /// It replied with failure: it did nothing, nothing to undo.
+    Failed,
+    /// Its compensation was sent; the acknowledgement is awaited.
+    Compensating,
+    /// It was compensated (or had nothing to undo).
+    Compensated,
+}
+
+impl Branch {
+    fn new(name: &str, state: BranchState) -> Self {
+        Self {
+            name: name.to_owned(),
+            state,
+            awaiting: None,
+        }
+    }
 }
 
 fn state_name<S: serde::Serializer>(state: &SagaState, serializer: S) -> Result<S::Ok, S::Error> {
@@ -69,7 +111,7 @@ fn state_name<S: serde::Serializer>(state: &SagaState, serializer: S) -> Result<
 }
 
 const COLUMNS: &str = "id, saga_type, version, state, data, step, attempt, awaiting, await_key, deadline, \
-                       last_error, created_at, updated_at, lock_version";
+                       last_error, created_at, updated_at, lock_version, branches";
 
 impl SagaInstance {
     fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self> {
@@ -92,6 +134,12 @@ impl SagaInstance {
             created_at: row.get("created_at"),
             updated_at: row.get("updated_at"),
             lock_version: row.get("lock_version"),
+            branches: row
+                .get::<Option<Value>, _>("branches")
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(SagaError::Data)?
+                .unwrap_or_default(),
         })
     }
 
@@ -269,6 +317,9 @@ impl Shape for ShapeOf<'_> {
     fn steps(&self) -> usize {
         self.0.steps()
     }
+    fn is_group(&self, step: usize) -> bool {
+        self.0.branches(step) > 0
+    }
     fn has_compensation(&self, step: usize) -> bool {
         self.0.has_compensation(step)
     }
@@ -278,6 +329,61 @@ impl Shape for ShapeOf<'_> {
     fn retries(&self, step: usize) -> u32 {
         self.0.retries(step)
     }
+}
+
+/// What a transition left.
+struct Moved {
+    state: SagaState,
+    /// Whether it waits for a reply or an event (a local step and a group compensation
+    /// with nothing to undo move on at once).
+    waits: bool,
+    /// A parallel group's branches.
+    branches: Vec<Branch>,
+}
+
+fn transition_span(saga: &dyn Saga, instance: &SagaInstance, plan: &Plan, cause: &str) -> tracing::Span {
+    tracing::info_span!(
+        "dbps.saga.transition",
+        saga = saga.name(),
+        saga_id = %instance.id,
+        from = instance.state.as_str(),
+        to = plan.to.state.as_str(),
+        step = saga.step_name(plan.to.step),
+        cause,
+    )
+}
+
+fn branches_json(branches: &[Branch]) -> Result<Option<Value>> {
+    if branches.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_value(branches).map(Some).map_err(SagaError::Data)
+}
+
+/// Appends a transition to the saga's history.
+async fn record_history(
+    conn: &mut PgConnection,
+    id: Uuid,
+    step: usize,
+    from: &str,
+    to: SagaState,
+    cause: &str,
+    caused_by: Option<&Envelope>,
+) -> Result<()> {
+    sqlx::query(
+        "insert into dbps_saga_history (saga_id, step, from_state, to_state, cause, message_id) \
+         values ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(i32::try_from(step).unwrap_or(i32::MAX))
+    .bind(from)
+    .bind(to.as_str())
+    .bind(cause)
+    .bind(caused_by.map(|e| e.id.as_str()))
+    .execute(&mut *conn)
+    .await
+    .map_err(pg("record saga history"))?;
+    Ok(())
 }
 
 /// What a deadline scanner did before it stopped.
@@ -367,6 +473,7 @@ impl Orchestrator {
             created_at: Utc::now(),
             updated_at: Utc::now(),
             lock_version: 0,
+            branches: Vec::new(),
         };
         self.apply(conn, &instance, definition.as_ref(), plan, "started", None)
             .await?;
@@ -376,6 +483,8 @@ impl Orchestrator {
     }
 
     /// Carries out a plan: sends its command, moves the instance, records the history.
+    /// A local step runs at once, in this transaction, and moves the saga on (several in a
+    /// row run one after another); so does a group's compensation that has nothing to undo.
     async fn apply(
         &self,
         conn: &mut PgConnection,
@@ -385,55 +494,41 @@ impl Orchestrator {
         cause: &str,
         caused_by: Option<&Envelope>,
     ) -> Result<SagaState> {
-        let span = tracing::info_span!(
-            "dbps.saga.transition",
-            saga = saga.name(),
-            saga_id = %instance.id,
-            from = instance.state.as_str(),
-            to = plan.to.state.as_str(),
-            step = saga.step_name(plan.to.step),
-            cause,
-        );
-        let mut state = self
+        let mut moved = self
             .apply_plan(conn, instance, saga, plan.clone(), cause, caused_by)
-            .instrument(span)
+            .instrument(transition_span(saga, instance, &plan, cause))
             .await?;
-        // A local step runs at once, in this transaction, and moves the saga on; several in
-        // a row run one after another.
         let mut at = plan;
         let mut current = instance.clone();
         loop {
             let (step, compensation) = match at.send {
                 Some(Outgoing::Command(step)) => (step, false),
                 Some(Outgoing::Compensation(step)) => (step, true),
-                None => return Ok(state),
+                None => return Ok(moved.state),
             };
+            if moved.waits {
+                return Ok(moved.state);
+            }
             current.state = at.to.state;
             current.step = at.to.step;
             current.attempt = at.to.attempt;
-            let Some(run) = saga.run_local(step, compensation, conn, &mut current.data) else {
-                return Ok(state);
-            };
-            let input = if run.await? {
-                Input::Succeeded
-            } else {
-                Input::Failed(format!("local step {} failed", saga.step_name(step)))
+            current.branches = std::mem::take(&mut moved.branches);
+            let (input, cause) = match saga.run_local(step, compensation, conn, &mut current.data) {
+                Some(run) => match run.await? {
+                    true => (Input::Succeeded, "local step"),
+                    false => (
+                        Input::Failed(format!("local step {} failed", saga.step_name(step))),
+                        "local step",
+                    ),
+                },
+                None => (Input::Succeeded, "nothing to undo"),
             };
             let Some(next) = machine::next(&ShapeOf(saga), &self.inner.policy, current.position(), input) else {
-                return Ok(state);
+                return Ok(moved.state);
             };
-            let span = tracing::info_span!(
-                "dbps.saga.transition",
-                saga = saga.name(),
-                saga_id = %current.id,
-                from = current.state.as_str(),
-                to = next.to.state.as_str(),
-                step = saga.step_name(next.to.step),
-                cause = "local step",
-            );
-            state = self
-                .apply_plan(conn, &current, saga, next.clone(), "local step", caused_by)
-                .instrument(span)
+            moved = self
+                .apply_plan(conn, &current, saga, next.clone(), cause, caused_by)
+                .instrument(transition_span(saga, &current, &next, cause))
                 .await?;
             at = next;
         }
@@ -447,30 +542,47 @@ impl Orchestrator {
         plan: Plan,
         cause: &str,
         caused_by: Option<&Envelope>,
-    ) -> Result<SagaState> {
+    ) -> Result<Moved> {
         let started = Instant::now();
+        // A parallel group's branches are kept while the saga stays on the group's step.
+        let mut branches = if plan.to.step == instance.step {
+            instance.branches.clone()
+        } else {
+            Vec::new()
+        };
         let (awaiting, await_key) = match plan.send {
             None => (None, None),
             Some(Outgoing::Command(step)) if saga.is_local(step, false) => (None, None),
             Some(Outgoing::Compensation(step)) if saga.is_local(step, true) => (None, None),
+            Some(Outgoing::Command(step)) if saga.branches(step) > 0 => {
+                self.send_branches(conn, instance, saga, step, &mut branches, false, caused_by)
+                    .await?;
+                (None, None)
+            }
+            Some(Outgoing::Compensation(step)) if saga.branches(step) > 0 => {
+                self.send_branches(conn, instance, saga, step, &mut branches, true, caused_by)
+                    .await?;
+                (None, None)
+            }
             Some(Outgoing::Command(step)) => match saga.await_key(step, &instance.data)? {
                 // The step awaits an event: nothing to send, a key to wait under.
                 Some(key) => (None, Some(key)),
                 None => {
-                    let command = saga.command(step, &instance.data)?;
+                    let command = saga.command(step, None, &instance.data)?;
                     (Some(self.send(conn, instance, command, caused_by).await?), None)
                 }
             },
             Some(Outgoing::Compensation(step)) => {
-                let command = saga.compensation(step, &instance.data)?;
+                let command = saga.compensation(step, None, &instance.data)?;
                 (Some(self.send(conn, instance, command, caused_by).await?), None)
             }
         };
+        let waits = awaiting.is_some() || await_key.is_some() || branches.iter().any(|b| b.awaiting.is_some());
         let wait_ms = plan.wait.map(|w| i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
         sqlx::query(
             "update dbps_saga_instances set state = $2, step = $3, attempt = $4, awaiting = $5, \
              deadline = now() + $6 * interval '1 millisecond', last_error = coalesce($7, last_error), data = $8, \
-             await_key = $9, updated_at = now(), lock_version = lock_version + 1 where id = $1",
+             await_key = $9, branches = $10, updated_at = now(), lock_version = lock_version + 1 where id = $1",
         )
         .bind(instance.id)
         .bind(plan.to.state.as_str())
@@ -481,26 +593,16 @@ impl Orchestrator {
         .bind(&plan.error)
         .bind(&instance.data)
         .bind(&await_key)
+        .bind(branches_json(&branches)?)
         .execute(&mut *conn)
         .await
         .map_err(pg("move saga"))?;
-        sqlx::query(
-            "insert into dbps_saga_history (saga_id, step, from_state, to_state, cause, message_id) \
-             values ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(instance.id)
-        .bind(i32::try_from(plan.to.step).unwrap_or(i32::MAX))
-        .bind(if cause == "started" {
+        let from = if cause == "started" {
             "new"
         } else {
             instance.state.as_str()
-        })
-        .bind(plan.to.state.as_str())
-        .bind(cause)
-        .bind(caused_by.map(|e| e.id.as_str()))
-        .execute(&mut *conn)
-        .await
-        .map_err(pg("record saga history"))?;
+        };
+        record_history(conn, instance.id, plan.to.step, from, plan.to.state, cause, caused_by).await?;
         let labels = [("saga", saga.name())];
         metrics::counter!("dbps_saga_transitions_total", &labels).increment(1);
         metrics::histogram!("dbps_saga_transition_seconds", &labels).record(started.elapsed().as_secs_f64());
@@ -516,7 +618,57 @@ impl Orchestrator {
             }
         }
         tracing::debug!(attempt = plan.to.attempt, "saga moved");
-        Ok(plan.to.state)
+        Ok(Moved {
+            state: plan.to.state,
+            waits,
+            branches,
+        })
+    }
+
+    /// Sends a parallel group's commands (`compensate`: its compensations) to the branches
+    /// that still need them: on a first send every branch; on a retry those that did not
+    /// answer. A group compensated after it completed has no branch record: every branch
+    /// succeeded then. A branch without a compensation has nothing to undo.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_branches(
+        &self,
+        conn: &mut PgConnection,
+        instance: &SagaInstance,
+        saga: &dyn Saga,
+        step: usize,
+        branches: &mut Vec<Branch>,
+        compensate: bool,
+        caused_by: Option<&Envelope>,
+    ) -> Result<()> {
+        if branches.is_empty() {
+            let state = if compensate {
+                BranchState::Succeeded
+            } else {
+                BranchState::Sent
+            };
+            *branches = (0..saga.branches(step))
+                .map(|b| Branch::new(saga.branch_name(step, b), state))
+                .collect();
+        }
+        for (index, branch) in branches.iter_mut().enumerate() {
+            let command = match (compensate, branch.state) {
+                (false, BranchState::Sent) => saga.command(step, Some(index), &instance.data)?,
+                (true, BranchState::Sent | BranchState::Succeeded | BranchState::Compensating)
+                    if saga.branch_has_compensation(step, index) =>
+                {
+                    branch.state = BranchState::Compensating;
+                    saga.compensation(step, Some(index), &instance.data)?
+                }
+                (true, BranchState::Sent | BranchState::Succeeded | BranchState::Compensating) => {
+                    branch.state = BranchState::Compensated;
+                    branch.awaiting = None;
+                    continue;
+                }
+                _ => continue,
+            };
+            branch.awaiting = Some(self.send(conn, instance, command, caused_by).await?);
+        }
+        Ok(())
     }
 
     /// Enqueues a command of `instance` through the outbox; returns its message id.
@@ -574,16 +726,27 @@ impl Orchestrator {
             .await?
             .ok_or_else(|| SagaError::NotFound { id: id.to_string() })?;
         if instance.awaiting.is_none() || instance.awaiting != reply.causation_id {
+            let branch = reply.causation_id.as_ref().and_then(|cause| {
+                instance
+                    .branches
+                    .iter()
+                    .position(|b| b.awaiting.as_ref() == Some(cause))
+            });
+            if let Some(branch) = branch {
+                return self.handle_branch_reply(conn, instance, branch, reply).await;
+            }
             metrics::counter!("dbps_saga_late_replies_total", "saga" => instance.saga_type.clone()).increment(1);
             tracing::debug!(saga_id = %id, reply = %reply.id, state = %instance.state, "late or duplicate reply ignored");
             return Ok(());
         }
         let saga = self.saga(&instance.saga_type, instance.version)?;
         let input = match instance.state {
-            SagaState::Running => match saga.reply(instance.step, &mut instance.data, &self.inner.registry, reply)? {
-                Outcome::Success => Input::Succeeded,
-                Outcome::Failure(reason) => Input::Failed(reason),
-            },
+            SagaState::Running => {
+                match saga.reply(instance.step, None, &mut instance.data, &self.inner.registry, reply)? {
+                    Outcome::Success => Input::Succeeded,
+                    Outcome::Failure(reason) => Input::Failed(reason),
+                }
+            }
             SagaState::Compensating if reply.message_type == <Compensated as dbps_core::Message>::TYPE => {
                 Input::Succeeded
             }
@@ -603,6 +766,90 @@ impl Orchestrator {
         if let Some(plan) = machine::next(&ShapeOf(saga.as_ref()), &self.inner.policy, instance.position(), input) {
             self.apply(conn, &instance, saga.as_ref(), plan, &cause, Some(reply))
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// A reply to one branch of a parallel group: the branch records it, and the saga moves
+    /// once the group is decided (every branch succeeded, one failed, every compensation
+    /// acknowledged, or one compensation failed).
+    async fn handle_branch_reply(
+        &self,
+        conn: &mut PgConnection,
+        mut instance: SagaInstance,
+        index: usize,
+        reply: &Envelope,
+    ) -> Result<()> {
+        let saga = self.saga(&instance.saga_type, instance.version)?;
+        let step = instance.step;
+        let cause = format!("reply {} to {}", reply.message_type, saga.branch_name(step, index));
+        let unexpected = || SagaError::UnexpectedReply {
+            saga: instance.saga_type.clone(),
+            step: saga.branch_name(step, index).to_owned(),
+            message_type: reply.message_type.clone(),
+        };
+        let is = |message_type: &str| reply.message_type == message_type;
+        let compensated = is(<Compensated as dbps_core::Message>::TYPE);
+        let failed_compensation = is(<CompensationFailed as dbps_core::Message>::TYPE);
+        let (state, input) = match instance.state {
+            SagaState::Running => {
+                match saga.reply(step, Some(index), &mut instance.data, &self.inner.registry, reply)? {
+                    Outcome::Success => (BranchState::Succeeded, None),
+                    Outcome::Failure(reason) => (BranchState::Failed, Some(Input::Failed(reason))),
+                }
+            }
+            SagaState::Compensating | SagaState::Stuck if compensated => (BranchState::Compensated, None),
+            SagaState::Compensating | SagaState::Stuck if failed_compensation => {
+                let failed: CompensationFailed = self.inner.registry.decode(reply).map_err(SagaError::Message)?;
+                let input = (instance.state == SagaState::Compensating).then_some(Input::Failed(failed.reason));
+                (BranchState::Compensating, input)
+            }
+            _ => return Err(unexpected()),
+        };
+        let branch = instance.branches.get_mut(index).ok_or_else(unexpected)?;
+        branch.state = state;
+        branch.awaiting = None;
+        let decided = match instance.state {
+            SagaState::Running => instance.branches.iter().all(|b| b.state == BranchState::Succeeded),
+            SagaState::Compensating => !instance.branches.iter().any(|b| {
+                matches!(
+                    b.state,
+                    BranchState::Compensating | BranchState::Sent | BranchState::Succeeded
+                )
+            }),
+            _ => false,
+        };
+        let input = input.or(decided.then_some(Input::Succeeded));
+        let plan = input
+            .and_then(|input| machine::next(&ShapeOf(saga.as_ref()), &self.inner.policy, instance.position(), input));
+        match plan {
+            Some(plan) => {
+                self.apply(conn, &instance, saga.as_ref(), plan, &cause, Some(reply))
+                    .await?;
+            }
+            // The group waits for its other branches: the branch's answer is recorded.
+            None => {
+                sqlx::query(
+                    "update dbps_saga_instances set branches = $2, data = $3, updated_at = now(), \
+                     lock_version = lock_version + 1 where id = $1",
+                )
+                .bind(instance.id)
+                .bind(branches_json(&instance.branches)?)
+                .bind(&instance.data)
+                .execute(&mut *conn)
+                .await
+                .map_err(pg("record a branch's reply"))?;
+                record_history(
+                    conn,
+                    instance.id,
+                    step,
+                    instance.state.as_str(),
+                    instance.state,
+                    &cause,
+                    Some(reply),
+                )
+                .await?;
+            }
         }
         Ok(())
     }

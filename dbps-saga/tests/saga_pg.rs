@@ -10,8 +10,8 @@ use dbps_core::{CancellationToken, Envelope, HandlerError, Message, MessageKind,
 use dbps_outbox::Relay;
 use dbps_outbox::pg::{PgOutbox, PgOutboxStore};
 use dbps_saga::{
-    Command, CommandHandler, Compensated, CompensationFailed, Definition, Orchestrator, Participant, Reply, SagaError,
-    SagaState, Step,
+    BranchState, Command, CommandHandler, Compensated, CompensationFailed, Definition, Orchestrator, Participant,
+    Reply, SagaError, SagaState, Step,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
@@ -65,46 +65,65 @@ struct Order {
     po: Option<String>,
 }
 
+fn reserve_step() -> Step<Order> {
+    Step::new("reserve-stock")
+        .command(|o: &Order| {
+            Command::to(
+                "inventory",
+                &ReserveStock {
+                    quote: o.quote.clone(),
+                    qty: o.qty,
+                },
+            )
+        })
+        .on_success(|o: &mut Order, r: StockReserved| o.reservation = Some(r.reservation))
+        .on_failure::<StockShort>()
+        .compensate(|o: &Order| Command::to("inventory", &ReleaseStock { quote: o.quote.clone() }))
+        .timeout(Duration::from_secs(20))
+}
+
+fn purchase_order_step() -> Step<Order> {
+    Step::new("purchase-order")
+        .command(|o: &Order| {
+            Command::to(
+                "orders",
+                &CreatePo {
+                    quote: o.quote.clone(),
+                    amount: o.amount,
+                },
+            )
+        })
+        .on_success(|o: &mut Order, r: PoCreated| o.po = Some(r.po))
+        .on_failure::<PoRejected>()
+        .compensate(|o: &Order| Command::to("orders", &CancelPo { quote: o.quote.clone() }))
+        .timeout(Duration::from_secs(20))
+}
+
+fn bill_step(timeout: Duration) -> Step<Order> {
+    Step::new("bill")
+        .command(|o: &Order| Command::to("billing", &Bill { quote: o.quote.clone() }))
+        .on_success(|_: &mut Order, _: Billed| {})
+        .timeout(timeout)
+}
+
+/// Reserve stock, then create the purchase order, then bill.
 fn definition(bill_timeout: Duration) -> Definition<Order> {
     Definition::new("order", 1)
+        .step(reserve_step())
+        .step(purchase_order_step())
+        .step(bill_step(bill_timeout))
+}
+
+/// Reserve stock and create the purchase order at once (a parallel group), then bill.
+fn parallel_definition(bill_timeout: Duration) -> Definition<Order> {
+    Definition::new("order-parallel", 1)
         .step(
-            Step::new("reserve-stock")
-                .command(|o: &Order| {
-                    Command::to(
-                        "inventory",
-                        &ReserveStock {
-                            quote: o.quote.clone(),
-                            qty: o.qty,
-                        },
-                    )
-                })
-                .on_success(|o: &mut Order, r: StockReserved| o.reservation = Some(r.reservation))
-                .on_failure::<StockShort>()
-                .compensate(|o: &Order| Command::to("inventory", &ReleaseStock { quote: o.quote.clone() }))
+            Step::parallel("prepare")
+                .branch(reserve_step())
+                .branch(purchase_order_step())
                 .timeout(Duration::from_secs(20)),
         )
-        .step(
-            Step::new("purchase-order")
-                .command(|o: &Order| {
-                    Command::to(
-                        "orders",
-                        &CreatePo {
-                            quote: o.quote.clone(),
-                            amount: o.amount,
-                        },
-                    )
-                })
-                .on_success(|o: &mut Order, r: PoCreated| o.po = Some(r.po))
-                .on_failure::<PoRejected>()
-                .compensate(|o: &Order| Command::to("orders", &CancelPo { quote: o.quote.clone() }))
-                .timeout(Duration::from_secs(20)),
-        )
-        .step(
-            Step::new("bill")
-                .command(|o: &Order| Command::to("billing", &Bill { quote: o.quote.clone() }))
-                .on_success(|_: &mut Order, _: Billed| {})
-                .timeout(bill_timeout),
-        )
+        .step(bill_step(bill_timeout))
 }
 
 struct Inventory;
@@ -208,8 +227,20 @@ struct World {
     tasks: Vec<JoinHandle<()>>,
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a world runs.
+#[derive(Clone, Copy)]
+struct Parts {
+    bill_timeout: Duration,
+    /// Whether the billing participant runs.
+    billing: bool,
+    /// Whether the relay runs (without it nothing committed reaches Kafka).
+    relay: bool,
+}
+
 impl World {
-    async fn start(bill_timeout: Duration, billing: bool) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    async fn start(bill_timeout: Duration, billing: bool) -> Result<Self, BoxError> {
         let db = dbps_testkit::postgres().await?;
         dbps_migrate::PgMigrations::new(dbps_migrate::ServiceName::new("quote")?)
             .schema(dbps_migrate::Identifier::new("public")?)
@@ -236,9 +267,28 @@ impl World {
         ];
         let specs: Vec<(&str, i32)> = topics.iter().map(|t| (t.as_str(), 2)).collect();
         kafka.create_topics(&specs).await?;
+        let parts = Parts {
+            bill_timeout,
+            billing,
+            relay: true,
+        };
+        Self::open(db, kafka, parts)
+    }
+
+    /// Runs the parts of a world on a prepared database and Kafka namespace (again, after
+    /// a crash).
+    fn open(db: dbps_testkit::TestPostgres, kafka: dbps_testkit::TestKafka, parts: Parts) -> Result<Self, BoxError> {
+        let naming = kafka.naming();
+        let topics = [
+            naming.commands("inventory")?,
+            naming.commands("orders")?,
+            naming.commands("billing")?,
+            naming.replies("quote")?,
+        ];
         let orchestrator = Orchestrator::builder(db.pool().clone(), "quote")
             .naming(naming.clone())
-            .register(definition(bill_timeout))
+            .register(definition(parts.bill_timeout))
+            .register(parallel_definition(parts.bill_timeout))
             .compensation(3, Duration::from_millis(100), Duration::from_secs(20))
             .poll_interval(Duration::from_millis(100))
             .build()?;
@@ -252,33 +302,44 @@ impl World {
         };
         let config = KafkaConfig::new(world.kafka.brokers());
         let pool = world.db.pool().clone();
-        let relay = Relay::builder(
-            PgOutboxStore::new(pool.clone()),
-            KafkaPublisher::builder(config.clone()).build()?,
-        )
-        .poll_interval(Duration::from_millis(50))
-        .build()?;
-        world.spawn(relay.run(world.stop.clone()));
+        if parts.relay {
+            let relay = Relay::builder(
+                PgOutboxStore::new(pool.clone()),
+                KafkaPublisher::builder(config.clone()).build()?,
+            )
+            .poll_interval(Duration::from_millis(50))
+            .build()?;
+            world.spawn(relay.run(world.stop.clone()));
+        }
         world.spawn(world.orchestrator.clone().run(world.stop.clone()));
         let groups = ["quote", "inventory", "orders", "billing"].map(|name| world.kafka.group_id(name));
         let group = |name: &str| groups.iter().find(|g| g.contains(name)).cloned().unwrap_or_default();
         // Replies and commands in batches (`batched`), as a busy service runs them.
         let replies = PgInbox::new(pool.clone(), "quote", world.orchestrator.replies()).batched(32);
         world.consume(&config, &group("quote"), &topics[3], replies)?;
-        let outbox = |service: &str| PgOutbox::new(service).naming(naming.clone());
-        let inventory = PgInbox::new(
-            pool.clone(),
-            "inventory",
-            Participant::new(outbox("inventory"), Inventory),
-        );
+        let inventory = PgInbox::new(pool.clone(), "inventory", inventory(&naming));
         world.consume(&config, &group("inventory"), &topics[0], inventory)?;
-        let orders = PgInbox::new(pool.clone(), "orders", Participant::new(outbox("orders"), Orders));
+        let orders = PgInbox::new(
+            pool.clone(),
+            "orders",
+            Participant::new(outbox("orders", &naming), Orders),
+        );
         world.consume(&config, &group("orders"), &topics[1], orders)?;
-        if billing {
-            let bills = PgInbox::new(pool, "billing", Participant::new(outbox("billing"), Billing));
+        if parts.billing {
+            let bills = PgInbox::new(pool, "billing", Participant::new(outbox("billing", &naming), Billing));
             world.consume(&config, &group("billing"), &topics[2], bills)?;
         }
         Ok(world)
+    }
+
+    /// Stops every part at once, as a crash would, keeping the database and Kafka.
+    async fn crash(self) -> (dbps_testkit::TestPostgres, dbps_testkit::TestKafka) {
+        self.stop.cancel();
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        (self.db, self.kafka)
     }
 
     fn spawn<T: Send + 'static, E: std::fmt::Debug + Send + 'static>(
@@ -309,9 +370,13 @@ impl World {
         self.db.pool()
     }
 
-    async fn start_saga(&self, order: &Order) -> Result<Uuid, Box<dyn std::error::Error + Send + Sync>> {
+    async fn start_saga(&self, order: &Order) -> Result<Uuid, BoxError> {
+        self.start_named("order", order).await
+    }
+
+    async fn start_named(&self, saga: &str, order: &Order) -> Result<Uuid, BoxError> {
         let mut tx = self.pool().begin().await?;
-        let id = self.orchestrator.start(&mut tx, "order", order).await?;
+        let id = self.orchestrator.start(&mut tx, saga, order).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -343,6 +408,14 @@ impl World {
             let _ = task.await;
         }
     }
+}
+
+fn outbox(service: &str, naming: &dbps_core::kafka::TopicNaming) -> PgOutbox {
+    PgOutbox::new(service).naming(naming.clone())
+}
+
+fn inventory(naming: &dbps_core::kafka::TopicNaming) -> Participant<InventoryCommands, Inventory> {
+    Participant::new(outbox("inventory", naming), Inventory)
 }
 
 fn order(quote: &str, qty: i64, amount: i64) -> Order {
@@ -504,6 +577,160 @@ async fn two_deadline_scanners_on_one_database_move_each_saga_once() -> TestResu
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_group_sends_its_branches_at_once_and_a_failing_branch_compensates_its_sibling() -> TestResult {
+    let world = World::start(Duration::from_secs(20), true).await?;
+    let fine = world.start_named("order-parallel", &order("p-fine", 10, 100)).await?;
+    // Both branches' commands left in the start's transaction.
+    let sent = world.orchestrator.get(fine).await?.ok_or("missing")?;
+    assert_eq!(sent.branches.len(), 2);
+    assert!(
+        sent.branches
+            .iter()
+            .all(|b| b.state == BranchState::Sent && b.awaiting.is_some()),
+        "{:?}",
+        sent.branches
+    );
+    // The purchase order is refused: the reservation is released.
+    let po_fails = world.start_named("order-parallel", &order("p-po", 10, 5_000)).await?;
+    // Stock is short: the purchase order is cancelled.
+    let stock_fails = world.start_named("order-parallel", &order("p-stock", 500, 100)).await?;
+    world.all_reach(&[fine], SagaState::Completed).await?;
+    world
+        .all_reach(&[po_fails, stock_fails], SagaState::Compensated)
+        .await?;
+    let done = world.orchestrator.get(fine).await?.ok_or("missing")?;
+    assert_eq!(
+        (done.data["reservation"].as_str(), done.data["po"].as_str()),
+        (Some("p-fine"), Some("po-p-fine"))
+    );
+    let reservations: Vec<String> = sqlx::query_scalar("select quote from reservations")
+        .fetch_all(world.pool())
+        .await?;
+    let orders: Vec<String> = sqlx::query_scalar("select quote from purchase_orders")
+        .fetch_all(world.pool())
+        .await?;
+    let bills: Vec<String> = sqlx::query_scalar("select quote from bills")
+        .fetch_all(world.pool())
+        .await?;
+    assert_eq!(
+        (reservations, orders, bills),
+        (
+            vec!["p-fine".to_owned()],
+            vec!["p-fine".to_owned()],
+            vec!["p-fine".to_owned()]
+        )
+    );
+    let states = |instance: &dbps_saga::SagaInstance| -> Vec<(String, BranchState)> {
+        instance.branches.iter().map(|b| (b.name.clone(), b.state)).collect()
+    };
+    let po = world.orchestrator.get(po_fails).await?.ok_or("missing")?;
+    assert_eq!(
+        states(&po),
+        [
+            ("reserve-stock".to_owned(), BranchState::Compensated),
+            ("purchase-order".to_owned(), BranchState::Failed)
+        ]
+    );
+    assert!(po.last_error.is_some_and(|e| e.contains("PoRejected")));
+    let stock = world.orchestrator.get(stock_fails).await?.ok_or("missing")?;
+    assert_eq!(
+        states(&stock),
+        [
+            ("reserve-stock".to_owned(), BranchState::Failed),
+            ("purchase-order".to_owned(), BranchState::Compensated)
+        ]
+    );
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_failing_after_a_parallel_group_compensates_every_branch_of_it() -> TestResult {
+    // Billing is not running: the step after the group times out.
+    let world = World::start(Duration::from_secs(1), false).await?;
+    let id = world.start_named("order-parallel", &order("p-silent", 10, 100)).await?;
+    world.all_reach(&[id], SagaState::Compensated).await?;
+    assert_eq!(world.count("reservations").await?, 0);
+    assert_eq!(world.count("purchase_orders").await?, 0);
+    let done = world.orchestrator.get(id).await?.ok_or("missing")?;
+    assert!(
+        done.branches.iter().all(|b| b.state == BranchState::Compensated),
+        "{:?}",
+        done.branches
+    );
+    world.stop().await;
+    Ok(())
+}
+
+/// Every message waiting in the outbox, read without publishing anything:
+/// what a service sees when its relay dies before publishing.
+async fn unpublished(pool: &PgPool) -> Result<Vec<Envelope>, BoxError> {
+    use dbps_outbox::OutboxStore as _;
+    let store = PgOutboxStore::new(pool.clone());
+    let mut lease = store.join().await?;
+    store.rebalance(&mut lease).await?;
+    let pending = store.fetch(&mut lease, 100).await?;
+    store.leave(lease).await?;
+    Ok(pending.into_iter().map(|p| p.envelope).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_transition_committed_but_before_the_relay_published_repeats_and_loses_nothing() -> TestResult {
+    let world = World::start(Duration::from_secs(20), true).await?;
+    let (db, kafka) = world.crash().await;
+    // A process whose relay is down: every commit stays in the outbox.
+    let parts = Parts {
+        bill_timeout: Duration::from_secs(20),
+        billing: true,
+        relay: false,
+    };
+    let world = World::open(db, kafka, parts)?;
+    let id = world.start_saga(&order("crash", 10, 100)).await?;
+    // The first step's command reaches the inventory (as Kafka would hand it over), whose
+    // reply reaches the orchestrator: the transition to step 2 commits with its command.
+    let [command] = <[Envelope; 1]>::try_from(unpublished(world.pool()).await?).map_err(|m| format!("{m:?}"))?;
+    assert!(
+        PgInbox::new(world.pool().clone(), "inventory", inventory(&world.kafka.naming()))
+            .apply(&command)
+            .await?
+    );
+    let reply = unpublished(world.pool())
+        .await?
+        .into_iter()
+        .find(|m| m.message_type == StockReserved::TYPE)
+        .ok_or("no reply in the outbox")?;
+    assert!(
+        PgInbox::new(world.pool().clone(), "quote", world.orchestrator.replies())
+            .apply(&reply)
+            .await?
+    );
+    let moved = world.orchestrator.get(id).await?.ok_or("missing")?;
+    assert_eq!((moved.state, moved.step), (SagaState::Running, 1));
+    assert_eq!(
+        unpublished(world.pool()).await?.len(),
+        3,
+        "command 1, its reply and command 2 wait"
+    );
+    // The process dies before its relay published any of it.
+    let (db, kafka) = world.crash().await;
+    // After the restart the relay publishes all three: the command and reply handled
+    // before are recognised by the inboxes, the new command runs, the saga completes.
+    let world = World::open(db, kafka, Parts { relay: true, ..parts })?;
+    world.all_reach(&[id], SagaState::Completed).await?;
+    assert_eq!(world.count("reservations").await?, 1);
+    assert_eq!(world.count("purchase_orders").await?, 1);
+    assert_eq!(world.count("bills").await?, 1);
+    let history = world.orchestrator.history(id).await?;
+    assert_eq!(
+        history.len(),
+        4,
+        "one transition per step and one to completed: {history:?}"
+    );
+    world.stop().await;
+    Ok(())
+}
+
 fn reply(saga: Uuid, causation: &str, message: &impl Serialize, message_type: &str) -> Envelope {
     let payload = serde_json::value::to_raw_value(message).expect("json");
     let mut reply = Envelope::raw(MessageKind::Reply, message_type, payload);
@@ -635,6 +862,12 @@ async fn invalid_definitions_are_typed_errors() {
     };
     assert!(build(Definition::new("order", 1).step(step()).step(step())).contains("two steps"));
     assert!(build(Definition::new("order", 1).step(Step::new("b"))).contains("no command"));
+    let lone = Step::parallel("group").branch(step());
+    assert!(build(Definition::new("order", 1).step(lone)).contains("fewer than two branches"));
+    let awaiting = Step::parallel("group")
+        .branch(step())
+        .branch(Step::new("b").awaits(|o: &Order| o.quote.clone()));
+    assert!(build(Definition::new("order", 1).step(awaiting)).contains("must send a command"));
     let twice = Orchestrator::builder(pool.clone(), "quote")
         .register(Definition::new("order", 1).step(step()))
         .register(Definition::new("order", 1).step(step()))
