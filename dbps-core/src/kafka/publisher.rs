@@ -1,4 +1,6 @@
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -46,6 +48,8 @@ pub struct KafkaPublisher {
     producer: FutureProducer,
     config: KafkaConfig,
     enqueue_timeout: Duration,
+    /// Whether a flush runs (see [`KafkaPublisher::publish_batch`]).
+    flushing: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for KafkaPublisher {
@@ -92,6 +96,7 @@ impl KafkaPublisherBuilder {
             producer,
             config: self.config,
             enqueue_timeout: self.enqueue_timeout,
+            flushing: Arc::new(AtomicBool::new(false)),
         })
     }
 }
@@ -118,6 +123,10 @@ impl KafkaPublisher {
     /// messages of the batch with the same key are not sent either and report
     /// [`Error::HeldBack`]: sending them would put them on the topic before the failed
     /// one.
+    ///
+    /// A batch is complete when it is handed over, so it does not wait `linger.ms` for
+    /// more messages: the producer is flushed (librdkafka ignores `linger.ms` while a
+    /// flush runs), on a blocking thread, one flush at a time per producer.
     pub async fn publish_batch<'a, I>(&self, messages: I) -> Vec<Result<Delivery>>
     where
         I: IntoIterator<Item = (&'a str, &'a Envelope)>,
@@ -136,6 +145,9 @@ impl KafkaPublisher {
             }
             pending.push((topic, enqueued));
         }
+        if pending.iter().any(|(_, enqueued)| enqueued.is_ok()) {
+            self.flush_in_background();
+        }
         // Everything is in flight already; awaiting in order costs nothing extra.
         let mut results = Vec::with_capacity(pending.len());
         for (topic, enqueued) in pending {
@@ -145,6 +157,23 @@ impl KafkaPublisher {
             });
         }
         results
+    }
+
+    /// Sends what is queued without waiting for `linger.ms`, unless a flush runs already
+    /// (it sends what is queued meanwhile too: librdkafka ignores `linger.ms` for as long
+    /// as a flush runs).
+    fn flush_in_background(&self) {
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let producer = self.producer.clone();
+        let flushing = Arc::clone(&self.flushing);
+        let timeout = self.enqueue_timeout;
+        tokio::task::spawn_blocking(move || {
+            // A timeout leaves the messages queued: their deliveries report the outcome.
+            let _ = producer.flush(Timeout::After(timeout));
+            flushing.store(false, Ordering::Release);
+        });
     }
 
     /// Publishes a raw record (used for dead letters, whose value may not be JSON).
