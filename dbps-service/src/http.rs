@@ -8,6 +8,10 @@
 //!   unknown route or method) into problems of the same shape.
 //! - [`Fields`]: validation of request fields that collects every mistake at once.
 //! - [`IfMatch`] and [`etag`]: optimistic concurrency on versioned resources.
+//! - [`idempotency`]: `Idempotency-Key` for `POST` endpoints — a duplicate gets the first
+//!   answer, not a second effect.
+
+pub mod idempotency;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Request};

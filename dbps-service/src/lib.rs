@@ -50,7 +50,14 @@
 //! # The HTTP edge
 //!
 //! [`http`] gives every client mistake one shape — a 4xx RFC 9457 problem — checked before
-//! anything is written, and optimistic concurrency with `If-Match`.
+//! anything is written, optimistic concurrency with `If-Match`, and `Idempotency-Key` for
+//! `POST` endpoints ([`http::idempotency`]).
+//!
+//! # Calling other services
+//!
+//! [`client::ServiceClient`] calls another service's REST API: a deadline per request,
+//! retries of idempotent calls, a circuit breaker per target, problems as typed errors,
+//! the trace context and metrics.
 //!
 //! # Logs and metrics
 //!
@@ -58,6 +65,7 @@
 //! when it is unset. `/metrics` renders every dbps metric (`dbps_outbox_*`,
 //! `dbps_consumer_*`, ...) and the service's own in the Prometheus text format.
 
+pub mod client;
 mod config;
 mod error;
 pub mod http;

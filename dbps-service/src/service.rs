@@ -6,8 +6,9 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use dbps_core::BatchHandler;
 use dbps_core::CancellationToken;
-use dbps_core::kafka::{ConsumerRunner, Handler, KafkaPublisher, TopicNaming};
+use dbps_core::kafka::{ConsumerRunner, KafkaPublisher, TopicNaming};
 use dbps_migrate::ServiceName;
 use dbps_outbox::pg::PgOutbox;
 use dbps_outbox::{OutboxStore, Relay};
@@ -174,8 +175,9 @@ impl Service {
         });
     }
 
-    /// Runs a consumer runner until the service stops.
-    pub fn run_consumer<H: Handler>(&mut self, runner: ConsumerRunner<H>) {
+    /// Runs a consumer runner until the service stops (any handler: one message at a time
+    /// or batched, such as `PgInbox::batched` or a replica).
+    pub fn run_consumer<H: BatchHandler>(&mut self, runner: ConsumerRunner<H>) {
         let shutdown = self.shutdown.clone();
         let name = format!("consumer {}", runner.group_id());
         self.spawn(name, async move {
