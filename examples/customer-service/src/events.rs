@@ -1,4 +1,8 @@
 //! The events the customer service publishes: its contract with the other services.
+//!
+//! Both events carry `{"id", "name", "tax_number", "email", "version"}`, the customer's
+//! state at `version`, which is also the event's sequence number. A snapshot record's
+//! `state` has the same shape (see [`crate::snapshot`]).
 
 use dbps_core::Message;
 use serde::{Deserialize, Serialize};
@@ -27,6 +31,12 @@ impl Message for CustomerCreated {
 
 /// A customer changed; the event carries the whole new state, so a replica needs no
 /// other event to catch up.
+///
+/// Adding an address or a contact is a change of the customer too: it raises the version,
+/// and this event then carries the same id, name, tax number and email as before with the
+/// new version (addresses and contacts are not part of it). The version is the event's
+/// sequence number, and the service's snapshot ([`crate::SNAPSHOT_PATH`]) serves the same
+/// fields, so one projection reads both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustomerUpdated {
     /// Id.

@@ -3,30 +3,70 @@
 //! It owns the `customers`, `customer_addresses`, `customer_contacts` and
 //! `machine_history` tables in its own PostgreSQL database, provisioned and migrated at
 //! start (`customer_owner` runs the migrations, `customer_app` serves requests and cannot
-//! run DDL). It serves:
+//! run DDL).
 //!
-//! - `POST /customers` — creates a customer and enqueues `customer.CustomerCreated`;
-//! - `PUT /customers/{id}` — changes it and enqueues `customer.CustomerUpdated`; with
-//!   `If-Match: "<version>"` only if nobody changed it since that version (else `412`);
-//! - `GET /customers/{id}` — the customer with its version as `ETag` and its machines;
-//! - `/health` and `/metrics`.
+//! # Endpoints
 //!
-//! Each change and its event commit in one transaction through the outbox; the relay
-//! publishes them to `customer.customer.events`, keyed by the customer id, each with the
-//! customer's version as its sequence number. It is the source of truth that the quote
-//! service's `customer_cache` and the email service's `customer_email_index` replicate.
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `POST /customers` | [`CreateCustomer`] | `201`, the [`Customer`], `ETag` and `Location` |
+//! | `GET /customers?limit=&after=` | | `200`, a [`CustomerPage`] |
+//! | `GET /customers/{id}` | | `200`, the [`CustomerView`], `ETag`; `304` on a matching `If-None-Match` |
+//! | `PUT /customers/{id}` | [`UpdateCustomer`] | `200`, the [`Customer`], `ETag` |
+//! | `POST /customers/{id}/addresses` | [`NewAddress`] | `201`, the [`Address`], `ETag` |
+//! | `GET /customers/{id}/addresses` | | `200`, `[Address, ...]` |
+//! | `POST /customers/{id}/contacts` | [`NewContact`] | `201`, the [`Contact`], `ETag` |
+//! | `GET /customers/{id}/contacts` | | `200`, `[Contact, ...]` |
+//! | `GET /customers/{id}/machines` | | `200`, `[Machine, ...]` |
+//! | `GET /snapshot/customers...` | | the replicas' snapshot ([`snapshot`]) |
+//! | `GET /health`, `GET /metrics` | | liveness, Prometheus metrics |
 //!
-//! It also consumes commands from `customer.commands`: `customer.RecordMachineInstalled`
+//! In JSON:
+//!
+//! - a [`Customer`] is `{"id", "name", "tax_number", "email", "version"}`;
+//! - a [`CustomerView`] is a customer's fields with `"addresses": [Address, ...]`,
+//!   `"contacts": [Contact, ...]` and `"machines": [Machine, ...]`, each oldest first;
+//! - a [`CustomerPage`] is `{"customers": [Customer, ...], "next": "<id>" or null}`:
+//!   customers in id order, `limit` 1 to 500 (default 50), `next` the `after` of the
+//!   following page, `null` on the last one;
+//! - an [`Address`] is `{"id", "kind": "billing" | "shipping" | "site", "street", "city",
+//!   "postal_code", "country"}` (`country` an assigned ISO 3166-1 alpha-2 code);
+//! - a [`Contact`] is `{"id", "name", "email": "..." | null, "phone": "..." | null}`;
+//! - a [`Machine`] is `{"machine", "installed_at"}`.
+//!
+//! # Versions and events
+//!
+//! Every change of a customer — created, changed, an address or a contact added — raises
+//! its version by one and enqueues one event in the same transaction through the outbox:
+//! `customer.CustomerCreated`, then `customer.CustomerUpdated` for each further change,
+//! each carrying the customer's id, name, tax number, email and new version (an added
+//! address or contact changes none of those four; the event says the customer is at a new
+//! version). The relay publishes them to `customer.customer.events`, keyed by the customer
+//! id, each with the customer's version as its sequence number. The version is the `ETag`;
+//! `PUT` and the `POST`s of addresses and contacts honour `If-Match: "<version>"` (`412` if
+//! the customer changed since).
+//!
+//! It is the source of truth that the quote service's `customer_cache` and the email
+//! service's `customer_email_index` replicate: from the events, and, to fill a new replica
+//! or repair one, from the paged snapshot at [`SNAPSHOT_PATH`] (see [`snapshot`] for the
+//! routes and the record's JSON).
+//!
+//! # Commands
+//!
+//! It consumes commands from `customer.commands`: `customer.RecordMachineInstalled`
 //! (sent when a machine is delivered) adds a row to the customer's machine history,
 //! exactly once however often Kafka delivers it — the effect and the inbox record commit
-//! together.
+//! together. The machine history is not part of the customer's version.
 //!
 //! Every client mistake is a 4xx `application/problem+json` answer, found before anything
 //! is written; logs carry ids, never a customer's name or address.
 
+mod countries;
+mod details;
 pub mod events;
+pub mod snapshot;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -44,7 +84,9 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
+pub use crate::details::{Address, AddressKind, Contact, Machine, NewAddress, NewContact};
 use crate::events::{CustomerCommand, CustomerCreated, CustomerUpdated, RecordMachineInstalled};
+pub use crate::snapshot::SNAPSHOT_PATH;
 
 /// The service's own migrations.
 pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -64,6 +106,10 @@ const MAX_NAME: usize = 200;
 const MAX_TAX_NUMBER: usize = 64;
 /// Largest request body.
 const MAX_BODY: usize = 64 * 1024;
+/// Customers in a page of `GET /customers` unless the request says otherwise.
+const DEFAULT_PAGE: u32 = 50;
+/// Most customers in a page of `GET /customers`.
+const MAX_PAGE: u32 = 500;
 
 /// The migration components of the service's database, in order: the framework's tables,
 /// then the service's own.
@@ -80,6 +126,7 @@ pub fn components() -> [(&'static str, &'static Migrator); 3] {
 pub struct App {
     pool: PgPool,
     outbox: PgOutbox,
+    snapshot: dbps_cache::replica::PgSnapshotSource,
 }
 
 impl App {
@@ -109,6 +156,7 @@ impl App {
         service.run_consumer(runner);
 
         Ok(Self {
+            snapshot: snapshot::snapshot_source(pool.clone())?,
             pool,
             outbox: service.outbox(),
         })
@@ -117,10 +165,20 @@ impl App {
     /// The HTTP routes.
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/customers", post(create_customer))
+            .route("/customers", post(create_customer).get(list_customers))
             .route("/customers/{id}", get(get_customer).put(update_customer))
+            .route(
+                "/customers/{id}/addresses",
+                post(details::add_address).get(details::get_addresses),
+            )
+            .route(
+                "/customers/{id}/contacts",
+                post(details::add_contact).get(details::get_contacts),
+            )
+            .route("/customers/{id}/machines", get(details::get_machines))
             .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
             .with_state(self.clone())
+            .nest(SNAPSHOT_PATH, snapshot::routes(self.snapshot.clone()))
     }
 }
 
@@ -175,23 +233,39 @@ pub struct Customer {
     pub version: i64,
 }
 
-/// A machine in a customer's history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
-pub struct Machine {
-    /// The machine.
-    pub machine: String,
-    /// When it was installed.
-    pub installed_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// `GET /customers/{id}`: the customer and its machines.
+/// `GET /customers/{id}`: the customer with its addresses, contacts and machines.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustomerView {
     /// The customer.
     #[serde(flatten)]
     pub customer: Customer,
+    /// Its addresses, oldest first.
+    #[serde(default)]
+    pub addresses: Vec<Address>,
+    /// Its contacts, oldest first.
+    #[serde(default)]
+    pub contacts: Vec<Contact>,
     /// Its machine history, oldest first.
     pub machines: Vec<Machine>,
+}
+
+/// `GET /customers?limit=&after=`: a page of customers in id order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerPage {
+    /// The customers of this page.
+    pub customers: Vec<Customer>,
+    /// The id to ask the next page `after`; `None` on the last page.
+    pub next: Option<Uuid>,
+}
+
+/// The query of `GET /customers`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListCustomers {
+    /// Most customers in the page: 1 to 500, default 50.
+    pub limit: Option<u32>,
+    /// Only customers whose id comes after this one (the previous page's `next`).
+    pub after: Option<Uuid>,
 }
 
 /// Body of `POST /customers`.
@@ -221,18 +295,18 @@ pub struct UpdateCustomer {
 }
 
 /// A database or outbox failure: `503`, logged without the request's data.
-fn unavailable(error: &dyn std::error::Error) -> Problem {
+pub(crate) fn unavailable(error: &dyn std::error::Error) -> Problem {
     tracing::error!(%error, "request failed");
     Problem::unavailable()
 }
 
-fn db(error: sqlx::Error) -> Problem {
+pub(crate) fn db(error: sqlx::Error) -> Problem {
     unavailable(&error)
 }
 
 /// The outbox refuses an event for what it is (over the payload limits) — a client's
 /// data made it so: `422`; anything else is the database: `503`.
-fn outbox_error(error: dbps_outbox::OutboxError) -> Problem {
+pub(crate) fn outbox_error(error: dbps_outbox::OutboxError) -> Problem {
     match error {
         dbps_outbox::OutboxError::Message(refused) => {
             Problem::new(StatusCode::UNPROCESSABLE_ENTITY).detail(format!("the change cannot be recorded: {refused}"))
@@ -242,7 +316,7 @@ fn outbox_error(error: dbps_outbox::OutboxError) -> Problem {
 }
 
 /// The customer with its version as `ETag`.
-fn with_etag(status: StatusCode, customer: impl Serialize, version: i64) -> Response {
+pub(crate) fn with_etag(status: StatusCode, customer: impl Serialize, version: i64) -> Response {
     (status, [(header::ETAG, etag(version))], Json(customer)).into_response()
 }
 
@@ -366,9 +440,12 @@ async fn update_customer(
 }
 
 async fn get_customer(State(app): State<App>, Path(id): Path<Uuid>, headers: HeaderMap) -> Result<Response, Problem> {
+    // One consistent state: the version (the ETag) and the addresses and contacts it
+    // covers.
+    let mut tx = details::snapshot_read(&app).await?;
     let customer: Customer = sqlx::query_as("select id, name, tax_number, email, version from customers where id = $1")
         .bind(id)
-        .fetch_optional(&app.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db)?
         .ok_or_else(|| Problem::not_found(format!("customer {id}")))?;
@@ -376,13 +453,43 @@ async fn get_customer(State(app): State<App>, Path(id): Path<Uuid>, headers: Hea
     if headers.get(header::IF_NONE_MATCH) == Some(&tag) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());
     }
-    let machines: Vec<Machine> = sqlx::query_as(
-        "select machine, installed_at from machine_history where customer_id = $1 order by installed_at, id",
+    let addresses = details::addresses(&mut tx, id).await?;
+    let contacts = details::contacts(&mut tx, id).await?;
+    let machines = details::machines(&mut tx, id).await?;
+    tx.commit().await.map_err(db)?;
+    let version = customer.version;
+    let view = CustomerView {
+        customer,
+        addresses,
+        contacts,
+        machines,
+    };
+    Ok(with_etag(StatusCode::OK, view, version))
+}
+
+async fn list_customers(
+    State(app): State<App>,
+    Query(query): Query<ListCustomers>,
+) -> Result<Json<CustomerPage>, Problem> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        let mut fields = Fields::new();
+        fields.invalid("limit", format!("must be 1 to {MAX_PAGE}"));
+        fields.finish()?;
+    }
+    // One more than asked tells whether there is a next page. Ids are UUIDv7, never the
+    // nil UUID, so the first page is the one after it: always a range scan of the key.
+    let mut customers: Vec<Customer> = sqlx::query_as(
+        "select id, name, tax_number, email, version from customers
+         where id > coalesce($1, '00000000-0000-0000-0000-000000000000'::uuid) order by id limit $2",
     )
-    .bind(id)
+    .bind(query.after)
+    .bind(i64::from(limit) + 1)
     .fetch_all(&app.pool)
     .await
     .map_err(db)?;
-    let version = customer.version;
-    Ok(with_etag(StatusCode::OK, CustomerView { customer, machines }, version))
+    let more = customers.len() > limit as usize;
+    customers.truncate(limit as usize);
+    let next = more.then(|| customers.last().map(|c| c.id)).flatten();
+    Ok(Json(CustomerPage { customers, next }))
 }

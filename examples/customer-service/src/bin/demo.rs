@@ -2,8 +2,9 @@
 //! arriving on Kafka.
 //!
 //! It waits for the service's `/health`, creates three customers, updates two of them,
-//! and prints each event of those customers as a consumer runner receives it from
-//! `customer.customer.events`. It exits 0 once all five events arrived in order, 1
+//! gives the first a billing address and a contact, pages through `GET /customers`, and
+//! prints each event of those customers as a consumer runner receives it from
+//! `customer.customer.events`. It exits 0 once all seven events arrived in order, 1
 //! otherwise.
 #![allow(clippy::print_stdout)] // A demo talks to its user on standard output.
 
@@ -15,9 +16,14 @@ use anyhow::{Context as _, bail};
 use dbps_core::CancellationToken;
 use dbps_core::Envelope;
 use dbps_core::kafka::{ConsumerRunner, Handler, HandlerError, KafkaConfig, TopicSpec};
-use example_customer_service::{CreateCustomer, Customer, UpdateCustomer};
+use example_customer_service::{
+    Address, Contact, CreateCustomer, Customer, CustomerPage, NewAddress, NewContact, UpdateCustomer,
+};
+use serde::de::DeserializeOwned;
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// Three created, two updated, an address and a contact added.
+const EVENTS: usize = 7;
 
 /// Prints the events of the demo's customers and collects (id, sequence) pairs.
 struct Printer {
@@ -100,11 +106,66 @@ async fn main() -> anyhow::Result<()> {
         let updated: Customer = answer(http.put(format!("{base}/customers/{}", customer.id)).json(&change)).await?;
         println!("  http   -> PUT /customers/{}  version {}", updated.id, updated.version);
     }
+    let first = created.first().context("no customer was created")?;
+    let address = NewAddress {
+        kind: "billing".into(),
+        street: "12 St James's Square".into(),
+        city: "London".into(),
+        postal_code: "SW1Y 4JH".into(),
+        country: "GB".into(),
+    };
+    let address: Address = answer(
+        http.post(format!("{base}/customers/{}/addresses", first.id))
+            .json(&address),
+    )
+    .await?;
+    println!(
+        "  http   -> POST /customers/{}/addresses  {} {}",
+        first.id, address.kind, address.city
+    );
+    let contact = NewContact {
+        name: "Charles Babbage".into(),
+        email: Some("charles@example.com".into()),
+        phone: None,
+    };
+    let contact: Contact = answer(
+        http.post(format!("{base}/customers/{}/contacts", first.id))
+            .json(&contact),
+    )
+    .await?;
+    println!("  http   -> POST /customers/{}/contacts   {}", first.id, contact.name);
+
+    // Every customer the service has, two a page.
+    let (mut listed, mut pages, mut after) = (0usize, 0usize, None);
+    loop {
+        let mut request = http.get(format!("{base}/customers")).query(&[("limit", "2")]);
+        if let Some(after) = after {
+            request = request.query(&[("after", format!("{after}"))]);
+        }
+        let page: CustomerPage = answer(request).await?;
+        listed += page
+            .customers
+            .iter()
+            .filter(|c| created.iter().any(|d| d.id == c.id))
+            .count();
+        pages += 1;
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    println!("  http   -> GET /customers?limit=2      {pages} page(s), the demo's {listed} customers among them");
+    if listed != created.len() {
+        bail!(
+            "the customer list showed {listed} of the {} customers created",
+            created.len()
+        );
+    }
 
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while printer.seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.len() < 5 {
+    while printer.seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.len() < EVENTS {
         if tokio::time::Instant::now() > deadline {
-            bail!("not all five events arrived within {DEADLINE:?}");
+            bail!("not all {EVENTS} events arrived within {DEADLINE:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -121,12 +182,12 @@ async fn main() -> anyhow::Result<()> {
             bail!("events of customer {id} arrived out of order: {sequences:?}");
         }
     }
-    println!("all 5 events arrived, in order per customer");
+    println!("all {EVENTS} events arrived, in order per customer");
     Ok(())
 }
 
 /// Sends `request` and reads its JSON answer; an error status is an error.
-async fn answer(request: reqwest::RequestBuilder) -> anyhow::Result<Customer> {
+async fn answer<T: DeserializeOwned>(request: reqwest::RequestBuilder) -> anyhow::Result<T> {
     Ok(request.send().await?.error_for_status()?.json().await?)
 }
 
