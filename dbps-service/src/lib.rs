@@ -73,7 +73,7 @@ mod service;
 
 pub use config::ServiceConfig;
 pub use error::{BoxError, Result, ServiceError};
-pub use service::Service;
+pub use service::{CONSUMED_TOPIC_PARTITIONS, Service};
 
 /// The log filter a service uses when `RUST_LOG` is not set: the service and dbps at
 /// `info`; sqlx and librdkafka, whose `info` lines are per statement or per connection,

@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use dbps_core::BatchHandler;
 use dbps_core::CancellationToken;
-use dbps_core::kafka::{ConsumerRunner, KafkaPublisher, TopicNaming};
+use dbps_core::kafka::{ConsumerRunner, KafkaPublisher, TopicNaming, TopicSpec};
 use dbps_migrate::ServiceName;
 use dbps_outbox::pg::PgOutbox;
 use dbps_outbox::{OutboxStore, Relay};
@@ -19,6 +19,9 @@ use tokio::task::JoinSet;
 
 use crate::config::ServiceConfig;
 use crate::error::{BoxError, Result, ServiceError};
+
+/// The partitions of a topic [`Service::consume`] creates because it is missing.
+pub const CONSUMED_TOPIC_PARTITIONS: i32 = 3;
 
 /// A dbps service while it runs: the parts it started (relay, consumer runners, its own
 /// tasks), the one [`CancellationToken`] they all stop on, and its HTTP server.
@@ -189,6 +192,24 @@ impl Service {
             );
             Ok(())
         });
+    }
+
+    /// Consumes `topic` with `handler` as the consumer group `group` (a name from
+    /// [`Service::group`], which is also the inbox consumer name to give the handler) until
+    /// the service stops. Undecodable and permanently failing messages go to the group's
+    /// dead-letter topic (`<group>.dlq`); the topic and the dead-letter topic are created
+    /// with [`CONSUMED_TOPIC_PARTITIONS`] partitions when they are missing. For other
+    /// settings, build the [`ConsumerRunner`] and hand it to [`Service::run_consumer`].
+    pub fn consume<H: BatchHandler>(&mut self, group: &str, topic: &str, handler: H) -> Result<()> {
+        let naming = self.naming();
+        let runner = ConsumerRunner::builder(self.kafka()?.clone(), group, handler)
+            .topic(topic)
+            .dead_letter_topic(naming.dead_letter(group).map_err(ServiceError::Kafka)?)
+            .create_topics(|name| TopicSpec::new(name, CONSUMED_TOPIC_PARTITIONS))
+            .build()
+            .map_err(ServiceError::Kafka)?;
+        self.run_consumer(runner);
+        Ok(())
     }
 
     /// Runs a part of the service's own until the service stops: `part` gets the shutdown

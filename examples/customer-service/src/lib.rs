@@ -72,7 +72,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dbps_core::inbox::pg::{PgInbox, TypedTxHandler};
-use dbps_core::kafka::{ConsumerRunner, HandlerError, TopicSpec};
+use dbps_core::kafka::{HandlerError, TopicSpec};
 use dbps_core::{Envelope, Typed};
 use dbps_outbox::Relay;
 use dbps_outbox::pg::{PgOutbox, PgOutboxStore};
@@ -148,12 +148,7 @@ impl App {
 
         let group = service.group(COMMANDS_CONSUMER);
         let inbox = PgInbox::new(pool.clone(), group.clone(), Typed::new(MachineHistory));
-        let runner = ConsumerRunner::builder(service.kafka()?.clone(), &group, inbox)
-            .topic(naming.commands(&name)?)
-            .dead_letter_topic(naming.dead_letter(&group)?)
-            .create_topics(|name| TopicSpec::new(name, 3))
-            .build()?;
-        service.run_consumer(runner);
+        service.consume(&group, &naming.commands(&name)?, inbox)?;
 
         Ok(Self {
             snapshot: snapshot::snapshot_source(pool.clone())?,

@@ -89,7 +89,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use dbps_cache::redis::{Invalidate, RedisCache};
 use dbps_core::inbox::pg::PgInbox;
-use dbps_core::kafka::{ConsumerRunner, TopicSpec};
+use dbps_core::kafka::TopicSpec;
 use dbps_core::{Message as _, OtherTypes, Typed};
 use dbps_outbox::Relay;
 use dbps_outbox::pg::PgOutboxStore;
@@ -236,7 +236,6 @@ impl App {
         // unique one), as its outbox names them.
         let name = service.name().to_string();
         let events = Events::new(service.outbox(), naming.clone());
-        let kafka = service.kafka()?.clone();
 
         let reservation_events = naming.events(&name, RESERVATION_AGGREGATE)?;
         let product_events = naming.events(&name, PRODUCT_AGGREGATE)?;
@@ -252,23 +251,17 @@ impl App {
         let group = service.group(QUOTE_EVENTS_CONSUMER);
         let reservations = Typed::new(Reservations::new(events.clone())).other_types(OtherTypes::Ignore);
         let inbox = PgInbox::new(pool.clone(), group.clone(), reservations);
-        let runner = ConsumerRunner::builder(kafka.clone(), &group, inbox)
-            .topic(naming.events(&settings.quote_service, example_contracts::quote::AGGREGATE)?)
-            .dead_letter_topic(naming.dead_letter(&group)?)
-            .create_topics(|name| TopicSpec::new(name, 3))
-            .build()?;
-        service.run_consumer(runner);
+        service.consume(
+            &group,
+            &naming.events(&settings.quote_service, example_contracts::quote::AGGREGATE)?,
+            inbox,
+        )?;
 
         // The saga's commands, each applied once with its reply.
         let group = service.group(COMMANDS_CONSUMER);
         let participant = Participant::new(events.outbox().clone(), Warehouse::new(events.clone()));
         let inbox = PgInbox::new(pool.clone(), group.clone(), participant);
-        let runner = ConsumerRunner::builder(kafka.clone(), &group, inbox)
-            .topic(naming.commands(&name)?)
-            .dead_letter_topic(naming.dead_letter(&group)?)
-            .create_topics(|name| TopicSpec::new(name, 3))
-            .build()?;
-        service.run_consumer(runner);
+        service.consume(&group, &naming.commands(&name)?, inbox)?;
 
         // The stock cache, invalidated by the service's own stock events.
         let stock: RedisCache<Stock> =
@@ -283,12 +276,7 @@ impl App {
                 Vec::new()
             }
         });
-        let runner = ConsumerRunner::builder(kafka, &group, invalidate)
-            .topic(product_events)
-            .dead_letter_topic(naming.dead_letter(&group)?)
-            .create_topics(|name| TopicSpec::new(name, 3))
-            .build()?;
-        service.run_consumer(runner);
+        service.consume(&group, &product_events, invalidate)?;
 
         Ok(Self { pool, events, stock })
     }

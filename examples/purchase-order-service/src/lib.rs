@@ -57,7 +57,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use dbps_core::inbox::pg::PgInbox;
-use dbps_core::kafka::{ConsumerRunner, TopicSpec};
 use dbps_core::{Envelope, HandlerError};
 use dbps_outbox::Relay;
 use dbps_outbox::pg::PgOutboxStore;
@@ -176,12 +175,7 @@ impl App {
         let group = service.group(COMMANDS_CONSUMER);
         let participant = Participant::new(service.outbox(), PurchaseOrders::new(settings));
         let inbox = PgInbox::new(pool.clone(), group.clone(), participant);
-        let runner = ConsumerRunner::builder(service.kafka()?.clone(), &group, inbox)
-            .topic(naming.commands(&name)?)
-            .dead_letter_topic(naming.dead_letter(&group)?)
-            .create_topics(|name| TopicSpec::new(name, 3))
-            .build()?;
-        service.run_consumer(runner);
+        service.consume(&group, &naming.commands(&name)?, inbox)?;
 
         Ok(Self { pool, settings })
     }

@@ -38,7 +38,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dbps_core::inbox::pg::PgInbox;
-use dbps_core::kafka::{ConsumerRunner, TopicSpec};
+use dbps_core::kafka::TopicSpec;
 use dbps_outbox::Relay;
 use dbps_outbox::pg::{PgOutbox, PgOutboxStore};
 use dbps_saga::Orchestrator;
@@ -185,7 +185,6 @@ impl App {
         let naming = service.naming();
         let name = service.name().to_string();
         let outbox = service.outbox();
-        let kafka = service.kafka()?.clone();
 
         let relay = Relay::builder(PgOutboxStore::new(pool.clone()), service.relay_publisher()?)
             .create_topics([
@@ -215,35 +214,27 @@ impl App {
             scanner.run(token).await.map(|_| ())
         });
 
-        let create = |name: &str| TopicSpec::new(name, 3);
         // Replies to the order saga's commands.
         let group = service.group("saga-replies");
         let replies = PgInbox::new(pool.clone(), group.clone(), orchestrator.replies()).batched(32);
-        let runner = ConsumerRunner::builder(kafka.clone(), &group, replies)
-            .topic(naming.replies(&name)?)
-            .dead_letter_topic(naming.dead_letter(&group)?)
-            .create_topics(create)
-            .build()?;
-        service.run_consumer(runner);
+        service.consume(&group, &naming.replies(&name)?, replies)?;
 
         // The inventory's answers to `QuoteCreated`, awaited by the stock check saga.
         let group = service.group("stock-answers");
         let answers = PgInbox::new(pool.clone(), group.clone(), orchestrator.events()).batched(32);
-        let runner = ConsumerRunner::builder(kafka.clone(), &group, answers)
-            .topic(naming.events(&settings.inventory, RESERVATION_AGGREGATE)?)
-            .dead_letter_topic(naming.dead_letter(&group)?)
-            .create_topics(create)
-            .build()?;
-        service.run_consumer(runner);
+        service.consume(
+            &group,
+            &naming.events(&settings.inventory, RESERVATION_AGGREGATE)?,
+            answers,
+        )?;
 
         // The customer replica: the stream, and a backfill from the owner's snapshot.
         let group = service.group("customer-cache");
-        let runner = ConsumerRunner::builder(kafka, &group, customers::replica(&pool)?)
-            .topic(naming.events(&settings.customer, example_customer_service::AGGREGATE)?)
-            .dead_letter_topic(naming.dead_letter(&group)?)
-            .create_topics(create)
-            .build()?;
-        service.run_consumer(runner);
+        service.consume(
+            &group,
+            &naming.events(&settings.customer, example_customer_service::AGGREGATE)?,
+            customers::replica(&pool)?,
+        )?;
         let directory = customers::Directory::new(pool.clone(), &settings)?;
 
         // The product catalogue: loaded from the inventory when needed, kept current by
@@ -251,12 +242,11 @@ impl App {
         let inventory = ServiceClient::builder("inventory", &settings.inventory_url).build()?;
         let catalogue = products::catalogue(inventory);
         let group = service.group("product-catalogue");
-        let runner = ConsumerRunner::builder(service.kafka()?.clone(), &group, products::updates(&catalogue))
-            .topic(naming.events(&settings.inventory, PRODUCT_AGGREGATE)?)
-            .dead_letter_topic(naming.dead_letter(&group)?)
-            .create_topics(create)
-            .build()?;
-        service.run_consumer(runner);
+        service.consume(
+            &group,
+            &naming.events(&settings.inventory, PRODUCT_AGGREGATE)?,
+            products::updates(&catalogue),
+        )?;
         let backfill = directory.clone();
         service.run("customer backfill", move |token| async move {
             backfill.backfill(token).await
