@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Local development stack for dbps: PostgreSQL, Redis, Kafka (KRaft) and
-# FerretDB (MongoDB wire protocol, its data in that PostgreSQL), all as plain
+# Local development stack for dbps: PostgreSQL, Redis, Kafka (KRaft),
+# FerretDB (MongoDB wire protocol, its data in that PostgreSQL) and Mailpit
+# (an SMTP server with an HTTP API to read back what arrived), all as plain
 # processes on 127.0.0.1 — no Docker needed.
 #
 #   scripts/stack.sh up       install what is missing, start everything, wait until ready
 #   scripts/stack.sh down     stop what `up` started
 #   scripts/stack.sh status   show each server's state (exit 0 all up, 3 otherwise)
 #   scripts/stack.sh env      print the DBPS_* variables:  eval "$(scripts/stack.sh env)"
-#   scripts/stack.sh stop  <server>   stop one server (postgres, redis, kafka, ferretdb;
-#                                     stopping postgres stops ferretdb too)
+#   scripts/stack.sh stop  <server>   stop one server (postgres, redis, kafka, ferretdb,
+#                                     mailpit; stopping postgres stops ferretdb too)
 #   scripts/stack.sh start <server>   start one server again and wait until it is ready
 #                                     (fault injection: dbps-chaos broker-restart)
 #
@@ -19,9 +20,17 @@
 #   DBPS_CACHE_DIR          download/build cache            (default: $HOME/.cache/dbps)
 #   DBPS_KAFKA_VERSION      org.apache.kafka:kafka_2.13     (default: 4.4.0)
 #   DBPS_FERRETDB_VERSION   github.com/FerretDB/FerretDB    (default: v1.24.2)
+#   DBPS_MAILPIT_VERSION    github.com/axllent/mailpit      (default: v1.33.1)
 #   DBPS_JAVA               java binary to run Kafka with   (default: first java >= 17 found)
 #   DBPS_KAFKA_HEAP_OPTS    Kafka JVM heap                  (default: -Xmx768m -Xms256m)
 #   DBPS_STACK_TIMEOUT      readiness deadline per server, seconds (default: 120)
+#
+# Mailpit: SMTP on 127.0.0.1:21025 (any sender and recipient, no auth needed,
+# messages up to 50 MB), its HTTP API on 127.0.0.1:28025 (/api/v1/...); messages
+# are kept in .dbps/mailpit/mailpit.db (they survive a restart; the oldest go
+# beyond 2000). Built once with `go install` of its module; the web UI's
+# JavaScript is not part of the module, so the UI page stays blank: read mail
+# through the API (dbps-testkit's mailpit() does).
 #
 # Users with Docker can use docker-compose.yml at the repo root instead.
 
@@ -43,12 +52,15 @@ KAFKA_PORT=29092
 KAFKA_CONTROLLER_PORT=29093
 FERRET_PORT=27117
 FERRET_DEBUG_PORT=28088
+MAILPIT_SMTP_PORT=21025
+MAILPIT_HTTP_PORT=28025
 
 PG_USER=dbps
 PG_PASSWORD=dbps
 
 KAFKA_VERSION="${DBPS_KAFKA_VERSION:-4.4.0}"
 FERRET_VERSION="${DBPS_FERRETDB_VERSION:-v1.24.2}"
+MAILPIT_VERSION="${DBPS_MAILPIT_VERSION:-v1.33.1}"
 KAFKA_HEAP_OPTS="${DBPS_KAFKA_HEAP_OPTS:--Xmx768m -Xms256m}"
 TIMEOUT="${DBPS_STACK_TIMEOUT:-120}"
 
@@ -56,11 +68,13 @@ PG_DIR="$DBPS_DIR/postgres"          # may become a symlink, see pg_prepare_dirs
 REDIS_DIR="$DBPS_DIR/redis"
 KAFKA_DIR="$DBPS_DIR/kafka"
 FERRET_DIR="$DBPS_DIR/ferretdb"
+MAILPIT_DIR="$DBPS_DIR/mailpit"
 
 KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
 FERRET_BIN="$CACHE_DIR/ferretdb-$FERRET_VERSION/bin/ferretdb"
+MAILPIT_BIN="$CACHE_DIR/mailpit-$MAILPIT_VERSION/bin/mailpit"
 
-SERVERS=(postgres redis kafka ferretdb)
+SERVERS=(postgres redis kafka ferretdb mailpit)
 
 # ---------------------------------------------------------------------------
 # Small helpers
@@ -82,7 +96,7 @@ rel() {
 
 line() { # name state address [log]
   if [[ -n "${4:-}" ]]; then
-    printf '%-9s %-9s %-17s (log: %s)\n' "$1" "$2" "$3" "$(rel "$4")"
+    printf '%-9s %-9s %-21s (log: %s)\n' "$1" "$2" "$3" "$(rel "$4")"
   else
     printf '%-9s %-9s %s\n' "$1" "$2" "$3"
   fi
@@ -262,7 +276,7 @@ ensure_packages() {
   JAVA="$(find_java)" || die "no java >= 17 found (Kafka 4 needs it); set DBPS_JAVA=/path/to/java"
   command -v redis-server >/dev/null 2>&1 || die "redis-server not found after install"
   command -v mvn >/dev/null 2>&1 || die "mvn not found after install"
-  GO="$(find_go)" || die "go not found (needed once to build FerretDB $FERRET_VERSION; FerretDB 1.24 needs Go >= 1.24): install Go and put it on PATH"
+  GO="$(find_go)" || die "go not found (needed once to build FerretDB $FERRET_VERSION and Mailpit $MAILPIT_VERSION; FerretDB 1.24 needs Go >= 1.24, Mailpit 1.33 Go >= 1.26): install Go and put it on PATH"
 }
 
 # Kafka jars via Maven (scripts/kafka/pom.xml) into the cache, once per
@@ -329,6 +343,45 @@ finish_ferretdb_build() {
     fail_server ferretdb "$FERRET_BUILD_LOG" "building FerretDB $FERRET_VERSION failed (if Go is too old: FerretDB 1.24 needs Go >= 1.24)"
   fi
   FERRET_BUILD_PID=""
+}
+
+# Mailpit binary built with the Go toolchain into the cache, once per version:
+# a plain `go install` of its module at the pinned version (the module proxy
+# serves it; GOBIN points into the cache). The version is stamped in with the
+# same -X flag Mailpit's own release builds use. The module does not carry the
+# web UI's compiled JavaScript (built with npm upstream); the SMTP server and the
+# HTTP API do not need it.
+build_mailpit() {
+  local gobin
+  gobin="$CACHE_DIR/mailpit-$MAILPIT_VERSION/gobin.$BASHPID"
+  # runs in a background subshell: clean up however it ends
+  trap 'rm -rf "$gobin"' EXIT
+  rm -rf "$gobin"
+  mkdir -p "$gobin"
+  (cd "$CACHE_DIR" && GOBIN="$gobin" CGO_ENABLED=0 GOFLAGS=-buildvcs=false "$GO" install -trimpath \
+    -ldflags "-s -w -X github.com/axllent/mailpit/config.Version=$MAILPIT_VERSION" \
+    "github.com/axllent/mailpit@$MAILPIT_VERSION")
+  "$gobin/mailpit" version --no-release-check
+  mkdir -p "$(dirname "$MAILPIT_BIN")"
+  mv -f "$gobin/mailpit" "$MAILPIT_BIN"
+}
+
+MAILPIT_BUILD_PID=""
+MAILPIT_BUILD_LOG="$CACHE_DIR/mailpit-$MAILPIT_VERSION/build.log"
+start_mailpit_build() {
+  [[ -x "$MAILPIT_BIN" ]] && return 0
+  info "mailpit   building Mailpit $MAILPIT_VERSION with $("$GO" env GOVERSION) (one-time, ~1-2 min) into $(dirname "$MAILPIT_BIN")"
+  mkdir -p "$(dirname "$MAILPIT_BIN")"
+  : >"$MAILPIT_BUILD_LOG"
+  build_mailpit >>"$MAILPIT_BUILD_LOG" 2>&1 </dev/null 9>&- &
+  MAILPIT_BUILD_PID=$!
+}
+finish_mailpit_build() {
+  [[ -n "$MAILPIT_BUILD_PID" ]] || return 0
+  if ! wait "$MAILPIT_BUILD_PID"; then
+    fail_server mailpit "$MAILPIT_BUILD_LOG" "building Mailpit $MAILPIT_VERSION failed (if Go is too old: Mailpit 1.33 needs Go >= 1.26)"
+  fi
+  MAILPIT_BUILD_PID=""
 }
 
 # ---------------------------------------------------------------------------
@@ -772,6 +825,88 @@ ferret_stop() {
 }
 
 # ---------------------------------------------------------------------------
+# Mailpit (SMTP server with an HTTP API; messages in an SQLite file)
+# ---------------------------------------------------------------------------
+
+MAILPIT_PID="$MAILPIT_DIR/mailpit.pid"
+MAILPIT_LOG="$MAILPIT_DIR/mailpit.log"
+MAILPIT_ADDRESS="$HOST:$MAILPIT_SMTP_PORT,$MAILPIT_HTTP_PORT"
+MAILPIT_MAX_MESSAGES=2000 # the oldest are deleted beyond this
+MAILPIT_MAX_SIZE_MB=50    # the email service sends attachments
+
+mailpit_pid() { live_pid "$MAILPIT_PID" mailpit; }
+
+# The HTTP API answers: GET /api/v1/info is 200 with Mailpit's JSON (pure bash,
+# HTTP/1.0 so that the server closes the connection after the reply).
+mailpit_http_probe() (
+  exec 3<>"/dev/tcp/$HOST/$MAILPIT_HTTP_PORT" || exit 1
+  printf 'GET /api/v1/info HTTP/1.0\r\nHost: %s:%s\r\nAccept: application/json\r\n\r\n' \
+    "$HOST" "$MAILPIT_HTTP_PORT" >&3 || exit 1
+  reply="$(timeout 5 cat <&3)" || exit 1
+  [[ "$reply" == "HTTP/1."?" 200 "* && "$reply" == *'"Version"'* ]]
+)
+
+# The SMTP server greets with 220 (then we say QUIT).
+mailpit_smtp_probe() (
+  exec 3<>"/dev/tcp/$HOST/$MAILPIT_SMTP_PORT" || exit 1
+  IFS= read -r -t 5 greeting <&3 || exit 1
+  printf 'QUIT\r\n' >&3 2>/dev/null || true
+  [[ "$greeting" == 220[\ -]* ]]
+)
+
+mailpit_probe() { mailpit_http_probe 2>/dev/null && mailpit_smtp_probe 2>/dev/null; }
+
+mailpit_start() {
+  mkdir -p "$MAILPIT_DIR"
+  if mailpit_pid >/dev/null; then
+    MAILPIT_STARTED=0
+    return 0
+  fi
+  if port_open "$MAILPIT_SMTP_PORT" || port_open "$MAILPIT_HTTP_PORT"; then
+    fail_server mailpit "$MAILPIT_LOG" "port $HOST:$MAILPIT_SMTP_PORT or $HOST:$MAILPIT_HTTP_PORT is already in use by a process not started by stack.sh"
+  fi
+  rotate_log "$MAILPIT_LOG"
+  # Any sender and recipient, no authentication needed (a client that logs in
+  # anyway is accepted with any credentials, also without TLS); no reverse DNS
+  # of clients and no check for new releases (neither has a network here).
+  if ! spawn "$MAILPIT_PID" "$MAILPIT_LOG" "$MAILPIT_BIN" \
+    --smtp "$HOST:$MAILPIT_SMTP_PORT" \
+    --listen "$HOST:$MAILPIT_HTTP_PORT" \
+    --database "$MAILPIT_DIR/mailpit.db" \
+    --max "$MAILPIT_MAX_MESSAGES" \
+    --max-message-size "$MAILPIT_MAX_SIZE_MB" \
+    --smtp-auth-accept-any \
+    --smtp-auth-allow-insecure \
+    --smtp-disable-rdns \
+    --disable-version-check; then
+    fail_server mailpit "$MAILPIT_LOG" "could not launch $MAILPIT_BIN"
+  fi
+  MAILPIT_STARTED=1
+}
+
+mailpit_wait() {
+  local deadline=$((SECONDS + TIMEOUT))
+  until mailpit_probe; do
+    if ! mailpit_pid >/dev/null; then
+      fail_server mailpit "$MAILPIT_LOG" "the server exited during start-up"
+    fi
+    if ((SECONDS >= deadline)); then
+      fail_server mailpit "$MAILPIT_LOG" "not ready after ${TIMEOUT}s (GET /api/v1/info on $HOST:$MAILPIT_HTTP_PORT, SMTP 220 on $HOST:$MAILPIT_SMTP_PORT)"
+    fi
+    sleep 0.2
+  done
+}
+
+mailpit_stop() {
+  local pid
+  if pid="$(mailpit_pid)"; then
+    stop_pid "$pid" 30
+  fi
+  rm -f "$MAILPIT_PID"
+  line mailpit stopped "$MAILPIT_ADDRESS"
+}
+
+# ---------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------
 
@@ -790,12 +925,15 @@ cmd_up() {
   lock
   ensure_packages
   start_ferretdb_build
+  start_mailpit_build
   ensure_kafka_libs
   finish_ferretdb_build
+  finish_mailpit_build
 
   pg_start
   redis_start
   kafka_start
+  mailpit_start
 
   pg_wait
   line postgres "$(ready_word "$PG_STARTED")" "$HOST:$PG_PORT" "$PG_LOG"
@@ -804,6 +942,8 @@ cmd_up() {
   line redis "$(ready_word "$REDIS_STARTED")" "$HOST:$REDIS_PORT" "$REDIS_LOG"
   ferret_wait
   line ferretdb "$(ready_word "$FERRET_STARTED")" "$HOST:$FERRET_PORT" "$FERRET_LOG"
+  mailpit_wait
+  line mailpit "$(ready_word "$MAILPIT_STARTED")" "$MAILPIT_ADDRESS" "$MAILPIT_LOG"
   kafka_wait
   line kafka "$(ready_word "$KAFKA_STARTED")" "$HOST:$KAFKA_PORT" "$KAFKA_LOG"
 
@@ -813,6 +953,7 @@ cmd_up() {
 cmd_down() {
   lock
   PG_BIN="$(find_pg_bin)" || true
+  mailpit_stop
   ferret_stop
   kafka_stop
   redis_stop
@@ -857,6 +998,13 @@ cmd_status() {
   [[ "$state" == running ]] || down=1
   line ferretdb "$state" "$HOST:$FERRET_PORT" "$FERRET_LOG"
 
+  state=stopped
+  if mailpit_pid >/dev/null; then
+    if mailpit_probe; then state=running; else state=unhealthy; fi
+  fi
+  [[ "$state" == running ]] || down=1
+  line mailpit "$state" "$MAILPIT_ADDRESS" "$MAILPIT_LOG"
+
   if ((down)); then return 3; fi
   return 0
 }
@@ -866,6 +1014,8 @@ cmd_env() {
   printf 'export DBPS_REDIS_URL=redis://%s:%s\n' "$HOST" "$REDIS_PORT"
   printf 'export DBPS_KAFKA_BROKERS=%s:%s\n' "$HOST" "$KAFKA_PORT"
   printf 'export DBPS_MONGODB_URI=mongodb://%s:%s/\n' "$HOST" "$FERRET_PORT"
+  printf 'export DBPS_SMTP_URL=smtp://%s:%s\n' "$HOST" "$MAILPIT_SMTP_PORT"
+  printf 'export DBPS_MAILPIT_URL=http://%s:%s\n' "$HOST" "$MAILPIT_HTTP_PORT"
 }
 
 # Start one server that `up` installed before, and wait until it is ready.
@@ -899,6 +1049,12 @@ cmd_start_one() { # server
       ferret_wait
       line ferretdb "$(ready_word "$FERRET_STARTED")" "$HOST:$FERRET_PORT" "$FERRET_LOG"
       ;;
+    mailpit)
+      [[ -x "$MAILPIT_BIN" ]] || die "Mailpit is not built yet; run '$(rel "$SCRIPT_DIR")/stack.sh up' first"
+      mailpit_start
+      mailpit_wait
+      line mailpit "$(ready_word "$MAILPIT_STARTED")" "$MAILPIT_ADDRESS" "$MAILPIT_LOG"
+      ;;
     *)
       usage >&2
       exit 2
@@ -923,6 +1079,7 @@ cmd_stop_one() { # server
     redis) redis_stop ;;
     kafka) kafka_stop ;;
     ferretdb) ferret_stop ;;
+    mailpit) mailpit_stop ;;
     *)
       usage >&2
       exit 2
@@ -933,7 +1090,7 @@ cmd_stop_one() { # server
 usage() {
   cat <<EOF
 usage: $(rel "$SCRIPT_DIR")/stack.sh up|down|status|env
-       $(rel "$SCRIPT_DIR")/stack.sh stop|start postgres|redis|kafka|ferretdb
+       $(rel "$SCRIPT_DIR")/stack.sh stop|start postgres|redis|kafka|ferretdb|mailpit
 
   up      install what is missing, start ${SERVERS[*]} on $HOST, wait until ready
   down    stop the servers started by 'up'

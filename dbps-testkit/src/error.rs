@@ -61,6 +61,29 @@ pub enum Error {
     #[cfg(feature = "redis")]
     #[error("redis test connection")]
     Redis(#[source] ::redis::RedisError),
+    /// Mailpit's HTTP API could not be reached or answered with an error.
+    #[cfg(feature = "smtp")]
+    #[error("mailpit: {what}")]
+    Mailpit {
+        /// The request that failed.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An address a mail query named is not one of the test's own.
+    #[cfg(feature = "smtp")]
+    #[error(
+        "{address} is not an address of this test (its addresses end in +{tag}@{domain}): use TestMailpit::recipient"
+    )]
+    ForeignAddress {
+        /// The address asked about.
+        address: String,
+        /// The test's tag.
+        tag: String,
+        /// The test addresses' domain.
+        domain: &'static str,
+    },
     /// Provisioning or migrating a test service failed.
     #[cfg(feature = "service")]
     #[error("test service {service}")]

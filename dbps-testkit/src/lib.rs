@@ -1,4 +1,5 @@
-//! Real servers for integration tests: PostgreSQL, Apache Kafka, MongoDB and Redis.
+//! Real servers for integration tests: PostgreSQL, Apache Kafka, MongoDB, Redis and an SMTP
+//! server (Mailpit).
 //!
 //! dbps tests every backend behaviour against the real server, and so can the services
 //! built on it. Add this crate as a dev-dependency and ask for the backends a test needs:
@@ -21,7 +22,9 @@
 //!
 //! 1. its environment variable, when set: `DBPS_POSTGRES_URL` (a superuser or a role
 //!    that may create databases), `DBPS_KAFKA_BROKERS`, `DBPS_MONGODB_URI`,
-//!    `DBPS_REDIS_URL`. `scripts/stack.sh env` prints them for the local stack;
+//!    `DBPS_REDIS_URL`, and for Mailpit both `DBPS_SMTP_URL` (`smtp://host:port`) and
+//!    `DBPS_MAILPIT_URL` (its HTTP API, `http://host:port`). `scripts/stack.sh env` prints
+//!    them for the local stack;
 //! 2. otherwise a container started with testcontainers, where a Docker engine is
 //!    reachable. Containers are shared by the tests of one binary and removed when the
 //!    binary exits;
@@ -39,6 +42,7 @@
 //! | Kafka | [`TestKafka`] | topic names with a unique prefix |
 //! | MongoDB | [`TestMongo`] | a fresh database |
 //! | Redis | [`TestRedis`] | a unique key prefix |
+//! | Mailpit | [`TestMailpit`] | addresses with a unique tag, `name+<tag>@example.test` |
 //!
 //! Tests in one binary can therefore run in parallel without seeing each other's data.
 //!
@@ -52,17 +56,22 @@
 //!   letters included) is deleted with the handle. [`TestKafka::reader`] reads what
 //!   reached a topic, up to a count or to the end, and [`TestKafka::caught_up`] waits until
 //!   a consumer group has committed everything.
+//! - [`TestMailpit`] reads back what a service sent over SMTP: the messages that reached
+//!   an address, one message's bodies and attachments, its raw source, and
+//!   [`TestMailpit::wait_for`] a number of messages, with a deadline.
 //! - [`eventually`] and [`wait_for`] poll a condition with a deadline: no sleeps.
 //!
 //! # Feature flags
 //!
 //! Each backend is a feature, so a service's tests compile only the clients they use:
-//! `postgres`, `kafka`, `mongodb`, `redis` (all four by default) and `service` (a
-//! provisioned service per test, through `dbps-migrate`).
+//! `postgres`, `kafka`, `mongodb`, `redis`, `smtp` (Mailpit; all five by default) and
+//! `service` (a provisioned service per test, through `dbps-migrate`).
 
 mod error;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "smtp")]
+mod mailpit;
 #[cfg(feature = "mongodb")]
 mod mongo;
 #[cfg(feature = "postgres")]
@@ -77,13 +86,15 @@ mod wait;
 pub use error::{Error, Result};
 #[cfg(feature = "kafka")]
 pub use kafka::{TestKafka, TopicReader, header, kafka};
+#[cfg(feature = "smtp")]
+pub use mailpit::{MAIL_DOMAIN, MailAttachment, MailContent, MailMessage, TestMailpit, mailpit};
 #[cfg(feature = "mongodb")]
 pub use mongo::{TestMongo, mongo};
 #[cfg(feature = "postgres")]
 pub use postgres::{TestPostgres, postgres};
 #[cfg(feature = "redis")]
 pub use redis::{RedisProcess, TestRedis, redis, redis_process};
-pub use server::Backend;
+pub use server::{Backend, MAILPIT_API_VAR};
 #[cfg(feature = "service")]
 pub use service::{TestService, TestServiceBuilder, service};
 pub use wait::{DEADLINE, eventually, wait_for};

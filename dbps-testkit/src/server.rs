@@ -5,7 +5,7 @@ use std::any::Any;
 use std::fmt;
 use std::sync::{LazyLock, Mutex};
 
-#[cfg(any(feature = "postgres", feature = "mongodb", feature = "redis"))]
+#[cfg(any(feature = "postgres", feature = "mongodb", feature = "redis", feature = "smtp"))]
 use testcontainers::ImageExt;
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, Image};
@@ -25,16 +25,20 @@ pub enum Backend {
     Mongo,
     /// Redis, the cache.
     Redis,
+    /// Mailpit: an SMTP server whose HTTP API tells what arrived (mail a service sends).
+    Mailpit,
 }
 
 impl Backend {
-    /// The environment variable that names this backend's server.
+    /// The environment variable that names this backend's server. Mailpit has a second
+    /// one for its HTTP API, [`MAILPIT_API_VAR`].
     pub const fn env_var(self) -> &'static str {
         match self {
             Self::Postgres => "DBPS_POSTGRES_URL",
             Self::Kafka => "DBPS_KAFKA_BROKERS",
             Self::Mongo => "DBPS_MONGODB_URI",
             Self::Redis => "DBPS_REDIS_URL",
+            Self::Mailpit => "DBPS_SMTP_URL",
         }
     }
 }
@@ -46,6 +50,7 @@ impl fmt::Display for Backend {
             Self::Kafka => "kafka",
             Self::Mongo => "mongodb",
             Self::Redis => "redis",
+            Self::Mailpit => "mailpit",
         })
     }
 }
@@ -55,11 +60,23 @@ static POSTGRES: OnceCell<String> = OnceCell::const_new();
 static KAFKA: OnceCell<String> = OnceCell::const_new();
 static MONGO: OnceCell<String> = OnceCell::const_new();
 static REDIS: OnceCell<String> = OnceCell::const_new();
+static MAILPIT: OnceCell<MailpitAddresses> = OnceCell::const_new();
 
-/// The address of `backend`'s server, from its variable or a container.
+/// The environment variable that names Mailpit's HTTP API (`http://host:port`); its SMTP
+/// server is in `DBPS_SMTP_URL` ([`Backend::env_var`]).
+pub const MAILPIT_API_VAR: &str = "DBPS_MAILPIT_URL";
+
+/// The address of `backend`'s server, from its variable or a container (for Mailpit, the
+/// SMTP server's URL).
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "kafka", feature = "mongodb", feature = "redis")),
+    allow(dead_code)
+)]
 pub(crate) async fn address(backend: Backend) -> Result<&'static str> {
-    cell(backend)
-        .get_or_try_init(|| resolve(backend, |var| std::env::var(var).ok(), start_container(backend)))
+    let Some(cell) = cell(backend) else {
+        return mailpit_addresses().await.map(|addresses| addresses.smtp.as_str());
+    };
+    cell.get_or_try_init(|| resolve(backend, |var| std::env::var(var).ok(), start_container(backend)))
         .await
         .map(String::as_str)
 }
@@ -67,15 +84,68 @@ pub(crate) async fn address(backend: Backend) -> Result<&'static str> {
 /// The address of `backend` if this binary resolved it already.
 #[cfg_attr(not(feature = "mongodb"), allow(dead_code))]
 pub(crate) fn address_if_resolved(backend: Backend) -> Option<&'static str> {
-    cell(backend).get().map(String::as_str)
+    match cell(backend) {
+        Some(cell) => cell.get().map(String::as_str),
+        None => MAILPIT.get().map(|addresses| addresses.smtp.as_str()),
+    }
 }
 
-fn cell(backend: Backend) -> &'static OnceCell<String> {
+/// The cell of a backend with one address; `None` for Mailpit, which has two.
+fn cell(backend: Backend) -> Option<&'static OnceCell<String>> {
     match backend {
-        Backend::Postgres => &POSTGRES,
-        Backend::Kafka => &KAFKA,
-        Backend::Mongo => &MONGO,
-        Backend::Redis => &REDIS,
+        Backend::Postgres => Some(&POSTGRES),
+        Backend::Kafka => Some(&KAFKA),
+        Backend::Mongo => Some(&MONGO),
+        Backend::Redis => Some(&REDIS),
+        Backend::Mailpit => None,
+    }
+}
+
+/// Where Mailpit listens: its SMTP server and its HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MailpitAddresses {
+    /// `smtp://host:port`.
+    pub(crate) smtp: String,
+    /// `http://host:port`.
+    #[cfg_attr(not(feature = "smtp"), allow(dead_code))]
+    pub(crate) api: String,
+}
+
+/// Mailpit's addresses, from `DBPS_SMTP_URL` and `DBPS_MAILPIT_URL` or a container,
+/// resolved at most once per test binary.
+pub(crate) async fn mailpit_addresses() -> Result<&'static MailpitAddresses> {
+    MAILPIT
+        .get_or_try_init(|| resolve_mailpit(|var| std::env::var(var).ok(), start_mailpit()))
+        .await
+}
+
+/// Picks Mailpit's addresses: both variables if both are set, else the container that
+/// `start` brings up if neither is, else an error that names the missing one.
+pub(crate) async fn resolve_mailpit(
+    lookup: impl Fn(&str) -> Option<String>,
+    start: impl Future<Output = std::result::Result<MailpitAddresses, String>>,
+) -> Result<MailpitAddresses> {
+    let smtp_var = Backend::Mailpit.env_var();
+    let value = |var: &str| lookup(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    match (value(smtp_var), value(MAILPIT_API_VAR)) {
+        (Some(smtp), Some(api)) => Ok(MailpitAddresses { smtp, api }),
+        (None, None) => start.await.map_err(|reason| Error::NoServer {
+            backend: Backend::Mailpit,
+            var: smtp_var,
+            reason,
+        }),
+        (smtp, _) => {
+            let (set, missing) = if smtp.is_some() {
+                (smtp_var, MAILPIT_API_VAR)
+            } else {
+                (MAILPIT_API_VAR, smtp_var)
+            };
+            Err(Error::InvalidAddress {
+                backend: Backend::Mailpit,
+                var: missing,
+                reason: format!("{missing} is not set but {set} is: set both (`scripts/stack.sh env` prints them)"),
+            })
+        }
     }
 }
 
@@ -178,9 +248,47 @@ async fn start_container(backend: Backend) -> std::result::Result<String, String
                 #[cfg(not(feature = "redis"))]
                 without("redis")
             }
+            // Mailpit has two addresses: `mailpit_addresses` starts its container.
+            Backend::Mailpit => Err(String::from("mailpit is resolved by mailpit_addresses")),
         }
     });
     task.await.map_err(|e| format!("container task failed: {e}"))?
+}
+
+/// The Mailpit image the container fallback runs: the version `scripts/stack.sh` builds.
+#[cfg(feature = "smtp")]
+const MAILPIT_IMAGE_TAG: &str = "v1.33.1";
+
+/// Starts a Mailpit container configured like the stack's server.
+async fn start_mailpit() -> std::result::Result<MailpitAddresses, String> {
+    #[cfg(feature = "smtp")]
+    {
+        use testcontainers::GenericImage;
+        use testcontainers::core::{IntoContainerPort, WaitFor};
+
+        let task = CONTAINER_RUNTIME.spawn(async {
+            let image = GenericImage::new("axllent/mailpit", MAILPIT_IMAGE_TAG)
+                .with_exposed_port(1025.tcp())
+                .with_exposed_port(8025.tcp())
+                .with_wait_for(WaitFor::message_on_stdout("accessible via"))
+                .with_env_var("MP_MAX_MESSAGES", "2000")
+                .with_env_var("MP_MAX_MESSAGE_SIZE", "50")
+                .with_env_var("MP_SMTP_AUTH_ACCEPT_ANY", "true")
+                .with_env_var("MP_SMTP_AUTH_ALLOW_INSECURE", "true")
+                .with_env_var("MP_SMTP_DISABLE_RDNS", "true")
+                .with_env_var("MP_DISABLE_VERSION_CHECK", "true");
+            let ports = keep_ports(image, &[1025, 8025]).await?;
+            Ok(MailpitAddresses {
+                smtp: format!("smtp://127.0.0.1:{}", ports[0]),
+                api: format!("http://127.0.0.1:{}", ports[1]),
+            })
+        });
+        task.await.map_err(|e| format!("container task failed: {e}"))?
+    }
+    #[cfg(not(feature = "smtp"))]
+    {
+        Err(String::from("dbps-testkit was built without its smtp feature"))
+    }
 }
 
 /// The container error of a backend whose feature is off.
@@ -191,19 +299,48 @@ fn without(feature: &str) -> std::result::Result<String, String> {
 
 /// Starts `image`, keeps the container for the rest of the process and returns the host
 /// port mapped to `port`.
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "kafka", feature = "mongodb", feature = "redis")),
+    allow(dead_code)
+)]
 async fn keep<I>(image: impl Into<testcontainers::ContainerRequest<I>>, port: u16) -> std::result::Result<u16, String>
+where
+    I: Image + 'static,
+{
+    keep_ports(image, &[port]).await.map(|ports| ports[0])
+}
+
+/// Starts `image`, keeps the container for the rest of the process and returns the host
+/// ports mapped to `ports`, in their order.
+#[cfg_attr(
+    not(any(
+        feature = "postgres",
+        feature = "kafka",
+        feature = "mongodb",
+        feature = "redis",
+        feature = "smtp"
+    )),
+    allow(dead_code)
+)]
+async fn keep_ports<I>(
+    image: impl Into<testcontainers::ContainerRequest<I>>,
+    ports: &[u16],
+) -> std::result::Result<Vec<u16>, String>
 where
     I: Image + 'static,
 {
     let request: testcontainers::ContainerRequest<I> = image.into();
     let container: ContainerAsync<I> = request.start().await.map_err(|e| e.to_string())?;
-    let host_port = container.get_host_port_ipv4(port).await.map_err(|e| e.to_string())?;
+    let mut host_ports = Vec::with_capacity(ports.len());
+    for port in ports {
+        host_ports.push(container.get_host_port_ipv4(*port).await.map_err(|e| e.to_string())?);
+    }
     let id = container.id().to_owned();
     CONTAINERS
         .lock()
         .map_err(|_| String::from("container registry poisoned"))?
         .push((id, Box::new(container)));
-    Ok(host_port)
+    Ok(host_ports)
 }
 
 /// The address with any password replaced, for errors and logs.
@@ -268,6 +405,60 @@ mod tests {
         assert!(message.contains("DBPS_POSTGRES_URL is not set"), "{message}");
         assert!(message.contains("scripts/stack.sh up"), "{message}");
         assert!(message.contains("docker.sock"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn mailpit_takes_both_variables() {
+        let addresses = resolve_mailpit(
+            |var| match var {
+                "DBPS_SMTP_URL" => Some(String::from(" smtp://127.0.0.1:21025 ")),
+                "DBPS_MAILPIT_URL" => Some(String::from("http://127.0.0.1:28025")),
+                _ => None,
+            },
+            async { panic!("no container may be started when the variables are set") },
+        )
+        .await
+        .expect("resolved");
+        assert_eq!(
+            addresses,
+            MailpitAddresses {
+                smtp: String::from("smtp://127.0.0.1:21025"),
+                api: String::from("http://127.0.0.1:28025"),
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn mailpit_with_one_variable_names_the_other() {
+        let error = resolve_mailpit(
+            |var| (var == "DBPS_SMTP_URL").then(|| String::from("smtp://127.0.0.1:21025")),
+            async { panic!("no container may be started when a variable is set") },
+        )
+        .await
+        .expect_err("half a configuration");
+        assert!(
+            matches!(
+                error,
+                Error::InvalidAddress {
+                    backend: Backend::Mailpit,
+                    var: "DBPS_MAILPIT_URL",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("set both"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn no_mailpit_error_says_how_to_get_one() {
+        let error = resolve_mailpit(|_| None, async { Err(String::from("no docker")) })
+            .await
+            .expect_err("no server anywhere");
+        let message = error.to_string();
+        assert!(message.starts_with("no mailpit server"), "{message}");
+        assert!(message.contains("DBPS_SMTP_URL is not set"), "{message}");
+        assert!(message.contains("scripts/stack.sh up"), "{message}");
     }
 
     #[test]
