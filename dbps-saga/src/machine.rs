@@ -59,6 +59,8 @@ impl fmt::Display for SagaState {
 /// What the machine needs to know of a definition.
 pub(crate) trait Shape {
     fn steps(&self) -> usize;
+    /// The step's name, for the reasons the machine writes.
+    fn name(&self, step: usize) -> &str;
     /// Whether the step is a parallel group.
     fn is_group(&self, step: usize) -> bool;
     fn has_compensation(&self, step: usize) -> bool;
@@ -210,14 +212,14 @@ pub(crate) fn next(shape: &impl Shape, policy: &CompensationPolicy, at: Position
             shape,
             policy,
             at.step + 1,
-            Some(format!("step {} timed out", at.step)),
+            Some(format!("step {} timed out", shape.name(at.step))),
         )),
         (SagaState::Compensating, Input::Succeeded) => Some(compensate_below(shape, policy, at.step, None)),
         (SagaState::Compensating, Input::Failed(reason)) => Some(retry_compensation(policy, at, reason)),
         (SagaState::Compensating, Input::TimedOut) => Some(retry_compensation(
             policy,
             at,
-            format!("compensation of step {} timed out", at.step),
+            format!("compensation of step {} timed out", shape.name(at.step)),
         )),
         (SagaState::Stuck, Input::Retry) => Some(Plan {
             to: Position {
@@ -267,6 +269,9 @@ mod tests {
     impl Shape for Three {
         fn steps(&self) -> usize {
             3
+        }
+        fn name(&self, step: usize) -> &str {
+            ["first", "second", "third"][step]
         }
         fn is_group(&self, _: usize) -> bool {
             false
@@ -336,6 +341,9 @@ mod tests {
         impl Shape for Grouped {
             fn steps(&self) -> usize {
                 Three.steps()
+            }
+            fn name(&self, step: usize) -> &str {
+                ["first", "second", "third"][step]
             }
             fn is_group(&self, step: usize) -> bool {
                 step == 2

@@ -317,6 +317,9 @@ impl Shape for ShapeOf<'_> {
     fn steps(&self) -> usize {
         self.0.steps()
     }
+    fn name(&self, step: usize) -> &str {
+        self.0.step_name(step)
+    }
     fn is_group(&self, step: usize) -> bool {
         self.0.branches(step) > 0
     }
