@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The example system's demo: brings up the local stack (PostgreSQL, Kafka, a
-# MongoDB-protocol server and Redis), builds the customer, inventory,
-# purchase-order and quote services and runs them as four processes, each on
-# its own provisioned database. The narrator (system-demo) starts and stops
-# them, walks through the flows of the system's ADR over HTTP, prints the
-# messages that pass on Kafka under the flow that caused them, and ends with a
-# check that the numbers add up. Each service logs to .dbps/<service>-service.log.
+# MongoDB-protocol server, Redis and Mailpit), builds the customer, inventory,
+# purchase-order, quote and email services and runs them as five processes,
+# each on its own database (PostgreSQL, provisioned; the email service's on
+# MongoDB). The narrator (system-demo) starts and stops them, walks through the
+# flows of the system's ADR over HTTP, prints the messages that pass on Kafka
+# under the flow that caused them, reads the sales rep's email back from
+# Mailpit, and ends with a check that the numbers add up. Each service logs to
+# .dbps/<service>-service.log.
 #
 # Every variable below can be set beforehand to override it (ports, passwords,
 # timeouts).
@@ -19,7 +21,8 @@ eval "$("$root/scripts/stack.sh" env)"
 echo "==> building the example services and the narrator"
 cargo build --quiet \
     -p example-customer-service -p example-inventory-service \
-    -p example-purchase-order-service -p example-quote-service --bins
+    -p example-purchase-order-service -p example-quote-service \
+    -p example-email-service --bins
 cargo build --quiet -p example-system-demo
 bin="$root/target/debug"
 
@@ -27,6 +30,7 @@ export CUSTOMER_HTTP_ADDR="${CUSTOMER_HTTP_ADDR:-127.0.0.1:8081}"
 export INVENTORY_HTTP_ADDR="${INVENTORY_HTTP_ADDR:-127.0.0.1:8082}"
 export PURCHASE_ORDER_HTTP_ADDR="${PURCHASE_ORDER_HTTP_ADDR:-127.0.0.1:8083}"
 export QUOTE_HTTP_ADDR="${QUOTE_HTTP_ADDR:-127.0.0.1:8084}"
+export EMAIL_HTTP_ADDR="${EMAIL_HTTP_ADDR:-127.0.0.1:8085}"
 # Development passwords of the services' roles; a deployment takes them from its secrets.
 export CUSTOMER_DB_OWNER_PASSWORD="${CUSTOMER_DB_OWNER_PASSWORD:-customer-owner-dev}"
 export CUSTOMER_DB_RUNTIME_PASSWORD="${CUSTOMER_DB_RUNTIME_PASSWORD:-customer-app-dev}"
@@ -42,6 +46,11 @@ export QUOTE_DB_RUNTIME_PASSWORD="${QUOTE_DB_RUNTIME_PASSWORD:-quote-app-dev}"
 export QUOTE_CUSTOMER_URL="${QUOTE_CUSTOMER_URL:-http://$CUSTOMER_HTTP_ADDR}"
 export QUOTE_INVENTORY_URL="${QUOTE_INVENTORY_URL:-http://$INVENTORY_HTTP_ADDR}"
 export QUOTE_ORDER_STEP_TIMEOUT_SECS="${QUOTE_ORDER_STEP_TIMEOUT_SECS:-3}"
+# The email service: its database on the MongoDB server (DBPS_MONGODB_URI, from the
+# stack), the customer service for its index's backfill, and the stack's SMTP server
+# (Mailpit) for the sales rep's notifications.
+export EMAIL_CUSTOMER_URL="${EMAIL_CUSTOMER_URL:-http://$CUSTOMER_HTTP_ADDR}"
+export EMAIL_SMTP_URL="${EMAIL_SMTP_URL:-$DBPS_SMTP_URL}"
 # Customers without a credit limit of their own may order up to 10,000.00.
 export PURCHASE_ORDER_DEFAULT_LIMIT_CENTS="${PURCHASE_ORDER_DEFAULT_LIMIT_CENTS:-1000000}"
 

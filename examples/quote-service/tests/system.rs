@@ -1,6 +1,7 @@
 //! The example system end to end: the customer, inventory, purchase-order and quote
-//! services, each on its own provisioned database, served over HTTP and talking over Kafka
-//! — the ADR's flows as a client sees them.
+//! services, each on its own provisioned database, and, where a test needs it, the email
+//! service on its own MongoDB database sending to Mailpit — served over HTTP and talking
+//! over Kafka: the ADR's flows as a client sees them.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,20 +26,50 @@ enum Kind {
     Inventory,
     PurchaseOrder,
     Quote,
+    Email,
+}
+
+/// Whether a system runs the email service too (on MongoDB, sending to Mailpit); the
+/// tests that do not look at email leave it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Email {
+    Without,
+    With,
+}
+
+/// A service's database.
+enum Store {
+    /// Provisioned, with its own roles.
+    Postgres(Box<dbps_testkit::TestService>),
+    /// A fresh MongoDB database, named like the service (so its consumer groups are the
+    /// test's own).
+    Mongo(dbps_testkit::TestMongo),
 }
 
 /// One service: its database (kept across restarts), its address and, while it runs,
 /// its task.
 struct Node {
     kind: Kind,
-    database: dbps_testkit::TestService,
+    store: Store,
     addr: SocketAddr,
     running: Option<(CancellationToken, tokio::task::JoinHandle<dbps_service::Result<()>>)>,
 }
 
 impl Node {
+    /// The service's name: its database's.
     fn name(&self) -> String {
-        self.database.name().to_string()
+        match &self.store {
+            Store::Postgres(database) => database.name().to_string(),
+            Store::Mongo(mongo) => mongo.database().name().to_owned(),
+        }
+    }
+
+    /// The PostgreSQL database of a service that has one.
+    fn pg(&self) -> &dbps_testkit::TestService {
+        match &self.store {
+            Store::Postgres(database) => database,
+            Store::Mongo(_) => panic!("the {:?} service has no PostgreSQL database", self.kind),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -46,7 +77,7 @@ impl Node {
     }
 }
 
-/// The four services on one Kafka namespace.
+/// The four services, and the email service where asked, on one Kafka namespace.
 struct System {
     kafka: dbps_testkit::TestKafka,
     redis: dbps_testkit::TestRedis,
@@ -54,6 +85,9 @@ struct System {
     inventory: Node,
     orders: Node,
     quote: Node,
+    email: Option<Node>,
+    /// Where the email service sends (with [`Email::With`]).
+    mail: Option<dbps_testkit::TestMailpit>,
     /// How long a quote waits for the inventory, and an order step for its participant.
     timeouts: (Duration, Duration),
     http: reqwest::Client,
@@ -67,24 +101,33 @@ fn init_logs() {
 }
 
 impl System {
-    async fn start(stock_timeout: Duration, order_step_timeout: Duration) -> Result<Self, BoxError> {
+    async fn start(stock_timeout: Duration, order_step_timeout: Duration, email: Email) -> Result<Self, BoxError> {
         init_logs();
         let kafka = dbps_testkit::kafka().await?;
         let redis = dbps_testkit::redis().await?;
-        let node = |kind, database| Node {
+        let node = |kind, store| Node {
             kind,
-            database,
+            store,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             running: None,
         };
-        let mut system = Self {
-            customer: node(Kind::Customer, dbps_testkit::service("customer").start().await?),
-            inventory: node(Kind::Inventory, dbps_testkit::service("inventory").start().await?),
-            orders: node(
-                Kind::PurchaseOrder,
-                dbps_testkit::service("purchase_order").start().await?,
+        let pg = |name: &'static str| async move {
+            Ok::<_, BoxError>(Store::Postgres(Box::new(dbps_testkit::service(name).start().await?)))
+        };
+        let (email, mail) = match email {
+            Email::With => (
+                Some(node(Kind::Email, Store::Mongo(dbps_testkit::mongo().await?))),
+                Some(dbps_testkit::mailpit().await?),
             ),
-            quote: node(Kind::Quote, dbps_testkit::service("quote").start().await?),
+            Email::Without => (None, None),
+        };
+        let mut system = Self {
+            customer: node(Kind::Customer, pg("customer").await?),
+            inventory: node(Kind::Inventory, pg("inventory").await?),
+            orders: node(Kind::PurchaseOrder, pg("purchase_order").await?),
+            quote: node(Kind::Quote, pg("quote").await?),
+            email,
+            mail,
             kafka,
             redis,
             timeouts: (stock_timeout, order_step_timeout),
@@ -92,6 +135,9 @@ impl System {
         };
         for kind in [Kind::Customer, Kind::Inventory, Kind::PurchaseOrder, Kind::Quote] {
             system.up(kind).await?;
+        }
+        if system.email.is_some() {
+            system.up(Kind::Email).await?;
         }
         Ok(system)
     }
@@ -102,7 +148,25 @@ impl System {
             Kind::Inventory => &mut self.inventory,
             Kind::PurchaseOrder => &mut self.orders,
             Kind::Quote => &mut self.quote,
+            Kind::Email => self
+                .email
+                .as_mut()
+                .expect("the system was started with the email service"),
         }
+    }
+
+    /// The email service (started with [`Email::With`]).
+    fn email(&self) -> &Node {
+        self.email
+            .as_ref()
+            .expect("the system was started with the email service")
+    }
+
+    /// Where the email service sends (started with [`Email::With`]).
+    fn mail(&self) -> &dbps_testkit::TestMailpit {
+        self.mail
+            .as_ref()
+            .expect("the system was started with the email service")
     }
 
     /// Starts a service (again, on the address it had).
@@ -113,16 +177,20 @@ impl System {
         let (brokers, prefix) = (self.kafka.brokers().to_owned(), self.kafka.prefix().to_owned());
         let redis = (self.redis.connection(), self.redis.prefix().to_owned());
         let quote = self.quote.name();
+        let smtp = self.mail.as_ref().map(|mail| mail.smtp_url().to_owned());
         let timeouts = self.timeouts;
         let node = self.node(kind);
-        let (owner, runtime) = node.database.passwords();
-        let config = ServiceConfig::new(node.database.name().as_str())?
-            .postgres(node.database.server_options().clone())
-            .passwords(owner.clone(), runtime.clone())
-            .provision(false)
+        let mut config = ServiceConfig::new(node.name().as_str())?
             .kafka(KafkaConfig::new(&brokers))
             .topic_prefix(&prefix)
             .shutdown_grace(Duration::from_secs(10));
+        if let Store::Postgres(database) = &node.store {
+            let (owner, runtime) = database.passwords();
+            config = config
+                .postgres(database.server_options().clone())
+                .passwords(owner.clone(), runtime.clone())
+                .provision(false);
+        }
         let mut service = Service::new(config);
         let router = match node.kind {
             Kind::Customer => example_customer_service::App::start(&mut service).await?.router(),
@@ -150,6 +218,18 @@ impl System {
                     .await?
                     .router()
             }
+            Kind::Email => {
+                let Store::Mongo(mongo) = &node.store else {
+                    return Err("the email service runs on MongoDB".into());
+                };
+                let mut settings =
+                    example_email_service::Settings::new(customer.1, smtp.ok_or("the email service needs Mailpit")?);
+                settings.customer = customer.0;
+                settings.quote = quote;
+                example_email_service::App::start(&mut service, mongo.database().clone(), settings)
+                    .await?
+                    .router()
+            }
         };
         let listener = tokio::net::TcpListener::bind(node.addr).await?;
         node.addr = listener.local_addr()?;
@@ -168,6 +248,9 @@ impl System {
     }
 
     async fn stop(mut self) -> TestResult {
+        if self.email.is_some() {
+            self.down(Kind::Email).await?;
+        }
         for kind in [Kind::Quote, Kind::PurchaseOrder, Kind::Inventory, Kind::Customer] {
             self.down(kind).await?;
         }
@@ -186,11 +269,13 @@ impl System {
         Ok((status, response.json().await?))
     }
 
+    /// Creates a customer with the address `<name in lower case>@example.com`; returns its id.
     async fn customer(&self, name: &str) -> Result<Uuid, BoxError> {
+        let email = format!("{}@example.com", name.to_lowercase());
         let (status, body) = self
             .post(
                 self.customer.url("/customers"),
-                json!({ "name": name, "tax_number": format!("TX-{name}"), "email": "buyer@example.com" }),
+                json!({ "name": name, "tax_number": format!("TX-{name}"), "email": email }),
             )
             .await?;
         assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -225,6 +310,11 @@ impl System {
 
     /// Creates a quote over HTTP; returns its id.
     async fn quote(&self, customer: Uuid, lines: &[(Uuid, i64)]) -> Result<Uuid, BoxError> {
+        self.quote_by("rep@example.com", customer, lines).await
+    }
+
+    /// Creates a quote over HTTP with `sales_rep` as its sales rep; returns its id.
+    async fn quote_by(&self, sales_rep: &str, customer: Uuid, lines: &[(Uuid, i64)]) -> Result<Uuid, BoxError> {
         let lines: Vec<Value> = lines
             .iter()
             .map(|(product, quantity)| json!({ "product_id": product, "quantity": quantity }))
@@ -234,7 +324,7 @@ impl System {
                 self.quote.url("/quotes"),
                 json!({
                     "customer_id": customer,
-                    "sales_rep": "rep@example.com",
+                    "sales_rep": sales_rep,
                     "lines": lines,
                     "machine_configurations": [{ "machine": "CNC-5", "options": { "spindle": "12k" } }],
                 }),
@@ -242,6 +332,40 @@ impl System {
             .await?;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         Ok(body["id"].as_str().ok_or("no id")?.parse()?)
+    }
+
+    /// Posts a raw message to the email service; the status and the email's view.
+    async fn receive_email(&self, raw: String) -> Result<(StatusCode, Value), BoxError> {
+        let response = self
+            .http
+            .post(self.email().url("/emails"))
+            .header("content-type", "message/rfc822")
+            .body(raw)
+            .send()
+            .await?;
+        let status = response.status();
+        Ok((status, response.json().await?))
+    }
+
+    /// The ids of the emails assigned to `customer`, oldest first.
+    async fn customer_emails(&self, customer: Uuid) -> Result<Vec<String>, BoxError> {
+        let (status, page) = self
+            .get(self.email().url(&format!("/customers/{customer}/emails")))
+            .await?;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        Ok(page["emails"]
+            .as_array()
+            .ok_or("no emails")?
+            .iter()
+            .filter_map(|e| e["id"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Waits until the email service's consumer `consumer` has applied everything on
+    /// `topic` so far.
+    async fn email_caught_up(&self, consumer: &str, topic: &str) -> TestResult {
+        let group = format!("{}.{consumer}", self.email().name());
+        Ok(self.kafka.caught_up(&group, topic).await?)
     }
 
     /// Waits until the quote's status is `status`; returns the quote.
@@ -258,7 +382,7 @@ impl System {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quote_flows_of_the_adr_end_to_end() -> TestResult {
-    let system = System::start(Duration::from_secs(20), Duration::from_secs(20)).await?;
+    let system = System::start(Duration::from_secs(20), Duration::from_secs(20), Email::Without).await?;
     let ada = system.customer("Ada").await?;
     let grace = system.customer("Grace").await?;
     let lathe = system.product("LATHE-1", 10).await?;
@@ -401,15 +525,120 @@ async fn the_quote_flows_of_the_adr_end_to_end() -> TestResult {
         "an unknown product: {problem}"
     );
     let quotes: i64 = sqlx::query_scalar("select count(*) from quotes")
-        .fetch_one(system.quote.database.pool())
+        .fetch_one(system.quote.pg().pool())
         .await?;
     assert_eq!(quotes, 3);
     system.stop().await
 }
 
+/// A small raw message (RFC 5322) from `from` to sales: a text part and one attachment.
+fn raw_email(from: &str, message_id: &str, subject: &str) -> String {
+    format!(
+        "From: {from}\r\n\
+         To: sales@example.com\r\n\
+         Subject: {subject}\r\n\
+         Date: Tue, 3 Mar 2026 10:00:00 +0000\r\n\
+         Message-ID: <{message_id}>\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"b1\"\r\n\
+         \r\n\
+         --b1\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         \r\n\
+         Please quote the machines in the attached list.\r\n\
+         --b1\r\n\
+         Content-Type: text/csv; name=\"rfq.csv\"\r\n\
+         Content-Disposition: attachment; filename=\"rfq.csv\"\r\n\
+         \r\n\
+         machine,quantity\r\nCNC-5,3\r\n\
+         --b1--\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_stock_quote_emails_its_sales_rep_once_and_emails_are_assigned_to_their_customers() -> TestResult {
+    let system = System::start(Duration::from_secs(20), Duration::from_secs(20), Email::With).await?;
+    let (email, mail) = (system.email(), system.mail());
+    let rep = mail.recipient("rep");
+    let ada = system.customer("Ada").await?;
+    let grace = system.customer("Grace").await?;
+    let lathe = system.product("LATHE-1", 10).await?;
+    let mill = system.product("MILL-2", 1).await?;
+    let quote_events = system.kafka.naming().events(&system.quote.name(), AGGREGATE)?;
+    let mut requests = system.kafka.reader(&quote_events)?;
+
+    // An email from a customer's address (in other letters' case) is assigned to the
+    // customer on arrival, once the email service's index has the customer.
+    let customer_events = system
+        .kafka
+        .naming()
+        .events(&system.customer.name(), example_customer_service::AGGREGATE)?;
+    system
+        .email_caught_up(example_email_service::INDEX_CONSUMER, &customer_events)
+        .await?;
+    let (status, from_ada) = system
+        .receive_email(raw_email("Ada <ADA@example.com>", "rfq-1@example.com", "RFQ"))
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{from_ada}");
+    assert_eq!(from_ada["customer_id"].as_str(), Some(ada.to_string().as_str()));
+    assert_eq!(from_ada["attachments"][0]["filename"], "rfq.csv");
+    let from_ada = from_ada["id"].as_str().ok_or("no id")?.to_owned();
+    assert_eq!(system.customer_emails(ada).await?, [from_ada]);
+    // One from an address nobody has yet is assigned when its customer is created.
+    let (status, early) = system
+        .receive_email(raw_email("hedy@example.com", "rfq-2@example.com", "Early"))
+        .await?;
+    assert_eq!((status, &early["customer_id"]), (StatusCode::CREATED, &Value::Null));
+    let early = early["id"].as_str().ok_or("no id")?.to_owned();
+    let hedy = system.customer("Hedy").await?;
+    dbps_testkit::eventually("the early email assigned to hedy", || async {
+        let (_, view) = system.get(email.url(&format!("/emails/{early}"))).await?;
+        Ok::<_, BoxError>(view["customer_id"] == hedy.to_string().as_str())
+    })
+    .await?;
+    assert_eq!(system.customer_emails(hedy).await?, [early]);
+    assert!(system.customer_emails(grace).await?.is_empty());
+
+    // Out of stock: "Pending Stock", the notification requested, and the email to the
+    // quote's sales rep.
+    let short = system.quote_by(&rep, grace, &[(lathe, 2), (mill, 5)]).await?;
+    system.quote_reaches(short, "Pending Stock").await?;
+    let records = requests.wait_for(2).await?;
+    let request = records
+        .iter()
+        .map(dbps_core::kafka::decode_record)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .find(|e| e.message_type == "quote.SalesRepNotificationRequested")
+        .ok_or("no notification requested")?;
+    dbps_testkit::eventually("the notification sent", || async {
+        let (_, view) = system.get(email.url(&format!("/emails/{}", request.id))).await?;
+        Ok::<_, BoxError>(view["delivery"]["status"] == "sent")
+    })
+    .await?;
+    mail.wait_for(&rep, 1).await?;
+    // Every quote event is handled: whatever was to arrive has arrived, and it is one email.
+    system
+        .email_caught_up(example_email_service::NOTIFICATIONS_CONSUMER, &quote_events)
+        .await?;
+    let arrived = mail.messages_to(&rep).await?;
+    assert_eq!(arrived.len(), 1, "exactly one email: {arrived:?}");
+    assert_eq!(
+        arrived[0].message_id,
+        example_email_service::notification_message_id(&request.id)
+    );
+    let message = mail.message(&arrived[0].id).await?;
+    assert_eq!(message.subject, format!("Quote {short} is pending stock"));
+    let text = message.text().unwrap_or_default();
+    for expected in [short.to_string(), grace.to_string(), mill.to_string()] {
+        assert!(text.contains(&expected), "the email lacks {expected}:\n{text}");
+    }
+    system.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purchase_order_service_that_does_not_answer_times_out_and_the_reservation_is_released() -> TestResult {
-    let mut system = System::start(Duration::from_secs(20), Duration::from_secs(2)).await?;
+    let mut system = System::start(Duration::from_secs(20), Duration::from_secs(2), Email::Without).await?;
     let ada = system.customer("Ada").await?;
     let lathe = system.product("LATHE-1", 5).await?;
     let quote = system.quote(ada, &[(lathe, 2)]).await?;
@@ -422,7 +651,7 @@ async fn a_purchase_order_service_that_does_not_answer_times_out_and_the_reserva
     let saga: Uuid = accepted["order_saga"].as_str().ok_or("no saga")?.parse()?;
     // The purchase order step times out; its own compensation (a cancel, in case the
     // order was made) waits for the service, which then comes back.
-    let orchestrator_pool = system.quote.database.pool().clone();
+    let orchestrator_pool = system.quote.pg().pool().clone();
     dbps_testkit::eventually("the order saga compensating", || async {
         let state: String = sqlx::query_scalar("select state from dbps_saga_instances where id = $1")
             .bind(saga)
@@ -459,7 +688,7 @@ async fn a_purchase_order_service_that_does_not_answer_times_out_and_the_reserva
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_while_the_customer_service_is_down_and_closes_when_it_is_back() -> TestResult {
-    let mut system = System::start(Duration::from_secs(20), Duration::from_secs(20)).await?;
+    let mut system = System::start(Duration::from_secs(20), Duration::from_secs(20), Email::Without).await?;
     let ada = system.customer("Ada").await?;
     let lathe = system.product("LATHE-1", 5).await?;
     let quote = system.quote(ada, &[(lathe, 1)]).await?;
@@ -514,7 +743,7 @@ async fn the_breaker_opens_while_the_customer_service_is_down_and_closes_when_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quote_without_a_stock_answer_is_pending_and_reported_and_bad_input_writes_nothing() -> TestResult {
-    let mut system = System::start(Duration::from_secs(2), Duration::from_secs(20)).await?;
+    let mut system = System::start(Duration::from_secs(2), Duration::from_secs(20), Email::Without).await?;
     let ada = system.customer("Ada").await?;
     let lathe = system.product("LATHE-1", 5).await?;
     let events = system.kafka.naming().events(&system.quote.name(), AGGREGATE)?;
@@ -607,7 +836,7 @@ async fn a_quote_without_a_stock_answer_is_pending_and_reported_and_bad_input_wr
         );
     }
     let count: i64 = sqlx::query_scalar("select count(*) from quotes")
-        .fetch_one(system.quote.database.pool())
+        .fetch_one(system.quote.pg().pool())
         .await?;
     assert_eq!(
         count, 3,

@@ -6,8 +6,12 @@
 //! as they arrive. Messages that arrive before their id is named wait until it is, so a
 //! saga's first command is shown even when it overtakes the HTTP answer that names the
 //! saga.
+//!
+//! It also tells when another service's consumer group has caught up on a topic (its
+//! committed offsets reached the topic's end): the group's consumer commits only what it
+//! applied, so a replica fed by the group holds everything published before.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -19,7 +23,8 @@ use example_contracts::inventory::{PRODUCT_AGGREGATE, RESERVATION_AGGREGATE};
 use example_contracts::services;
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, DefaultConsumerContext};
 use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
 use serde_json::Value;
@@ -40,6 +45,8 @@ const MAX_WAITING: usize = 10_000;
 /// A message of this run.
 #[derive(Debug, Clone)]
 pub(crate) struct Seen {
+    /// The message's id (a notification's `Message-ID` is derived from its request's).
+    pub(crate) id: String,
     pub(crate) topic: String,
     pub(crate) message_type: String,
     pub(crate) key: String,
@@ -120,7 +127,7 @@ impl State {
         };
         let short_type = message.message_type.rsplit('.').next().unwrap_or_default();
         match short_type {
-            "CustomerCreated" | "CustomerUpdated" => format!("name {:?}", text("name")),
+            "CustomerCreated" | "CustomerUpdated" => format!("name {:?} <{}>", text("name"), text("email")),
             "ProductChanged" => format!(
                 "{}, {}",
                 text("name"),
@@ -158,6 +165,7 @@ impl State {
             "PurchaseOrderRejected" | "ReservationNotConfirmed" => {
                 format!("quote {}: {}", id("quote_id"), self.rename(&text("reason")))
             }
+            "EmailAssigned" => format!("from {} to {}", text("address"), id("customer_id")),
             _ => String::new(),
         }
     }
@@ -177,6 +185,7 @@ impl State {
 /// The watcher: a consumer on its own thread, and what it saw.
 #[derive(Debug)]
 pub(crate) struct Watcher {
+    brokers: String,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
     /// How many partitions the consumer fetches from (their start offset is known).
@@ -184,19 +193,29 @@ pub(crate) struct Watcher {
     thread: Option<JoinHandle<()>>,
 }
 
-/// The topics of the example system (under `DBPS_TOPIC_PREFIX`, as the services name
-/// them).
-pub(crate) fn topics() -> anyhow::Result<Vec<String>> {
+/// The topics' naming: under `DBPS_TOPIC_PREFIX`, as the services name them.
+fn naming() -> TopicNaming {
     let prefix = std::env::var("DBPS_TOPIC_PREFIX").unwrap_or_default();
-    let naming = TopicNaming::new().with_prefix(prefix.trim());
+    TopicNaming::new().with_prefix(prefix.trim())
+}
+
+/// The customer service's events topic, which the replicas follow.
+pub(crate) fn customer_topic() -> anyhow::Result<String> {
+    Ok(naming().events(services::CUSTOMER, "customer")?)
+}
+
+/// The topics of the example system.
+pub(crate) fn topics() -> anyhow::Result<Vec<String>> {
+    let naming = naming();
     Ok(vec![
-        naming.events(services::CUSTOMER, "customer")?,
+        customer_topic()?,
         naming.events(services::QUOTE, example_contracts::quote::AGGREGATE)?,
         naming.events(services::INVENTORY, RESERVATION_AGGREGATE)?,
         naming.events(services::INVENTORY, PRODUCT_AGGREGATE)?,
         naming.commands(services::INVENTORY)?,
         naming.commands(services::PURCHASE_ORDER)?,
         naming.replies(services::QUOTE)?,
+        naming.events(services::EMAIL, "email")?,
     ])
 }
 
@@ -238,6 +257,7 @@ impl Watcher {
                 .spawn(move || consume(&consumer, &state, &stop))?
         };
         let watcher = Self {
+            brokers: brokers.to_owned(),
             state,
             stop,
             fetching,
@@ -374,6 +394,40 @@ impl Watcher {
         }
     }
 
+    /// Waits until consumer group `group` (another service's) has committed, on every
+    /// partition of `topic`, the offsets the topic ends at now: everything published to the
+    /// topic so far has been applied by that consumer. Returns how long it took.
+    pub(crate) async fn caught_up(&self, group: &str, topic: &str, within: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let client: BaseConsumer<DefaultConsumerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .context("creating a Kafka client to read committed offsets")?;
+        let client = Arc::new(client);
+        let ends = {
+            let (client, topic) = (Arc::clone(&client), topic.to_owned());
+            tokio::task::spawn_blocking(move || high_watermarks(&client, &topic)).await??
+        };
+        loop {
+            let behind = {
+                let (client, topic, ends) = (Arc::clone(&client), topic.to_owned(), ends.clone());
+                tokio::task::spawn_blocking(move || behind(&client, &topic, &ends)).await??
+            };
+            if behind == 0 {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > within {
+                bail!(
+                    "group {group} is still {behind} message(s) behind on {topic} after {} s",
+                    within.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops the consumer.
     pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -437,6 +491,47 @@ fn count_partitions(consumer: &BaseConsumer<Watching>, topics: &[String]) -> any
     }
 }
 
+/// The end (offset of the next record) of each partition of `topic`.
+fn high_watermarks(client: &BaseConsumer<DefaultConsumerContext>, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let metadata = client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("reading the metadata of {topic}"))?;
+    let mut ends = BTreeMap::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (_, high) = client
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+            .with_context(|| format!("reading the end of {topic}/{}", partition.id()))?;
+        ends.insert(partition.id(), high);
+    }
+    Ok(ends)
+}
+
+/// How many messages before `ends` the group's committed offsets of `topic` are.
+fn behind(
+    client: &BaseConsumer<DefaultConsumerContext>,
+    topic: &str,
+    ends: &BTreeMap<i32, i64>,
+) -> anyhow::Result<i64> {
+    let mut list = TopicPartitionList::new();
+    for partition in ends.keys() {
+        list.add_partition(topic, *partition);
+    }
+    let committed = client
+        .committed_offsets(list, Duration::from_secs(10))
+        .with_context(|| format!("reading the committed offsets on {topic}"))?;
+    Ok(ends
+        .iter()
+        .map(|(partition, end)| {
+            let at = committed
+                .find_partition(topic, *partition)
+                .and_then(|p| p.offset().to_raw())
+                .filter(|offset| *offset >= 0)
+                .unwrap_or(0);
+            (end - at).max(0)
+        })
+        .sum())
+}
+
 /// Holds the watcher's output while it lives (see [`Watcher::hold`]).
 #[derive(Debug)]
 pub(crate) struct Held {
@@ -474,6 +569,7 @@ fn sender(message_type: &str) -> Svc {
             Svc::Quote
         }
         "purchase_order" => Svc::PurchaseOrder,
+        "email" => Svc::Email,
         _ => Svc::Quote,
     }
 }
@@ -493,6 +589,7 @@ fn consume(consumer: &BaseConsumer<Watching>, state: &Mutex<State>, stop: &Atomi
             continue;
         };
         let message = Seen {
+            id: envelope.id.clone(),
             topic: record.topic().to_owned(),
             message_type: envelope.message_type.clone(),
             key: envelope.aggregate_id.clone(),

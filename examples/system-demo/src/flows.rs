@@ -7,7 +7,8 @@ use anyhow::{Context as _, bail};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::events::Watcher;
+use crate::events::{self, Watcher};
+use crate::mailpit::Mailpit;
 use crate::out;
 use crate::services::{Blamed as _, Fleet, Svc};
 
@@ -15,14 +16,32 @@ use crate::services::{Blamed as _, Fleet, Svc};
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Between two polls of a state.
 const POLL: Duration = Duration::from_millis(200);
-/// The sales rep on every quote.
-const SALES_REP: &str = "rep@example.com";
+/// The consumer group of the quote service's customer replica.
+const QUOTE_REPLICA_GROUP: &str = "quote.customer-cache";
+/// The consumer group of the email service's customer email index.
+const EMAIL_INDEX_GROUP: &str = "email.customer-email-index";
+/// The domain of the notifications' `Message-ID`s (the email service's).
+const NOTIFICATION_DOMAIN: &str = "email.dbps";
 
 /// A customer of this run.
 #[derive(Debug)]
 struct Customer {
     label: &'static str,
     id: String,
+    /// Its email address now.
+    email: String,
+}
+
+/// An email of this run, received by the email service.
+#[derive(Debug)]
+struct Email {
+    label: String,
+    id: String,
+    from: String,
+    /// The customer it must end up assigned to (`None`: nobody's).
+    customer: Option<usize>,
+    /// Whether it arrived before its customer (assigned late).
+    late: bool,
 }
 
 /// A product of this run, with the stock it started with.
@@ -57,6 +76,9 @@ struct Outcome {
     purchase_order: Option<&'static str>,
 }
 
+/// The rows of the summary's email table and the email checks.
+type EmailChecks = (Vec<[String; 6]>, Vec<(bool, String, Svc)>);
+
 /// An HTTP answer.
 #[derive(Debug)]
 struct Reply {
@@ -77,10 +99,18 @@ pub(crate) struct Demo<'a> {
     customers: Vec<Customer>,
     products: Vec<Product>,
     quotes: Vec<Quote>,
+    emails: Vec<Email>,
+    mail: Mailpit,
+    /// The sales rep on every quote: an address of this run's own, so that the mail that
+    /// reached it is this run's.
+    sales_rep: String,
+    /// The id of the notification request of the quote out of stock.
+    notification_request: Option<String>,
 }
 
 const ADA: usize = 0;
 const GRACE: usize = 1;
+const HEDY: usize = 2;
 const LATHE: usize = 0;
 const MILL: usize = 1;
 
@@ -93,25 +123,30 @@ impl<'a> Demo<'a> {
         Self {
             fleet,
             events,
+            mail: Mailpit::from_env(http.clone()),
             http,
+            sales_rep: format!("rep-{run}@example.com"),
             run,
             order_step_timeout,
             customers: Vec::new(),
             products: Vec::new(),
             quotes: Vec::new(),
+            emails: Vec::new(),
+            notification_request: None,
         }
     }
 
     /// Every flow, then the summary.
     pub(crate) async fn run(&mut self) -> anyhow::Result<()> {
         self.customers_are_created().await?;
+        self.an_email_before_its_customer().await?;
         self.products_with_stock().await?;
         self.a_quote_reserves_its_stock().await?;
         self.an_accepted_quote_is_ordered().await?;
         self.a_quote_out_of_stock().await?;
         self.a_purchase_order_is_rejected().await?;
         self.the_purchase_order_service_is_down().await?;
-        self.a_rename_reaches_the_replica().await?;
+        self.a_change_reaches_the_replicas().await?;
         self.the_breaker_opens_and_closes().await?;
         self.summary().await
     }
@@ -119,45 +154,104 @@ impl<'a> Demo<'a> {
     // ----- The flows -----
 
     async fn customers_are_created(&mut self) -> anyhow::Result<()> {
-        out::heading("1. Customers are created  (customer service)");
+        out::heading("1. Customers are created  (customer service -> quote replica, email index)");
         let mark = self.events.mark();
         out::say(
             "The customer service stores each customer and its customer.CustomerCreated event in one local \
-             transaction (the outbox); its relay publishes the event. The quote service keeps a replica of the \
-             customers from these events.",
+             transaction (the outbox); its relay publishes the event. Two services keep what they need of the \
+             customers from these events: the quote service a replica (customer_cache, on PostgreSQL), the email \
+             service an index of their addresses (customer_email_index, on MongoDB).",
         );
         for (label, name) in [("Ada", "Ada Byron"), ("Grace", "Grace Hopper")] {
-            let name = format!("{name} [{}]", self.run);
-            let body = json!({
-                "name": name,
-                "tax_number": format!("TX-{}-{}", self.run, label.to_uppercase()),
-                "email": format!("{}@example.com", label.to_lowercase()),
-            });
-            let held = self.events.hold();
-            let reply = self
-                .request(Svc::Customer, Method::POST, "/customers", Some(body), 201)
-                .await?;
-            let id = id_of(&reply.body, "id").blame(Svc::Customer)?;
-            self.show(
-                "POST",
-                "/customers",
-                &reply,
-                &format!("{label}: {name:?}, version {}", reply.body["version"]),
-            );
-            // Named after the call is shown, so that its messages follow it.
-            self.events.name(&id, label);
-            drop(held);
-            self.customers.push(Customer { label, id });
+            self.create_customer(label, name).await?;
         }
         let ids: Vec<String> = self.customers.iter().map(|c| c.id.clone()).collect();
         let wanted: Vec<(&str, &str)> = ids.iter().map(|id| ("customer.CustomerCreated", id.as_str())).collect();
         self.events.expect(mark, &wanted, DEADLINE).await?;
         self.events.settle().await;
+        self.replica_caught_up(
+            Svc::Quote,
+            QUOTE_REPLICA_GROUP,
+            "the quote service's customer_cache has Ada and Grace",
+        )
+        .await?;
+        self.replica_caught_up(
+            Svc::Email,
+            EMAIL_INDEX_GROUP,
+            "the email service's index has their addresses",
+        )
+        .await?;
+
+        println!();
+        let mark = self.events.mark();
+        out::say(
+            "Ada writes to sales. The email service takes the raw message (RFC 5322, POST /emails), stores it \
+             with its attachment's bytes, and assigns it to the customer whose address sent it: the index knows \
+             Ada's. The assignment and its email.EmailAssigned event are one document write (the MongoDB \
+             outbox); the relay publishes the event.",
+        );
+        let e = self
+            .receive_email(
+                &self.customers[ADA].email.clone(),
+                "RFQ: three CNC lathes",
+                Some(ADA),
+                false,
+            )
+            .await?;
+        let email = self.emails[e].id.clone();
+        self.events
+            .expect(mark, &[("email.EmailAssigned", &email)], DEADLINE)
+            .await?;
+        self.attachment_reads_back(e).await?;
+        self.customer_emails(ADA, &[e]).await?;
+        self.events.settle().await;
+        Ok(())
+    }
+
+    async fn an_email_before_its_customer(&mut self) -> anyhow::Result<()> {
+        out::heading("2. An email before its customer  (late assignment, email service)");
+        let mark = self.events.mark();
+        out::say(
+            "An email comes from an address no customer has: it is stored, unassigned. When a customer with that \
+             address is created, the email service's consumer applies the customer.CustomerCreated event to its \
+             index and then assigns the pending emails of that address: email.EmailAssigned follows.",
+        );
+        let address = format!("hedy.{}@example.com", self.run);
+        let e = self
+            .receive_email(&address, "Frequency-hopping spindle drive?", Some(HEDY), true)
+            .await?;
+        let c = self.create_customer("Hedy", "Hedy Lamarr").await?;
+        let (hedy, email) = (self.customers[c].id.clone(), self.emails[e].id.clone());
+        self.events
+            .expect(
+                mark,
+                &[("customer.CustomerCreated", &hedy), ("email.EmailAssigned", &email)],
+                DEADLINE,
+            )
+            .await?;
+        let path = format!("/emails/{email}");
+        let (reply, calls, elapsed) = self
+            .poll(
+                Svc::Email,
+                &path,
+                &format!("{} assigned to Hedy", self.emails[e].label),
+                |view| self.email_summary(e, view),
+                |view| view["customer_id"] == hedy.as_str(),
+            )
+            .await?;
+        self.show(
+            "GET",
+            &path,
+            &reply,
+            &format!("{}{}", self.email_summary(e, &reply.body), polled(calls, elapsed)),
+        );
+        self.customer_emails(HEDY, &[e]).await?;
+        self.events.settle().await;
         Ok(())
     }
 
     async fn products_with_stock(&mut self) -> anyhow::Result<()> {
-        out::heading("2. Products with stock  (inventory service, Redis)");
+        out::heading("3. Products with stock  (inventory service, Redis)");
         let mark = self.events.mark();
         out::say(
             "The inventory service owns the products and their stock. Its stock check is asked often, so it is \
@@ -219,7 +313,7 @@ impl<'a> Demo<'a> {
     }
 
     async fn a_quote_reserves_its_stock(&mut self) -> anyhow::Result<()> {
-        out::heading("3. A quote reserves its stock  (event-driven: quote -> inventory -> quote)");
+        out::heading("4. A quote reserves its stock  (event-driven: quote -> inventory -> quote)");
         let mark = self.events.mark();
         out::say(
             "The quote service stores the quote, its lines and machine configurations, its quote.QuoteCreated \
@@ -260,7 +354,7 @@ impl<'a> Demo<'a> {
     }
 
     async fn an_accepted_quote_is_ordered(&mut self) -> anyhow::Result<()> {
-        out::heading("4. Order placement  (orchestrated saga: quote -> inventory -> purchase order)");
+        out::heading("5. Order placement  (orchestrated saga: quote -> inventory -> purchase order)");
         let mark = self.events.mark();
         out::say(
             "Accepting the quote starts the order saga in the quote service: it sends inventory.ConfirmReservation \
@@ -308,12 +402,12 @@ impl<'a> Demo<'a> {
     }
 
     async fn a_quote_out_of_stock(&mut self) -> anyhow::Result<()> {
-        out::heading("5. Out of stock  (the quote waits, the sales rep is to be told)");
+        out::heading("6. Out of stock  (the quote waits, the sales rep gets an email)");
         let mark = self.events.mark();
         out::say(
             "Grace asks for more mills than there are. The inventory reserves nothing of the quote and answers \
              inventory.StockReservationFailed; the quote becomes \"Pending Stock\" and, in the same transaction, \
-             quote.SalesRepNotificationRequested is published (the email service turns it into an email).",
+             quote.SalesRepNotificationRequested is published for the quote's sales rep.",
         );
         let q = self
             .create_quote(
@@ -352,11 +446,109 @@ impl<'a> Demo<'a> {
         })
         .await?;
         self.events.settle().await;
+        self.the_sales_rep_is_emailed(q).await
+    }
+
+    /// The notification of quote `q`: read back from Mailpit, and as the email service
+    /// recorded it.
+    async fn the_sales_rep_is_emailed(&mut self, q: usize) -> anyhow::Result<()> {
+        println!();
+        out::say(
+            "The email service's consumer records the request once (the MongoDB inbox: the request's id becomes \
+             the email's id) and renders the email with a Message-ID derived from the request; its delivery worker \
+             sends it over SMTP. Mailpit, the local stack's SMTP server, shows what arrived.",
+        );
+        let quote = self.quotes[q].id.clone();
+        let request = self
+            .events
+            .seen()
+            .into_iter()
+            .find(|m| m.message_type == "quote.SalesRepNotificationRequested" && m.key == quote)
+            .map(|m| m.id)
+            .context("the notification request passed, but the watcher did not keep it")?;
+        self.notification_request = Some(request.clone());
+        let started = Instant::now();
+        let mut calls = 0;
+        let (path, arrived) = loop {
+            let (path, arrived) = self.mail.to(&self.sales_rep).await.blame(Svc::Email)?;
+            calls += 1;
+            if !arrived.is_empty() {
+                break (path, arrived);
+            }
+            if started.elapsed() > DEADLINE {
+                return Err(anyhow::anyhow!(
+                    "no email reached {} within {} s",
+                    self.sales_rep,
+                    DEADLINE.as_secs()
+                ))
+                .blame(Svc::Email);
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        out::http(
+            "GET",
+            &path,
+            200,
+            &format!(
+                "Mailpit: {} message(s) to the sales rep{}",
+                arrived.len(),
+                polled(calls, started.elapsed())
+            ),
+        );
+        let (path, message) = self.mail.message(&arrived[0].id).await.blame(Svc::Email)?;
+        out::http("GET", &path, 200, "Mailpit: the message");
+        out::tagged("mail", &format!("From: {}", message.from));
+        out::tagged("mail", &format!("To: {}", message.summary.to.join(", ")));
+        out::tagged("mail", &format!("Subject: {}", message.summary.subject));
+        out::tagged("mail", &format!("Message-ID: <{}>", message.summary.message_id));
+        let first = message
+            .text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or_default();
+        out::tagged("mail", &format!("| {}", self.events.rename(first)));
+        let expected = notification_message_id(&request);
+        if message.summary.message_id != expected {
+            return Err(anyhow::anyhow!(
+                "the notification's Message-ID is <{}>, not <{expected}> (derived from the request)",
+                message.summary.message_id
+            ))
+            .blame(Svc::Email);
+        }
+        if !message.summary.subject.contains(&quote) || !message.text.contains(&quote) {
+            return Err(anyhow::anyhow!(
+                "the notification does not name quote {}",
+                self.quotes[q].label
+            ))
+            .blame(Svc::Email);
+        }
+        let path = format!("/emails/{request}");
+        let (reply, calls, elapsed) = self
+            .poll(
+                Svc::Email,
+                &path,
+                "the notification recorded as sent",
+                delivery,
+                |email| email["delivery"]["status"] == "sent",
+            )
+            .await?;
+        self.show(
+            "GET",
+            &path,
+            &reply,
+            &format!(
+                "the email service's record: {}{}",
+                delivery(&reply.body),
+                polled(calls, elapsed)
+            ),
+        );
+        self.events.settle().await;
         Ok(())
     }
 
     async fn a_purchase_order_is_rejected(&mut self) -> anyhow::Result<()> {
-        out::heading("6. A purchase order is rejected  (the saga compensates)");
+        out::heading("7. A purchase order is rejected  (the saga compensates)");
         let mark = self.events.mark();
         out::say(
             "Grace's credit limit is set below her next quote's value. The purchase-order service answers \
@@ -429,7 +621,7 @@ impl<'a> Demo<'a> {
     async fn the_purchase_order_service_is_down(&mut self) -> anyhow::Result<()> {
         let timeout = self.order_step_timeout;
         let product = self.products[MILL].id.clone();
-        out::heading("7. The purchase-order service is down  (a step times out)");
+        out::heading("8. The purchase-order service is down  (a step times out)");
         let mark = self.events.mark();
         out::say(&format!(
             "With the purchase-order service stopped, the create-purchase-order step gets no answer within {timeout} \
@@ -506,8 +698,8 @@ impl<'a> Demo<'a> {
         Ok(())
     }
 
-    async fn a_rename_reaches_the_replica(&mut self) -> anyhow::Result<()> {
-        out::heading("8. Replication  (the quote service's copy of the customers)");
+    async fn a_change_reaches_the_replicas(&mut self) -> anyhow::Result<()> {
+        out::heading("9. Replication  (the quote service's replica, the email service's index)");
         let mark = self.events.mark();
         out::say(
             "Ada is renamed in the customer service. Its customer.CustomerUpdated event updates the quote \
@@ -515,7 +707,7 @@ impl<'a> Demo<'a> {
         );
         let ada = self.customers[ADA].id.clone();
         let name = format!("Ada Lovelace [{}]", self.run);
-        let path = format!("/customers/{ada}");
+        let path = path_of_customer(&ada);
         let held = self.events.hold();
         let reply = self
             .request(Svc::Customer, Method::PUT, &path, Some(json!({ "name": name })), 200)
@@ -551,11 +743,68 @@ impl<'a> Demo<'a> {
             .expect(mark, &[("customer.CustomerUpdated", &ada)], DEADLINE)
             .await?;
         self.events.settle().await;
+
+        println!();
+        let mark = self.events.mark();
+        out::say(
+            "Ada moves to a new address. The email service's index follows the customer.CustomerUpdated event: \
+             the entry moves from the old address to the new one, so an email from the new address is Ada's, and \
+             one from the old address is nobody's.",
+        );
+        let old = self.customers[ADA].email.clone();
+        let new = format!("ada.lovelace.{}@example.com", self.run);
+        let held = self.events.hold();
+        let reply = self
+            .request(
+                Svc::Customer,
+                Method::PUT,
+                &path_of_customer(&ada),
+                Some(json!({ "email": new })),
+                200,
+            )
+            .await?;
+        self.show(
+            "PUT",
+            &path_of_customer(&ada),
+            &reply,
+            &format!("Ada: <{new}>, version {}", reply.body["version"]),
+        );
+        drop(held);
+        self.customers[ADA].email = new.clone();
+        self.events
+            .expect(mark, &[("customer.CustomerUpdated", &ada)], DEADLINE)
+            .await?;
+        self.events.settle().await;
+        self.replica_caught_up(
+            Svc::Email,
+            EMAIL_INDEX_GROUP,
+            "the index holds Ada's new address, not the old one",
+        )
+        .await?;
+        let mark = self.events.mark();
+        let moved = self
+            .receive_email(&new, "New address, same lathes", Some(ADA), false)
+            .await?;
+        self.receive_email(&old, "Sent from the old address", None, false)
+            .await?;
+        let email = self.emails[moved].id.clone();
+        self.events
+            .expect(mark, &[("email.EmailAssigned", &email)], DEADLINE)
+            .await?;
+        let ada_emails: Vec<usize> = self
+            .emails
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.customer == Some(ADA))
+            .map(|(n, _)| n)
+            .collect();
+        self.customer_emails(ADA, &ada_emails).await?;
+        self.events.settle().await;
         Ok(())
     }
 
     async fn the_breaker_opens_and_closes(&mut self) -> anyhow::Result<()> {
-        out::heading("9. Circuit breaker  (the customer service is down)");
+        out::heading("10. Circuit breaker  (the customer service is down)");
         out::say(
             "The quote service asks the customer service for fresh details through a circuit breaker. While that \
              service is down it answers from its replica and says the details may be stale; after three failures \
@@ -638,11 +887,13 @@ impl<'a> Demo<'a> {
     // ----- The summary -----
 
     async fn summary(&mut self) -> anyhow::Result<()> {
-        out::heading("10. Summary  (do the numbers add up?)");
+        out::heading("11. Summary  (do the numbers add up?)");
         out::say(
             "Each service answers for its own data. The stock on hand must be what it was less what the ordered \
              quotes took, nothing may stay reserved (no quote is left \"Stock Reserved\"), and every quote, \
-             reservation and purchase order must be in the state its flow left it in.",
+             reservation and purchase order must be in the state its flow left it in. Every email must be \
+             assigned to the customer whose address sent it (nobody's for the old address), and the sales rep \
+             must have received exactly one email, the notification of the quote out of stock.",
         );
         // The last changes were asynchronous: give them the usual deadline to settle.
         let started = Instant::now();
@@ -776,6 +1027,8 @@ impl<'a> Demo<'a> {
                 available.to_string(),
             ]);
         }
+        let (email_rows, email_checks) = self.check_emails().await?;
+        checks.extend(email_checks);
         let failures = checks.iter().filter(|(ok, _, _)| !ok).count();
         if print {
             println!();
@@ -804,6 +1057,20 @@ impl<'a> Demo<'a> {
                 ));
             }
             println!();
+            out::line(&format!(
+                "{:<5} {:<10} {:<36} {:<11} {:<11} assigned",
+                "email", "id", "from", "customer", "expected"
+            ));
+            for r in &email_rows {
+                out::line(
+                    format!(
+                        "{:<5} {:<10} {:<36} {:<11} {:<11} {}",
+                        r[0], r[1], r[2], r[3], r[4], r[5]
+                    )
+                    .trim_end(),
+                );
+            }
+            println!();
             for (ok, what, _) in &checks {
                 out::check(*ok, what);
             }
@@ -821,6 +1088,111 @@ impl<'a> Demo<'a> {
         Ok(failures)
     }
 
+    /// The email side of the summary: each email assigned to the customer it must be (its
+    /// event passed), each customer's list, and the sales rep's one notification. Returns the
+    /// table's rows and the checks.
+    async fn check_emails(&self) -> anyhow::Result<EmailChecks> {
+        let mut checks = Vec::new();
+        let mut rows = Vec::new();
+        let seen = self.events.seen();
+        let whom = |c: Option<usize>| c.map_or("nobody", |c| self.customers[c].label);
+        for email in &self.emails {
+            let view = self.get(Svc::Email, &format!("/emails/{}", email.id)).await?;
+            let assigned = view.body["customer_id"].as_str().map(str::to_owned);
+            let expected = email.customer.map(|c| self.customers[c].id.clone());
+            let delay = assignment_delay(&view.body);
+            let late_ok = !email.late || delay.is_some_and(|d| !d.is_zero());
+            checks.push((
+                view.status == 200 && assigned == expected && late_ok,
+                format!(
+                    "{} from <{}> is assigned to {}{}",
+                    email.label,
+                    email.from,
+                    whom(email.customer),
+                    if email.late {
+                        " (late: after it arrived, when the customer appeared)"
+                    } else {
+                        ""
+                    }
+                ),
+                Svc::Email,
+            ));
+            let published = seen
+                .iter()
+                .filter(|m| m.message_type == "email.EmailAssigned" && m.key == email.id)
+                .count();
+            checks.push((
+                (published > 0) == expected.is_some(),
+                if expected.is_some() {
+                    format!("{}'s assignment was published (email.EmailAssigned)", email.label)
+                } else {
+                    format!("{} has no email.EmailAssigned", email.label)
+                },
+                Svc::Email,
+            ));
+            rows.push([
+                email.label.clone(),
+                out::short(&email.id),
+                email.from.clone(),
+                assigned
+                    .as_deref()
+                    .map_or_else(|| String::from("-"), |c| self.events.named(c)),
+                whom(email.customer).to_owned(),
+                match delay {
+                    Some(delay) if email.late => format!("late, {} after it arrived", out::secs(delay)),
+                    Some(_) => String::from("on arrival"),
+                    None => String::from("-"),
+                },
+            ]);
+        }
+        for (c, customer) in self.customers.iter().enumerate() {
+            let reply = self
+                .get(Svc::Email, &format!("/customers/{}/emails", customer.id))
+                .await?;
+            let expected: Vec<&Email> = self.emails.iter().filter(|e| e.customer == Some(c)).collect();
+            let ids: Vec<&str> = expected.iter().map(|e| e.id.as_str()).collect();
+            let labels: Vec<&str> = expected.iter().map(|e| e.label.as_str()).collect();
+            checks.push((
+                reply.status == 200 && listed(&reply.body) == ids,
+                format!(
+                    "{}'s emails: {}",
+                    customer.label,
+                    if labels.is_empty() {
+                        String::from("none")
+                    } else {
+                        labels.join(", ")
+                    }
+                ),
+                Svc::Email,
+            ));
+        }
+        let (_, arrived) = self.mail.to(&self.sales_rep).await.blame(Svc::Email)?;
+        let expected = self.notification_request.as_deref().map(notification_message_id);
+        checks.push((
+            arrived.len() == 1 && expected.as_deref() == Some(arrived[0].message_id.as_str()),
+            format!(
+                "the sales rep <{}> received exactly one email, Message-ID <{}> ({} arrived)",
+                self.sales_rep,
+                expected.as_deref().unwrap_or("notification-…"),
+                arrived.len()
+            ),
+            Svc::Email,
+        ));
+        let recorded = match &self.notification_request {
+            Some(request) => {
+                let reply = self.get(Svc::Email, &format!("/emails/{request}")).await?;
+                reply.status == 200 && reply.body["delivery"]["status"] == "sent"
+            }
+            None => false,
+        };
+        checks.push((
+            recorded,
+            String::from("the email service recorded the notification as sent"),
+            Svc::Email,
+        ));
+        Ok((rows, checks))
+    }
+
     /// How many of product `p` the quotes in `status` hold.
     fn taken(&self, p: usize, statuses: &[String], status: &str) -> i64 {
         self.quotes
@@ -831,6 +1203,198 @@ impl<'a> Demo<'a> {
             .filter(|(product, _)| *product == p)
             .map(|(_, quantity)| quantity)
             .sum()
+    }
+
+    // ----- Customers and their emails -----
+
+    /// Creates a customer with an address of this run's and names it `label`; returns its
+    /// index.
+    async fn create_customer(&mut self, label: &'static str, name: &str) -> anyhow::Result<usize> {
+        let name = format!("{name} [{}]", self.run);
+        let email = format!("{}.{}@example.com", label.to_lowercase(), self.run);
+        let body = json!({
+            "name": name,
+            "tax_number": format!("TX-{}-{}", self.run, label.to_uppercase()),
+            "email": email,
+        });
+        let held = self.events.hold();
+        let reply = self
+            .request(Svc::Customer, Method::POST, "/customers", Some(body), 201)
+            .await?;
+        let id = id_of(&reply.body, "id").blame(Svc::Customer)?;
+        self.show(
+            "POST",
+            "/customers",
+            &reply,
+            &format!("{label}: {name:?} <{email}>, version {}", reply.body["version"]),
+        );
+        // Named after the call is shown, so that its messages follow it.
+        self.events.name(&id, label);
+        drop(held);
+        self.customers.push(Customer { label, id, email });
+        Ok(self.customers.len() - 1)
+    }
+
+    /// Waits until the consumer group of a service's customer replica has applied every
+    /// customer event published so far, and says so.
+    async fn replica_caught_up(&self, svc: Svc, group: &str, what: &str) -> anyhow::Result<()> {
+        let topic = events::customer_topic()?;
+        let took = self.events.caught_up(group, &topic, DEADLINE).await.blame(svc)?;
+        out::action(
+            "kafka",
+            &format!("group {group}"),
+            &format!("caught up on {topic} ({}): {what}", out::secs(took)),
+        );
+        Ok(())
+    }
+
+    /// Posts a raw email from `from` to the email service and names it `E<n>`; it must be
+    /// assigned to `customer` on arrival, or, when it is `late`, be unassigned on arrival.
+    /// Returns its index.
+    async fn receive_email(
+        &mut self,
+        from: &str,
+        subject: &str,
+        customer: Option<usize>,
+        late: bool,
+    ) -> anyhow::Result<usize> {
+        let label = format!("E{}", self.emails.len() + 1);
+        let message_id = format!("{}-{}@example.com", label.to_lowercase(), self.run);
+        let raw = raw_email(from, &message_id, subject);
+        let url = format!("{}/emails", self.fleet.url(Svc::Email));
+        let request = self.http.post(&url).header("content-type", "message/rfc822").body(raw);
+        let held = self.events.hold();
+        let reply = self.answer(Svc::Email, &Method::POST, &url, request).await?;
+        if reply.status != 201 {
+            let detail = problem(&reply.body);
+            self.show("POST", "/emails", &reply, &detail);
+            return Err(anyhow::anyhow!(
+                "POST /emails answered {} where 201 was expected: {detail}",
+                reply.status
+            ))
+            .blame(Svc::Email);
+        }
+        let id = id_of(&reply.body, "id").blame(Svc::Email)?;
+        let attachments: Vec<String> = reply.body["attachments"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|a| {
+                        format!(
+                            "{}, {} bytes",
+                            a["filename"].as_str().unwrap_or("?"),
+                            a["size"].as_i64().unwrap_or(-1)
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let assigned = reply.body["customer_id"].as_str().map(str::to_owned);
+        let now = match &assigned {
+            Some(customer) => format!("assigned to {}", self.events.named(customer)),
+            None => String::from("unassigned (no customer has the address)"),
+        };
+        self.show(
+            "POST",
+            "/emails",
+            &reply,
+            &format!(
+                "{label} from <{from}>, {subject:?}, attachment {}: {now}",
+                attachments.join("; ")
+            ),
+        );
+        self.events.name(&id, label.clone());
+        drop(held);
+        let expected = if late {
+            None
+        } else {
+            customer.map(|c| self.customers[c].id.clone())
+        };
+        if assigned != expected {
+            return Err(anyhow::anyhow!(
+                "{label} from {from} is {now} on arrival, where {} was expected",
+                expected.map_or_else(|| String::from("nobody"), |c| self.events.named(&c))
+            ))
+            .blame(Svc::Email);
+        }
+        self.emails.push(Email {
+            label,
+            id,
+            from: from.to_owned(),
+            customer,
+            late,
+        });
+        Ok(self.emails.len() - 1)
+    }
+
+    /// Reads email `e`'s attachment back and compares it with what was sent.
+    async fn attachment_reads_back(&self, e: usize) -> anyhow::Result<()> {
+        let path = format!("/emails/{}/attachments/0", self.emails[e].id);
+        let reply = self.request(Svc::Email, Method::GET, &path, None, 200).await?;
+        let same = reply.body.as_str() == Some(ATTACHMENT.1);
+        self.show(
+            "GET",
+            &path,
+            &reply,
+            &format!(
+                "{}'s {}: {} bytes, {}",
+                self.emails[e].label,
+                ATTACHMENT.0,
+                reply.body.as_str().map_or(0, str::len),
+                if same {
+                    "the bytes that were sent"
+                } else {
+                    "NOT the bytes that were sent"
+                }
+            ),
+        );
+        if !same {
+            return Err(anyhow::anyhow!(
+                "the attachment of {} differs from what was sent",
+                self.emails[e].label
+            ))
+            .blame(Svc::Email);
+        }
+        Ok(())
+    }
+
+    /// The emails assigned to customer `c`, which must be `expected` (oldest first).
+    async fn customer_emails(&self, c: usize, expected: &[usize]) -> anyhow::Result<()> {
+        let path = format!("/customers/{}/emails", self.customers[c].id);
+        let reply = self.request(Svc::Email, Method::GET, &path, None, 200).await?;
+        let ids = listed(&reply.body);
+        let names: Vec<String> = ids.iter().map(|id| self.events.named(id)).collect();
+        self.show(
+            "GET",
+            &path,
+            &reply,
+            &format!("{}'s emails: {}", self.customers[c].label, names.join(", ")),
+        );
+        let wanted: Vec<&str> = expected.iter().map(|e| self.emails[*e].id.as_str()).collect();
+        if ids != wanted {
+            let wanted: Vec<&str> = expected.iter().map(|e| self.emails[*e].label.as_str()).collect();
+            return Err(anyhow::anyhow!(
+                "{}'s emails are [{}], not [{}]",
+                self.customers[c].label,
+                names.join(", "),
+                wanted.join(", ")
+            ))
+            .blame(Svc::Email);
+        }
+        Ok(())
+    }
+
+    /// `E2 from <...>: assigned to Hedy 1.2 s after it arrived`.
+    fn email_summary(&self, e: usize, view: &Value) -> String {
+        let email = &self.emails[e];
+        let assigned = match view["customer_id"].as_str() {
+            Some(customer) => format!("assigned to {}", self.events.named(customer)),
+            None => String::from("unassigned"),
+        };
+        let after = assignment_delay(view)
+            .map(|delay| format!(" {} after it arrived", out::secs(delay)))
+            .unwrap_or_default();
+        format!("{} from <{}>: {assigned}{after}", email.label, email.from)
     }
 
     // ----- Quotes -----
@@ -845,7 +1409,7 @@ impl<'a> Demo<'a> {
         let label = format!("Q{}", self.quotes.len() + 1);
         let body = json!({
             "customer_id": self.customers[customer].id,
-            "sales_rep": SALES_REP,
+            "sales_rep": self.sales_rep,
             // No prices: the quote service prices each line from the inventory's catalogue.
             "lines": lines.iter().map(|(p, quantity)| json!({
                 "product_id": self.products[*p].id,
@@ -1065,6 +1629,17 @@ impl<'a> Demo<'a> {
         if let Some(body) = body {
             request = request.json(&body);
         }
+        self.answer(svc, &method, &url, request).await
+    }
+
+    /// Sends a built request; the answer, its body as JSON where it is (else as text).
+    async fn answer(
+        &self,
+        svc: Svc,
+        method: &Method,
+        url: &str,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<Reply> {
         let response = request
             .send()
             .await
@@ -1174,6 +1749,81 @@ fn shorten_ids(path: &str) -> String {
         rest = &rest[end..];
     }
     shown
+}
+
+/// `/customers/{id}`.
+fn path_of_customer(id: &str) -> String {
+    format!("/customers/{id}")
+}
+
+/// The attachment of every email the demo sends: its file name and content.
+const ATTACHMENT: (&str, &str) = ("rfq.csv", "machine,quantity,spindle\r\nCNC-5,3,12k\r\n");
+
+/// A small raw RFC 5322 message from `from` to sales: a text part and one attachment.
+fn raw_email(from: &str, message_id: &str, subject: &str) -> String {
+    let boundary = format!("part-{message_id}");
+    let date = chrono::Utc::now().to_rfc2822();
+    let (name, content) = ATTACHMENT;
+    format!(
+        "From: <{from}>\r\n\
+         To: Sales <sales@example.com>\r\n\
+         Subject: {subject}\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{message_id}>\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         \r\n\
+         Hello, please quote the machines in the attached list.\r\n\
+         --{boundary}\r\n\
+         Content-Type: text/csv; name=\"{name}\"\r\n\
+         Content-Disposition: attachment; filename=\"{name}\"\r\n\
+         \r\n\
+         {content}\r\n\
+         --{boundary}--\r\n"
+    )
+}
+
+/// The `Message-ID` (without angle brackets) the email service gives the notification
+/// that answers the request with id `request`.
+fn notification_message_id(request: &str) -> String {
+    format!("notification-{request}@{NOTIFICATION_DOMAIN}")
+}
+
+/// The ids of the emails in a page of `GET /customers/{id}/emails`.
+fn listed(page: &Value) -> Vec<String> {
+    page["emails"]
+        .as_array()
+        .map(|emails| {
+            emails
+                .iter()
+                .filter_map(|e| e["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How long after its arrival an email was assigned.
+fn assignment_delay(view: &Value) -> Option<Duration> {
+    let at = |field: &str| {
+        view[field]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
+    (at("assigned_at")? - at("received_at")?).to_std().ok()
+}
+
+/// A notification's delivery as the email service records it.
+fn delivery(email: &Value) -> String {
+    let d = &email["delivery"];
+    format!(
+        "outbound to {}, delivery {} after {} attempt(s)",
+        d["recipient"].as_str().unwrap_or("?"),
+        d["status"].as_str().unwrap_or("?"),
+        d["attempts"]
+    )
 }
 
 fn id_of(body: &Value, field: &str) -> anyhow::Result<String> {

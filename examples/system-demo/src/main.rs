@@ -1,16 +1,20 @@
-//! `system-demo`: the dbps example system as four processes, its flows narrated.
+//! `system-demo`: the dbps example system as five processes, its flows narrated.
 //!
 //! It starts the customer, inventory, purchase-order and quote services (each a process
-//! on its own PostgreSQL database, provisioned and migrated at start), waits for each
-//! `/health`, subscribes to the topics they talk over and walks through the ADR's flows:
-//! customers, products and the Redis stock check, a quote that reserves its stock, an
-//! order placed by a saga, a quote out of stock, a rejected purchase order, the
-//! purchase-order service down while a quote is accepted, a rename reaching the quote
-//! service's replica and the circuit breaker in front of the customer service. It prints
-//! each HTTP call and each message of the run on Kafka under the flow that caused it,
-//! stops and starts services as the flows need, and ends with a check that the numbers
-//! add up. It exits 0 when every check passed, 1 otherwise, and stops every service it
-//! started in either case (also on Ctrl-C or SIGTERM).
+//! on its own PostgreSQL database, provisioned and migrated at start) and the email
+//! service (on its own MongoDB database, migrated at start), waits for each `/health`,
+//! subscribes to the topics they talk over and walks through the ADR's flows: customers
+//! reaching the quote service's replica and the email service's address index, an email
+//! assigned to its customer by its sender, an email assigned late when its customer
+//! appears, products and the Redis stock check, a quote that reserves its stock, an order
+//! placed by a saga, a quote out of stock and the sales rep's email (read back from
+//! Mailpit), a rejected purchase order, the purchase-order service down while a quote is
+//! accepted, a rename and an address change reaching the replicas, and the circuit breaker
+//! in front of the customer service. It prints each HTTP call and each message of the run
+//! on Kafka under the flow that caused it, stops and starts services as the flows need,
+//! and ends with a check that the numbers add up. It exits 0 when every check passed, 1
+//! otherwise, and stops every service it started in either case (also on Ctrl-C or
+//! SIGTERM).
 //!
 //! Run it with `scripts/demo.sh`, which brings up the local stack, builds the binaries and
 //! sets the environment:
@@ -18,20 +22,26 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `DBPS_KAFKA_BROKERS` | Kafka, for the narrator and the services | required |
+//! | `DBPS_MAILPIT_URL` | Mailpit's HTTP API, where the narrator reads the mail that arrived | `http://127.0.0.1:28025` |
 //! | `SYSTEM_DEMO_BIN_DIR` | where the service binaries are | `target/debug` |
 //! | `SYSTEM_DEMO_LOG_DIR` | where each service's log goes (`<binary>.log`) | `.dbps` |
 //! | `SYSTEM_DEMO_PID_DIR` | where the pids of running services are kept | none |
 //! | `SYSTEM_DEMO_BLAME_FILE` | written on failure: the log of the service to look at | none |
-//! | `<NAME>_HTTP_ADDR` | each service's address (`CUSTOMER`, `INVENTORY`, `PURCHASE_ORDER`, `QUOTE`) | `127.0.0.1:8081` to `8084` |
+//! | `<NAME>_HTTP_ADDR` | each service's address (`CUSTOMER`, `INVENTORY`, `PURCHASE_ORDER`, `QUOTE`, `EMAIL`) | `127.0.0.1:8081` to `8085` |
 //!
 //! The services take the rest of their configuration from the same environment (their
-//! database passwords, `DBPS_POSTGRES_URL`, `DBPS_REDIS_URL`, `QUOTE_CUSTOMER_URL`,
-//! `QUOTE_ORDER_STEP_TIMEOUT_SECS`, ...). Every run makes its own customers and products
-//! (their names carry the run's id), so it can run again on the same databases and topics.
+//! database passwords, `DBPS_POSTGRES_URL`, `DBPS_REDIS_URL`, `DBPS_MONGODB_URI`,
+//! `QUOTE_CUSTOMER_URL`, `QUOTE_ORDER_STEP_TIMEOUT_SECS`, `EMAIL_CUSTOMER_URL`,
+//! `EMAIL_SMTP_URL`, ...); the narrator gives the quote and email services the customer
+//! service's URL, and the email service the stack's SMTP server (`DBPS_SMTP_URL`), where the
+//! environment names none. Every run makes its own customers, products and emails (their
+//! names, addresses and `Message-ID`s carry the run's id) and its own sales rep address, so
+//! it can run again on the same databases, topics and Mailpit.
 #![allow(clippy::print_stdout)] // A demo talks to its user on standard output.
 
 mod events;
 mod flows;
+mod mailpit;
 mod out;
 mod services;
 
@@ -58,7 +68,7 @@ async fn main() -> ExitCode {
     };
     // A UUIDv7 ends in random bits.
     let run = uuid::Uuid::now_v7().simple().to_string()[26..].to_owned();
-    println!("dbps example system: four services, each a process on its own database (run {run})");
+    println!("dbps example system: five services, each a process on its own database (run {run})");
 
     let outcome = tokio::select! {
         result = narrate(&mut fleet, http, &run) => result,

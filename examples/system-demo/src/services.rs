@@ -1,4 +1,4 @@
-//! The four services as child processes: started, health-checked, stopped with SIGTERM and
+//! The five services as child processes: started, health-checked, stopped with SIGTERM and
 //! started again with the same environment.
 
 use std::collections::HashMap;
@@ -26,11 +26,19 @@ pub(crate) enum Svc {
     Inventory,
     PurchaseOrder,
     Quote,
+    Email,
 }
 
 impl Svc {
-    /// In the order they start: the quote service reads the customer service at start.
-    pub(crate) const ALL: [Svc; 4] = [Svc::Customer, Svc::Inventory, Svc::PurchaseOrder, Svc::Quote];
+    /// In the order they start: the quote and email services read the customer service at
+    /// start.
+    pub(crate) const ALL: [Svc; 5] = [
+        Svc::Customer,
+        Svc::Inventory,
+        Svc::PurchaseOrder,
+        Svc::Quote,
+        Svc::Email,
+    ];
 
     /// "customer service", for sentences.
     pub(crate) fn title(self) -> &'static str {
@@ -39,6 +47,7 @@ impl Svc {
             Svc::Inventory => "inventory service",
             Svc::PurchaseOrder => "purchase-order service",
             Svc::Quote => "quote service",
+            Svc::Email => "email service",
         }
     }
 
@@ -49,6 +58,7 @@ impl Svc {
             Svc::Inventory => "inventory-service",
             Svc::PurchaseOrder => "purchase-order-service",
             Svc::Quote => "quote-service",
+            Svc::Email => "email-service",
         }
     }
 
@@ -59,6 +69,7 @@ impl Svc {
             Svc::Inventory => "INVENTORY_HTTP_ADDR",
             Svc::PurchaseOrder => "PURCHASE_ORDER_HTTP_ADDR",
             Svc::Quote => "QUOTE_HTTP_ADDR",
+            Svc::Email => "EMAIL_HTTP_ADDR",
         }
     }
 
@@ -68,6 +79,7 @@ impl Svc {
             Svc::Inventory => 8082,
             Svc::PurchaseOrder => 8083,
             Svc::Quote => 8084,
+            Svc::Email => 8085,
         }
     }
 }
@@ -221,15 +233,25 @@ impl Fleet {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
-        if svc == Svc::Quote {
-            for (var, peer) in [
+        let peers: &[(&str, Svc)] = match svc {
+            Svc::Quote => &[
                 ("QUOTE_CUSTOMER_URL", Svc::Customer),
                 ("QUOTE_INVENTORY_URL", Svc::Inventory),
-            ] {
-                if std::env::var(var).is_err() {
-                    command.env(var, self.url(peer));
-                }
+            ],
+            Svc::Email => &[("EMAIL_CUSTOMER_URL", Svc::Customer)],
+            _ => &[],
+        };
+        for (var, peer) in peers {
+            if std::env::var(var).is_err() {
+                command.env(var, self.url(*peer));
             }
+        }
+        // The email service sends to the stack's SMTP server unless told otherwise.
+        if svc == Svc::Email
+            && std::env::var("EMAIL_SMTP_URL").is_err()
+            && let Ok(smtp) = std::env::var("DBPS_SMTP_URL")
+        {
+            command.env("EMAIL_SMTP_URL", smtp);
         }
         let started_at = Instant::now();
         let child = command
@@ -333,7 +355,8 @@ impl Fleet {
         result
     }
 
-    /// Stops every running service, the quote service first; returns the first failure.
+    /// Stops every running service, in the reverse order of their start (the email
+    /// service first); returns the first failure.
     pub(crate) async fn stop_all(&mut self) -> anyhow::Result<()> {
         let mut first_error = None;
         for svc in Svc::ALL.into_iter().rev() {
