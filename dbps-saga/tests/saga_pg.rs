@@ -126,6 +126,18 @@ fn parallel_definition(bill_timeout: Duration) -> Definition<Order> {
         .step(bill_step(bill_timeout))
 }
 
+/// Reserve stock and bill at once; the group times out after `timeout` and is sent again
+/// once.
+fn group_with_retry(timeout: Duration) -> Definition<Order> {
+    Definition::new("order-group-retry", 1).step(
+        Step::parallel("reserve-and-bill")
+            .branch(reserve_step())
+            .branch(bill_step(timeout))
+            .timeout(timeout)
+            .retries(1),
+    )
+}
+
 struct Inventory;
 
 impl CommandHandler<InventoryCommands> for Inventory {
@@ -138,7 +150,7 @@ impl CommandHandler<InventoryCommands> for Inventory {
         match command {
             InventoryCommands::Reserve(r) if r.qty > 100 => Reply::new(&StockShort { missing: r.qty - 100 }),
             InventoryCommands::Reserve(r) => {
-                sqlx::query("insert into reservations (quote, qty) values ($1, $2)")
+                sqlx::query("insert into reservations (quote, qty) values ($1, $2) on conflict (quote) do nothing")
                     .bind(&r.quote)
                     .bind(r.qty)
                     .execute(&mut *conn)
@@ -289,6 +301,7 @@ impl World {
             .naming(naming.clone())
             .register(definition(parts.bill_timeout))
             .register(parallel_definition(parts.bill_timeout))
+            .register(group_with_retry(parts.bill_timeout))
             .compensation(3, Duration::from_millis(100), Duration::from_secs(20))
             .poll_interval(Duration::from_millis(100))
             .build()?;
@@ -659,6 +672,31 @@ async fn a_step_failing_after_a_parallel_group_compensates_every_branch_of_it() 
         "{:?}",
         done.branches
     );
+    world.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_times_out_sends_again_only_to_the_branches_that_did_not_answer() -> TestResult {
+    // Billing is not running: its branch never answers.
+    let world = World::start(Duration::from_secs(1), false).await?;
+    let id = world
+        .start_named("order-group-retry", &order("g-retry", 10, 100))
+        .await?;
+    world.all_reach(&[id], SagaState::Compensated).await?;
+    let causes: Vec<String> = world.orchestrator.history(id).await?.into_iter().map(|h| h.3).collect();
+    assert_eq!(causes.iter().filter(|c| *c == "timeout").count(), 2, "{causes:?}");
+    // The inventory handled the reservation once (it answered, so it was not sent again:
+    // a second one, under a new message id, would be a third inbox row) and its release
+    // once.
+    let handled: i64 = sqlx::query_scalar("select count(*) from dbps_inbox where consumer = 'inventory'")
+        .fetch_one(world.pool())
+        .await?;
+    assert_eq!(handled, 2);
+    assert_eq!(world.count("reservations").await?, 0);
+    let done = world.orchestrator.get(id).await?.ok_or("missing")?;
+    let states: Vec<BranchState> = done.branches.iter().map(|b| b.state).collect();
+    assert_eq!(states, [BranchState::Compensated, BranchState::Compensated]);
     world.stop().await;
     Ok(())
 }
