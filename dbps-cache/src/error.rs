@@ -87,6 +87,25 @@ pub enum CacheError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Reading a projection's topics from Kafka failed.
+    #[cfg(feature = "postgres")]
+    #[error("kafka {operation} failed")]
+    Kafka {
+        /// What was being done.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// Events could not be applied to a projection.
+    #[error("projection {projection}: applying events failed")]
+    Projection {
+        /// The projection (`name_v<version>`).
+        projection: String,
+        /// The failure.
+        #[source]
+        source: dbps_core::HandlerError,
+    },
     /// Loading reference data from its source failed.
     #[error("reference data {name} could not be loaded")]
     Load {
@@ -112,6 +131,9 @@ impl CacheError {
             Self::Mongo { source, .. } => source.is_transient(),
             #[cfg(feature = "http")]
             Self::Http { source, .. } => !source.status().is_some_and(|s| s.is_client_error()),
+            #[cfg(feature = "postgres")]
+            Self::Kafka { .. } => true,
+            Self::Projection { source, .. } => source.is_transient(),
             Self::Timeout { .. } | Self::Load { .. } => true,
             _ => false,
         }

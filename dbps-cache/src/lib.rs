@@ -21,6 +21,10 @@
 //!   each aggregate's sequence number so it never goes back in time, with backfill from
 //!   the owner's snapshot and a reconciler that finds and repairs drift.
 //!
+//! - [`projection`]: read models fed by events in versioned tables behind a view
+//!   (feature `postgres`), with checkpoints per topic partition and a blue-green rebuild
+//!   from the event history that switches the view atomically.
+//!
 //! `docs/caching.md` says when to use a replica, the Redis cache or reference data.
 //!
 //! ```no_run
@@ -45,11 +49,12 @@
 //! - `redis` (default): the Redis cache, its invalidation handler, the rate limiter with
 //!   its middleware and the session store.
 //! - `postgres` (default): replicas in PostgreSQL tables, the owner's snapshot from a
-//!   table.
+//!   table, and projections (which read Kafka themselves).
 //! - `mongodb`: replicas in MongoDB collections.
 //! - `http` (default): the owner's snapshot endpoints (axum) and their client (reqwest).
 
 mod error;
+pub mod projection;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod reference;

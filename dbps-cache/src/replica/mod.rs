@@ -52,6 +52,8 @@ pub use digest::{BucketDigest, DIGEST_BUCKETS, bucket_of, entry_hash};
 pub use mongo::{MongoReplica, MongoReplicaBuilder};
 #[cfg(feature = "postgres")]
 pub use pg::{MIGRATOR, NoSource, PgReplica, PgReplicaBuilder, PgSnapshotSource};
+#[cfg(feature = "postgres")]
+pub(crate) use pg::{PgTarget, quote};
 pub use reconcile::{DriftReport, Reconciler, ReplicaSide};
 
 /// One row of a replica: column (or field) names and JSON values. PostgreSQL converts the
@@ -230,18 +232,35 @@ impl Decoder {
         projection: &P,
         envelope: &Envelope,
     ) -> Result<Option<Projected>, HandlerError> {
-        if !<P::Events as MessageSet>::TYPES.contains(&envelope.message_type.as_str()) {
-            metrics::counter!("dbps_replica_ignored_total", "replica" => replica.to_owned()).increment(1);
+        self.project_with(
+            "dbps_replica_ignored_total",
+            ("replica", replica),
+            envelope,
+            |event, envelope| projection.project(event, envelope),
+        )
+    }
+
+    /// Decodes `envelope` into `E` and makes it a change with `project`; `Ok(None)` (and
+    /// one more on the `ignored` counter) for a type outside `E`.
+    pub(crate) fn project_with<E: MessageSet>(
+        &self,
+        ignored: &'static str,
+        (label, owner): (&'static str, &str),
+        envelope: &Envelope,
+        project: impl FnOnce(E, &Envelope) -> Result<Change, HandlerError>,
+    ) -> Result<Option<Projected>, HandlerError> {
+        if !E::TYPES.contains(&envelope.message_type.as_str()) {
+            metrics::counter!(ignored, label => owner.to_owned()).increment(1);
             return Ok(None);
         }
         let Some(sequence) = envelope.sequence else {
             return Err(HandlerError::permanent(CacheError::NoSequence {
-                replica: replica.to_owned(),
+                replica: owner.to_owned(),
                 message_id: envelope.id.clone(),
             }));
         };
-        let event = P::Events::decode(&self.registry, envelope).map_err(HandlerError::permanent)?;
-        let change = projection.project(event, envelope)?;
+        let event = E::decode(&self.registry, envelope).map_err(HandlerError::permanent)?;
+        let change = project(event, envelope)?;
         Ok(Some(Projected {
             aggregate_id: envelope.aggregate_id.clone(),
             sequence,
@@ -329,10 +348,19 @@ impl Collapsed {
 
 /// Records the lag of applied events.
 pub(crate) fn record_lag(replica: &str, source_times: &[chrono::DateTime<chrono::Utc>]) {
+    record_lag_as("dbps_replica_lag_seconds", ("replica", replica), source_times);
+}
+
+/// Records the lag of applied events in histogram `name`, labelled `label = owner`.
+pub(crate) fn record_lag_as(
+    name: &'static str,
+    (label, owner): (&'static str, &str),
+    source_times: &[chrono::DateTime<chrono::Utc>],
+) {
     let now = chrono::Utc::now();
     for time in source_times {
         let lag = (now - *time).to_std().unwrap_or_default();
-        metrics::histogram!("dbps_replica_lag_seconds", "replica" => replica.to_owned()).record(lag.as_secs_f64());
+        metrics::histogram!(name, label => owner.to_owned()).record(lag.as_secs_f64());
     }
 }
 

@@ -133,14 +133,13 @@ impl<P: Projection, S: SnapshotSource> PgReplicaBuilder<P, S> {
                 reason: String::from("must be at least 1"),
             });
         }
-        let table = quote_path(self.table.as_deref().unwrap_or(&self.name))?;
-        let aggregate_column = quote("aggregate column", &self.aggregate_column)?;
-        let sequence_column = quote("sequence column", &self.sequence_column)?;
-        let conflict_key = self
-            .conflict_key
-            .iter()
-            .map(|c| quote("conflict key", c))
-            .collect::<Result<Vec<_>>>()?;
+        let target = PgTarget::new(
+            self.name.clone(),
+            quote_path(self.table.as_deref().unwrap_or(&self.name))?,
+            &self.aggregate_column,
+            &self.sequence_column,
+            &self.conflict_key,
+        )?;
         Ok(PgReplica {
             inner: Arc::new(Inner {
                 pool: self.pool,
@@ -148,12 +147,7 @@ impl<P: Projection, S: SnapshotSource> PgReplicaBuilder<P, S> {
                 name: self.name,
                 projection: self.projection,
                 decoder: Decoder::new(self.registry),
-                table,
-                aggregate_key: self.aggregate_column,
-                aggregate_column,
-                sequence_key: self.sequence_column,
-                sequence_column,
-                conflict_key,
+                target,
                 max_batch: self.max_batch,
                 source: self.source,
             }),
@@ -203,12 +197,7 @@ struct Inner<P, S> {
     consumer: String,
     projection: P,
     decoder: Decoder,
-    table: String,
-    aggregate_key: String,
-    aggregate_column: String,
-    sequence_key: String,
-    sequence_column: String,
-    conflict_key: Vec<String>,
+    target: PgTarget,
     max_batch: usize,
     source: Option<S>,
 }
@@ -225,7 +214,7 @@ impl<P, S> fmt::Debug for PgReplica<P, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgReplica")
             .field("name", &self.inner.name)
-            .field("table", &self.inner.table)
+            .field("table", &self.inner.target.table)
             .field("max_batch", &self.inner.max_batch)
             .finish_non_exhaustive()
     }
@@ -233,10 +222,10 @@ impl<P, S> fmt::Debug for PgReplica<P, S> {
 
 /// What applying some changes did.
 #[derive(Debug, Default)]
-struct Applied {
-    advanced: usize,
-    stale: usize,
-    gaps: Vec<String>,
+pub(crate) struct Applied {
+    pub(crate) advanced: usize,
+    pub(crate) stale: usize,
+    pub(crate) gaps: Vec<String>,
 }
 
 impl<P: Projection> PgReplica<P> {
@@ -407,6 +396,63 @@ impl<P: Projection, S: SnapshotSource> PgReplica<P, S> {
         held: Option<HashMap<String, (i64, bool)>>,
     ) -> Result<Applied, sqlx::Error> {
         let inner = &self.inner;
+        let applied = inner.target.apply_collapsed(conn, collapsed, repair, held).await?;
+        let labels = [("replica", inner.name.clone())];
+        metrics::counter!("dbps_replica_applied_total", &labels).increment(applied.advanced as u64);
+        metrics::counter!("dbps_replica_stale_total", &labels).increment(applied.stale as u64);
+        metrics::counter!("dbps_replica_gaps_total", &labels).increment(applied.gaps.len() as u64);
+        Ok(applied)
+    }
+}
+
+/// A table kept by sequence-guarded changes: the part of a replica that writes, shared
+/// with projections (whose tables carry their version).
+#[derive(Debug, Clone)]
+pub(crate) struct PgTarget {
+    /// The key of the aggregates' versions in `dbps_replica_versions`.
+    pub(crate) name: String,
+    pub(crate) table: String,
+    pub(crate) aggregate_key: String,
+    pub(crate) aggregate_column: String,
+    pub(crate) sequence_key: String,
+    pub(crate) sequence_column: String,
+    pub(crate) conflict_key: Vec<String>,
+}
+
+impl PgTarget {
+    /// A target writing `table` (quoted) with its versions kept under `name`.
+    pub(crate) fn new(
+        name: String,
+        table: String,
+        aggregate_key: &str,
+        sequence_key: &str,
+        conflict_key: &[String],
+    ) -> Result<Self> {
+        Ok(Self {
+            name,
+            table,
+            aggregate_column: quote("aggregate column", aggregate_key)?,
+            aggregate_key: aggregate_key.to_owned(),
+            sequence_column: quote("sequence column", sequence_key)?,
+            sequence_key: sequence_key.to_owned(),
+            conflict_key: conflict_key
+                .iter()
+                .map(|c| quote("conflict key", c))
+                .collect::<Result<Vec<_>>>()?,
+        })
+    }
+
+    /// Applies the collapsed changes under the sequence guard: an aggregate advances only
+    /// when its new sequence is newer than the one held (with `repair`, also when equal).
+    /// `held` is the versions already read and locked in this transaction.
+    pub(crate) async fn apply_collapsed(
+        &self,
+        conn: &mut PgConnection,
+        collapsed: BTreeMap<String, Collapsed>,
+        repair: bool,
+        held: Option<HashMap<String, (i64, bool)>>,
+    ) -> Result<Applied, sqlx::Error> {
+        let inner = self;
         let mut applied = Applied::default();
         if collapsed.is_empty() {
             return Ok(applied);
@@ -548,14 +594,9 @@ impl<P: Projection, S: SnapshotSource> PgReplica<P, S> {
             .execute(&mut *conn)
             .await?;
         }
-        let labels = [("replica", inner.name.clone())];
-        metrics::counter!("dbps_replica_applied_total", &labels).increment(applied.advanced as u64);
-        metrics::counter!("dbps_replica_stale_total", &labels).increment(applied.stale as u64);
-        metrics::counter!("dbps_replica_gaps_total", &labels).increment(applied.gaps.len() as u64);
         Ok(applied)
     }
 }
-
 impl<P: Projection, S: SnapshotSource + 'static> BatchHandler for PgReplica<P, S> {
     fn max_batch(&self) -> usize {
         self.inner.max_batch
@@ -578,9 +619,9 @@ impl<P: Projection, S: SnapshotSource + 'static> ReplicaSide for PgReplica<P, S>
              (select distinct {agg}::text as id, {seq} as seq from {table}) e group by 1",
             bucket = digest::sql_bucket("id"),
             hash = digest::sql_hash("id", "seq"),
-            agg = inner.aggregate_column,
-            seq = inner.sequence_column,
-            table = inner.table,
+            agg = inner.target.aggregate_column,
+            seq = inner.target.sequence_column,
+            table = inner.target.table,
         );
         digests_query(&inner.pool, &sql).await
     }
@@ -589,10 +630,10 @@ impl<P: Projection, S: SnapshotSource + 'static> ReplicaSide for PgReplica<P, S>
         let inner = &self.inner;
         let sql = format!(
             "select distinct {agg}::text, {seq} from {table} where {bucket} = any($1)",
-            agg = inner.aggregate_column,
-            seq = inner.sequence_column,
-            table = inner.table,
-            bucket = digest::sql_bucket(&format!("{}::text", inner.aggregate_column)),
+            agg = inner.target.aggregate_column,
+            seq = inner.target.sequence_column,
+            table = inner.target.table,
+            bucket = digest::sql_bucket(&format!("{}::text", inner.target.aggregate_column)),
         );
         entries_query(&inner.pool, &sql, buckets).await
     }
@@ -613,12 +654,12 @@ impl<P: Projection, S: SnapshotSource + 'static> ReplicaSide for PgReplica<P, S>
         let mut tx = inner.pool.begin().await.map_err(pg("remove extra records"))?;
         let markers: Vec<Value> = aggregate_ids
             .iter()
-            .map(|id| serde_json::json!({ &inner.aggregate_key: id }))
+            .map(|id| serde_json::json!({ &inner.target.aggregate_key: id }))
             .collect();
         let removed = sqlx::query(AssertSqlSafe(format!(
             "delete from {table} t using jsonb_populate_recordset(null::{table}, $1) r where t.{agg} = r.{agg}",
-            table = inner.table,
-            agg = inner.aggregate_column
+            table = inner.target.table,
+            agg = inner.target.aggregate_column
         )))
         .bind(Value::Array(markers))
         .execute(&mut *tx)
@@ -781,7 +822,7 @@ fn pg(operation: &'static str) -> impl FnOnce(sqlx::Error) -> CacheError {
 }
 
 /// Quotes a plain identifier (letters, digits, `_`, not starting with a digit).
-fn quote(setting: &'static str, name: &str) -> Result<String> {
+pub(crate) fn quote(setting: &'static str, name: &str) -> Result<String> {
     let mut chars = name.chars();
     let plain = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -1,0 +1,862 @@
+//! Projections in PostgreSQL tables, read from Kafka by the projection itself.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dbps_core::kafka::{KafkaConfig, decode_record};
+use dbps_core::{CancellationToken, Envelope, Registry};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::migrate::Migrator;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+
+use super::{ReadModel, RebuildProgress, RebuildReport, RunSummary};
+use crate::error::{CacheError, Result};
+use crate::replica::{Decoder, PgTarget, collapse, quote, record_lag_as};
+
+/// The projections' state and checkpoint tables (`dbps_projection_state`,
+/// `dbps_projection_checkpoints`), a migration component for `dbps_migrate::PgMigrations`
+/// (name it `dbps_projection`). Projections keep their aggregates' sequences in the
+/// replicas' version table, so the service runs `dbps_cache::replica::MIGRATOR` too.
+pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/projection");
+
+/// The librdkafka properties of a [`KafkaConfig`] that the projection's reader takes
+/// over (connection and security; the reader sets its own consumer properties).
+const PASSED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "client.id",
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
+    "sasl.oauthbearer.config",
+    "ssl.ca.location",
+    "ssl.ca.pem",
+    "ssl.certificate.location",
+    "ssl.certificate.pem",
+    "ssl.key.location",
+    "ssl.key.pem",
+    "ssl.key.password",
+    "ssl.endpoint.identification.algorithm",
+];
+
+/// How long a projection that receives nothing waits before it checks whether a newer
+/// version serves.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// How long a transient failure waits before the batch is tried again.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+type ProgressFn = Arc<dyn Fn(RebuildProgress) + Send + Sync>;
+
+/// A topic partition.
+type Partition = (String, i32);
+
+/// Builds a [`PgProjection`].
+pub struct PgProjectionBuilder<R> {
+    pool: PgPool,
+    model: R,
+    aggregate_column: String,
+    sequence_column: String,
+    conflict_key: Vec<String>,
+    max_batch: usize,
+    registry: Registry,
+    on_progress: Option<ProgressFn>,
+}
+
+impl<R> fmt::Debug for PgProjectionBuilder<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgProjectionBuilder")
+            .field("aggregate_column", &self.aggregate_column)
+            .field("max_batch", &self.max_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: ReadModel> PgProjectionBuilder<R> {
+    /// The column that holds the aggregate's id (default `aggregate_id`).
+    pub fn aggregate_column(mut self, column: impl Into<String>) -> Self {
+        self.aggregate_column = column.into();
+        self
+    }
+
+    /// The column that holds the aggregate's sequence of each row (default
+    /// `source_sequence`).
+    pub fn sequence_column(mut self, column: impl Into<String>) -> Self {
+        self.sequence_column = column.into();
+        self
+    }
+
+    /// The table's unique key, when it is not the aggregate column (one aggregate, many
+    /// rows): a row whose key another aggregate still holds takes it over.
+    pub fn conflict_key<I: IntoIterator<Item = C>, C: Into<String>>(mut self, columns: I) -> Self {
+        self.conflict_key = columns.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The most records applied in one transaction (default 512).
+    pub fn max_batch(mut self, max: usize) -> Self {
+        self.max_batch = max;
+        self
+    }
+
+    /// The registry that decodes (and upcasts) the events.
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Called after every batch a rebuild replays (and once more at the switch).
+    pub fn on_progress(mut self, report: impl Fn(RebuildProgress) + Send + Sync + 'static) -> Self {
+        self.on_progress = Some(Arc::new(report));
+        self
+    }
+
+    /// Checks the declaration and the settings and builds the projection.
+    pub fn build(self) -> Result<PgProjection<R>> {
+        let name = self.model.name().to_owned();
+        let view = quote("projection name", &name)?;
+        let version = i32::try_from(self.model.version())
+            .ok()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| CacheError::InvalidConfig {
+                setting: "projection version",
+                reason: format!("{} is not between 1 and {}", self.model.version(), i32::MAX),
+            })?;
+        let topics = self.model.topics();
+        if topics.is_empty() || topics.iter().any(String::is_empty) {
+            return Err(CacheError::InvalidConfig {
+                setting: "projection topics",
+                reason: String::from("a projection reads at least one topic, and topics have names"),
+            });
+        }
+        if self.max_batch == 0 {
+            return Err(CacheError::InvalidConfig {
+                setting: "max_batch",
+                reason: String::from("must be at least 1"),
+            });
+        }
+        let label = format!("{name}_v{version}");
+        let table = quote("projection table", &label)?;
+        let target = PgTarget::new(
+            format!("projection:{label}"),
+            table.clone(),
+            &self.aggregate_column,
+            &self.sequence_column,
+            &self.conflict_key,
+        )?;
+        Ok(PgProjection {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                model: self.model,
+                name,
+                version,
+                label,
+                view,
+                quoted_table: table,
+                target,
+                topics,
+                decoder: Decoder::new(self.registry),
+                max_batch: self.max_batch,
+                on_progress: self.on_progress,
+            }),
+        })
+    }
+}
+
+/// One version of a projection in a PostgreSQL table, with the reader that keeps it.
+///
+/// [`run`](Self::run) is the projection's life: if its version does not serve yet, it is
+/// [rebuilt](Self::rebuild) from the beginning of the topics while the serving version
+/// goes on, then the view is switched to it; from then on it applies new records as they
+/// arrive, each batch in one transaction with its checkpoints, until it is stopped or a
+/// newer version takes the view over.
+///
+/// ```no_run
+/// # use dbps_cache::projection::{Change, ReadModel};
+/// # struct Orders;
+/// # impl ReadModel for Orders {
+/// #     type Events = Events;
+/// #     fn name(&self) -> &str { "orders" }
+/// #     fn version(&self) -> u32 { 2 }
+/// #     fn topics(&self) -> Vec<String> { vec![String::from("order.order.events")] }
+/// #     fn create_table(&self, table: &str) -> String { format!("create table {table} ()") }
+/// #     fn project(&self, _: Events, _: &dbps_core::Envelope) -> Result<Change, dbps_core::HandlerError> { Ok(Change::Delete) }
+/// # }
+/// # #[derive(Debug, serde::Serialize, serde::Deserialize)] struct Deleted {}
+/// # impl dbps_core::Message for Deleted { const TYPE: &'static str = "order.Deleted"; }
+/// # dbps_core::message_set! { enum Events { Deleted(Deleted) } }
+/// # async fn example(pool: sqlx::PgPool, kafka: dbps_core::kafka::KafkaConfig) -> Result<(), Box<dyn std::error::Error>> {
+/// use dbps_cache::projection::PgProjection;
+///
+/// let orders = PgProjection::builder(pool, Orders)
+///     .on_progress(|p| tracing::info!(replayed = p.replayed, total = p.total, "rebuilding orders"))
+///     .build()?;
+/// // Rebuilds `orders_v2` if it does not serve yet, switches the view `orders` to it,
+/// // then keeps it current.
+/// let summary = orders.run(&kafka, dbps_core::CancellationToken::new()).await?;
+/// # let _ = summary; Ok(()) }
+/// ```
+pub struct PgProjection<R> {
+    inner: Arc<Inner<R>>,
+}
+
+struct Inner<R> {
+    pool: PgPool,
+    model: R,
+    name: String,
+    version: i32,
+    /// `<name>_v<version>`, unquoted: the metrics' label.
+    label: String,
+    view: String,
+    quoted_table: String,
+    target: PgTarget,
+    topics: Vec<String>,
+    decoder: Decoder,
+    max_batch: usize,
+    on_progress: Option<ProgressFn>,
+}
+
+impl<R> Clone for PgProjection<R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<R> fmt::Debug for PgProjection<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgProjection")
+            .field("name", &self.inner.name)
+            .field("version", &self.inner.version)
+            .field("topics", &self.inner.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One record read from a topic: its position and, when it could be decoded, its
+/// envelope. An undecodable record still moves the checkpoint on.
+#[derive(Debug)]
+struct Record {
+    partition: Partition,
+    offset: i64,
+    envelope: Option<Envelope>,
+}
+
+/// What a batch did, for the metrics recorded after its commit.
+#[derive(Debug, Default)]
+struct BatchEffect {
+    advanced: usize,
+    stale: usize,
+    source_times: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Whether the serving version allows a batch of this version to commit.
+enum Gate {
+    Open,
+    Superseded(u32),
+}
+
+impl<R: ReadModel> PgProjection<R> {
+    /// A builder for the projection `model` declares.
+    pub fn builder(pool: PgPool, model: R) -> PgProjectionBuilder<R> {
+        PgProjectionBuilder {
+            pool,
+            model,
+            aggregate_column: String::from("aggregate_id"),
+            sequence_column: String::from("source_sequence"),
+            conflict_key: Vec::new(),
+            max_batch: 512,
+            registry: Registry::new(),
+            on_progress: None,
+        }
+    }
+
+    /// The projection's name (its view).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The version this projection writes.
+    pub fn version(&self) -> u32 {
+        self.inner.version.unsigned_abs()
+    }
+
+    /// This version's table, `<name>_v<version>` (unquoted).
+    pub fn table(&self) -> &str {
+        &self.inner.label
+    }
+
+    /// The version the view serves, `None` before the first switch.
+    pub async fn serving_version(&self) -> Result<Option<u32>> {
+        let version: Option<Option<i32>> =
+            sqlx::query_scalar("select serving_version from dbps_projection_state where projection = $1")
+                .bind(&self.inner.name)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(pg("read serving version"))?;
+        Ok(version.flatten().map(i32::unsigned_abs))
+    }
+
+    /// This version's checkpoints: per topic partition, the offset of the next record to
+    /// apply.
+    pub async fn checkpoints(&self) -> Result<BTreeMap<(String, i32), i64>> {
+        let mut conn = self.inner.pool.acquire().await.map_err(pg("read checkpoints"))?;
+        checkpoints_of(&mut conn, &self.inner.name, self.inner.version)
+            .await
+            .map_err(pg("read checkpoints"))
+    }
+
+    /// Rebuilds this version from the beginning of its topics and switches the view to
+    /// it, while the serving version (if any) goes on being written.
+    ///
+    /// The fresh table `<name>_v<version>` is created (or, after an interrupted rebuild,
+    /// taken up where its checkpoints are), every record up to the end offsets at the
+    /// start is replayed into it, and then the records that arrived meanwhile, until it
+    /// has caught up with the serving version's checkpoints. The last records are applied
+    /// in the transaction that locks the serving version's state, switches the view
+    /// (`create or replace view`) and makes this version the serving one: a reader of the
+    /// view sees the old version or the new one, complete, and no batch of the old
+    /// version commits after the switch.
+    ///
+    /// Nothing is done (`switched == false`) when this version or a newer one serves
+    /// already, or when `shutdown` stops the rebuild before the switch.
+    pub async fn rebuild(&self, kafka: &KafkaConfig, shutdown: &CancellationToken) -> Result<RebuildReport> {
+        let inner = &self.inner;
+        self.prepare().await?;
+        let previous = self.serving_version().await?;
+        let mut report = RebuildReport {
+            version: self.version(),
+            previous,
+            replayed: 0,
+            switched: false,
+        };
+        if previous.is_some_and(|serving| serving >= self.version()) {
+            return Ok(report);
+        }
+        self.create_table().await?;
+        let reader = Reader::open(kafka, &inner.label)?;
+        let watermarks = reader.watermarks(&inner.topics).await?;
+        let mut positions = self.checkpoints().await?;
+        for (partition, (low, _)) in &watermarks {
+            positions.entry(partition.clone()).or_insert(*low);
+        }
+        let ends: BTreeMap<Partition, i64> = watermarks.iter().map(|(p, (_, high))| (p.clone(), *high)).collect();
+        let mut total: u64 = ends
+            .iter()
+            .map(|(p, end)| u64::try_from(end - positions.get(p).copied().unwrap_or(0)).unwrap_or(0))
+            .sum();
+        reader.assign(&positions)?;
+        tracing::info!(projection = %inner.label, ?previous, total, "rebuild started");
+        self.report_progress(0, total);
+
+        // Replay up to the end offsets at the start, then up to the serving version's
+        // checkpoints, each batch in a transaction of its own.
+        let mut targets = ends;
+        loop {
+            if !behind(&positions, &targets) {
+                let mut serving = self.serving_checkpoints(previous).await?;
+                serving.retain(|partition, _| watermarks.contains_key(partition));
+                if !behind(&positions, &serving) {
+                    break;
+                }
+                targets = serving;
+            }
+            let Some(batch) = reader.next_batch(inner.max_batch, shutdown, None).await? else {
+                return Ok(report);
+            };
+            let count = batch.len() as u64;
+            self.apply_retrying(&batch, false, shutdown).await?;
+            advance(&mut positions, &batch);
+            report.replayed += count;
+            total = total.max(report.replayed);
+            self.report_progress(report.replayed, total);
+        }
+
+        // The switch: lock the serving version's state so none of its batches commits,
+        // apply what it has applied since, and point the view at this version.
+        let mut tx = inner.pool.begin().await.map_err(pg("begin the switch"))?;
+        let serving: Option<Option<i32>> =
+            sqlx::query_scalar("select serving_version from dbps_projection_state where projection = $1 for update")
+                .bind(&inner.name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(pg("lock the projection's state"))?;
+        let serving = serving.flatten();
+        if serving.map(i32::unsigned_abs) != previous {
+            // Another instance switched meanwhile.
+            tracing::info!(projection = %inner.label, ?serving, "another instance switched the view");
+            return Ok(report);
+        }
+        // Only the partitions this version reads count (the old one may have read others).
+        let mut targets = match serving {
+            Some(version) => checkpoints_of(&mut tx, &inner.name, version)
+                .await
+                .map_err(pg("read the serving checkpoints"))?,
+            None => BTreeMap::new(),
+        };
+        targets.retain(|partition, _| watermarks.contains_key(partition));
+        let mut effects = Vec::new();
+        while behind(&positions, &targets) {
+            let Some(batch) = reader.next_batch(inner.max_batch, shutdown, None).await? else {
+                return Ok(report);
+            };
+            effects.push(self.apply_in(&mut tx, &batch).await?);
+            advance(&mut positions, &batch);
+            report.replayed += batch.len() as u64;
+        }
+        self.switch_view(&mut tx).await?;
+        sqlx::query("update dbps_projection_state set serving_version = $2, switched_at = now() where projection = $1")
+            .bind(&inner.name)
+            .bind(inner.version)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg("record the serving version"))?;
+        tx.commit().await.map_err(pg("commit the switch"))?;
+        for effect in &effects {
+            self.record(effect);
+        }
+        report.switched = true;
+        self.report_progress(report.replayed, total.max(report.replayed));
+        tracing::info!(projection = %inner.label, ?previous, replayed = report.replayed, "view switched");
+        Ok(report)
+    }
+
+    /// Runs the projection until `shutdown` or until a newer version serves: rebuilds
+    /// this version first if it does not serve yet ([`rebuild`](Self::rebuild)), then
+    /// applies new records from its checkpoints.
+    pub async fn run(&self, kafka: &KafkaConfig, shutdown: CancellationToken) -> Result<RunSummary> {
+        let inner = &self.inner;
+        self.prepare().await?;
+        let mut summary = RunSummary {
+            records: 0,
+            superseded_by: None,
+        };
+        match self.serving_version().await? {
+            Some(serving) if serving > self.version() => {
+                summary.superseded_by = Some(serving);
+                return Ok(summary);
+            }
+            Some(serving) if serving == self.version() => {}
+            _ => {
+                let report = self.rebuild(kafka, &shutdown).await?;
+                summary.records += report.replayed;
+                // Not switched: stopped, or another instance switched (to this version,
+                // which then goes on live here too, or to a newer one).
+                if !report.switched {
+                    match self.serving_version().await? {
+                        Some(serving) if serving == self.version() && !shutdown.is_cancelled() => {}
+                        serving => {
+                            summary.superseded_by = serving.filter(|s| *s > self.version());
+                            return Ok(summary);
+                        }
+                    }
+                }
+            }
+        }
+        let reader = Reader::open(kafka, &inner.label)?;
+        let mut positions = self.checkpoints().await?;
+        for (partition, (low, _)) in reader.watermarks(&inner.topics).await? {
+            positions.entry(partition).or_insert(low);
+        }
+        reader.assign(&positions)?;
+        tracing::info!(projection = %inner.label, ?positions, "applying from the checkpoints");
+        while let Some(batch) = reader.next_batch(inner.max_batch, &shutdown, Some(IDLE_CHECK)).await? {
+            if batch.is_empty() {
+                // Idle: a newer version may have taken the view over.
+                if let Some(serving) = self.serving_version().await?.filter(|s| *s > self.version()) {
+                    tracing::info!(projection = %inner.label, serving, "a newer version serves; stopping");
+                    summary.superseded_by = Some(serving);
+                    break;
+                }
+                continue;
+            }
+            if let Gate::Superseded(serving) = self.apply_retrying(&batch, true, &shutdown).await? {
+                tracing::info!(projection = %inner.label, serving, "a newer version serves; stopping");
+                summary.superseded_by = Some(serving);
+                break;
+            }
+            summary.records += batch.len() as u64;
+        }
+        Ok(summary)
+    }
+
+    /// Creates the state row of the projection.
+    async fn prepare(&self) -> Result<()> {
+        sqlx::query("insert into dbps_projection_state (projection) values ($1) on conflict do nothing")
+            .bind(&self.inner.name)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(pg("create the projection's state"))?;
+        Ok(())
+    }
+
+    /// Creates this version's table unless it exists.
+    async fn create_table(&self) -> Result<()> {
+        let inner = &self.inner;
+        let mut tx = inner.pool.begin().await.map_err(pg("create the table"))?;
+        // Two instances rebuilding at once create the table once.
+        sqlx::query("select pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("dbps_projection:{}", inner.label))
+            .execute(&mut *tx)
+            .await
+            .map_err(pg("create the table"))?;
+        let exists: Option<String> = sqlx::query_scalar("select to_regclass($1)::text")
+            .bind(&inner.quoted_table)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(pg("create the table"))?;
+        if exists.is_none() {
+            sqlx::raw_sql(AssertSqlSafe(inner.model.create_table(&inner.quoted_table)))
+                .execute(&mut *tx)
+                .await
+                .map_err(pg("create the table"))?;
+        }
+        tx.commit().await.map_err(pg("create the table"))?;
+        Ok(())
+    }
+
+    /// Points the view at this version's table. `create or replace view` keeps the view
+    /// (and what depends on it) when the new version only adds columns at the end; a
+    /// version of another shape replaces the view. Either way in the caller's transaction.
+    async fn switch_view(&self, conn: &mut PgConnection) -> Result<()> {
+        let (view, table) = (&self.inner.view, &self.inner.quoted_table);
+        sqlx::raw_sql("savepoint dbps_projection_view")
+            .execute(&mut *conn)
+            .await
+            .map_err(pg("switch the view"))?;
+        let replaced = sqlx::raw_sql(AssertSqlSafe(format!(
+            "create or replace view {view} as select * from {table}"
+        )))
+        .execute(&mut *conn)
+        .await;
+        if let Err(error) = replaced {
+            tracing::info!(projection = %self.inner.label, %error, "the view changes shape; replacing it");
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "rollback to savepoint dbps_projection_view; drop view if exists {view}; \
+                 create view {view} as select * from {table}"
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(pg("switch the view"))?;
+        }
+        Ok(())
+    }
+
+    /// The serving version's checkpoints (none when nothing serves).
+    async fn serving_checkpoints(&self, serving: Option<u32>) -> Result<BTreeMap<Partition, i64>> {
+        let Some(serving) = serving.and_then(|s| i32::try_from(s).ok()) else {
+            return Ok(BTreeMap::new());
+        };
+        let mut conn = self.inner.pool.acquire().await.map_err(pg("read checkpoints"))?;
+        checkpoints_of(&mut conn, &self.inner.name, serving)
+            .await
+            .map_err(pg("read checkpoints"))
+    }
+
+    /// Applies a batch in a transaction of its own, retrying transient failures until
+    /// `shutdown`. With `gated`, the batch commits only while this version serves.
+    async fn apply_retrying(&self, batch: &[Record], gated: bool, shutdown: &CancellationToken) -> Result<Gate> {
+        loop {
+            match self.apply(batch, gated).await {
+                Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
+                    tracing::warn!(projection = %self.inner.label, %error, "applying a batch failed; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Err(error),
+                        () = tokio::time::sleep(RETRY_DELAY) => {}
+                    }
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn apply(&self, batch: &[Record], gated: bool) -> Result<Gate> {
+        let inner = &self.inner;
+        let mut tx = inner.pool.begin().await.map_err(pg("begin a batch"))?;
+        if gated {
+            let serving: Option<Option<i32>> =
+                sqlx::query_scalar("select serving_version from dbps_projection_state where projection = $1 for share")
+                    .bind(&inner.name)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(pg("read serving version"))?;
+            if let Some(serving) = serving.flatten().filter(|s| *s > inner.version) {
+                return Ok(Gate::Superseded(serving.unsigned_abs()));
+            }
+        }
+        let effect = self.apply_in(&mut tx, batch).await?;
+        tx.commit().await.map_err(pg("commit a batch"))?;
+        self.record(&effect);
+        Ok(Gate::Open)
+    }
+
+    /// Applies a batch and moves the checkpoints on, in the caller's transaction.
+    async fn apply_in(&self, conn: &mut PgConnection, batch: &[Record]) -> Result<BatchEffect> {
+        let inner = &self.inner;
+        let mut projected = Vec::with_capacity(batch.len());
+        for envelope in batch.iter().filter_map(|r| r.envelope.as_ref()) {
+            let change = inner
+                .decoder
+                .project_with::<R::Events>(
+                    "dbps_projection_ignored_total",
+                    ("projection", &inner.label),
+                    envelope,
+                    |event, envelope| inner.model.project(event, envelope),
+                )
+                .map_err(|source| CacheError::Projection {
+                    projection: inner.label.clone(),
+                    source,
+                })?;
+            projected.extend(change);
+        }
+        let collapsed = collapse(projected);
+        let source_times = collapsed.values().flat_map(|c| c.source_times.clone()).collect();
+        let applied = inner
+            .target
+            .apply_collapsed(conn, collapsed, false, None)
+            .await
+            .map_err(pg("apply events"))?;
+
+        let mut next: BTreeMap<&Partition, i64> = BTreeMap::new();
+        for record in batch {
+            let offset = next.entry(&record.partition).or_insert(0);
+            *offset = (*offset).max(record.offset + 1);
+        }
+        let topics: Vec<&str> = next.keys().map(|(t, _)| t.as_str()).collect();
+        let partitions: Vec<i32> = next.keys().map(|(_, p)| *p).collect();
+        let offsets: Vec<i64> = next.values().copied().collect();
+        sqlx::query(
+            "insert into dbps_projection_checkpoints (projection, version, topic, partition, next_offset) \
+             select $1, $2, t, p, o from unnest($3::text[], $4::int4[], $5::int8[]) as u(t, p, o) \
+             on conflict (projection, version, topic, partition) do update \
+             set next_offset = greatest(dbps_projection_checkpoints.next_offset, excluded.next_offset), \
+             updated_at = now()",
+        )
+        .bind(&inner.name)
+        .bind(inner.version)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg("record checkpoints"))?;
+        Ok(BatchEffect {
+            advanced: applied.advanced,
+            stale: applied.stale,
+            source_times,
+        })
+    }
+
+    fn record(&self, effect: &BatchEffect) {
+        let labels = [("projection", self.inner.label.clone())];
+        metrics::counter!("dbps_projection_applied_total", &labels).increment(effect.advanced as u64);
+        metrics::counter!("dbps_projection_stale_total", &labels).increment(effect.stale as u64);
+        record_lag_as(
+            "dbps_projection_lag_seconds",
+            ("projection", &self.inner.label),
+            &effect.source_times,
+        );
+    }
+
+    fn report_progress(&self, replayed: u64, total: u64) {
+        let progress = RebuildProgress {
+            version: self.version(),
+            replayed,
+            total,
+        };
+        metrics::gauge!("dbps_projection_rebuild_progress", "projection" => self.inner.label.clone())
+            .set(progress.fraction());
+        if let Some(report) = &self.inner.on_progress {
+            report(progress);
+        }
+    }
+}
+
+/// Whether some partition's position is before its target.
+fn behind(positions: &BTreeMap<Partition, i64>, targets: &BTreeMap<Partition, i64>) -> bool {
+    targets
+        .iter()
+        .any(|(partition, target)| positions.get(partition).copied().unwrap_or(0) < *target)
+}
+
+/// Moves the positions past the records of a batch.
+fn advance(positions: &mut BTreeMap<Partition, i64>, batch: &[Record]) {
+    for record in batch {
+        let position = positions.entry(record.partition.clone()).or_insert(0);
+        *position = (*position).max(record.offset + 1);
+    }
+}
+
+async fn checkpoints_of(
+    conn: &mut PgConnection,
+    projection: &str,
+    version: i32,
+) -> Result<BTreeMap<Partition, i64>, sqlx::Error> {
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "select topic, partition, next_offset from dbps_projection_checkpoints \
+         where projection = $1 and version = $2",
+    )
+    .bind(projection)
+    .bind(version)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+}
+
+/// Reads a projection's topics from given offsets, with partitions assigned (no consumer
+/// group coordination, nothing committed to Kafka).
+struct Reader {
+    consumer: Arc<StreamConsumer>,
+}
+
+impl Reader {
+    fn open(kafka: &KafkaConfig, label: &str) -> Result<Self> {
+        let mut config = ClientConfig::new();
+        for key in PASSED_PROPERTIES {
+            if let Some(value) = kafka.get(key) {
+                config.set(*key, value);
+            }
+        }
+        // A group of its own that never commits: the checkpoints are in the database.
+        let group = format!("dbps-projection-{label}-{:016x}", rand::random::<u64>());
+        let consumer: StreamConsumer = config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(kafka_error("create the reader"))?;
+        Ok(Self {
+            consumer: Arc::new(consumer),
+        })
+    }
+
+    /// The low and high watermarks of every partition of `topics`.
+    async fn watermarks(&self, topics: &[String]) -> Result<BTreeMap<Partition, (i64, i64)>> {
+        let consumer = Arc::clone(&self.consumer);
+        let topics = topics.to_vec();
+        let read = tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(10);
+            let mut found = BTreeMap::new();
+            for topic in &topics {
+                let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+                for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                    let marks = consumer.fetch_watermarks(topic, partition.id(), timeout)?;
+                    found.insert((topic.clone(), partition.id()), marks);
+                }
+            }
+            Ok::<_, rdkafka::error::KafkaError>(found)
+        })
+        .await;
+        match read {
+            Ok(found) => found.map_err(kafka_error("read watermarks")),
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    }
+
+    fn assign(&self, positions: &BTreeMap<Partition, i64>) -> Result<()> {
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), offset) in positions {
+            list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                .map_err(kafka_error("assign partitions"))?;
+        }
+        self.consumer.assign(&list).map_err(kafka_error("assign partitions"))
+    }
+
+    /// The next records (at most `max`), `None` once `shutdown` is cancelled. Waits for
+    /// the first record, or with `idle` that long at most (then the batch is empty).
+    async fn next_batch(
+        &self,
+        max: usize,
+        shutdown: &CancellationToken,
+        idle: Option<Duration>,
+    ) -> Result<Option<Vec<Record>>> {
+        let idle = async {
+            match idle {
+                Some(idle) => tokio::time::sleep(idle).await,
+                None => std::future::pending().await,
+            }
+        };
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = idle => return Ok(Some(Vec::new())),
+            message = self.consumer.recv() => message.map_err(kafka_error("read a record"))?.detach(),
+        };
+        let mut batch = vec![record(&first)];
+        while batch.len() < max {
+            match tokio::time::timeout(Duration::from_millis(5), self.consumer.recv()).await {
+                Ok(message) => batch.push(record(&message.map_err(kafka_error("read a record"))?.detach())),
+                Err(_) => break,
+            }
+        }
+        Ok(Some(batch))
+    }
+}
+
+fn record(message: &rdkafka::message::OwnedMessage) -> Record {
+    let envelope = match decode_record(message) {
+        Ok(envelope) => Some(envelope),
+        Err(error) => {
+            tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), %error, "skipping an undecodable record");
+            None
+        }
+    };
+    Record {
+        partition: (message.topic().to_owned(), message.partition()),
+        offset: message.offset(),
+        envelope,
+    }
+}
+
+fn pg(operation: &'static str) -> impl FnOnce(sqlx::Error) -> CacheError {
+    move |source| CacheError::Postgres { operation, source }
+}
+
+fn kafka_error(operation: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> CacheError {
+    move |source| CacheError::Kafka { operation, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(topic: &str, partition: i32, offset: i64) -> Record {
+        Record {
+            partition: (topic.to_owned(), partition),
+            offset,
+            envelope: None,
+        }
+    }
+
+    #[test]
+    fn positions_advance_past_each_partitions_newest_record() {
+        let mut positions = BTreeMap::from([((String::from("a"), 0), 3)]);
+        advance(&mut positions, &[at("a", 0, 5), at("a", 0, 4), at("a", 1, 0)]);
+        assert_eq!(positions[&(String::from("a"), 0)], 6);
+        assert_eq!(positions[&(String::from("a"), 1)], 1);
+        let targets = BTreeMap::from([((String::from("a"), 0), 6), ((String::from("a"), 1), 2)]);
+        assert!(behind(&positions, &targets));
+        advance(&mut positions, &[at("a", 1, 1)]);
+        assert!(!behind(&positions, &targets));
+        assert!(behind(&positions, &BTreeMap::from([((String::from("b"), 0), 1)])));
+    }
+
+    #[test]
+    fn progress_is_a_fraction() {
+        let p = |replayed, total| RebuildProgress {
+            version: 2,
+            replayed,
+            total,
+        };
+        assert_eq!(p(0, 0).fraction(), 1.0);
+        assert_eq!(p(5, 10).fraction(), 0.5);
+        assert_eq!(p(12, 10).fraction(), 1.0);
+    }
+}

@@ -1,0 +1,430 @@
+//! PostgreSQL projections against the real stack: the sequence guard under shuffled and
+//! duplicated delivery, checkpoints across restarts, and a blue-green rebuild into a new
+//! version while live writes go on.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::str::FromStr as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::TestResult;
+use common::owner::{Customer, CustomerChanged, CustomerEvents, Owner};
+use dbps_cache::projection::{Change, PgProjection, ReadModel, RebuildProgress};
+use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
+use dbps_core::{CancellationToken, Envelope, HandlerError};
+use rand::seq::SliceRandom as _;
+use sqlx::PgPool;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// `<name>_v1 (aggregate_id, name, source_sequence)`; version 2 adds `email_count`, which
+/// only the events carry.
+#[derive(Debug, Clone)]
+struct CustomerList {
+    name: &'static str,
+    version: u32,
+    topic: String,
+}
+
+impl ReadModel for CustomerList {
+    type Events = CustomerEvents;
+
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn version(&self) -> u32 {
+        self.version
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![self.topic.clone()]
+    }
+
+    fn create_table(&self, table: &str) -> String {
+        let extra = if self.version >= 2 {
+            ", email_count integer not null"
+        } else {
+            ""
+        };
+        format!(
+            "create table {table} (aggregate_id uuid primary key, name text not null, \
+             source_sequence bigint not null{extra})"
+        )
+    }
+
+    fn project(&self, event: CustomerEvents, _: &Envelope) -> Result<Change, HandlerError> {
+        match event {
+            CustomerEvents::Changed(CustomerChanged(customer)) => {
+                let mut row = serde_json::json!({ "name": customer.name });
+                if self.version >= 2 {
+                    row["email_count"] = serde_json::json!(customer.emails.len());
+                }
+                Ok(Change::row(&row)?)
+            }
+            CustomerEvents::Deleted(_) => Ok(Change::Delete),
+        }
+    }
+}
+
+async fn setup() -> Result<(dbps_testkit::TestPostgres, dbps_testkit::TestKafka, Owner), Error> {
+    let db = dbps_testkit::postgres().await?;
+    dbps_migrate::PgMigrations::new(dbps_migrate::ServiceName::new("report")?)
+        .schema(dbps_migrate::Identifier::new("public")?)
+        .component("dbps_replica", &dbps_cache::replica::MIGRATOR)
+        .component("dbps_projection", &dbps_cache::projection::MIGRATOR)
+        .run(&sqlx::postgres::PgConnectOptions::from_str(db.url())?)
+        .await?;
+    let owner = Owner::create(db.pool().clone()).await?;
+    let kafka = dbps_testkit::kafka().await?;
+    Ok((db, kafka, owner))
+}
+
+async fn publish(kafka: &dbps_testkit::TestKafka, topic: &str, events: &[Envelope]) -> Result<(), Error> {
+    let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers())).build()?;
+    for result in publisher.publish_batch(events.iter().map(|e| (topic, e))).await {
+        result?;
+    }
+    Ok(())
+}
+
+/// `id → (name, sequence)` read through the view `name`.
+async fn view(pool: &PgPool, name: &str) -> Result<BTreeMap<String, (String, i64)>, sqlx::Error> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select aggregate_id::text, name, source_sequence from {name}"
+    )))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id, name, seq)| (id, (name, seq))).collect())
+}
+
+/// Waits until the view `name` holds exactly the owner's customers.
+async fn converged(pool: &PgPool, owner: &Owner, name: &str) -> Result<(), Error> {
+    dbps_testkit::eventually(&format!("{name} to hold the owner's customers"), || async {
+        // The view does not exist before the first switch.
+        match view(pool, name).await {
+            Ok(seen) => Ok::<_, sqlx::Error>(seen == owner.names().await?),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+/// Creates `count` customers and renames each `rounds` times; returns their events in
+/// order.
+async fn history(owner: &Owner, prefix: &str, count: usize, rounds: usize) -> Result<Vec<Envelope>, sqlx::Error> {
+    let mut events = Vec::new();
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let created = owner.upsert(Customer::new(&format!("{prefix}{n}"))).await?;
+        ids.push(created.aggregate_id.clone());
+        events.push(created);
+    }
+    for round in 0..rounds {
+        for id in &ids {
+            events.push(owner.rename(id, &format!("{prefix}-{round}")).await?);
+        }
+    }
+    Ok(events)
+}
+
+#[tokio::test]
+async fn shuffled_and_duplicated_events_give_the_same_read_model_as_in_order_once() -> TestResult {
+    let (db, kafka, owner) = setup().await?;
+    let mut events = history(&owner, "s", 30, 8).await?;
+    // Some customers are deleted; a late rename after a delete must not bring one back.
+    for event in events.iter().take(5).cloned().collect::<Vec<_>>() {
+        events.push(owner.delete(&event.aggregate_id).await?);
+    }
+    let in_order = kafka.create_topic("in-order", 2).await?;
+    let shuffled = kafka.create_topic("shuffled", 2).await?;
+    publish(&kafka, &in_order, &events).await?;
+    // Every event at least once, a third twice, and a tenth re-published under a new
+    // message id, all in random order.
+    let mut delivered = events.clone();
+    delivered.extend(events.iter().step_by(3).cloned());
+    delivered.extend(events.iter().step_by(10).map(|e| {
+        let mut again = e.clone();
+        again.id = uuid::Uuid::now_v7().to_string();
+        again
+    }));
+    delivered.shuffle(&mut rand::rng());
+    publish(&kafka, &shuffled, &delivered).await?;
+
+    let config = KafkaConfig::new(kafka.brokers());
+    let stop = CancellationToken::new();
+    let mut runs = Vec::new();
+    for (name, topic) in [("list_in_order", &in_order), ("list_shuffled", &shuffled)] {
+        let projection = PgProjection::builder(
+            db.pool().clone(),
+            CustomerList {
+                name,
+                version: 1,
+                topic: topic.clone(),
+            },
+        )
+        .max_batch(16)
+        .build()?;
+        let (config, stop) = (config.clone(), stop.clone());
+        runs.push(tokio::spawn(async move { projection.run(&config, stop).await }));
+    }
+    converged(db.pool(), &owner, "list_in_order").await?;
+    converged(db.pool(), &owner, "list_shuffled").await?;
+    stop.cancel();
+    for run in runs {
+        run.await??;
+    }
+    let (once, shuffled) = (
+        view(db.pool(), "list_in_order").await?,
+        view(db.pool(), "list_shuffled").await?,
+    );
+    assert_eq!(once.len(), 25);
+    assert_eq!(once, shuffled);
+    let tombstones: i64 = sqlx::query_scalar(
+        "select count(*) from dbps_replica_versions where replica = 'projection:list_shuffled_v1' and deleted",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    assert_eq!(tombstones, 5, "the deleted customers keep their tombstones");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_projection_resumes_from_its_checkpoint() -> TestResult {
+    let (db, kafka, owner) = setup().await?;
+    let topic = kafka.create_topic("events", 1).await?;
+    let first = history(&owner, "r", 20, 4).await?;
+    publish(&kafka, &topic, &first).await?;
+    let config = KafkaConfig::new(kafka.brokers());
+    let list = CustomerList {
+        name: "list",
+        version: 1,
+        topic: topic.clone(),
+    };
+    let projection = PgProjection::builder(db.pool().clone(), list.clone()).build()?;
+
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
+        async move { projection.run(&config, stop).await }
+    });
+    converged(db.pool(), &owner, "list").await?;
+    stop.cancel();
+    let summary = run.await??;
+    assert_eq!(summary.records, 100);
+    assert_eq!(
+        projection.checkpoints().await?,
+        BTreeMap::from([((topic.clone(), 0), 100)])
+    );
+
+    // While it is down, more events arrive; a new instance takes up where it stopped.
+    let mut more = Vec::new();
+    for (n, event) in first.iter().take(20).enumerate() {
+        more.push(owner.rename(&event.aggregate_id, &format!("later-{n}")).await?);
+    }
+    publish(&kafka, &topic, &more).await?;
+    let projection = PgProjection::builder(db.pool().clone(), list).build()?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
+        async move { projection.run(&config, stop).await }
+    });
+    converged(db.pool(), &owner, "list").await?;
+    dbps_testkit::eventually("the checkpoint to reach the end", || async {
+        Ok::<_, dbps_cache::CacheError>(projection.checkpoints().await?.get(&(topic.clone(), 0)) == Some(&120))
+    })
+    .await?;
+    stop.cancel();
+    let summary = run.await??;
+    assert_eq!(
+        summary.records, 20,
+        "only the records after the checkpoint are read again"
+    );
+    Ok(())
+}
+
+/// What a reader polling the view saw.
+#[derive(Debug, Default)]
+struct Watch {
+    reads: u64,
+    count_drops: u64,
+    regressions: u64,
+    saw_v2_column: bool,
+}
+
+#[tokio::test]
+async fn a_rebuild_into_v2_during_live_writes_switches_atomically_without_gaps_or_regressions() -> TestResult {
+    let (db, kafka, owner) = setup().await?;
+    let topic = kafka.create_topic("events", 2).await?;
+    let past = history(&owner, "p", 60, 10).await?;
+    publish(&kafka, &topic, &past).await?;
+    let config = KafkaConfig::new(kafka.brokers());
+    let v1 = PgProjection::builder(
+        db.pool().clone(),
+        CustomerList {
+            name: "customer_list",
+            version: 1,
+            topic: topic.clone(),
+        },
+    )
+    .max_batch(32)
+    .build()?;
+    let stop = CancellationToken::new();
+    let v1_run = tokio::spawn({
+        let (v1, config, stop) = (v1.clone(), config.clone(), stop.clone());
+        async move { v1.run(&config, stop).await }
+    });
+    converged(db.pool(), &owner, "customer_list").await?;
+    assert_eq!(v1.serving_version().await?, Some(1));
+
+    // A reader polls the view through the rebuild and the switch.
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = tokio::spawn({
+        let (pool, watching) = (db.pool().clone(), Arc::clone(&watching));
+        async move {
+            let mut watch = Watch::default();
+            let mut seen: BTreeMap<String, i64> = BTreeMap::new();
+            let mut last_count = 0;
+            while watching.load(Ordering::SeqCst) {
+                let rows = view(&pool, "customer_list").await?;
+                watch.reads += 1;
+                if rows.len() < last_count {
+                    watch.count_drops += 1;
+                }
+                last_count = rows.len();
+                for (id, (_, seq)) in rows {
+                    let last = seen.entry(id).or_default();
+                    if seq < *last {
+                        watch.regressions += 1;
+                    }
+                    *last = seq;
+                }
+                let columns: i64 = sqlx::query_scalar(
+                    "select count(*) from information_schema.columns \
+                     where table_name = 'customer_list' and column_name = 'email_count'",
+                )
+                .fetch_one(&pool)
+                .await?;
+                watch.saw_v2_column |= columns > 0;
+            }
+            Ok::<_, sqlx::Error>(watch)
+        }
+    });
+
+    // Live writes go on: new customers and renames, published as they happen.
+    let writer = tokio::spawn({
+        let (owner, topic, ids) = (
+            owner.clone(),
+            topic.clone(),
+            past.iter().take(60).map(|e| e.aggregate_id.clone()).collect::<Vec<_>>(),
+        );
+        let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers())).build()?;
+        async move {
+            for round in 0..40 {
+                let mut events = vec![owner.upsert(Customer::new(&format!("live{round}"))).await?];
+                for id in ids.iter().skip(round % 3).step_by(3) {
+                    events.push(owner.rename(id, &format!("live-{round}")).await?);
+                }
+                for event in &events {
+                    publisher.publish(&topic, event).await?;
+                }
+            }
+            Ok::<_, Error>(())
+        }
+    });
+
+    let progress: Arc<Mutex<Vec<RebuildProgress>>> = Arc::default();
+    let v2 = PgProjection::builder(
+        db.pool().clone(),
+        CustomerList {
+            name: "customer_list",
+            version: 2,
+            topic: topic.clone(),
+        },
+    )
+    .max_batch(32)
+    .on_progress({
+        let progress = Arc::clone(&progress);
+        move |p| progress.lock().expect("progress").push(p)
+    })
+    .build()?;
+    let v2_run = tokio::spawn({
+        let (v2, config, stop) = (v2.clone(), config.clone(), stop.clone());
+        async move { v2.run(&config, stop).await }
+    });
+
+    // The old version notices that it is superseded and stops on its own.
+    let v1_summary = v1_run.await??;
+    assert_eq!(v1_summary.superseded_by, Some(2));
+    assert_eq!(v2.serving_version().await?, Some(2));
+    writer.await??;
+    // After the switch, the live writes reach the view through v2.
+    converged(db.pool(), &owner, "customer_list").await?;
+    watching.store(false, Ordering::SeqCst);
+    let watch = watcher.await??;
+    stop.cancel();
+    let v2_summary = v2_run.await??;
+    assert_eq!(v2_summary.superseded_by, None);
+
+    assert!(watch.reads > 0);
+    assert_eq!(watch.count_drops, 0, "the view never lost rows: {watch:?}");
+    assert_eq!(watch.regressions, 0, "no record went back in time: {watch:?}");
+    assert!(watch.saw_v2_column, "the view serves v2's column");
+    // Every customer's v2-only column is there and derived from its events.
+    let missing: i64 = sqlx::query_scalar(
+        "select count(*) from customer_list l join customers c on c.id = l.aggregate_id \
+         where l.email_count <> jsonb_array_length(c.emails)",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    assert_eq!(missing, 0);
+    let served: i64 = sqlx::query_scalar("select count(*) from customer_list")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(served, 100);
+    // v2 holds everything v1 had applied when it stopped: no gap at the handover.
+    let (v1_at, v2_at) = (v1.checkpoints().await?, v2.checkpoints().await?);
+    for (partition, offset) in &v1_at {
+        assert!(v2_at.get(partition).is_some_and(|o| o >= offset), "{v1_at:?} {v2_at:?}");
+    }
+    // Progress was reported, grew, and ended complete.
+    let progress = progress.lock().expect("progress").clone();
+    assert!(progress.len() > 1, "{progress:?}");
+    assert!(
+        progress.windows(2).all(|w| w[0].replayed <= w[1].replayed),
+        "{progress:?}"
+    );
+    let last = progress.last().expect("progress");
+    assert!(last.total >= 660 && last.fraction() == 1.0, "{last:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_declarations_are_typed_errors() {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://localhost/none")
+        .expect("lazy pool");
+    let list = |name: &'static str, version: u32, topic: &str| CustomerList {
+        name,
+        version,
+        topic: topic.to_owned(),
+    };
+    let bad = |model: CustomerList| {
+        PgProjection::builder(pool.clone(), model)
+            .build()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(list("x; drop table y", 1, "t")).contains("identifier"));
+    assert!(bad(list("x", 0, "t")).contains("version"));
+    assert!(bad(list("x", 1, "")).contains("topics"));
+    let projection = PgProjection::builder(pool, list("orders", 3, "t"))
+        .build()
+        .expect("valid");
+    assert_eq!((projection.table(), projection.version()), ("orders_v3", 3));
+}
