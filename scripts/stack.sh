@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Local development stack for dbps: PostgreSQL, Redis, Kafka (KRaft),
-# FerretDB (MongoDB wire protocol, its data in that PostgreSQL) and Mailpit
-# (an SMTP server with an HTTP API to read back what arrived), all as plain
-# processes on 127.0.0.1 — no Docker needed.
+# FerretDB (MongoDB wire protocol, its data in that PostgreSQL), Mailpit
+# (an SMTP server with an HTTP API to read back what arrived) and OpenSearch
+# (search, Elasticsearch-compatible REST API), all as plain processes on
+# 127.0.0.1 — no Docker needed.
 #
 #   scripts/stack.sh up       install what is missing, start everything, wait until ready
 #   scripts/stack.sh down     stop what `up` started
 #   scripts/stack.sh status   show each server's state (exit 0 all up, 3 otherwise)
 #   scripts/stack.sh env      print the DBPS_* variables:  eval "$(scripts/stack.sh env)"
 #   scripts/stack.sh stop  <server>   stop one server (postgres, redis, kafka, ferretdb,
-#                                     mailpit; stopping postgres stops ferretdb too)
+#                                     mailpit, opensearch; stopping postgres stops
+#                                     ferretdb too)
 #   scripts/stack.sh start <server>   start one server again and wait until it is ready
 #                                     (fault injection: dbps-chaos broker-restart)
 #
@@ -21,8 +23,11 @@
 #   DBPS_KAFKA_VERSION      org.apache.kafka:kafka_2.13     (default: 4.4.0)
 #   DBPS_FERRETDB_VERSION   github.com/FerretDB/FerretDB    (default: v1.24.2)
 #   DBPS_MAILPIT_VERSION    github.com/axllent/mailpit      (default: v1.33.1)
-#   DBPS_JAVA               java binary to run Kafka with   (default: first java >= 17 found)
+#   DBPS_OPENSEARCH_VERSION org.opensearch:opensearch       (default: 2.19.6; 2.x on Java 17)
+#   DBPS_JAVA               java binary to run Kafka and OpenSearch with
+#                                                           (default: first java >= 17 found)
 #   DBPS_KAFKA_HEAP_OPTS    Kafka JVM heap                  (default: -Xmx768m -Xms256m)
+#   DBPS_OPENSEARCH_HEAP_OPTS  OpenSearch JVM heap          (default: -Xmx768m -Xms256m)
 #   DBPS_STACK_TIMEOUT      readiness deadline per server, seconds (default: 120)
 #
 # Mailpit: SMTP on 127.0.0.1:21025 (any sender and recipient, no auth needed,
@@ -31,6 +36,14 @@
 # beyond 2000). Built once with `go install` of its module; the web UI's
 # JavaScript is not part of the module, so the UI page stays blank: read mail
 # through the API (dbps-testkit's mailpit() does).
+#
+# OpenSearch: HTTP (REST API) on 127.0.0.1:29200, transport on 127.0.0.1:29300,
+# a single node without the security plugin (plain HTTP, no login). Its jars
+# come from Maven Central like Kafka's (scripts/opensearch/pom.xml), started by
+# a small launcher (scripts/opensearch/DbpsOpenSearch.java, compiled once with
+# the JDK's javac) instead of a distribution. New indices get no replicas (set
+# through the cluster settings API after each start), so they are green.
+# Data in .dbps/opensearch/data.
 #
 # Users with Docker can use docker-compose.yml at the repo root instead.
 
@@ -54,6 +67,8 @@ FERRET_PORT=27117
 FERRET_DEBUG_PORT=28088
 MAILPIT_SMTP_PORT=21025
 MAILPIT_HTTP_PORT=28025
+OPENSEARCH_PORT=29200
+OPENSEARCH_TRANSPORT_PORT=29300
 
 PG_USER=dbps
 PG_PASSWORD=dbps
@@ -61,7 +76,9 @@ PG_PASSWORD=dbps
 KAFKA_VERSION="${DBPS_KAFKA_VERSION:-4.4.0}"
 FERRET_VERSION="${DBPS_FERRETDB_VERSION:-v1.24.2}"
 MAILPIT_VERSION="${DBPS_MAILPIT_VERSION:-v1.33.1}"
+OPENSEARCH_VERSION="${DBPS_OPENSEARCH_VERSION:-2.19.6}"
 KAFKA_HEAP_OPTS="${DBPS_KAFKA_HEAP_OPTS:--Xmx768m -Xms256m}"
+OPENSEARCH_HEAP_OPTS="${DBPS_OPENSEARCH_HEAP_OPTS:--Xmx768m -Xms256m}"
 TIMEOUT="${DBPS_STACK_TIMEOUT:-120}"
 
 PG_DIR="$DBPS_DIR/postgres"          # may become a symlink, see pg_prepare_dirs
@@ -69,12 +86,15 @@ REDIS_DIR="$DBPS_DIR/redis"
 KAFKA_DIR="$DBPS_DIR/kafka"
 FERRET_DIR="$DBPS_DIR/ferretdb"
 MAILPIT_DIR="$DBPS_DIR/mailpit"
+OPENSEARCH_DIR="$DBPS_DIR/opensearch"
 
 KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
 FERRET_BIN="$CACHE_DIR/ferretdb-$FERRET_VERSION/bin/ferretdb"
 MAILPIT_BIN="$CACHE_DIR/mailpit-$MAILPIT_VERSION/bin/mailpit"
+OPENSEARCH_LIBS="$CACHE_DIR/opensearch-$OPENSEARCH_VERSION/libs"
+OPENSEARCH_CLASSES="$CACHE_DIR/opensearch-$OPENSEARCH_VERSION/launcher"
 
-SERVERS=(postgres redis kafka ferretdb mailpit)
+SERVERS=(postgres redis kafka ferretdb mailpit opensearch)
 
 # ---------------------------------------------------------------------------
 # Small helpers
@@ -96,16 +116,16 @@ rel() {
 
 line() { # name state address [log]
   if [[ -n "${4:-}" ]]; then
-    printf '%-9s %-9s %-21s (log: %s)\n' "$1" "$2" "$3" "$(rel "$4")"
+    printf '%-10s %-9s %-21s (log: %s)\n' "$1" "$2" "$3" "$(rel "$4")"
   else
-    printf '%-9s %-9s %s\n' "$1" "$2" "$3"
+    printf '%-10s %-9s %s\n' "$1" "$2" "$3"
   fi
 }
 
 # Report a failed server: which one, where its log is, and the log's tail.
 fail_server() { # name log message
   local name="$1" log="$2" msg="$3"
-  printf '\n%-9s FAILED    %s\n' "$name" "$msg" >&2
+  printf '\n%-10s FAILED    %s\n' "$name" "$msg" >&2
   if [[ -f "$log" ]]; then
     printf -- '--- last 20 lines of %s ---\n' "$(rel "$log")" >&2
     tail -n 20 "$log" >&2 || true
@@ -253,6 +273,19 @@ find_java() {
   return 1
 }
 
+# The javac of the JDK that $1 (a java binary) belongs to, else javac on PATH.
+find_javac() { # java-binary
+  local j
+  j="$(dirname -- "$(readlink -f -- "$1")")/javac"
+  if [[ -x "$j" ]]; then
+    printf '%s' "$j"
+  elif command -v javac >/dev/null 2>&1; then
+    command -v javac
+  else
+    return 1
+  fi
+}
+
 find_go() {
   if command -v go >/dev/null 2>&1; then
     command -v go
@@ -268,7 +301,10 @@ ensure_packages() {
   [[ -n "$(find_pg_bin)" ]] || pkgs+=(postgresql)
   { command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || pkgs+=(redis-server)
   command -v mvn >/dev/null 2>&1 || pkgs+=(maven)
-  find_java >/dev/null || pkgs+=(openjdk-17-jre-headless)
+  # The OpenSearch launcher is compiled once, so a JDK rather than only a JRE.
+  if ! JAVA="$(find_java)" || ! find_javac "$JAVA" >/dev/null; then
+    pkgs+=(openjdk-17-jdk-headless)
+  fi
   if ((${#pkgs[@]})); then apt_install "${pkgs[@]}"; fi
 
   PG_BIN="$(find_pg_bin)" || true
@@ -276,6 +312,7 @@ ensure_packages() {
   JAVA="$(find_java)" || die "no java >= 17 found (Kafka 4 needs it); set DBPS_JAVA=/path/to/java"
   command -v redis-server >/dev/null 2>&1 || die "redis-server not found after install"
   command -v mvn >/dev/null 2>&1 || die "mvn not found after install"
+  find_javac "$JAVA" >/dev/null || die "no javac next to $JAVA nor on PATH (needed once to compile the OpenSearch launcher): install a JDK, e.g. openjdk-17-jdk-headless"
   GO="$(find_go)" || die "go not found (needed once to build FerretDB $FERRET_VERSION and Mailpit $MAILPIT_VERSION; FerretDB 1.24 needs Go >= 1.24, Mailpit 1.33 Go >= 1.26): install Go and put it on PATH"
 }
 
@@ -301,6 +338,41 @@ ensure_kafka_libs() {
   printf '%s\n' "$sum" >"$tmp/.complete"
   rm -rf "$KAFKA_LIBS"
   mv "$tmp" "$KAFKA_LIBS"
+}
+
+# OpenSearch jars via Maven (scripts/opensearch/pom.xml) into the cache and the
+# launcher compiled next to them, once per version and pom/launcher content.
+ensure_opensearch_libs() {
+  local pom="$SCRIPT_DIR/opensearch/pom.xml" src="$SCRIPT_DIR/opensearch/DbpsOpenSearch.java"
+  local sum tmp log javac
+  sum="$(cat "$pom" "$src" | cksum | cut -d' ' -f1)"
+  if [[ -f "$OPENSEARCH_LIBS/.complete" && "$(cat "$OPENSEARCH_LIBS/.complete")" == "$sum" &&
+    -f "$OPENSEARCH_CLASSES/DbpsOpenSearch.class" ]]; then
+    return 0
+  fi
+  info "opensearch fetching OpenSearch $OPENSEARCH_VERSION jars with Maven into $OPENSEARCH_LIBS"
+  mkdir -p "$(dirname "$OPENSEARCH_LIBS")"
+  tmp="$(dirname "$OPENSEARCH_LIBS")/libs.tmp.$$"
+  log="$(dirname "$OPENSEARCH_LIBS")/mvn.log"
+  rm -rf "$tmp"
+  if ! (cd "$SCRIPT_DIR/opensearch" && mvn -q -B -f "$pom" -Dopensearch.version="$OPENSEARCH_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp") >"$log" 2>&1; then
+    rm -rf "$tmp"
+    fail_server opensearch "$log" "could not resolve org.opensearch:opensearch:$OPENSEARCH_VERSION with Maven"
+  fi
+  [[ -f "$tmp/opensearch-$OPENSEARCH_VERSION.jar" ]] ||
+    fail_server opensearch "$log" "Maven did not produce opensearch-$OPENSEARCH_VERSION.jar"
+  javac="$(find_javac "$JAVA")" || die "no javac found to compile the OpenSearch launcher"
+  log="$(dirname "$OPENSEARCH_LIBS")/javac.log"
+  rm -rf "$tmp.classes"
+  if ! "$javac" -nowarn -encoding UTF-8 -d "$tmp.classes" -cp "$tmp/*" "$src" >"$log" 2>&1; then
+    rm -rf "$tmp" "$tmp.classes"
+    fail_server opensearch "$log" "could not compile $(rel "$src") against OpenSearch $OPENSEARCH_VERSION"
+  fi
+  printf '%s\n' "$sum" >"$tmp/.complete"
+  rm -rf "$OPENSEARCH_LIBS" "$OPENSEARCH_CLASSES"
+  mv "$tmp.classes" "$OPENSEARCH_CLASSES"
+  mv "$tmp" "$OPENSEARCH_LIBS"
 }
 
 # FerretDB binary built with the Go toolchain into the cache, once per version.
@@ -907,6 +979,92 @@ mailpit_stop() {
 }
 
 # ---------------------------------------------------------------------------
+# OpenSearch (single node, no security plugin; see scripts/opensearch/)
+# ---------------------------------------------------------------------------
+
+OPENSEARCH_PID="$OPENSEARCH_DIR/opensearch.pid"
+OPENSEARCH_LOG="$OPENSEARCH_DIR/opensearch.log"
+OPENSEARCH_ADDRESS="$HOST:$OPENSEARCH_PORT"
+
+opensearch_pid() { live_pid "$OPENSEARCH_PID" DbpsOpenSearch; }
+
+# One HTTP/1.0 request (pure bash, the server closes the connection after the
+# reply); prints the whole reply, status line first.
+opensearch_http() ( # method path [json-body]
+  local body="${3:-}"
+  exec 3<>"/dev/tcp/$HOST/$OPENSEARCH_PORT" || exit 1
+  printf '%s %s HTTP/1.0\r\nHost: %s:%s\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' \
+    "$1" "$2" "$HOST" "$OPENSEARCH_PORT" "${#body}" "$body" >&3 || exit 1
+  timeout 10 cat <&3
+)
+
+# The cluster is green (a single node: every shard assigned).
+opensearch_probe() {
+  local reply
+  reply="$(opensearch_http GET '/_cluster/health?wait_for_status=green&timeout=1s' 2>/dev/null)" || return 1
+  [[ "$reply" == "HTTP/1."?" 200 "* && "$reply" == *'"status":"green"'* ]]
+}
+
+# New indices without replicas (there is no second node to hold them; with the
+# default of one replica every index would stay yellow). As a node setting this
+# has no effect, so it goes through the cluster settings API, persistently.
+opensearch_no_replicas() {
+  local reply
+  reply="$(opensearch_http PUT /_cluster/settings \
+    '{"persistent":{"cluster.default_number_of_replicas":0}}' 2>/dev/null)" || return 1
+  [[ "$reply" == "HTTP/1."?" 200 "* && "$reply" == *'"acknowledged":true'* ]]
+}
+
+opensearch_start() {
+  mkdir -p "$OPENSEARCH_DIR/tmp"
+  if opensearch_pid >/dev/null; then
+    OPENSEARCH_STARTED=0
+    return 0
+  fi
+  if port_open "$OPENSEARCH_PORT" || port_open "$OPENSEARCH_TRANSPORT_PORT"; then
+    fail_server opensearch "$OPENSEARCH_LOG" "port $HOST:$OPENSEARCH_PORT or $HOST:$OPENSEARCH_TRANSPORT_PORT is already in use by a process not started by stack.sh"
+  fi
+  rotate_log "$OPENSEARCH_LOG"
+  # shellcheck disable=SC2086 # OPENSEARCH_HEAP_OPTS is a list of JVM options
+  if ! spawn "$OPENSEARCH_PID" "$OPENSEARCH_LOG" "$JAVA" $OPENSEARCH_HEAP_OPTS \
+    -XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError \
+    -Djava.awt.headless=true -Dfile.encoding=UTF-8 \
+    -Djava.io.tmpdir="$OPENSEARCH_DIR/tmp" \
+    -Dlog4j2.configurationFile="$SCRIPT_DIR/opensearch/log4j2.properties" \
+    -cp "$OPENSEARCH_LIBS/*:$OPENSEARCH_CLASSES" DbpsOpenSearch "$OPENSEARCH_DIR" \
+    "network.host=$HOST" "http.port=$OPENSEARCH_PORT" "transport.port=$OPENSEARCH_TRANSPORT_PORT"; then
+    fail_server opensearch "$OPENSEARCH_LOG" "could not launch the JVM ($JAVA)"
+  fi
+  OPENSEARCH_STARTED=1
+}
+
+opensearch_wait() {
+  local deadline=$((SECONDS + TIMEOUT)) configured=0
+  while :; do
+    if ! opensearch_pid >/dev/null; then
+      fail_server opensearch "$OPENSEARCH_LOG" "the node exited during start-up"
+    fi
+    if ((configured)) || opensearch_no_replicas; then
+      configured=1
+      opensearch_probe && return 0
+    fi
+    if ((SECONDS >= deadline)); then
+      fail_server opensearch "$OPENSEARCH_LOG" "not ready after ${TIMEOUT}s (cluster settings, then GET /_cluster/health green on $OPENSEARCH_ADDRESS)"
+    fi
+    sleep 0.5
+  done
+}
+
+opensearch_stop() {
+  local pid
+  if pid="$(opensearch_pid)"; then
+    stop_pid "$pid" 30
+  fi
+  rm -f "$OPENSEARCH_PID"
+  line opensearch stopped "$OPENSEARCH_ADDRESS"
+}
+
+# ---------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------
 
@@ -927,6 +1085,7 @@ cmd_up() {
   start_ferretdb_build
   start_mailpit_build
   ensure_kafka_libs
+  ensure_opensearch_libs
   finish_ferretdb_build
   finish_mailpit_build
 
@@ -934,6 +1093,7 @@ cmd_up() {
   redis_start
   kafka_start
   mailpit_start
+  opensearch_start
 
   pg_wait
   line postgres "$(ready_word "$PG_STARTED")" "$HOST:$PG_PORT" "$PG_LOG"
@@ -946,6 +1106,8 @@ cmd_up() {
   line mailpit "$(ready_word "$MAILPIT_STARTED")" "$MAILPIT_ADDRESS" "$MAILPIT_LOG"
   kafka_wait
   line kafka "$(ready_word "$KAFKA_STARTED")" "$HOST:$KAFKA_PORT" "$KAFKA_LOG"
+  opensearch_wait
+  line opensearch "$(ready_word "$OPENSEARCH_STARTED")" "$OPENSEARCH_ADDRESS" "$OPENSEARCH_LOG"
 
   info "stack up in $((SECONDS - t0))s — eval \"\$($(rel "$SCRIPT_DIR")/stack.sh env)\" to use it"
 }
@@ -953,6 +1115,7 @@ cmd_up() {
 cmd_down() {
   lock
   PG_BIN="$(find_pg_bin)" || true
+  opensearch_stop
   mailpit_stop
   ferret_stop
   kafka_stop
@@ -1005,6 +1168,13 @@ cmd_status() {
   [[ "$state" == running ]] || down=1
   line mailpit "$state" "$MAILPIT_ADDRESS" "$MAILPIT_LOG"
 
+  state=stopped
+  if opensearch_pid >/dev/null; then
+    if opensearch_probe; then state=running; else state=unhealthy; fi
+  fi
+  [[ "$state" == running ]] || down=1
+  line opensearch "$state" "$OPENSEARCH_ADDRESS" "$OPENSEARCH_LOG"
+
   if ((down)); then return 3; fi
   return 0
 }
@@ -1016,6 +1186,7 @@ cmd_env() {
   printf 'export DBPS_MONGODB_URI=mongodb://%s:%s/\n' "$HOST" "$FERRET_PORT"
   printf 'export DBPS_SMTP_URL=smtp://%s:%s\n' "$HOST" "$MAILPIT_SMTP_PORT"
   printf 'export DBPS_MAILPIT_URL=http://%s:%s\n' "$HOST" "$MAILPIT_HTTP_PORT"
+  printf 'export DBPS_OPENSEARCH_URL=http://%s:%s\n' "$HOST" "$OPENSEARCH_PORT"
 }
 
 # Start one server that `up` installed before, and wait until it is ready.
@@ -1055,6 +1226,13 @@ cmd_start_one() { # server
       mailpit_wait
       line mailpit "$(ready_word "$MAILPIT_STARTED")" "$MAILPIT_ADDRESS" "$MAILPIT_LOG"
       ;;
+    opensearch)
+      JAVA="$(find_java)" || die "no java >= 17 found (OpenSearch 2 needs it); set DBPS_JAVA=/path/to/java"
+      ensure_opensearch_libs
+      opensearch_start
+      opensearch_wait
+      line opensearch "$(ready_word "$OPENSEARCH_STARTED")" "$OPENSEARCH_ADDRESS" "$OPENSEARCH_LOG"
+      ;;
     *)
       usage >&2
       exit 2
@@ -1080,6 +1258,7 @@ cmd_stop_one() { # server
     kafka) kafka_stop ;;
     ferretdb) ferret_stop ;;
     mailpit) mailpit_stop ;;
+    opensearch) opensearch_stop ;;
     *)
       usage >&2
       exit 2
@@ -1090,7 +1269,7 @@ cmd_stop_one() { # server
 usage() {
   cat <<EOF
 usage: $(rel "$SCRIPT_DIR")/stack.sh up|down|status|env
-       $(rel "$SCRIPT_DIR")/stack.sh stop|start postgres|redis|kafka|ferretdb|mailpit
+       $(rel "$SCRIPT_DIR")/stack.sh stop|start postgres|redis|kafka|ferretdb|mailpit|opensearch
 
   up      install what is missing, start ${SERVERS[*]} on $HOST, wait until ready
   down    stop the servers started by 'up'

@@ -71,6 +71,16 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// OpenSearch could not be reached or answered with an error.
+    #[cfg(feature = "opensearch")]
+    #[error("opensearch: {what}")]
+    OpenSearch {
+        /// The request that failed.
+        what: String,
+        /// Why it failed (for an error status: the status and the server's reply).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// An address a mail query named is not one of the test's own.
     #[cfg(feature = "smtp")]
     #[error(

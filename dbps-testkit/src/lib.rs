@@ -1,5 +1,5 @@
-//! Real servers for integration tests: PostgreSQL, Apache Kafka, MongoDB, Redis and an SMTP
-//! server (Mailpit).
+//! Real servers for integration tests: PostgreSQL, Apache Kafka, MongoDB, Redis, an SMTP
+//! server (Mailpit) and OpenSearch.
 //!
 //! dbps tests every backend behaviour against the real server, and so can the services
 //! built on it. Add this crate as a dev-dependency and ask for the backends a test needs:
@@ -23,7 +23,8 @@
 //! 1. its environment variable, when set: `DBPS_POSTGRES_URL` (a superuser or a role
 //!    that may create databases), `DBPS_KAFKA_BROKERS`, `DBPS_MONGODB_URI`,
 //!    `DBPS_REDIS_URL`, and for Mailpit both `DBPS_SMTP_URL` (`smtp://host:port`) and
-//!    `DBPS_MAILPIT_URL` (its HTTP API, `http://host:port`). `scripts/stack.sh env` prints
+//!    `DBPS_MAILPIT_URL` (its HTTP API, `http://host:port`), and `DBPS_OPENSEARCH_URL`
+//!    (`http://host:port`). `scripts/stack.sh env` prints
 //!    them for the local stack;
 //! 2. otherwise a container started with testcontainers, where a Docker engine is
 //!    reachable. Containers are shared by the tests of one binary and removed when the
@@ -43,6 +44,7 @@
 //! | MongoDB | [`TestMongo`] | a fresh database |
 //! | Redis | [`TestRedis`] | a unique key prefix |
 //! | Mailpit | [`TestMailpit`] | addresses with a unique tag, `name+<tag>@example.test` |
+//! | OpenSearch | [`TestOpenSearch`] | index and alias names with a unique prefix |
 //!
 //! Tests in one binary can therefore run in parallel without seeing each other's data.
 //!
@@ -64,7 +66,8 @@
 //! # Feature flags
 //!
 //! Each backend is a feature, so a service's tests compile only the clients they use:
-//! `postgres`, `kafka`, `mongodb`, `redis`, `smtp` (Mailpit; all five by default) and
+//! `postgres`, `kafka`, `mongodb`, `redis`, `smtp` (Mailpit), `opensearch` (all six by
+//! default) and
 //! `service` (a provisioned service per test, through `dbps-migrate`).
 
 mod error;
@@ -74,6 +77,8 @@ mod kafka;
 mod mailpit;
 #[cfg(feature = "mongodb")]
 mod mongo;
+#[cfg(feature = "opensearch")]
+mod opensearch;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
@@ -90,6 +95,8 @@ pub use kafka::{TestKafka, TopicReader, header, kafka};
 pub use mailpit::{MAIL_DOMAIN, MailAttachment, MailContent, MailMessage, TestMailpit, mailpit};
 #[cfg(feature = "mongodb")]
 pub use mongo::{TestMongo, mongo};
+#[cfg(feature = "opensearch")]
+pub use opensearch::{TestOpenSearch, opensearch};
 #[cfg(feature = "postgres")]
 pub use postgres::{TestPostgres, postgres};
 #[cfg(feature = "redis")]

@@ -5,7 +5,13 @@ use std::any::Any;
 use std::fmt;
 use std::sync::{LazyLock, Mutex};
 
-#[cfg(any(feature = "postgres", feature = "mongodb", feature = "redis", feature = "smtp"))]
+#[cfg(any(
+    feature = "postgres",
+    feature = "mongodb",
+    feature = "redis",
+    feature = "smtp",
+    feature = "opensearch"
+))]
 use testcontainers::ImageExt;
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, Image};
@@ -27,6 +33,8 @@ pub enum Backend {
     Redis,
     /// Mailpit: an SMTP server whose HTTP API tells what arrived (mail a service sends).
     Mailpit,
+    /// OpenSearch (Elasticsearch-compatible REST API), the search store of projections.
+    OpenSearch,
 }
 
 impl Backend {
@@ -39,6 +47,7 @@ impl Backend {
             Self::Mongo => "DBPS_MONGODB_URI",
             Self::Redis => "DBPS_REDIS_URL",
             Self::Mailpit => "DBPS_SMTP_URL",
+            Self::OpenSearch => "DBPS_OPENSEARCH_URL",
         }
     }
 }
@@ -51,6 +60,7 @@ impl fmt::Display for Backend {
             Self::Mongo => "mongodb",
             Self::Redis => "redis",
             Self::Mailpit => "mailpit",
+            Self::OpenSearch => "opensearch",
         })
     }
 }
@@ -61,6 +71,7 @@ static KAFKA: OnceCell<String> = OnceCell::const_new();
 static MONGO: OnceCell<String> = OnceCell::const_new();
 static REDIS: OnceCell<String> = OnceCell::const_new();
 static MAILPIT: OnceCell<MailpitAddresses> = OnceCell::const_new();
+static OPENSEARCH: OnceCell<String> = OnceCell::const_new();
 
 /// The environment variable that names Mailpit's HTTP API (`http://host:port`); its SMTP
 /// server is in `DBPS_SMTP_URL` ([`Backend::env_var`]).
@@ -69,7 +80,13 @@ pub const MAILPIT_API_VAR: &str = "DBPS_MAILPIT_URL";
 /// The address of `backend`'s server, from its variable or a container (for Mailpit, the
 /// SMTP server's URL).
 #[cfg_attr(
-    not(any(feature = "postgres", feature = "kafka", feature = "mongodb", feature = "redis")),
+    not(any(
+        feature = "postgres",
+        feature = "kafka",
+        feature = "mongodb",
+        feature = "redis",
+        feature = "opensearch"
+    )),
     allow(dead_code)
 )]
 pub(crate) async fn address(backend: Backend) -> Result<&'static str> {
@@ -97,6 +114,7 @@ fn cell(backend: Backend) -> Option<&'static OnceCell<String>> {
         Backend::Kafka => Some(&KAFKA),
         Backend::Mongo => Some(&MONGO),
         Backend::Redis => Some(&REDIS),
+        Backend::OpenSearch => Some(&OPENSEARCH),
         Backend::Mailpit => None,
     }
 }
@@ -248,12 +266,37 @@ async fn start_container(backend: Backend) -> std::result::Result<String, String
                 #[cfg(not(feature = "redis"))]
                 without("redis")
             }
+            Backend::OpenSearch => {
+                #[cfg(feature = "opensearch")]
+                {
+                    use testcontainers::GenericImage;
+                    use testcontainers::core::{IntoContainerPort, WaitFor};
+
+                    // The official image as the stack runs it: one node, no security plugin
+                    // (plain HTTP, no login), a small heap.
+                    let image = GenericImage::new("opensearchproject/opensearch", OPENSEARCH_IMAGE_TAG)
+                        .with_exposed_port(9200.tcp())
+                        .with_wait_for(WaitFor::message_on_stdout("] started"))
+                        .with_env_var("discovery.type", "single-node")
+                        .with_env_var("DISABLE_SECURITY_PLUGIN", "true")
+                        .with_env_var("DISABLE_INSTALL_DEMO_CONFIG", "true")
+                        .with_env_var("OPENSEARCH_JAVA_OPTS", "-Xms256m -Xmx768m");
+                    let port = keep(image, 9200).await?;
+                    Ok(format!("http://127.0.0.1:{port}"))
+                }
+                #[cfg(not(feature = "opensearch"))]
+                without("opensearch")
+            }
             // Mailpit has two addresses: `mailpit_addresses` starts its container.
             Backend::Mailpit => Err(String::from("mailpit is resolved by mailpit_addresses")),
         }
     });
     task.await.map_err(|e| format!("container task failed: {e}"))?
 }
+
+/// The OpenSearch image the container fallback runs: the version `scripts/stack.sh` runs.
+#[cfg(feature = "opensearch")]
+const OPENSEARCH_IMAGE_TAG: &str = "2.19.6";
 
 /// The Mailpit image the container fallback runs: the version `scripts/stack.sh` builds.
 #[cfg(feature = "smtp")]
@@ -300,7 +343,13 @@ fn without(feature: &str) -> std::result::Result<String, String> {
 /// Starts `image`, keeps the container for the rest of the process and returns the host
 /// port mapped to `port`.
 #[cfg_attr(
-    not(any(feature = "postgres", feature = "kafka", feature = "mongodb", feature = "redis")),
+    not(any(
+        feature = "postgres",
+        feature = "kafka",
+        feature = "mongodb",
+        feature = "redis",
+        feature = "opensearch"
+    )),
     allow(dead_code)
 )]
 async fn keep<I>(image: impl Into<testcontainers::ContainerRequest<I>>, port: u16) -> std::result::Result<u16, String>
@@ -318,7 +367,8 @@ where
         feature = "kafka",
         feature = "mongodb",
         feature = "redis",
-        feature = "smtp"
+        feature = "smtp",
+        feature = "opensearch"
     )),
     allow(dead_code)
 )]
@@ -345,7 +395,7 @@ where
 
 /// The address with any password replaced, for errors and logs.
 #[cfg_attr(
-    not(any(feature = "postgres", feature = "mongodb", feature = "redis")),
+    not(any(feature = "postgres", feature = "mongodb", feature = "redis", feature = "opensearch")),
     allow(dead_code)
 )]
 pub(crate) fn redact(address: &str) -> String {
@@ -459,6 +509,20 @@ mod tests {
         assert!(message.starts_with("no mailpit server"), "{message}");
         assert!(message.contains("DBPS_SMTP_URL is not set"), "{message}");
         assert!(message.contains("scripts/stack.sh up"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn opensearch_comes_from_its_variable() {
+        assert_eq!(Backend::OpenSearch.env_var(), "DBPS_OPENSEARCH_URL");
+        assert_eq!(Backend::OpenSearch.to_string(), "opensearch");
+        let address = resolve(
+            Backend::OpenSearch,
+            |var| (var == "DBPS_OPENSEARCH_URL").then(|| String::from("http://127.0.0.1:29200 ")),
+            async { panic!("no container may be started when the variable is set") },
+        )
+        .await
+        .expect("resolved");
+        assert_eq!(address, "http://127.0.0.1:29200");
     }
 
     #[test]
