@@ -88,7 +88,7 @@ pub enum CacheError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Reading a projection's topics from Kafka failed.
-    #[cfg(feature = "postgres")]
+    #[cfg(any(feature = "postgres", feature = "opensearch"))]
     #[error("kafka {operation} failed")]
     Kafka {
         /// What was being done.
@@ -96,6 +96,40 @@ pub enum CacheError {
         /// The client's error.
         #[source]
         source: rdkafka::error::KafkaError,
+    },
+    /// A request to OpenSearch failed: it could not be sent, timed out, or was answered
+    /// with an error status. The body of the answer is not kept (it may quote documents);
+    /// `kind` is OpenSearch's error type when it gave one.
+    #[cfg(feature = "opensearch")]
+    #[error("opensearch {operation} failed{}{}", status.map(|s| format!(" with status {s}")).unwrap_or_default(), kind.as_deref().map(|k| format!(" ({k})")).unwrap_or_default())]
+    OpenSearch {
+        /// What was being done.
+        operation: &'static str,
+        /// The HTTP status, `None` when no answer came.
+        status: Option<u16>,
+        /// OpenSearch's error type (`index_not_found_exception`, ...), when it said.
+        kind: Option<String>,
+        /// The client's error, when the request itself failed.
+        #[source]
+        source: Option<reqwest::Error>,
+    },
+    /// Items of a `_bulk` request to a search projection were refused (version conflicts
+    /// are not: they are stale events).
+    #[cfg(feature = "opensearch")]
+    #[error("projection {projection}: {failed} document(s) refused, first {id} with status {status} ({kind})")]
+    OpenSearchItems {
+        /// The projection (`name_v<version>`).
+        projection: String,
+        /// How many items were refused.
+        failed: usize,
+        /// The first refused document's id.
+        id: String,
+        /// Its status.
+        status: u16,
+        /// OpenSearch's error type for it (`mapper_parsing_exception`, ...).
+        kind: String,
+        /// Whether every refusal is one that may pass later (429, 5xx).
+        transient: bool,
     },
     /// Events could not be applied to a projection.
     #[error("projection {projection}: applying events failed")]
@@ -131,8 +165,12 @@ impl CacheError {
             Self::Mongo { source, .. } => source.is_transient(),
             #[cfg(feature = "http")]
             Self::Http { source, .. } => !source.status().is_some_and(|s| s.is_client_error()),
-            #[cfg(feature = "postgres")]
+            #[cfg(any(feature = "postgres", feature = "opensearch"))]
             Self::Kafka { .. } => true,
+            #[cfg(feature = "opensearch")]
+            Self::OpenSearch { status, .. } => status.is_none_or(|s| s == 429 || s >= 500),
+            #[cfg(feature = "opensearch")]
+            Self::OpenSearchItems { transient, .. } => *transient,
             Self::Projection { source, .. } => source.is_transient(),
             Self::Timeout { .. } | Self::Load { .. } => true,
             _ => false,

@@ -22,8 +22,9 @@
 //!   the owner's snapshot and a reconciler that finds and repairs drift.
 //!
 //! - [`projection`]: read models fed by events in versioned tables behind a view
-//!   (feature `postgres`), with checkpoints per topic partition and a blue-green rebuild
-//!   from the event history that switches the view atomically.
+//!   (feature `postgres`) or in versioned OpenSearch indices behind an alias (feature
+//!   `opensearch`), with checkpoints per topic partition and a blue-green rebuild from the
+//!   event history that switches the view or the alias atomically.
 //!
 //! `docs/caching.md` says when to use a replica, the Redis cache or reference data.
 //!
@@ -52,6 +53,8 @@
 //!   table, and projections (which read Kafka themselves).
 //! - `mongodb`: replicas in MongoDB collections.
 //! - `http` (default): the owner's snapshot endpoints (axum) and their client (reqwest).
+//! - `opensearch` (default): search projections in OpenSearch (`OsProjection`), over its
+//!   REST API with reqwest; it adds no crate to the other default features.
 
 mod error;
 pub mod projection;

@@ -1,9 +1,12 @@
-//! Projections: read models fed by events, in versioned tables that can be rebuilt from
-//! the event history when their shape changes.
+//! Projections: read models fed by events, in versioned tables or indices that can be
+//! rebuilt from the event history when their shape changes.
 //!
 //! A projection is a declaration ([`ReadModel`]): a name, a version, the topics it reads,
-//! the table of a version, and what each event means as rows. [`PgProjection`] (feature
-//! `postgres`) keeps it in PostgreSQL:
+//! the table of a version, and what each event means as rows. A search projection is a
+//! [`SearchModel`]: the same, with an index's mappings and whole documents
+//! ([`DocChange`]) instead; `OsProjection` (feature `opensearch`) keeps it in OpenSearch
+//! indices behind an alias, guarded by external versions (see its documentation).
+//! [`PgProjection`] (feature `postgres`) keeps a read model in PostgreSQL:
 //!
 //! - **Versioned tables behind a view.** Version `n` of projection `orders` lives in the
 //!   table `orders_v<n>`; readers query the view `orders`, which points at the serving
@@ -32,11 +35,21 @@ use dbps_core::{Envelope, HandlerError, MessageSet};
 
 pub use crate::replica::{Change, Row};
 
+#[cfg(feature = "opensearch")]
+mod os;
 #[cfg(feature = "postgres")]
 mod pg;
+#[cfg(any(feature = "postgres", feature = "opensearch"))]
+mod reader;
+#[cfg(feature = "opensearch")]
+mod search;
 
+#[cfg(feature = "opensearch")]
+pub use os::{Freshness, OsProjection, OsProjectionBuilder, ProjectionStatus};
 #[cfg(feature = "postgres")]
 pub use pg::{MIGRATOR, PgProjection, PgProjectionBuilder};
+#[cfg(feature = "opensearch")]
+pub use search::{DocChange, SearchModel};
 
 /// A versioned read model: what a projection reads and how its events become rows.
 ///

@@ -3,58 +3,25 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use dbps_core::kafka::{KafkaConfig, decode_record};
-use dbps_core::{CancellationToken, Envelope, Registry};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message as _;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use dbps_core::CancellationToken;
+use dbps_core::kafka::KafkaConfig;
 use sqlx::migrate::Migrator;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 
-use super::{ReadModel, RebuildProgress, RebuildReport, RunSummary};
+use super::reader::{
+    BatchEffect, Common, IDLE_CHECK, Partition, Record, Runner, advance, behind, common_builder_methods,
+    rebuild_unless_serving, retrying,
+};
+use super::{ReadModel, RebuildReport, RunSummary};
 use crate::error::{CacheError, Result};
-use crate::replica::{Decoder, PgTarget, collapse, quote, record_lag_as};
+use crate::replica::{PgTarget, collapse, quote};
 
 /// The projections' state and checkpoint tables (`dbps_projection_state`,
 /// `dbps_projection_checkpoints`), a migration component for `dbps_migrate::PgMigrations`
 /// (name it `dbps_projection`). Projections keep their aggregates' sequences in the
 /// replicas' version table, so the service runs `dbps_cache::replica::MIGRATOR` too.
 pub static MIGRATOR: Migrator = sqlx::migrate!("migrations/projection");
-
-/// The librdkafka properties of a [`KafkaConfig`] that the projection's reader takes
-/// over (connection and security; the reader sets its own consumer properties).
-const PASSED_PROPERTIES: &[&str] = &[
-    "bootstrap.servers",
-    "client.id",
-    "security.protocol",
-    "sasl.mechanism",
-    "sasl.mechanisms",
-    "sasl.username",
-    "sasl.password",
-    "sasl.oauthbearer.config",
-    "ssl.ca.location",
-    "ssl.ca.pem",
-    "ssl.certificate.location",
-    "ssl.certificate.pem",
-    "ssl.key.location",
-    "ssl.key.pem",
-    "ssl.key.password",
-    "ssl.endpoint.identification.algorithm",
-];
-
-/// How long a projection that receives nothing waits before it checks whether a newer
-/// version serves.
-const IDLE_CHECK: Duration = Duration::from_secs(1);
-
-/// How long a transient failure waits before the batch is tried again.
-const RETRY_DELAY: Duration = Duration::from_millis(500);
-
-type ProgressFn = Arc<dyn Fn(RebuildProgress) + Send + Sync>;
-
-/// A topic partition.
-type Partition = (String, i32);
 
 /// Builds a [`PgProjection`].
 pub struct PgProjectionBuilder<R> {
@@ -63,16 +30,14 @@ pub struct PgProjectionBuilder<R> {
     aggregate_column: String,
     sequence_column: String,
     conflict_key: Vec<String>,
-    max_batch: usize,
-    registry: Registry,
-    on_progress: Option<ProgressFn>,
+    common: Common,
 }
 
 impl<R> fmt::Debug for PgProjectionBuilder<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgProjectionBuilder")
             .field("aggregate_column", &self.aggregate_column)
-            .field("max_batch", &self.max_batch)
+            .field("max_batch", &self.common.max_batch)
             .finish_non_exhaustive()
     }
 }
@@ -98,48 +63,16 @@ impl<R: ReadModel> PgProjectionBuilder<R> {
         self
     }
 
-    /// The most records applied in one transaction (default 512).
-    pub fn max_batch(mut self, max: usize) -> Self {
-        self.max_batch = max;
-        self
-    }
-
-    /// The registry that decodes (and upcasts) the events.
-    pub fn registry(mut self, registry: Registry) -> Self {
-        self.registry = registry;
-        self
-    }
-
-    /// Called after every batch a rebuild replays (and once more at the switch).
-    pub fn on_progress(mut self, report: impl Fn(RebuildProgress) + Send + Sync + 'static) -> Self {
-        self.on_progress = Some(Arc::new(report));
-        self
-    }
+    common_builder_methods!("transaction");
 
     /// Checks the declaration and the settings and builds the projection.
     pub fn build(self) -> Result<PgProjection<R>> {
         let name = self.model.name().to_owned();
         let view = quote("projection name", &name)?;
-        let version = i32::try_from(self.model.version())
-            .ok()
-            .filter(|v| *v >= 1)
-            .ok_or_else(|| CacheError::InvalidConfig {
-                setting: "projection version",
-                reason: format!("{} is not between 1 and {}", self.model.version(), i32::MAX),
-            })?;
         let topics = self.model.topics();
-        if topics.is_empty() || topics.iter().any(String::is_empty) {
-            return Err(CacheError::InvalidConfig {
-                setting: "projection topics",
-                reason: String::from("a projection reads at least one topic, and topics have names"),
-            });
-        }
-        if self.max_batch == 0 {
-            return Err(CacheError::InvalidConfig {
-                setting: "max_batch",
-                reason: String::from("must be at least 1"),
-            });
-        }
+        self.common.check(self.model.version(), &topics)?;
+        // `check` made sure it fits.
+        let version = i32::try_from(self.model.version()).unwrap_or(i32::MAX);
         let label = format!("{name}_v{version}");
         let table = quote("projection table", &label)?;
         let target = PgTarget::new(
@@ -149,20 +82,17 @@ impl<R: ReadModel> PgProjectionBuilder<R> {
             &self.sequence_column,
             &self.conflict_key,
         )?;
+        let runner = Runner::new(self.common, &name, self.model.version(), topics);
         Ok(PgProjection {
             inner: Arc::new(Inner {
                 pool: self.pool,
                 model: self.model,
                 name,
                 version,
-                label,
                 view,
                 quoted_table: table,
                 target,
-                topics,
-                decoder: Decoder::new(self.registry),
-                max_batch: self.max_batch,
-                on_progress: self.on_progress,
+                runner,
             }),
         })
     }
@@ -210,15 +140,10 @@ struct Inner<R> {
     model: R,
     name: String,
     version: i32,
-    /// `<name>_v<version>`, unquoted: the metrics' label.
-    label: String,
     view: String,
     quoted_table: String,
     target: PgTarget,
-    topics: Vec<String>,
-    decoder: Decoder,
-    max_batch: usize,
-    on_progress: Option<ProgressFn>,
+    runner: Runner,
 }
 
 impl<R> Clone for PgProjection<R> {
@@ -234,26 +159,9 @@ impl<R> fmt::Debug for PgProjection<R> {
         f.debug_struct("PgProjection")
             .field("name", &self.inner.name)
             .field("version", &self.inner.version)
-            .field("topics", &self.inner.topics)
+            .field("topics", &self.inner.runner.topics)
             .finish_non_exhaustive()
     }
-}
-
-/// One record read from a topic: its position and, when it could be decoded, its
-/// envelope. An undecodable record still moves the checkpoint on.
-#[derive(Debug)]
-struct Record {
-    partition: Partition,
-    offset: i64,
-    envelope: Option<Envelope>,
-}
-
-/// What a batch did, for the metrics recorded after its commit.
-#[derive(Debug, Default)]
-struct BatchEffect {
-    advanced: usize,
-    stale: usize,
-    source_times: Vec<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Whether the serving version allows a batch of this version to commit.
@@ -271,9 +179,7 @@ impl<R: ReadModel> PgProjection<R> {
             aggregate_column: String::from("aggregate_id"),
             sequence_column: String::from("source_sequence"),
             conflict_key: Vec::new(),
-            max_batch: 512,
-            registry: Registry::new(),
-            on_progress: None,
+            common: Common::default(),
         }
     }
 
@@ -289,7 +195,7 @@ impl<R: ReadModel> PgProjection<R> {
 
     /// This version's table, `<name>_v<version>` (unquoted).
     pub fn table(&self) -> &str {
-        &self.inner.label
+        &self.inner.runner.label
     }
 
     /// The version the view serves, `None` before the first switch.
@@ -330,29 +236,15 @@ impl<R: ReadModel> PgProjection<R> {
         let inner = &self.inner;
         self.prepare().await?;
         let previous = self.serving_version().await?;
-        let mut report = RebuildReport {
-            version: self.version(),
-            previous,
-            replayed: 0,
-            switched: false,
-        };
-        if previous.is_some_and(|serving| serving >= self.version()) {
+        let (mut report, needed) = inner.runner.rebuild_report(previous);
+        if !needed {
             return Ok(report);
         }
         self.create_table().await?;
-        let reader = Reader::open(kafka, &inner.label)?;
-        let watermarks = reader.watermarks(&inner.topics).await?;
-        let mut positions = self.checkpoints().await?;
-        for (partition, (low, _)) in &watermarks {
-            positions.entry(partition.clone()).or_insert(*low);
-        }
-        let ends: BTreeMap<Partition, i64> = watermarks.iter().map(|(p, (_, high))| (p.clone(), *high)).collect();
-        let mut total: u64 = ends
-            .iter()
-            .map(|(p, end)| u64::try_from(end - positions.get(p).copied().unwrap_or(0)).unwrap_or(0))
-            .sum();
-        reader.assign(&positions)?;
-        tracing::info!(projection = %inner.label, ?previous, total, "rebuild started");
+        let started = inner.runner.reader(kafka, self.checkpoints().await?).await?;
+        let (ends, mut total) = started.ends();
+        let (reader, watermarks, mut positions) = (started.reader, started.watermarks, started.positions);
+        tracing::info!(projection = %inner.runner.label, ?previous, total, "rebuild started");
         self.report_progress(0, total);
 
         // Replay up to the end offsets at the start, then up to the serving version's
@@ -367,7 +259,7 @@ impl<R: ReadModel> PgProjection<R> {
                 }
                 targets = serving;
             }
-            let Some(batch) = reader.next_batch(inner.max_batch, shutdown, None).await? else {
+            let Some(batch) = reader.next_batch(inner.runner.max_batch, shutdown, None).await? else {
                 return Ok(report);
             };
             let count = batch.len() as u64;
@@ -390,7 +282,7 @@ impl<R: ReadModel> PgProjection<R> {
         let serving = serving.flatten();
         if serving.map(i32::unsigned_abs) != previous {
             // Another instance switched meanwhile.
-            tracing::info!(projection = %inner.label, ?serving, "another instance switched the view");
+            tracing::info!(projection = %inner.runner.label, ?serving, "another instance switched the view");
             return Ok(report);
         }
         // Only the partitions this version reads count (the old one may have read others).
@@ -403,7 +295,7 @@ impl<R: ReadModel> PgProjection<R> {
         targets.retain(|partition, _| watermarks.contains_key(partition));
         let mut effects = Vec::new();
         while behind(&positions, &targets) {
-            let Some(batch) = reader.next_batch(inner.max_batch, shutdown, None).await? else {
+            let Some(batch) = reader.next_batch(inner.runner.max_batch, shutdown, None).await? else {
                 return Ok(report);
             };
             effects.push(self.apply_in(&mut tx, &batch).await?);
@@ -423,7 +315,7 @@ impl<R: ReadModel> PgProjection<R> {
         }
         report.switched = true;
         self.report_progress(report.replayed, total.max(report.replayed));
-        tracing::info!(projection = %inner.label, ?previous, replayed = report.replayed, "view switched");
+        tracing::info!(projection = %inner.runner.label, ?previous, replayed = report.replayed, "view switched");
         Ok(report)
     }
 
@@ -433,51 +325,35 @@ impl<R: ReadModel> PgProjection<R> {
     pub async fn run(&self, kafka: &KafkaConfig, shutdown: CancellationToken) -> Result<RunSummary> {
         let inner = &self.inner;
         self.prepare().await?;
-        let mut summary = RunSummary {
-            records: 0,
-            superseded_by: None,
-        };
-        match self.serving_version().await? {
-            Some(serving) if serving > self.version() => {
-                summary.superseded_by = Some(serving);
-                return Ok(summary);
-            }
-            Some(serving) if serving == self.version() => {}
-            _ => {
-                let report = self.rebuild(kafka, &shutdown).await?;
-                summary.records += report.replayed;
-                // Not switched: stopped, or another instance switched (to this version,
-                // which then goes on live here too, or to a newer one).
-                if !report.switched {
-                    match self.serving_version().await? {
-                        Some(serving) if serving == self.version() && !shutdown.is_cancelled() => {}
-                        serving => {
-                            summary.superseded_by = serving.filter(|s| *s > self.version());
-                            return Ok(summary);
-                        }
-                    }
-                }
-            }
+        let (mut summary, live) = rebuild_unless_serving(
+            self.version(),
+            self.serving_version().await?,
+            &shutdown,
+            self.rebuild(kafka, &shutdown),
+            self.serving_version(),
+        )
+        .await?;
+        if !live {
+            return Ok(summary);
         }
-        let reader = Reader::open(kafka, &inner.label)?;
-        let mut positions = self.checkpoints().await?;
-        for (partition, (low, _)) in reader.watermarks(&inner.topics).await? {
-            positions.entry(partition).or_insert(low);
-        }
-        reader.assign(&positions)?;
-        tracing::info!(projection = %inner.label, ?positions, "applying from the checkpoints");
-        while let Some(batch) = reader.next_batch(inner.max_batch, &shutdown, Some(IDLE_CHECK)).await? {
+        let started = inner.runner.reader(kafka, self.checkpoints().await?).await?;
+        let (reader, positions) = (started.reader, started.positions);
+        tracing::info!(projection = %inner.runner.label, ?positions, "applying from the checkpoints");
+        while let Some(batch) = reader
+            .next_batch(inner.runner.max_batch, &shutdown, Some(IDLE_CHECK))
+            .await?
+        {
             if batch.is_empty() {
                 // Idle: a newer version may have taken the view over.
                 if let Some(serving) = self.serving_version().await?.filter(|s| *s > self.version()) {
-                    tracing::info!(projection = %inner.label, serving, "a newer version serves; stopping");
+                    tracing::info!(projection = %inner.runner.label, serving, "a newer version serves; stopping");
                     summary.superseded_by = Some(serving);
                     break;
                 }
                 continue;
             }
             if let Gate::Superseded(serving) = self.apply_retrying(&batch, true, &shutdown).await? {
-                tracing::info!(projection = %inner.label, serving, "a newer version serves; stopping");
+                tracing::info!(projection = %inner.runner.label, serving, "a newer version serves; stopping");
                 summary.superseded_by = Some(serving);
                 break;
             }
@@ -502,7 +378,7 @@ impl<R: ReadModel> PgProjection<R> {
         let mut tx = inner.pool.begin().await.map_err(pg("create the table"))?;
         // Two instances rebuilding at once create the table once.
         sqlx::query("select pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("dbps_projection:{}", inner.label))
+            .bind(format!("dbps_projection:{}", inner.runner.label))
             .execute(&mut *tx)
             .await
             .map_err(pg("create the table"))?;
@@ -536,7 +412,7 @@ impl<R: ReadModel> PgProjection<R> {
         .execute(&mut *conn)
         .await;
         if let Err(error) = replaced {
-            tracing::info!(projection = %self.inner.label, %error, "the view changes shape; replacing it");
+            tracing::info!(projection = %self.inner.runner.label, %error, "the view changes shape; replacing it");
             sqlx::raw_sql(AssertSqlSafe(format!(
                 "rollback to savepoint dbps_projection_view; drop view if exists {view}; \
                  create view {view} as select * from {table}"
@@ -562,18 +438,7 @@ impl<R: ReadModel> PgProjection<R> {
     /// Applies a batch in a transaction of its own, retrying transient failures until
     /// `shutdown`. With `gated`, the batch commits only while this version serves.
     async fn apply_retrying(&self, batch: &[Record], gated: bool, shutdown: &CancellationToken) -> Result<Gate> {
-        loop {
-            match self.apply(batch, gated).await {
-                Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
-                    tracing::warn!(projection = %self.inner.label, %error, "applying a batch failed; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Err(error),
-                        () = tokio::time::sleep(RETRY_DELAY) => {}
-                    }
-                }
-                result => return result,
-            }
-        }
+        retrying(&self.inner.runner.label, shutdown, || self.apply(batch, gated)).await
     }
 
     async fn apply(&self, batch: &[Record], gated: bool) -> Result<Gate> {
@@ -602,17 +467,8 @@ impl<R: ReadModel> PgProjection<R> {
         let mut projected = Vec::with_capacity(batch.len());
         for envelope in batch.iter().filter_map(|r| r.envelope.as_ref()) {
             let change = inner
-                .decoder
-                .project_with::<R::Events>(
-                    "dbps_projection_ignored_total",
-                    ("projection", &inner.label),
-                    envelope,
-                    |event, envelope| inner.model.project(event, envelope),
-                )
-                .map_err(|source| CacheError::Projection {
-                    projection: inner.label.clone(),
-                    source,
-                })?;
+                .runner
+                .project::<R::Events, _>(envelope, |event, envelope| inner.model.project(event, envelope))?;
             projected.extend(change);
         }
         let collapsed = collapse(projected);
@@ -654,42 +510,11 @@ impl<R: ReadModel> PgProjection<R> {
     }
 
     fn record(&self, effect: &BatchEffect) {
-        let labels = [("projection", self.inner.label.clone())];
-        metrics::counter!("dbps_projection_applied_total", &labels).increment(effect.advanced as u64);
-        metrics::counter!("dbps_projection_stale_total", &labels).increment(effect.stale as u64);
-        record_lag_as(
-            "dbps_projection_lag_seconds",
-            ("projection", &self.inner.label),
-            &effect.source_times,
-        );
+        effect.record(&self.inner.runner.label);
     }
 
     fn report_progress(&self, replayed: u64, total: u64) {
-        let progress = RebuildProgress {
-            version: self.version(),
-            replayed,
-            total,
-        };
-        metrics::gauge!("dbps_projection_rebuild_progress", "projection" => self.inner.label.clone())
-            .set(progress.fraction());
-        if let Some(report) = &self.inner.on_progress {
-            report(progress);
-        }
-    }
-}
-
-/// Whether some partition's position is before its target.
-fn behind(positions: &BTreeMap<Partition, i64>, targets: &BTreeMap<Partition, i64>) -> bool {
-    targets
-        .iter()
-        .any(|(partition, target)| positions.get(partition).copied().unwrap_or(0) < *target)
-}
-
-/// Moves the positions past the records of a batch.
-fn advance(positions: &mut BTreeMap<Partition, i64>, batch: &[Record]) {
-    for record in batch {
-        let position = positions.entry(record.partition.clone()).or_insert(0);
-        *position = (*position).max(record.offset + 1);
+        self.inner.runner.report_progress(replayed, total);
     }
 }
 
@@ -709,154 +534,6 @@ async fn checkpoints_of(
     Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
 }
 
-/// Reads a projection's topics from given offsets, with partitions assigned (no consumer
-/// group coordination, nothing committed to Kafka).
-struct Reader {
-    consumer: Arc<StreamConsumer>,
-}
-
-impl Reader {
-    fn open(kafka: &KafkaConfig, label: &str) -> Result<Self> {
-        let mut config = ClientConfig::new();
-        for key in PASSED_PROPERTIES {
-            if let Some(value) = kafka.get(key) {
-                config.set(*key, value);
-            }
-        }
-        // A group of its own that never commits: the checkpoints are in the database.
-        let group = format!("dbps-projection-{label}-{:016x}", rand::random::<u64>());
-        let consumer: StreamConsumer = config
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .create()
-            .map_err(kafka_error("create the reader"))?;
-        Ok(Self {
-            consumer: Arc::new(consumer),
-        })
-    }
-
-    /// The low and high watermarks of every partition of `topics`.
-    async fn watermarks(&self, topics: &[String]) -> Result<BTreeMap<Partition, (i64, i64)>> {
-        let consumer = Arc::clone(&self.consumer);
-        let topics = topics.to_vec();
-        let read = tokio::task::spawn_blocking(move || {
-            let timeout = Duration::from_secs(10);
-            let mut found = BTreeMap::new();
-            for topic in &topics {
-                let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-                for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-                    let marks = consumer.fetch_watermarks(topic, partition.id(), timeout)?;
-                    found.insert((topic.clone(), partition.id()), marks);
-                }
-            }
-            Ok::<_, rdkafka::error::KafkaError>(found)
-        })
-        .await;
-        match read {
-            Ok(found) => found.map_err(kafka_error("read watermarks")),
-            Err(error) => std::panic::resume_unwind(error.into_panic()),
-        }
-    }
-
-    fn assign(&self, positions: &BTreeMap<Partition, i64>) -> Result<()> {
-        let mut list = TopicPartitionList::new();
-        for ((topic, partition), offset) in positions {
-            list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-                .map_err(kafka_error("assign partitions"))?;
-        }
-        self.consumer.assign(&list).map_err(kafka_error("assign partitions"))
-    }
-
-    /// The next records (at most `max`), `None` once `shutdown` is cancelled. Waits for
-    /// the first record, or with `idle` that long at most (then the batch is empty).
-    async fn next_batch(
-        &self,
-        max: usize,
-        shutdown: &CancellationToken,
-        idle: Option<Duration>,
-    ) -> Result<Option<Vec<Record>>> {
-        let idle = async {
-            match idle {
-                Some(idle) => tokio::time::sleep(idle).await,
-                None => std::future::pending().await,
-            }
-        };
-        let first = tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = idle => return Ok(Some(Vec::new())),
-            message = self.consumer.recv() => message.map_err(kafka_error("read a record"))?.detach(),
-        };
-        let mut batch = vec![record(&first)];
-        while batch.len() < max {
-            match tokio::time::timeout(Duration::from_millis(5), self.consumer.recv()).await {
-                Ok(message) => batch.push(record(&message.map_err(kafka_error("read a record"))?.detach())),
-                Err(_) => break,
-            }
-        }
-        Ok(Some(batch))
-    }
-}
-
-fn record(message: &rdkafka::message::OwnedMessage) -> Record {
-    let envelope = match decode_record(message) {
-        Ok(envelope) => Some(envelope),
-        Err(error) => {
-            tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), %error, "skipping an undecodable record");
-            None
-        }
-    };
-    Record {
-        partition: (message.topic().to_owned(), message.partition()),
-        offset: message.offset(),
-        envelope,
-    }
-}
-
 fn pg(operation: &'static str) -> impl FnOnce(sqlx::Error) -> CacheError {
     move |source| CacheError::Postgres { operation, source }
-}
-
-fn kafka_error(operation: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> CacheError {
-    move |source| CacheError::Kafka { operation, source }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(topic: &str, partition: i32, offset: i64) -> Record {
-        Record {
-            partition: (topic.to_owned(), partition),
-            offset,
-            envelope: None,
-        }
-    }
-
-    #[test]
-    fn positions_advance_past_each_partitions_newest_record() {
-        let mut positions = BTreeMap::from([((String::from("a"), 0), 3)]);
-        advance(&mut positions, &[at("a", 0, 5), at("a", 0, 4), at("a", 1, 0)]);
-        assert_eq!(positions[&(String::from("a"), 0)], 6);
-        assert_eq!(positions[&(String::from("a"), 1)], 1);
-        let targets = BTreeMap::from([((String::from("a"), 0), 6), ((String::from("a"), 1), 2)]);
-        assert!(behind(&positions, &targets));
-        advance(&mut positions, &[at("a", 1, 1)]);
-        assert!(!behind(&positions, &targets));
-        assert!(behind(&positions, &BTreeMap::from([((String::from("b"), 0), 1)])));
-    }
-
-    #[test]
-    fn progress_is_a_fraction() {
-        let p = |replayed, total| RebuildProgress {
-            version: 2,
-            replayed,
-            total,
-        };
-        assert_eq!(p(0, 0).fraction(), 1.0);
-        assert_eq!(p(5, 10).fraction(), 0.5);
-        assert_eq!(p(12, 10).fraction(), 1.0);
-    }
 }

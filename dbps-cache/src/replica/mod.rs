@@ -27,6 +27,8 @@
 //! `dbps_replica_stale_total`, `dbps_replica_duplicates_total`, `dbps_replica_gaps_total`,
 //! `dbps_replica_refetched_total`, `dbps_replica_lag_seconds`, and from the reconciler
 //! `dbps_replica_drift{kind=missing|extra|stale}` and `dbps_replica_repaired_total`.
+// Without a target (PostgreSQL or MongoDB) the shared decoding and batching are unused.
+#![cfg_attr(not(any(feature = "postgres", feature = "mongodb")), allow(dead_code))]
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -213,10 +215,10 @@ impl fmt::Debug for Decoder {
 
 /// What one event asks of the replica, decoded and projected.
 #[derive(Debug)]
-pub(crate) struct Projected {
+pub(crate) struct Projected<C = Change> {
     pub(crate) aggregate_id: String,
     pub(crate) sequence: i64,
-    pub(crate) change: Change,
+    pub(crate) change: C,
     pub(crate) source_time: chrono::DateTime<chrono::Utc>,
 }
 
@@ -242,13 +244,13 @@ impl Decoder {
 
     /// Decodes `envelope` into `E` and makes it a change with `project`; `Ok(None)` (and
     /// one more on the `ignored` counter) for a type outside `E`.
-    pub(crate) fn project_with<E: MessageSet>(
+    pub(crate) fn project_with<E: MessageSet, C>(
         &self,
         ignored: &'static str,
         (label, owner): (&'static str, &str),
         envelope: &Envelope,
-        project: impl FnOnce(E, &Envelope) -> Result<Change, HandlerError>,
-    ) -> Result<Option<Projected>, HandlerError> {
+        project: impl FnOnce(E, &Envelope) -> Result<C, HandlerError>,
+    ) -> Result<Option<Projected<C>>, HandlerError> {
         if !E::TYPES.contains(&envelope.message_type.as_str()) {
             metrics::counter!(ignored, label => owner.to_owned()).increment(1);
             return Ok(None);
