@@ -1,8 +1,9 @@
 //! A customer's addresses, contacts and machine history.
 //!
-//! Adding an address or a contact changes the customer: its version goes up by one and
-//! `customer.CustomerUpdated` is enqueued in the same transaction, carrying the customer's
-//! (unchanged) id, name, tax number and email with the new version. So the `ETag` of
+//! Adding an address or a contact, or recording a machine, changes the customer: its
+//! version goes up by one and `customer.CustomerUpdated` is enqueued in the same
+//! transaction, carrying the customer's (unchanged) id, name, tax number and email with the
+//! new version, and its addresses and machines as they are now. So the `ETag` of
 //! `GET /customers/{id}` and `If-Match` cover the whole customer, and the version stays the
 //! sequence number of the customer's events, which replicas and the snapshot rely on.
 
@@ -209,16 +210,20 @@ async fn bump(tx: &mut PgConnection, id: Uuid, expected: Option<i64>) -> Result<
 
 /// Enqueues the customer's `CustomerUpdated` and commits the change.
 async fn finish(app: &App, mut tx: Transaction<'static, Postgres>, customer: &Customer) -> Result<(), Problem> {
+    let event = updated(&mut tx, customer).await.map_err(db)?;
     app.outbox
-        .enqueue_event(
-            &mut tx,
-            AGGREGATE,
-            &customer.id.to_string(),
-            &CustomerUpdated::from(customer),
-        )
+        .enqueue_event(&mut tx, AGGREGATE, &customer.id.to_string(), &event)
         .await
         .map_err(outbox_error)?;
     tx.commit().await.map_err(db)
+}
+
+/// The `CustomerUpdated` of `customer` at its new version, with its addresses and machines
+/// as `conn` sees them (in the transaction that holds the customer's row).
+pub(crate) async fn updated(conn: &mut PgConnection, customer: &Customer) -> Result<CustomerUpdated, sqlx::Error> {
+    let addresses = load_addresses(conn, customer.id).await?;
+    let machines = load_machines(conn, customer.id).await?;
+    Ok(CustomerUpdated::with_details(customer, addresses, machines))
 }
 
 pub(crate) async fn add_address(
@@ -303,21 +308,23 @@ pub(crate) async fn add_contact(
 
 /// The customer's addresses, oldest first.
 pub(crate) async fn addresses(conn: &mut PgConnection, id: Uuid) -> Result<Vec<Address>, Problem> {
+    load_addresses(conn, id).await.map_err(db)
+}
+
+pub(crate) async fn load_addresses(conn: &mut PgConnection, id: Uuid) -> Result<Vec<Address>, sqlx::Error> {
     let rows: Vec<(Uuid, String, String, String, String, String)> = sqlx::query_as(
         "select id, kind, street, city, postal_code, country from customer_addresses
          where customer_id = $1 order by id",
     )
     .bind(id)
     .fetch_all(conn)
-    .await
-    .map_err(db)?;
+    .await?;
     rows.into_iter()
         .map(|(id, kind, street, city, postal_code, country)| {
             // The table's check constraint admits only the kinds there are.
-            let kind = kind.parse().map_err(|detail: String| {
-                tracing::error!(address = %id, %detail, "stored address kind");
-                Problem::unavailable()
-            })?;
+            let kind = kind
+                .parse()
+                .map_err(|detail: String| sqlx::Error::Decode(format!("address {id}: {detail}").into()))?;
             Ok(Address {
                 id,
                 kind,
@@ -341,11 +348,14 @@ pub(crate) async fn contacts(conn: &mut PgConnection, id: Uuid) -> Result<Vec<Co
 
 /// The customer's machine history, oldest first.
 pub(crate) async fn machines(conn: &mut PgConnection, id: Uuid) -> Result<Vec<Machine>, Problem> {
+    load_machines(conn, id).await.map_err(db)
+}
+
+pub(crate) async fn load_machines(conn: &mut PgConnection, id: Uuid) -> Result<Vec<Machine>, sqlx::Error> {
     sqlx::query_as("select machine, installed_at from machine_history where customer_id = $1 order by installed_at, id")
         .bind(id)
         .fetch_all(conn)
         .await
-        .map_err(db)
 }
 
 /// A read-only transaction that sees one state of the database throughout.

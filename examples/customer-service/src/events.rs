@@ -1,14 +1,17 @@
 //! The events the customer service publishes: its contract with the other services.
 //!
-//! Both events carry `{"id", "name", "tax_number", "email", "version"}`, the customer's
-//! state at `version`, which is also the event's sequence number. A snapshot record's
-//! `state` has the same shape (see [`crate::snapshot`]).
+//! Both events carry `{"id", "name", "tax_number", "email", "version", "addresses",
+//! "machines"}`, the customer's state at `version`, which is also the event's sequence
+//! number; an empty list is left out. A snapshot record's `state` has the customer's
+//! fields without the two lists (see [`crate::snapshot`]); readers of the events that do
+//! not need the lists ignore them, and events written before the lists existed decode
+//! with empty ones.
 
 use dbps_core::Message;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::Customer;
+use crate::{Address, Customer, Machine};
 
 /// A customer was created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +26,13 @@ pub struct CustomerCreated {
     pub email: String,
     /// The customer's version (1).
     pub version: i64,
+    /// The customer's addresses, oldest first (left out of the JSON when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<Address>,
+    /// The customer's machine history, oldest first (left out of the JSON when there are
+    /// none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<Machine>,
 }
 
 impl Message for CustomerCreated {
@@ -32,9 +42,10 @@ impl Message for CustomerCreated {
 /// A customer changed; the event carries the whole new state, so a replica needs no
 /// other event to catch up.
 ///
-/// Adding an address or a contact is a change of the customer too: it raises the version,
-/// and this event then carries the same id, name, tax number and email as before with the
-/// new version (addresses and contacts are not part of it). The version is the event's
+/// Adding an address or a contact, and recording an installed machine, is a change of the
+/// customer too: it raises the version, and this event then carries the same id, name,
+/// tax number and email as before with the new version, and the addresses and machines
+/// as they are now (contacts are not part of it). The version is the event's
 /// sequence number, and the service's snapshot ([`crate::SNAPSHOT_PATH`]) serves the same
 /// fields, so one projection reads both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,13 +60,22 @@ pub struct CustomerUpdated {
     pub email: String,
     /// The customer's new version.
     pub version: i64,
+    /// The customer's addresses, oldest first (left out of the JSON when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<Address>,
+    /// The customer's machine history, oldest first (left out of the JSON when there are
+    /// none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<Machine>,
 }
 
 impl Message for CustomerUpdated {
     const TYPE: &'static str = "customer.CustomerUpdated";
 }
 
-/// Both events carry the customer's whole state.
+/// Both events carry the customer's whole state; `From<&Customer>` gives them without
+/// addresses and machines (a new customer has none), [`CustomerUpdated::with_details`]
+/// adds them.
 macro_rules! from_customer {
     ($($event:ty),+) => {
         $(
@@ -67,6 +87,8 @@ macro_rules! from_customer {
                         tax_number: c.tax_number.clone(),
                         email: c.email.clone(),
                         version: c.version,
+                        addresses: Vec::new(),
+                        machines: Vec::new(),
                     }
                 }
             }
@@ -75,6 +97,17 @@ macro_rules! from_customer {
 }
 
 from_customer!(CustomerCreated, CustomerUpdated);
+
+impl CustomerUpdated {
+    /// The event for `customer` with its current addresses and machines.
+    pub fn with_details(customer: &Customer, addresses: Vec<Address>, machines: Vec<Machine>) -> Self {
+        Self {
+            addresses,
+            machines,
+            ..Self::from(customer)
+        }
+    }
+}
 
 dbps_core::message_set! {
     /// The events on `customer.customer.events`, for the services that follow them.

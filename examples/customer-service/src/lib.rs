@@ -11,6 +11,7 @@
 //! |---|---|---|
 //! | `POST /customers` | [`CreateCustomer`] | `201`, the [`Customer`], `ETag` and `Location` |
 //! | `GET /customers?limit=&after=` | | `200`, a [`CustomerPage`] |
+//! | `GET /customers/search?q=&limit=` | | `200`, [`search::SearchResults`]; `503` when search cannot answer |
 //! | `GET /customers/{id}` | | `200`, the [`CustomerView`], `ETag`; `304` on a matching `If-None-Match` |
 //! | `PUT /customers/{id}` | [`UpdateCustomer`] | `200`, the [`Customer`], `ETag` |
 //! | `POST /customers/{id}/addresses` | [`NewAddress`] | `201`, the [`Address`], `ETag` |
@@ -36,12 +37,13 @@
 //!
 //! # Versions and events
 //!
-//! Every change of a customer — created, changed, an address or a contact added — raises
-//! its version by one and enqueues one event in the same transaction through the outbox:
-//! `customer.CustomerCreated`, then `customer.CustomerUpdated` for each further change,
-//! each carrying the customer's id, name, tax number, email and new version (an added
-//! address or contact changes none of those four; the event says the customer is at a new
-//! version). The relay publishes them to `customer.customer.events`, keyed by the customer
+//! Every change of a customer — created, changed, an address or a contact added, a machine
+//! recorded — raises its version by one and enqueues one event in the same transaction
+//! through the outbox: `customer.CustomerCreated`, then `customer.CustomerUpdated` for each
+//! further change, each carrying the customer's id, name, tax number, email and new
+//! version, with its addresses and machine history as they are then (an added address,
+//! contact or machine changes none of the four fields; the event says the customer is at a
+//! new version). The relay publishes them to `customer.customer.events`, keyed by the customer
 //! id, each with the customer's version as its sequence number. The version is the `ETag`;
 //! `PUT` and the `POST`s of addresses and contacts honour `If-Match: "<version>"` (`412` if
 //! the customer changed since).
@@ -55,8 +57,18 @@
 //!
 //! It consumes commands from `customer.commands`: `customer.RecordMachineInstalled`
 //! (sent when a machine is delivered) adds a row to the customer's machine history,
-//! exactly once however often Kafka delivers it — the effect and the inbox record commit
-//! together. The machine history is not part of the customer's version.
+//! exactly once however often Kafka delivers it — the effect, the new version, its event
+//! and the inbox record commit together.
+//!
+//! # Search
+//!
+//! `GET /customers/search?q=<text>` finds customers by the words of their name, email,
+//! addresses and machines (every word must occur somewhere), best match first, from an
+//! OpenSearch projection of the service's own events that runs beside the relay (see
+//! [`search`]). The answer says how fresh the index is:
+//! `{"results": [...], "as_of": "<source time of the newest applied event>", "lag_ms": n}`.
+//! The cluster is [`Settings::opensearch_url`] (`DBPS_OPENSEARCH_URL`); without it, or when
+//! OpenSearch cannot answer, search is a `503` problem.
 //!
 //! Every client mistake is a 4xx `application/problem+json` answer, found before anything
 //! is written; logs carry ids, never a customer's name or address.
@@ -64,6 +76,7 @@
 mod countries;
 mod details;
 pub mod events;
+pub mod search;
 pub mod snapshot;
 
 use axum::extract::{Path, Query, State};
@@ -121,19 +134,68 @@ pub fn components() -> [(&'static str, &'static Migrator); 3] {
     ]
 }
 
+/// How long the search projection waits before it starts again after a transient
+/// failure that ended its run.
+const SEARCH_RESTART: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The service's settings beyond [`dbps_service::ServiceConfig`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Settings {
+    /// The OpenSearch cluster of customer search (`http://host:port`); without it,
+    /// `GET /customers/search` answers `503`.
+    pub opensearch_url: Option<String>,
+    /// The prefix of the search indices' names (default `<service name>-`).
+    pub search_index_prefix: Option<String>,
+}
+
+impl Settings {
+    /// From the environment: `DBPS_OPENSEARCH_URL` and `CUSTOMER_SEARCH_INDEX_PREFIX`
+    /// (both optional).
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Self {
+            opensearch_url: var("DBPS_OPENSEARCH_URL"),
+            search_index_prefix: var("CUSTOMER_SEARCH_INDEX_PREFIX"),
+        }
+    }
+
+    /// Searches in the OpenSearch cluster at `url`.
+    pub fn opensearch(mut self, url: impl Into<String>) -> Self {
+        self.opensearch_url = Some(url.into());
+        self
+    }
+
+    /// Names the search indices with `prefix`.
+    pub fn search_index_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.search_index_prefix = Some(prefix.into());
+        self
+    }
+}
+
 /// The running service's state.
 #[derive(Debug, Clone)]
 pub struct App {
     pool: PgPool,
     outbox: PgOutbox,
     snapshot: dbps_cache::replica::PgSnapshotSource,
+    search: Option<dbps_cache::projection::OsProjection<search::CustomerSearch>>,
 }
 
 impl App {
     /// Prepares the service's database and starts its relay and its command consumer on
-    /// `service` (both create their topics if they are missing). Serve [`App::router`]
-    /// with it next.
+    /// `service` (both create their topics if they are missing), without customer search.
+    /// Serve [`App::router`] with it next.
     pub async fn start(service: &mut Service) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Self::start_with(service, Settings::default()).await
+    }
+
+    /// [`App::start`], and with an OpenSearch URL in `settings` the search projection
+    /// beside the relay.
+    pub async fn start_with(
+        service: &mut Service,
+        settings: Settings,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let pool = service.postgres(&components()).await?;
         let naming = service.naming();
         // Topics are named after the service's configured name (`customer`, or a test's
@@ -142,18 +204,39 @@ impl App {
 
         let events = naming.events(&name, AGGREGATE)?;
         let relay = Relay::builder(PgOutboxStore::new(pool.clone()), service.relay_publisher()?)
-            .create_topics([TopicSpec::new(events, 3)])
+            .create_topics([TopicSpec::new(events.clone(), 3)])
             .build()?;
         service.run_relay(relay);
 
+        let search = match &settings.opensearch_url {
+            Some(url) => {
+                let prefix = settings
+                    .search_index_prefix
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-", name.to_lowercase()));
+                let projection = search::projection(url, &prefix, &events)?;
+                run_search(service, projection.clone())?;
+                Some(projection)
+            }
+            None => {
+                tracing::info!("no DBPS_OPENSEARCH_URL: customer search is off");
+                None
+            }
+        };
+
         let group = service.group(COMMANDS_CONSUMER);
-        let inbox = PgInbox::new(pool.clone(), group.clone(), Typed::new(MachineHistory));
+        let inbox = PgInbox::new(
+            pool.clone(),
+            group.clone(),
+            Typed::new(MachineHistory::new(service.outbox())),
+        );
         service.consume(&group, &naming.commands(&name)?, inbox)?;
 
         Ok(Self {
             snapshot: snapshot::snapshot_source(pool.clone())?,
             pool,
             outbox: service.outbox(),
+            search,
         })
     }
 
@@ -161,6 +244,7 @@ impl App {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/customers", post(create_customer).get(list_customers))
+            .route("/customers/search", get(search::search))
             .route("/customers/{id}", get(get_customer).put(update_customer))
             .route(
                 "/customers/{id}/addresses",
@@ -177,9 +261,53 @@ impl App {
     }
 }
 
+/// Runs the search projection until the service stops, starting it again after a
+/// transient failure (OpenSearch or Kafka unreachable, the events topic not created yet).
+fn run_search(
+    service: &mut Service,
+    projection: dbps_cache::projection::OsProjection<search::CustomerSearch>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let kafka = service.kafka()?.clone();
+    service.run("customer search", move |shutdown| async move {
+        loop {
+            match projection.run(&kafka, shutdown.clone()).await {
+                Ok(summary) => {
+                    tracing::info!(records = summary.records, superseded_by = ?summary.superseded_by, "customer search stopped");
+                    return Ok(());
+                }
+                Err(error) if error.is_transient() && !shutdown.is_cancelled() => {
+                    tracing::warn!(%error, "customer search failed; starting again");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(SEARCH_RESTART) => {}
+                    }
+                }
+                Err(error) if shutdown.is_cancelled() => {
+                    tracing::info!(%error, "customer search stopped");
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Records delivered machines in the customer's history, inside the inbox's transaction.
-#[derive(Debug)]
-pub struct MachineHistory;
+/// A recorded machine is a change of the customer: its version goes up and
+/// `customer.CustomerUpdated` (with the machine history) is enqueued in the same
+/// transaction.
+#[derive(Debug, Clone)]
+pub struct MachineHistory {
+    outbox: PgOutbox,
+}
+
+impl MachineHistory {
+    /// The handler, enqueueing its events in `outbox`.
+    pub fn new(outbox: PgOutbox) -> Self {
+        Self { outbox }
+    }
+}
 
 impl TypedTxHandler<CustomerCommand> for MachineHistory {
     async fn handle(
@@ -193,22 +321,36 @@ impl TypedTxHandler<CustomerCommand> for MachineHistory {
             machine,
             installed_at,
         }) = command;
-        let inserted = sqlx::query(
-            "insert into machine_history (id, customer_id, machine, installed_at)
-             select $1, id, $3, $4 from customers where id = $2",
+        let customer: Option<Customer> = sqlx::query_as(
+            "update customers set version = version + 1, updated_at = now() where id = $1
+             returning id, name, tax_number, email, version",
         )
-        .bind(Uuid::now_v7())
         .bind(customer_id)
-        .bind(&machine)
-        .bind(installed_at)
-        .execute(conn)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(customer) = customer else {
             // Retrying cannot make an unknown customer appear: dead-letter it.
             return Err(HandlerError::permanent(format!("no customer {customer_id}")));
-        }
-        tracing::info!(customer = %customer_id, message_id = %envelope.id, "machine recorded");
+        };
+        sqlx::query("insert into machine_history (id, customer_id, machine, installed_at) values ($1, $2, $3, $4)")
+            .bind(Uuid::now_v7())
+            .bind(customer_id)
+            .bind(&machine)
+            .bind(installed_at)
+            .execute(&mut *conn)
+            .await?;
+        let event = details::updated(conn, &customer).await?;
+        self.outbox
+            .enqueue_event(conn, AGGREGATE, &customer_id.to_string(), &event)
+            .await
+            .map_err(|error| {
+                if error.is_transient() {
+                    HandlerError::transient(error)
+                } else {
+                    HandlerError::permanent(error)
+                }
+            })?;
+        tracing::info!(customer = %customer_id, message_id = %envelope.id, version = customer.version, "machine recorded");
         Ok(())
     }
 }
@@ -420,13 +562,16 @@ async fn update_customer(
         // Nothing changes: no new version, no event.
         return Ok(with_etag(StatusCode::OK, current.clone(), current.version));
     }
+    // The row is locked: no address or machine is added meanwhile.
+    let addresses = details::load_addresses(&mut tx, id).await.map_err(db)?;
+    let machines = details::load_machines(&mut tx, id).await.map_err(db)?;
     let customer = store(
         tx,
         &app.outbox,
         "update customers set name = $2, tax_number = $3, email = $4, version = version + 1, updated_at = now()
          where id = $1 returning id, name, tax_number, email, version",
         &changed,
-        |c: &Customer| CustomerUpdated::from(c),
+        |c: &Customer| CustomerUpdated::with_details(c, addresses, machines),
     )
     .await?;
     tracing::info!(%id, version = customer.version, "customer updated");

@@ -12,7 +12,7 @@ use dbps_service::{Service, ServiceConfig};
 use example_customer_service::events::{CustomerCreated, CustomerEvent, CustomerUpdated, RecordMachineInstalled};
 use example_customer_service::{
     AGGREGATE, Address, AddressKind, App, COMMANDS_CONSUMER, Contact, CreateCustomer, Customer, CustomerPage,
-    CustomerView, Machine, SERVICE, SNAPSHOT_PATH,
+    CustomerView, Machine, SERVICE, SNAPSHOT_PATH, Settings, search::SearchResults,
 };
 use rdkafka::Message as _;
 use reqwest::StatusCode;
@@ -92,8 +92,14 @@ fn init_logs() {
         .try_init();
 }
 
-/// The service on its own provisioned test database and topic namespace, serving.
+/// The service on its own provisioned test database and topic namespace, serving,
+/// without customer search.
 async fn start() -> Result<Running, Box<dyn std::error::Error + Send + Sync>> {
+    start_with(Settings::default()).await
+}
+
+/// [`start`] with `settings`.
+async fn start_with(settings: Settings) -> Result<Running, Box<dyn std::error::Error + Send + Sync>> {
     init_logs();
     let test = dbps_testkit::service(SERVICE).start().await?;
     let kafka = dbps_testkit::kafka().await?;
@@ -107,7 +113,7 @@ async fn start() -> Result<Running, Box<dyn std::error::Error + Send + Sync>> {
         .kafka(KafkaConfig::new(kafka.brokers()))
         .topic_prefix(kafka.prefix());
     let mut service = Service::new(config);
-    let app = App::start(&mut service).await?;
+    let app = App::start_with(&mut service, settings).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let running = Running {
@@ -322,6 +328,7 @@ async fn machine_commands_are_applied_once_and_unknown_customers_dead_lettered()
         .await?;
     assert_eq!(view.machines.len(), 1, "applied once: {:?}", view.machines);
     assert_eq!(view.machines[0].machine, "press P-200 #1137");
+    assert_eq!(view.customer.version, 2, "a recorded machine is a new version");
     let dead_letters = service.naming.dead_letter(&service.group)?;
     let dead = service.kafka.reader(&dead_letters)?.wait_for(1).await?.len();
     assert_eq!(dead, 1);
@@ -463,15 +470,19 @@ async fn addresses_and_contacts_are_added_shown_and_announced_as_new_versions() 
     assert!(machines.is_empty());
 
     // Five versions, five events in order: the four changes carry the customer's
-    // unchanged fields at their new versions.
+    // unchanged fields at their new versions, and the addresses added so far.
     let events = decode_events(&service.stop_and_read_events(5).await?)?;
     let expected: Vec<(CustomerEvent, Option<i64>)> = (1..=5)
         .map(|version| {
             let at = Customer { version, ..ada.clone() };
+            let addresses = match version {
+                2 => vec![billing.clone()],
+                _ => vec![billing.clone(), site.clone()],
+            };
             let event = if version == 1 {
                 CustomerEvent::Created(CustomerCreated::from(&at))
             } else {
-                CustomerEvent::Updated(CustomerUpdated::from(&at))
+                CustomerEvent::Updated(CustomerUpdated::with_details(&at, addresses, Vec::new()))
             };
             (event, Some(version))
         })
@@ -787,6 +798,8 @@ impl Projection for CustomerCache {
                 tax_number: c.tax_number,
                 email: c.email,
                 version: c.version,
+                addresses: c.addresses,
+                machines: c.machines,
             }),
             CustomerEvent::Updated(c) => self.snapshot(c),
         }
@@ -880,5 +893,120 @@ async fn a_replica_backfills_from_the_snapshot_over_http_then_follows_the_events
     let report = Reconciler::new(source, replica).run().await?;
     assert!(report.is_clean(), "{report:?}");
     assert_eq!((report.source_records, report.replica_records), (25, 25));
+    service.stop().await
+}
+
+/// `GET /customers/search?q=<q>`: the ids found, and the whole answer.
+async fn search(
+    service: &Running,
+    http: &reqwest::Client,
+    q: &str,
+) -> Result<(Vec<uuid::Uuid>, SearchResults), BoxError> {
+    let response = http
+        .get(format!("{}/customers/search", service.base))
+        .query(&[("q", q)])
+        .send()
+        .await?;
+    if response.status() != StatusCode::OK {
+        return Err(format!("search {q:?}: {}", response.status()).into());
+    }
+    let results: SearchResults = response.json().await?;
+    Ok((results.results.iter().map(|c| c.id).collect(), results))
+}
+
+/// Waits until searching `q` finds exactly `expected`.
+async fn found(service: &Running, http: &reqwest::Client, q: &str, expected: &[uuid::Uuid]) -> TestResult {
+    dbps_testkit::eventually(&format!("search {q:?} to find {expected:?}"), || async {
+        // Before the index is built, search answers 503.
+        Ok::<_, BoxError>(search(service, http, q).await.is_ok_and(|(ids, _)| ids == expected))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_are_found_by_name_address_and_machine_and_renames_move_them() -> TestResult {
+    let opensearch = dbps_testkit::opensearch().await?;
+    let settings = Settings::default()
+        .opensearch(opensearch.url())
+        .search_index_prefix(format!("{}-", opensearch.prefix()));
+    let service = start_with(settings).await?;
+    let http = reqwest::Client::new();
+    let zenobia = service.create(&http, "Zenobia Quillfeather").await?;
+    let other = service.create(&http, "Bartholomew Inkwell").await?;
+    let address = http
+        .post(format!("{}/customers/{}/addresses", service.base, zenobia.id))
+        .json(
+            &json!({"kind": "site", "street": "Harbourside Lane 7", "city": "Wolfsburg",
+                      "postal_code": "38440", "country": "de"}),
+        )
+        .send()
+        .await?;
+    assert_eq!(address.status(), StatusCode::CREATED);
+
+    // A machine delivered to Zenobia, recorded from the command topic.
+    let commands = service.naming.commands(&service.name)?;
+    let reply_to = service.kafka.topic_name("po.replies");
+    let install = RecordMachineInstalled {
+        customer_id: zenobia.id,
+        machine: String::from("press P-200 #1137"),
+        installed_at: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default(),
+    };
+    let command = Envelope::command("purchase-order", zenobia.id.to_string(), &reply_to, &install)?;
+    let publisher = KafkaPublisher::builder(KafkaConfig::new(service.kafka.brokers())).build()?;
+    publisher.publish(&commands, &command).await?;
+    service.kafka.caught_up(&service.group, &commands).await?;
+
+    found(&service, &http, "Quillfeather", &[zenobia.id]).await?;
+    found(&service, &http, "harbourside", &[zenobia.id]).await?;
+    found(&service, &http, "P-200", &[zenobia.id]).await?;
+    found(&service, &http, "Inkwell", &[other.id]).await?;
+    found(&service, &http, "Wolfsburg Quillfeather", &[zenobia.id]).await?;
+    found(&service, &http, "Wolfsburg Inkwell", &[]).await?;
+    let (_, answer) = search(&service, &http, "Quillfeather").await?;
+    let document = &answer.results[0];
+    assert_eq!(document.version, 3, "created, address added, machine recorded");
+    assert_eq!(document.addresses[0].city, "Wolfsburg");
+    assert_eq!(document.machines[0].machine, "press P-200 #1137");
+    assert!(answer.as_of.is_some(), "the answer says how fresh it is: {answer:?}");
+    assert!(answer.lag_ms.is_some(), "{answer:?}");
+
+    // Renamed: the new name finds Zenobia, the old one no longer does.
+    let renamed = http
+        .put(format!("{}/customers/{}", service.base, zenobia.id))
+        .json(&json!({"name": "Zenobia Marchbanks"}))
+        .send()
+        .await?;
+    assert_eq!(renamed.status(), StatusCode::OK);
+    found(&service, &http, "Marchbanks", &[zenobia.id]).await?;
+    found(&service, &http, "Quillfeather", &[]).await?;
+    let (_, answer) = search(&service, &http, "Marchbanks").await?;
+    assert_eq!(answer.results[0].version, 4);
+    assert_eq!(
+        answer.results[0].machines.len(),
+        1,
+        "a rename keeps the machine history"
+    );
+    service.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_that_cannot_answer_is_a_503_problem() -> TestResult {
+    // Not configured.
+    let service = start().await?;
+    let http = reqwest::Client::new();
+    let url = format!("{}/customers/search?q=ada", service.base);
+    let answer = problem(http.get(&url).send().await?, StatusCode::SERVICE_UNAVAILABLE).await?;
+    assert_eq!(answer["status"], 503);
+    // A query is required.
+    let empty = http.get(format!("{}/customers/search?q=", service.base)).send().await?;
+    assert!(empty.status().is_client_error(), "{}", empty.status());
+    service.stop().await?;
+
+    // OpenSearch unreachable: nothing listens on the port.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let service = start_with(Settings::default().opensearch(format!("http://{closed}"))).await?;
+    let url = format!("{}/customers/search?q=ada", service.base);
+    problem(http.get(&url).send().await?, StatusCode::SERVICE_UNAVAILABLE).await?;
     service.stop().await
 }

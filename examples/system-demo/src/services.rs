@@ -18,6 +18,9 @@ use crate::out;
 const START_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a service may take to stop after SIGTERM before it is killed.
 const STOP_DEADLINE: Duration = Duration::from_secs(60);
+/// Where the stack's OpenSearch listens, for the customer service's search, unless
+/// `DBPS_OPENSEARCH_URL` says otherwise.
+const DEFAULT_OPENSEARCH_URL: &str = "http://127.0.0.1:29200";
 
 /// One of the example system's services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -245,6 +248,11 @@ impl Fleet {
             if std::env::var(var).is_err() {
                 command.env(var, self.url(*peer));
             }
+        }
+        // The customer service's search runs on the stack's OpenSearch unless told
+        // otherwise.
+        if svc == Svc::Customer && std::env::var("DBPS_OPENSEARCH_URL").is_err() {
+            command.env("DBPS_OPENSEARCH_URL", DEFAULT_OPENSEARCH_URL);
         }
         // The email service sends to the stack's SMTP server unless told otherwise.
         if svc == Svc::Email
