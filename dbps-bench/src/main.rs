@@ -8,13 +8,15 @@
 //! cargo run --release -p dbps-bench -- cache [--duration 20s] [--json PATH]
 //! cargo run --release -p dbps-bench -- replica [--duration 20s] [--json PATH]
 //! cargo run --release -p dbps-bench -- saga [--duration 20s] [--json PATH]
+//! cargo run --release -p dbps-bench -- projection [--backlog 100000] [--rebuild-events 1000000] [--json PATH]
 //! ```
 //!
 //! The machines dbps is developed on are small and shared, so absolute figures drift from
 //! run to run; every figure is therefore taken next to a baseline measured in the same
 //! run, and the targets are ratios. The method is described in `docs/benchmarks.md`.
 //!
-//! The harness reads `DBPS_POSTGRES_URL` (or `DBPS_MONGODB_URI`) and `DBPS_KAFKA_BROKERS`, creates a database and
+//! The harness reads `DBPS_POSTGRES_URL` (or `DBPS_MONGODB_URI`), `DBPS_KAFKA_BROKERS` (and,
+//! for `projection`, `DBPS_OPENSEARCH_URL`), creates a database and
 //! topics of its own and removes them when it ends, also when it fails. It exits with 0
 //! when the measurement completed (whether or not the targets were met) and non-zero
 //! when the harness itself failed.
@@ -31,6 +33,7 @@ mod outbox;
 mod outbox_mongo;
 mod probes;
 mod progress;
+mod projection;
 mod replica;
 mod report;
 mod saga;
@@ -69,6 +72,10 @@ enum Scenario {
     /// transitions per second beside the server's raw commit rate, start → completed
     /// latency at a quarter and half of that rate, and the idle scanner's queries.
     Saga(saga::Args),
+    /// dbps-cache's projections: rebuilds from a topic's history into PostgreSQL and into
+    /// OpenSearch (bulk), in events per second beside a consumer that writes nothing, and
+    /// the time to rebuild from a million events.
+    Projection(projection::Args),
 }
 
 #[tokio::main]
@@ -84,5 +91,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Cache(args) => cache::run(args).await,
         Scenario::Replica(args) => replica::run(args).await,
         Scenario::Saga(args) => saga::run(args).await,
+        Scenario::Projection(args) => projection::run(args).await,
     }
 }

@@ -75,9 +75,9 @@ create table bench_commits (x integer not null);
 
 /// A customer's state, as its events carry it (about 60 bytes of JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct CustomerChanged {
-    name: String,
-    tax_number: String,
+pub(crate) struct CustomerChanged {
+    pub(crate) name: String,
+    pub(crate) tax_number: String,
 }
 
 impl Message for CustomerChanged {
@@ -85,7 +85,7 @@ impl Message for CustomerChanged {
 }
 
 message_set! {
-    enum CustomerEvents { Changed(CustomerChanged) }
+    pub(crate) enum CustomerEvents { Changed(CustomerChanged) }
 }
 
 /// Quote's customer cache: name and tax number.
@@ -107,7 +107,7 @@ impl Projection for CustomerCache {
 
 /// A handler that writes nothing: the runner's own cost.
 #[derive(Clone, Copy)]
-struct NoWrites;
+pub(crate) struct NoWrites;
 
 impl BatchHandler for NoWrites {
     fn max_batch(&self) -> usize {
@@ -122,7 +122,7 @@ impl BatchHandler for NoWrites {
 /// Counts what a handler finished and, while recording, how long after its
 /// `occurred_at` each message was done.
 #[derive(Clone)]
-struct Counting<B> {
+pub(crate) struct Counting<B> {
     inner: B,
     done: Arc<AtomicU64>,
     recording: Arc<AtomicBool>,
@@ -130,7 +130,7 @@ struct Counting<B> {
 }
 
 impl<B> Counting<B> {
-    fn new(inner: B) -> anyhow::Result<Self> {
+    pub(crate) fn new(inner: B) -> anyhow::Result<Self> {
         Ok(Self {
             inner,
             done: Arc::new(AtomicU64::new(0)),
@@ -224,7 +224,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Runs `handler` over `topic` in a fresh group until `total` messages are done; returns
 /// messages per second from the first handled batch on.
-async fn drain<B: BatchHandler + Clone>(
+pub(crate) async fn drain<B: BatchHandler + Clone>(
     servers: &Servers,
     scratch: &Scratch,
     topic: &str,
@@ -295,7 +295,7 @@ async fn reset_replica(pool: &PgPool) -> anyhow::Result<()> {
     checkpoint(pool).await
 }
 
-async fn checkpoint(pool: &PgPool) -> anyhow::Result<()> {
+pub(crate) async fn checkpoint(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("checkpoint")
         .execute(pool)
         .await
@@ -322,28 +322,8 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
 
     // 2. The backlog, then ABBA.
     let publisher = KafkaPublisher::builder(KafkaConfig::new(&servers.brokers)).build()?;
-    let bar = progress::counted("backlog", args.backlog);
     let mut sequences = vec![0i64; usize::try_from(args.aggregates)?];
-    let mut batch = Vec::with_capacity(1000);
-    for n in 0..args.backlog {
-        let customer = n % args.aggregates;
-        let slot = &mut sequences[usize::try_from(customer)?];
-        *slot += 1;
-        let mut event = Envelope::event("customer", "customer", customer.to_string(), &changed(n))?;
-        event.sequence = Some(*slot);
-        batch.push(event);
-        if batch.len() == 1000 || n + 1 == args.backlog {
-            for result in publisher
-                .publish_batch(batch.iter().map(|e| (scratch.topics.raw.as_str(), e)))
-                .await
-            {
-                result?;
-            }
-            bar.inc(batch.len() as u64);
-            batch.clear();
-        }
-    }
-    progress::done(&bar, "backlog", &format!("{} events", thousands(args.backlog as f64)));
+    publish_backlog(&publisher, &scratch.topics.raw, 0..args.backlog, &mut sequences).await?;
     let raw_topic = scratch.topics.raw.clone();
     let mut raw_rates = Vec::new();
     let mut apply_rates = Vec::new();
@@ -425,7 +405,38 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
     })
 }
 
-fn changed(n: u64) -> CustomerChanged {
+/// Publishes the events `numbers` (event `n` is about customer `n % sequences.len()`,
+/// whose sequence it takes from `sequences`) to `topic`, a thousand at a time.
+pub(crate) async fn publish_backlog(
+    publisher: &KafkaPublisher,
+    topic: &str,
+    numbers: std::ops::Range<u64>,
+    sequences: &mut [i64],
+) -> anyhow::Result<()> {
+    let count = numbers.end - numbers.start;
+    let bar = progress::counted("backlog", count);
+    let aggregates = sequences.len() as u64;
+    let mut batch = Vec::with_capacity(1000);
+    for n in numbers.clone() {
+        let customer = n % aggregates;
+        let slot = &mut sequences[usize::try_from(customer)?];
+        *slot += 1;
+        let mut event = Envelope::event("customer", "customer", customer.to_string(), &changed(n))?;
+        event.sequence = Some(*slot);
+        batch.push(event);
+        if batch.len() == 1000 || n + 1 == numbers.end {
+            for result in publisher.publish_batch(batch.iter().map(|e| (topic, e))).await {
+                result?;
+            }
+            bar.inc(batch.len() as u64);
+            batch.clear();
+        }
+    }
+    progress::done(&bar, "backlog", &format!("{} events", thousands(count as f64)));
+    Ok(())
+}
+
+pub(crate) fn changed(n: u64) -> CustomerChanged {
     CustomerChanged {
         name: format!("Customer {n}"),
         tax_number: format!("DE{:09}", n % 1_000_000_000),
