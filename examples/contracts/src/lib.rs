@@ -7,7 +7,7 @@
 //!
 //! | module | published by | topic (canonical service names) | key |
 //! |---|---|---|---|
-//! | [`quote`] events | quote | `quote.quote.events` | quote id |
+//! | [`quote`] events (`QuoteCreated`, `QuoteStatusChanged`, `SalesRepNotificationRequested`) | quote | `quote.quote.events` | quote id |
 //! | [`inventory`] reservation events | inventory | `inventory.reservation.events` | quote id |
 //! | [`inventory`] product events | inventory | `inventory.product.events` | product id |
 //! | [`inventory`] commands | quote's sagas | `inventory.commands` | saga id |

@@ -57,6 +57,37 @@ impl Message for SalesRepNotificationRequested {
     const TYPE: &'static str = "quote.SalesRepNotificationRequested";
 }
 
+/// A quote's status changed: published with every change of status, in the transaction
+/// of the change, so the history of a quote's statuses (and of its conversion into an
+/// order) can be followed from its events alone.
+///
+/// Statuses, in the order a quote may reach them: `New` (when created; no event says it),
+/// `Awaiting Stock`, then `Stock Reserved` or `Pending Stock`; after acceptance
+/// `Ordering`, then `Ordered` or `Order Failed`. The event's sequence number is the
+/// quote's (after its `QuoteCreated`, which is 1), so a follower of the quote's events
+/// can tell which status is the newest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuoteStatusChanged {
+    /// The quote.
+    pub quote_id: Uuid,
+    /// Its customer.
+    pub customer_id: Uuid,
+    /// The new status.
+    pub status: String,
+    /// Why (for `Pending Stock`; `None` for the others).
+    pub reason: Option<String>,
+    /// The quote's value, in cents.
+    pub total_cents: i64,
+    /// The quote's version after the change (every change raises it).
+    pub version: i64,
+    /// The purchase order, once the quote is `Ordered`.
+    pub purchase_order_id: Option<Uuid>,
+}
+
+impl Message for QuoteStatusChanged {
+    const TYPE: &'static str = "quote.QuoteStatusChanged";
+}
+
 message_set! {
     /// The events on `<quote>.quote.events`.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,5 +96,7 @@ message_set! {
         Created(QuoteCreated),
         /// A sales rep is to be notified.
         NotificationRequested(SalesRepNotificationRequested),
+        /// A quote's status changed.
+        StatusChanged(QuoteStatusChanged),
     }
 }

@@ -159,8 +159,9 @@ impl TypedTxHandler<QuoteEvent> for Reservations {
     ) -> Result<(), HandlerError> {
         match event {
             QuoteEvent::Created(quote) => reserve(conn, &self.events, &quote, envelope).await,
-            // The sales rep's notification is the email service's business.
-            QuoteEvent::NotificationRequested(_) => Ok(()),
+            // The sales rep's notification is the email service's business, and a quote's
+            // status changes are for those who report on them: only a new quote reserves.
+            QuoteEvent::NotificationRequested(_) | QuoteEvent::StatusChanged(_) => Ok(()),
         }
     }
 }

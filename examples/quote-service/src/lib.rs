@@ -24,7 +24,9 @@
 //! The flows and their states are in [`sagas`]. Statuses: `New` → `Awaiting Stock` →
 //! `Stock Reserved` or `Pending Stock` (the sales rep's notification is requested, as
 //! `quote.SalesRepNotificationRequested`); after acceptance `Ordering` → `Ordered` or
-//! `Order Failed`.
+//! `Order Failed`. Every change of status is published as `quote.QuoteStatusChanged`
+//! (status, reason, value, version, purchase order) on `<quote>.quote.events`, keyed by
+//! the quote id, in the transaction of the change.
 
 pub mod customers;
 pub mod products;
@@ -202,7 +204,7 @@ impl App {
         let orchestrator = Orchestrator::builder(pool.clone(), name.clone())
             .naming(naming.clone())
             .register(sagas::stock_check(outbox.clone(), settings.stock_timeout))
-            .register(sagas::order(&participants, settings.order_step_timeout))
+            .register(sagas::order(&outbox, &participants, settings.order_step_timeout))
             .compensation(
                 settings.compensation_attempts,
                 settings.compensation_backoff,

@@ -12,7 +12,8 @@
 //!   says "Order Failed" with the saga's reason.
 //!
 //! Every status change runs as a local step, in the transaction of the transition that
-//! reaches it.
+//! reaches it, and publishes `quote.QuoteStatusChanged` (through the outbox, on the quote's
+//! events topic, keyed by the quote id) in that transaction.
 
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use example_contracts::inventory::{
 use example_contracts::purchase_order::{
     CancelPurchaseOrder, CreatePurchaseOrder, PurchaseOrderCreated, PurchaseOrderRejected,
 };
-use example_contracts::quote::{AGGREGATE, QuoteLine, SalesRepNotificationRequested};
+use example_contracts::quote::{AGGREGATE, QuoteLine, QuoteStatusChanged, SalesRepNotificationRequested};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -93,32 +94,70 @@ impl OfQuote for Order {
     }
 }
 
-/// Sets a quote's status (and reason, or none) and bumps its version.
-async fn set_status(conn: &mut PgConnection, quote: Uuid, status: &str, reason: Option<&str>) -> Result<(), SagaError> {
-    sqlx::query(
-        "update quotes set status = $2, status_reason = $3, version = version + 1, updated_at = now() where id = $1",
+/// Sets a quote's status (and reason, or none), bumps its version and publishes
+/// `QuoteStatusChanged` through the outbox, in the caller's transaction: the single place a
+/// quote's status changes, so every change has its event.
+async fn set_status(
+    conn: &mut PgConnection,
+    outbox: &PgOutbox,
+    quote: Uuid,
+    status: &str,
+    reason: Option<&str>,
+) -> Result<(), SagaError> {
+    let changed: Option<(Uuid, i64, i64, Option<Uuid>)> = sqlx::query_as(
+        "update quotes set status = $2, status_reason = $3, version = version + 1, updated_at = now() where id = $1 \
+         returning customer_id, total_cents, version, purchase_order_id",
     )
     .bind(quote)
     .bind(status)
     .bind(reason)
-    .execute(conn)
+    .fetch_optional(&mut *conn)
     .await
     .map_err(|source| SagaError::Postgres {
         operation: "set the quote's status",
         source,
     })?;
+    let Some((customer_id, total_cents, version, purchase_order_id)) = changed else {
+        tracing::warn!(quote = %quote, status, "no such quote; status not set");
+        return Ok(());
+    };
+    let event = QuoteStatusChanged {
+        quote_id: quote,
+        customer_id,
+        status: status.to_owned(),
+        reason: reason.map(str::to_owned),
+        total_cents,
+        version,
+        purchase_order_id,
+    };
+    outbox
+        .enqueue_event(conn, AGGREGATE, &quote.to_string(), &event)
+        .await
+        .map_err(SagaError::Outbox)?;
     tracing::info!(quote = %quote, status, "quote status");
     Ok(())
 }
 
 /// A local step that sets the quote's status.
-#[derive(Debug, Clone, Copy)]
-struct SetStatus(&'static str);
+#[derive(Debug, Clone)]
+struct SetStatus {
+    status: &'static str,
+    outbox: PgOutbox,
+}
+
+impl SetStatus {
+    fn new(status: &'static str, outbox: &PgOutbox) -> Self {
+        Self {
+            status,
+            outbox: outbox.clone(),
+        }
+    }
+}
 
 impl<D: OfQuote + Send + 'static> LocalStep<D> for SetStatus {
     fn run<'a>(&'a self, conn: &'a mut PgConnection, data: &'a mut D) -> BoxFuture<'a, dbps_saga::Result<bool>> {
         Box::pin(async move {
-            set_status(conn, data.quote_id(), self.0, None).await?;
+            set_status(conn, &self.outbox, data.quote_id(), self.status, None).await?;
             Ok(true)
         })
     }
@@ -139,7 +178,7 @@ impl PendingStock {
         missing: &[MissingStock],
         reason: String,
     ) -> dbps_saga::Result<()> {
-        set_status(conn, check.quote_id, "Pending Stock", Some(&reason)).await?;
+        set_status(conn, &self.outbox, check.quote_id, "Pending Stock", Some(&reason)).await?;
         let request = SalesRepNotificationRequested {
             quote_id: check.quote_id,
             customer_id: check.customer_id,
@@ -175,7 +214,7 @@ impl LocalStep<StockCheck> for RecordAnswer {
                     let reason = format!("not enough stock: {}", products.join(", "));
                     self.0.mark(conn, check, missing, reason).await?;
                 }
-                _ => set_status(conn, check.quote_id, "Stock Reserved", None).await?,
+                _ => set_status(conn, &self.0.outbox, check.quote_id, "Stock Reserved", None).await?,
             }
             Ok(true)
         })
@@ -204,8 +243,8 @@ impl LocalStep<StockCheck> for NoAnswer {
 }
 
 /// Marks the quote "Ordered" with its purchase order.
-#[derive(Debug, Clone, Copy)]
-struct Ordered;
+#[derive(Debug, Clone)]
+struct Ordered(PgOutbox);
 
 impl LocalStep<Order> for Ordered {
     fn run<'a>(&'a self, conn: &'a mut PgConnection, order: &'a mut Order) -> BoxFuture<'a, dbps_saga::Result<bool>> {
@@ -219,7 +258,7 @@ impl LocalStep<Order> for Ordered {
                     operation: "record the purchase order",
                     source,
                 })?;
-            set_status(conn, order.quote_id, "Ordered", None).await?;
+            set_status(conn, &self.0, order.quote_id, "Ordered", None).await?;
             Ok(true)
         })
     }
@@ -227,12 +266,13 @@ impl LocalStep<Order> for Ordered {
 
 /// The stock check: await the inventory's answer to `QuoteCreated`, keyed by the quote.
 pub fn stock_check(outbox: PgOutbox, timeout: Duration) -> Definition<StockCheck> {
+    let awaiting = SetStatus::new("Awaiting Stock", &outbox);
     let pending = PendingStock { outbox };
     let key = |quote: &Uuid| quote.to_string();
     Definition::new(STOCK_SAGA, 1)
         .step(
             Step::new("awaiting-stock")
-                .local(SetStatus("Awaiting Stock"))
+                .local(awaiting)
                 .compensate_locally(NoAnswer {
                     pending: pending.clone(),
                     timeout,
@@ -265,8 +305,9 @@ pub struct Participants {
     pub purchase_order: String,
 }
 
-/// The order: confirm the reservation → create the purchase order → "Ordered".
-pub fn order(participants: &Participants, step_timeout: Duration) -> Definition<Order> {
+/// The order: confirm the reservation → create the purchase order → "Ordered". Status
+/// changes are published through `outbox`.
+pub fn order(outbox: &PgOutbox, participants: &Participants, step_timeout: Duration) -> Definition<Order> {
     let inventory = participants.inventory.clone();
     let release_at = participants.inventory.clone();
     let orders = participants.purchase_order.clone();
@@ -274,8 +315,8 @@ pub fn order(participants: &Participants, step_timeout: Duration) -> Definition<
     Definition::new(ORDER_SAGA, 1)
         .step(
             Step::new("ordering")
-                .local(SetStatus("Ordering"))
-                .compensate_locally(SetStatus("Order Failed")),
+                .local(SetStatus::new("Ordering", outbox))
+                .compensate_locally(SetStatus::new("Order Failed", outbox)),
         )
         .step(
             Step::new("confirm-reservation")
@@ -305,5 +346,5 @@ pub fn order(participants: &Participants, step_timeout: Duration) -> Definition<
                 .compensate(move |o: &Order| Command::to(&cancel_at, &CancelPurchaseOrder { quote_id: o.quote_id }))
                 .timeout(step_timeout),
         )
-        .step(Step::new("ordered").local(Ordered))
+        .step(Step::new("ordered").local(Ordered(outbox.clone())))
 }

@@ -439,20 +439,69 @@ async fn the_quote_flows_of_the_adr_end_to_end() -> TestResult {
     let (lathe_stock, _) = system.stock(lathe).await?;
     assert_eq!(lathe_stock["reserved"], 0, "nothing of a short quote is reserved");
     let registry = Registry::new();
-    let records = notifications.wait_for(3).await?;
-    let requested: Vec<_> = records
+    // The ordered quote: created and four statuses; the short one: created, two statuses
+    // and the notification request.
+    let records = notifications.wait_for(9).await?;
+    let events: Vec<_> = records
         .iter()
         .map(dbps_core::kafka::decode_record)
         .collect::<Result<Vec<_>, _>>()?
         .iter()
-        .filter_map(|e| match dbps_core::MessageSet::decode(&registry, e) {
-            Ok(QuoteEvent::NotificationRequested(n)) => Some(n),
+        .map(|e| dbps_core::MessageSet::decode(&registry, e).map(|event| (e.sequence, event)))
+        .collect::<Result<Vec<(Option<i64>, QuoteEvent)>, _>>()?;
+    let requested: Vec<_> = events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            QuoteEvent::NotificationRequested(n) => Some(n.clone()),
             _ => None,
         })
         .collect();
     assert_eq!(requested.len(), 1);
     assert_eq!((requested[0].quote_id, requested[0].missing.len()), (short, 1));
     assert_eq!(requested[0].missing[0].product_id, mill);
+    // Every status change was published, in order, in the quote's sequence after its
+    // `QuoteCreated`, with the quote's value and version.
+    let statuses = |quote: Uuid| -> Vec<(i64, example_contracts::quote::QuoteStatusChanged)> {
+        events
+            .iter()
+            .filter_map(|(sequence, e)| match e {
+                QuoteEvent::StatusChanged(s) if s.quote_id == quote => Some((sequence.unwrap_or_default(), s.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    let of_ordered = statuses(ordered);
+    assert_eq!(
+        of_ordered.iter().map(|(_, s)| s.status.as_str()).collect::<Vec<_>>(),
+        ["Awaiting Stock", "Stock Reserved", "Ordering", "Ordered"]
+    );
+    assert_eq!(
+        of_ordered.iter().map(|(sequence, _)| *sequence).collect::<Vec<_>>(),
+        [2, 3, 4, 5],
+        "after QuoteCreated (1)"
+    );
+    assert!(of_ordered.windows(2).all(|w| w[0].1.version < w[1].1.version));
+    let (_, last) = of_ordered.last().ok_or("no status")?;
+    assert_eq!((last.customer_id, last.total_cents), (ada, 750_000));
+    assert_eq!(last.purchase_order_id.map(|p| p.to_string()).as_deref(), Some(po));
+    assert_eq!(last.version, done["version"].as_i64().ok_or("no version")?);
+    let of_short = statuses(short);
+    assert_eq!(
+        of_short.iter().map(|(_, s)| s.status.as_str()).collect::<Vec<_>>(),
+        ["Awaiting Stock", "Pending Stock"]
+    );
+    assert!(
+        of_short[1]
+            .1
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&mill.to_string())),
+        "{of_short:?}"
+    );
+    assert_eq!(
+        (of_short[1].1.customer_id, of_short[1].1.purchase_order_id),
+        (grace, None)
+    );
 
     // A purchase order over the customer's limit: rejected, the reservation released,
     // stock back to its level, the quote says why.
@@ -603,7 +652,8 @@ async fn an_out_of_stock_quote_emails_its_sales_rep_once_and_emails_are_assigned
     // quote's sales rep.
     let short = system.quote_by(&rep, grace, &[(lathe, 2), (mill, 5)]).await?;
     system.quote_reaches(short, "Pending Stock").await?;
-    let records = requests.wait_for(2).await?;
+    // Created, "Awaiting Stock", "Pending Stock" and the notification request.
+    let records = requests.wait_for(4).await?;
     let request = records
         .iter()
         .map(dbps_core::kafka::decode_record)
@@ -761,7 +811,9 @@ async fn a_quote_without_a_stock_answer_is_pending_and_reported_and_bad_input_wr
             .is_some_and(|r| r.contains("did not answer")),
         "{pending}"
     );
-    let records = notifications.wait_for(3).await?;
+    // Each quote's creation and statuses ("Awaiting Stock", then "Stock Reserved" or
+    // "Pending Stock"), and one notification request.
+    let records = notifications.wait_for(7).await?;
     // Across quotes (keys, partitions) the order is not defined: compare them sorted.
     let mut types: Vec<String> = records
         .iter()
@@ -774,6 +826,10 @@ async fn a_quote_without_a_stock_answer_is_pending_and_reported_and_bad_input_wr
         [
             "quote.QuoteCreated",
             "quote.QuoteCreated",
+            "quote.QuoteStatusChanged",
+            "quote.QuoteStatusChanged",
+            "quote.QuoteStatusChanged",
+            "quote.QuoteStatusChanged",
             "quote.SalesRepNotificationRequested"
         ]
     );
