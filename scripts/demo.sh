@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The example system's demo: brings up the local stack (PostgreSQL, Kafka, a
-# MongoDB-protocol server, Redis and Mailpit), builds the customer, inventory,
-# purchase-order, quote and email services and runs them as five processes,
-# each on its own database (PostgreSQL, provisioned; the email service's on
-# MongoDB). The narrator (system-demo) starts and stops them, walks through the
+# MongoDB-protocol server, Redis, Mailpit and OpenSearch), builds the customer,
+# inventory, purchase-order, quote, email and pipeline services and runs them as
+# six processes, each on its own database (PostgreSQL, provisioned; the email
+# service's on MongoDB). The narrator (system-demo) starts and stops them, walks through the
 # flows of the system's ADR over HTTP, prints the messages that pass on Kafka
 # under the flow that caused them, reads the sales rep's email back from
 # Mailpit, and ends with a check that the numbers add up. Each service logs to
@@ -22,7 +22,7 @@ echo "==> building the example services and the narrator"
 cargo build --quiet \
     -p example-customer-service -p example-inventory-service \
     -p example-purchase-order-service -p example-quote-service \
-    -p example-email-service --bins
+    -p example-email-service -p example-pipeline-service --bins
 cargo build --quiet -p example-system-demo
 bin="$root/target/debug"
 
@@ -31,6 +31,7 @@ export INVENTORY_HTTP_ADDR="${INVENTORY_HTTP_ADDR:-127.0.0.1:8082}"
 export PURCHASE_ORDER_HTTP_ADDR="${PURCHASE_ORDER_HTTP_ADDR:-127.0.0.1:8083}"
 export QUOTE_HTTP_ADDR="${QUOTE_HTTP_ADDR:-127.0.0.1:8084}"
 export EMAIL_HTTP_ADDR="${EMAIL_HTTP_ADDR:-127.0.0.1:8085}"
+export PIPELINE_HTTP_ADDR="${PIPELINE_HTTP_ADDR:-127.0.0.1:8086}"
 # Development passwords of the services' roles; a deployment takes them from its secrets.
 export CUSTOMER_DB_OWNER_PASSWORD="${CUSTOMER_DB_OWNER_PASSWORD:-customer-owner-dev}"
 export CUSTOMER_DB_RUNTIME_PASSWORD="${CUSTOMER_DB_RUNTIME_PASSWORD:-customer-app-dev}"
@@ -40,6 +41,8 @@ export PURCHASE_ORDER_DB_OWNER_PASSWORD="${PURCHASE_ORDER_DB_OWNER_PASSWORD:-pur
 export PURCHASE_ORDER_DB_RUNTIME_PASSWORD="${PURCHASE_ORDER_DB_RUNTIME_PASSWORD:-purchase-order-app-dev}"
 export QUOTE_DB_OWNER_PASSWORD="${QUOTE_DB_OWNER_PASSWORD:-quote-owner-dev}"
 export QUOTE_DB_RUNTIME_PASSWORD="${QUOTE_DB_RUNTIME_PASSWORD:-quote-app-dev}"
+export PIPELINE_DB_OWNER_PASSWORD="${PIPELINE_DB_OWNER_PASSWORD:-pipeline-owner-dev}"
+export PIPELINE_DB_RUNTIME_PASSWORD="${PIPELINE_DB_RUNTIME_PASSWORD:-pipeline-app-dev}"
 # The quote service reads customers from the customer service and its product catalogue
 # from the inventory; a short order step timeout keeps the flow with the purchase-order
 # service down quick.

@@ -166,6 +166,10 @@ impl State {
                 format!("quote {}: {}", id("quote_id"), self.rename(&text("reason")))
             }
             "EmailAssigned" => format!("from {} to {}", text("address"), id("customer_id")),
+            "QuoteStatusChanged" => match p["reason"].as_str() {
+                Some(reason) => format!("{:?}: {}", text("status"), self.rename(reason)),
+                None => format!("{:?}", text("status")),
+            },
             _ => String::new(),
         }
     }

@@ -1,6 +1,7 @@
 //! The ADR's flows, one after the other, each narrated as it happens, and the closing
 //! check that the numbers add up.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -147,6 +148,7 @@ impl<'a> Demo<'a> {
         self.a_purchase_order_is_rejected().await?;
         self.the_purchase_order_service_is_down().await?;
         self.a_change_reaches_the_replicas().await?;
+        self.search_and_reports().await?;
         self.the_breaker_opens_and_closes().await?;
         self.summary().await
     }
@@ -803,8 +805,206 @@ impl<'a> Demo<'a> {
         Ok(())
     }
 
+    async fn search_and_reports(&mut self) -> anyhow::Result<()> {
+        out::heading("10. Search and reports  (OpenSearch projections, the pipeline service's warehouse)");
+        out::say(
+            "The customer service keeps a search index of its customers in OpenSearch, a projection of its own \
+             customer events: each event carries the customer's whole searchable state and is indexed with the \
+             customer's version as its external version, so a late event never overwrites a newer document. The \
+             answer says how fresh the index is.",
+        );
+        let ada = self.customers[ADA].id.clone();
+        let path = format!("/customers/search?q=Lovelace+{}", self.run);
+        let (reply, calls, elapsed) = self
+            .poll(
+                Svc::Customer,
+                &path,
+                "Ada found under her new name",
+                |found| format!("{} results", found["results"].as_array().map_or(0, Vec::len)),
+                |found| ids_of(&found["results"]).contains(&ada.as_str()),
+            )
+            .await?;
+        self.show(
+            "GET",
+            &path,
+            &reply,
+            &format!(
+                "Ada, as of {}, at most {} ms behind{}",
+                reply.body["as_of"].as_str().unwrap_or("?"),
+                reply.body["lag_ms"],
+                polled(calls, elapsed)
+            ),
+        );
+        let path = format!("/customers/search?q=Byron+{}", self.run);
+        let reply = self.get(Svc::Customer, &path).await?;
+        anyhow::ensure!(
+            reply.status == 200 && !ids_of(&reply.body["results"]).contains(&ada.as_str()),
+            "the old name still finds Ada: {} {}",
+            reply.status,
+            reply.body
+        );
+        self.show("GET", &path, &reply, "the old name finds no one: the rename replaced the document");
+
+        println!();
+        out::say(
+            "Reports across services are the pipeline service's job. It reads the customer, quote and inventory \
+             events into a star schema in its own database (dimensions for customers, products and days; facts for \
+             quotes, their statuses, stock levels and stock-outs), each table a projection it can rebuild from the \
+             topics' history, and keeps a quotes index in OpenSearch. The figures below must match what this run \
+             did: its quotes, their statuses and values, and the mill that kept one waiting for stock.",
+        );
+        self.quotes_in_the_pipeline().await?;
+        self.stock_outs_in_the_pipeline().await?;
+        for path in ["/reports/pipeline-value?group=status", "/reports/conversion"] {
+            let reply = self.request(Svc::Pipeline, Method::GET, path, None, 200).await?;
+            self.show("GET", path, &reply, &report_summary(&reply.body));
+        }
+        Ok(())
+    }
+
+    /// Polls the pipeline's quotes index until it holds each quote of this run with the
+    /// status and value the flows left it in.
+    async fn quotes_in_the_pipeline(&self) -> anyhow::Result<()> {
+        for (c, customer) in self.customers.iter().enumerate() {
+            let expected: BTreeMap<&str, (&str, i64)> = self
+                .quotes
+                .iter()
+                .filter(|q| q.customer == c)
+                .map(|q| (q.id.as_str(), (q.outcome.status, self.value_cents(q))))
+                .collect();
+            if expected.is_empty() {
+                continue;
+            }
+            let path = format!("/search/quotes?customer_id={}", customer.id);
+            let held = |found: &Value| -> BTreeMap<String, (String, i64)> {
+                found["hits"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|hit| {
+                        (
+                            hit["quote_id"].as_str().unwrap_or_default().to_owned(),
+                            (
+                                hit["status"].as_str().unwrap_or_default().to_owned(),
+                                hit["value_cents"].as_i64().unwrap_or_default(),
+                            ),
+                        )
+                    })
+                    .collect()
+            };
+            let matches = |found: &Value| {
+                let held = held(found);
+                held.len() == expected.len()
+                    && expected
+                        .iter()
+                        .all(|(id, (status, value))| held.get(*id).is_some_and(|h| h.0 == *status && h.1 == *value))
+            };
+            let (reply, calls, elapsed) = self
+                .poll(
+                    Svc::Pipeline,
+                    &path,
+                    &format!("{}'s quotes in the quotes index as the flows left them", customer.label),
+                    |found| {
+                        let mut quotes: Vec<String> = held(found)
+                            .into_iter()
+                            .map(|(id, (status, value))| {
+                                format!("{} {status} {}", self.events.named(&id), out::money(value))
+                            })
+                            .collect();
+                        quotes.sort();
+                        quotes.join(", ")
+                    },
+                    matches,
+                )
+                .await?;
+            let mut quotes: Vec<String> = self
+                .quotes
+                .iter()
+                .filter(|q| q.customer == c)
+                .map(|q| format!("{} {:?} {}", q.label, q.outcome.status, out::money(self.value_cents(q))))
+                .collect();
+            quotes.sort();
+            self.show(
+                "GET",
+                &path,
+                &reply,
+                &format!(
+                    "{}: {} — as the quote service has them{}",
+                    customer.label,
+                    quotes.join(", "),
+                    polled(calls, elapsed)
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Polls the stock-out report until this run's products show the quotes this run left
+    /// waiting for stock.
+    async fn stock_outs_in_the_pipeline(&self) -> anyhow::Result<()> {
+        let path = "/reports/stock-outs?limit=100";
+        let expected: Vec<(usize, i64)> = (0..self.products.len())
+            .map(|p| {
+                let waiting = self
+                    .quotes
+                    .iter()
+                    .filter(|q| q.outcome.status == "Pending Stock" && q.lines.iter().any(|(l, _)| *l == p))
+                    .count();
+                (p, i64::try_from(waiting).unwrap_or(i64::MAX))
+            })
+            .filter(|(_, waiting)| *waiting > 0)
+            .collect();
+        let row = |found: &Value, p: usize| -> Option<Value> {
+            found["rows"]
+                .as_array()?
+                .iter()
+                .find(|row| row["product_id"] == self.products[p].id.as_str())
+                .cloned()
+        };
+        let (reply, calls, elapsed) = self
+            .poll(
+                Svc::Pipeline,
+                path,
+                "this run's stock-outs in the report",
+                |found| format!("{} products", found["rows"].as_array().map_or(0, Vec::len)),
+                |found| {
+                    expected
+                        .iter()
+                        .all(|(p, waiting)| row(found, *p).is_some_and(|r| r["quotes_pending_stock"] == *waiting))
+                },
+            )
+            .await?;
+        let rows: Vec<String> = expected
+            .iter()
+            .filter_map(|(p, _)| {
+                let r = row(&reply.body, *p)?;
+                Some(format!(
+                    "{}: {} quote(s) pending stock, {} units short, {} available now",
+                    self.products[*p].sku, r["quotes_pending_stock"], r["units_short"], r["available_now"]
+                ))
+            })
+            .collect();
+        self.show(
+            "GET",
+            path,
+            &reply,
+            &format!("{}{}", rows.join("; "), polled(calls, elapsed)),
+        );
+        Ok(())
+    }
+
+    /// A quote's value at list prices: what the quote service charges for its lines.
+    fn value_cents(&self, quote: &Quote) -> i64 {
+        quote
+            .lines
+            .iter()
+            .map(|(p, quantity)| quantity * self.products[*p].price_cents)
+            .sum()
+    }
+
     async fn the_breaker_opens_and_closes(&mut self) -> anyhow::Result<()> {
-        out::heading("10. Circuit breaker  (the customer service is down)");
+        out::heading("11. Circuit breaker  (the customer service is down)");
         out::say(
             "The quote service asks the customer service for fresh details through a circuit breaker. While that \
              service is down it answers from its replica and says the details may be stale; after three failures \
@@ -887,7 +1087,7 @@ impl<'a> Demo<'a> {
     // ----- The summary -----
 
     async fn summary(&mut self) -> anyhow::Result<()> {
-        out::heading("11. Summary  (do the numbers add up?)");
+        out::heading("12. Summary  (do the numbers add up?)");
         out::say(
             "Each service answers for its own data. The stock on hand must be what it was less what the ordered \
              quotes took, nothing may stay reserved (no quote is left \"Stock Reserved\"), and every quote, \
@@ -1752,6 +1952,46 @@ fn shorten_ids(path: &str) -> String {
 }
 
 /// `/customers/{id}`.
+/// `12 quotes, 31,000.00 (Ordered 3, Pending Stock 2, ...) · lag 0.4 s`, from a pipeline
+/// report.
+fn report_summary(report: &Value) -> String {
+    let lag = report["freshness"]["lag_seconds"]
+        .as_f64()
+        .map(|lag| format!(" · lag {lag:.1} s"))
+        .unwrap_or_default();
+    if let Some(rows) = report["rows"].as_array() {
+        let groups: Vec<String> = rows
+            .iter()
+            .map(|row| format!("{} {}", row["status"].as_str().unwrap_or("?"), row["quotes"]))
+            .collect();
+        format!(
+            "all runs: {} quotes, {} ({}){lag}",
+            report["quotes"],
+            out::money(report["value_cents"].as_i64().unwrap_or(0)),
+            groups.join(", ")
+        )
+    } else {
+        format!(
+            "all runs: {} quotes created, {} ordered, conversion {}{lag}",
+            report["created"],
+            report["ordered"],
+            report["ratio"]
+                .as_f64()
+                .map_or_else(|| String::from("-"), |r| format!("{:.0} %", r * 100.0))
+        )
+    }
+}
+
+/// The `id`s of the objects in `list`.
+fn ids_of(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|item| item["id"].as_str())
+        .collect()
+}
+
 fn path_of_customer(id: &str) -> String {
     format!("/customers/{id}")
 }

@@ -1,7 +1,7 @@
-//! `system-demo`: the dbps example system as five processes, its flows narrated.
+//! `system-demo`: the dbps example system as six processes, its flows narrated.
 //!
-//! It starts the customer, inventory, purchase-order and quote services (each a process
-//! on its own PostgreSQL database, provisioned and migrated at start) and the email
+//! It starts the customer, inventory, purchase-order, quote and pipeline services (each a
+//! process on its own PostgreSQL database, provisioned and migrated at start) and the email
 //! service (on its own MongoDB database, migrated at start), waits for each `/health`,
 //! subscribes to the topics they talk over and walks through the ADR's flows: customers
 //! reaching the quote service's replica and the email service's address index, an email
@@ -9,8 +9,10 @@
 //! appears, products and the Redis stock check, a quote that reserves its stock, an order
 //! placed by a saga, a quote out of stock and the sales rep's email (read back from
 //! Mailpit), a rejected purchase order, the purchase-order service down while a quote is
-//! accepted, a rename and an address change reaching the replicas, and the circuit breaker
-//! in front of the customer service. It prints each HTTP call and each message of the run
+//! accepted, a rename and an address change reaching the replicas, a customer search on
+//! the customer service's OpenSearch projection, the pipeline service's reports across
+//! services (checked against what the run did), and the circuit breaker in front of the
+//! customer service. It prints each HTTP call and each message of the run
 //! on Kafka under the flow that caused it, stops and starts services as the flows need,
 //! and ends with a check that the numbers add up. It exits 0 when every check passed, 1
 //! otherwise, and stops every service it started in either case (also on Ctrl-C or
@@ -27,7 +29,7 @@
 //! | `SYSTEM_DEMO_LOG_DIR` | where each service's log goes (`<binary>.log`) | `.dbps` |
 //! | `SYSTEM_DEMO_PID_DIR` | where the pids of running services are kept | none |
 //! | `SYSTEM_DEMO_BLAME_FILE` | written on failure: the log of the service to look at | none |
-//! | `<NAME>_HTTP_ADDR` | each service's address (`CUSTOMER`, `INVENTORY`, `PURCHASE_ORDER`, `QUOTE`, `EMAIL`) | `127.0.0.1:8081` to `8085` |
+//! | `<NAME>_HTTP_ADDR` | each service's address (`CUSTOMER`, `INVENTORY`, `PURCHASE_ORDER`, `QUOTE`, `EMAIL`, `PIPELINE`) | `127.0.0.1:8081` to `8086` |
 //!
 //! The services take the rest of their configuration from the same environment (their
 //! database passwords, `DBPS_POSTGRES_URL`, `DBPS_REDIS_URL`, `DBPS_MONGODB_URI`,
@@ -68,7 +70,7 @@ async fn main() -> ExitCode {
     };
     // A UUIDv7 ends in random bits.
     let run = uuid::Uuid::now_v7().simple().to_string()[26..].to_owned();
-    println!("dbps example system: five services, each a process on its own database (run {run})");
+    println!("dbps example system: six services, each a process on its own database (run {run})");
 
     let outcome = tokio::select! {
         result = narrate(&mut fleet, http, &run) => result,

@@ -1,4 +1,4 @@
-//! The five services as child processes: started, health-checked, stopped with SIGTERM and
+//! The six services as child processes: started, health-checked, stopped with SIGTERM and
 //! started again with the same environment.
 
 use std::collections::HashMap;
@@ -18,8 +18,8 @@ use crate::out;
 const START_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a service may take to stop after SIGTERM before it is killed.
 const STOP_DEADLINE: Duration = Duration::from_secs(60);
-/// Where the stack's OpenSearch listens, for the customer service's search, unless
-/// `DBPS_OPENSEARCH_URL` says otherwise.
+/// Where the stack's OpenSearch listens, for the customer service's search and the
+/// pipeline's quotes index, unless `DBPS_OPENSEARCH_URL` says otherwise.
 const DEFAULT_OPENSEARCH_URL: &str = "http://127.0.0.1:29200";
 
 /// One of the example system's services.
@@ -30,17 +30,19 @@ pub(crate) enum Svc {
     PurchaseOrder,
     Quote,
     Email,
+    Pipeline,
 }
 
 impl Svc {
     /// In the order they start: the quote and email services read the customer service at
-    /// start.
-    pub(crate) const ALL: [Svc; 5] = [
+    /// start; the pipeline reads the others' events only.
+    pub(crate) const ALL: [Svc; 6] = [
         Svc::Customer,
         Svc::Inventory,
         Svc::PurchaseOrder,
         Svc::Quote,
         Svc::Email,
+        Svc::Pipeline,
     ];
 
     /// "customer service", for sentences.
@@ -51,6 +53,7 @@ impl Svc {
             Svc::PurchaseOrder => "purchase-order service",
             Svc::Quote => "quote service",
             Svc::Email => "email service",
+            Svc::Pipeline => "pipeline service",
         }
     }
 
@@ -62,6 +65,7 @@ impl Svc {
             Svc::PurchaseOrder => "purchase-order-service",
             Svc::Quote => "quote-service",
             Svc::Email => "email-service",
+            Svc::Pipeline => "pipeline-service",
         }
     }
 
@@ -73,6 +77,7 @@ impl Svc {
             Svc::PurchaseOrder => "PURCHASE_ORDER_HTTP_ADDR",
             Svc::Quote => "QUOTE_HTTP_ADDR",
             Svc::Email => "EMAIL_HTTP_ADDR",
+            Svc::Pipeline => "PIPELINE_HTTP_ADDR",
         }
     }
 
@@ -83,6 +88,7 @@ impl Svc {
             Svc::PurchaseOrder => 8083,
             Svc::Quote => 8084,
             Svc::Email => 8085,
+            Svc::Pipeline => 8086,
         }
     }
 }
@@ -249,9 +255,9 @@ impl Fleet {
                 command.env(var, self.url(*peer));
             }
         }
-        // The customer service's search runs on the stack's OpenSearch unless told
-        // otherwise.
-        if svc == Svc::Customer && std::env::var("DBPS_OPENSEARCH_URL").is_err() {
+        // The customer service's search and the pipeline's quotes index run on the stack's
+        // OpenSearch unless told otherwise.
+        if matches!(svc, Svc::Customer | Svc::Pipeline) && std::env::var("DBPS_OPENSEARCH_URL").is_err() {
             command.env("DBPS_OPENSEARCH_URL", DEFAULT_OPENSEARCH_URL);
         }
         // The email service sends to the stack's SMTP server unless told otherwise.
