@@ -78,6 +78,24 @@ pub enum CacheError {
         /// The message.
         message_id: String,
     },
+    /// A replica's projection returned an append (`Change::Append`): a replica keeps the
+    /// owner's state, replaced under the sequence guard, not a history of facts. Only a
+    /// PostgreSQL projection (`PgProjection`) takes appends.
+    #[error("replica {replica}: appends are not supported by replicas; keep facts in a projection")]
+    AppendNotSupported {
+        /// The replica.
+        replica: String,
+    },
+    /// Appends and the replacing kinds of change (`Rows`, `Delete`, `Unchanged`) were
+    /// mixed for one aggregate of a table: in one batch, or an append to a deleted
+    /// aggregate.
+    #[error("{target}: aggregate {aggregate_id} mixes appends with other kinds of change")]
+    MixedChanges {
+        /// The target (`projection:<name>_v<version>`).
+        target: String,
+        /// The aggregate.
+        aggregate_id: String,
+    },
     /// Repairing a replica from its source failed.
     #[error("replica {replica}: repair failed")]
     Repair {

@@ -1,6 +1,6 @@
 //! PostgreSQL projections against the real stack: the sequence guard under shuffled and
-//! duplicated delivery, checkpoints across restarts, and a blue-green rebuild into a new
-//! version while live writes go on.
+//! duplicated delivery, checkpoints across restarts, a blue-green rebuild into a new
+//! version while live writes go on, and append-only fact tables (one row per event).
 
 mod common;
 
@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use common::TestResult;
 use common::owner::{Customer, CustomerChanged, CustomerEvents, Owner};
+use dbps_cache::CacheError;
 use dbps_cache::projection::{Change, PgProjection, ReadModel, RebuildProgress};
+use dbps_cache::replica::{PgReplica, Projection};
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
 use dbps_core::{CancellationToken, Envelope, HandlerError};
 use rand::seq::SliceRandom as _;
@@ -73,6 +75,7 @@ async fn setup() -> Result<(dbps_testkit::TestPostgres, dbps_testkit::TestKafka,
     let db = dbps_testkit::postgres().await?;
     dbps_migrate::PgMigrations::new(dbps_migrate::ServiceName::new("report")?)
         .schema(dbps_migrate::Identifier::new("public")?)
+        .component("dbps_inbox", &dbps_core::inbox::pg::MIGRATOR)
         .component("dbps_replica", &dbps_cache::replica::MIGRATOR)
         .component("dbps_projection", &dbps_cache::projection::MIGRATOR)
         .run(&sqlx::postgres::PgConnectOptions::from_str(db.url())?)
@@ -427,4 +430,296 @@ async fn invalid_declarations_are_typed_errors() {
         .build()
         .expect("valid");
     assert_eq!((projection.table(), projection.version()), ("orders_v3", 3));
+}
+
+/// `<name>_v<n> (aggregate_id, source_sequence, name)`: one row per `CustomerChanged` of a
+/// customer (its name history), appended; a delete adds no fact. Version 2 adds
+/// `email_count`. With `mixed`, a delete is a `Change::Delete` instead (refused).
+#[derive(Debug, Clone)]
+struct NameHistory {
+    name: &'static str,
+    version: u32,
+    topic: String,
+    mixed: bool,
+}
+
+impl NameHistory {
+    fn new(name: &'static str, version: u32, topic: &str) -> Self {
+        Self {
+            name,
+            version,
+            topic: topic.to_owned(),
+            mixed: false,
+        }
+    }
+}
+
+impl ReadModel for NameHistory {
+    type Events = CustomerEvents;
+
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn version(&self) -> u32 {
+        self.version
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![self.topic.clone()]
+    }
+
+    fn create_table(&self, table: &str) -> String {
+        let extra = if self.version >= 2 {
+            ", email_count integer not null"
+        } else {
+            ""
+        };
+        format!(
+            "create table {table} (aggregate_id uuid not null, source_sequence bigint not null, \
+             name text not null{extra}, primary key (aggregate_id, source_sequence))"
+        )
+    }
+
+    fn project(&self, event: CustomerEvents, _: &Envelope) -> Result<Change, HandlerError> {
+        match event {
+            CustomerEvents::Changed(CustomerChanged(customer)) => {
+                let mut row = serde_json::json!({ "name": customer.name });
+                if self.version >= 2 {
+                    row["email_count"] = serde_json::json!(customer.emails.len());
+                }
+                Ok(Change::append(&row)?)
+            }
+            CustomerEvents::Deleted(_) if self.mixed => Ok(Change::Delete),
+            CustomerEvents::Deleted(_) => Ok(Change::append_rows::<serde_json::Value>([])?),
+        }
+    }
+}
+
+/// `(id, sequence) → name` of every `CustomerChanged` among `events`, each once.
+fn facts(events: &[Envelope]) -> BTreeMap<(String, i64), String> {
+    let registry = dbps_core::Registry::new();
+    events
+        .iter()
+        .filter_map(|e| match dbps_core::MessageSet::decode(&registry, e) {
+            Ok(CustomerEvents::Changed(CustomerChanged(c))) => {
+                Some(((e.aggregate_id.clone(), e.sequence.expect("sequenced")), c.name))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// `(id, sequence) → name` of every row of `table`, and how many rows there are.
+async fn fact_rows(pool: &PgPool, table: &str) -> Result<(BTreeMap<(String, i64), String>, usize), sqlx::Error> {
+    let rows: Vec<(String, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select aggregate_id::text, source_sequence, name from {table}"
+    )))
+    .fetch_all(pool)
+    .await?;
+    let count = rows.len();
+    Ok((
+        rows.into_iter().map(|(id, seq, name)| ((id, seq), name)).collect(),
+        count,
+    ))
+}
+
+/// Waits until `table` holds exactly `expected`, one row each.
+async fn holds_facts(pool: &PgPool, table: &str, expected: &BTreeMap<(String, i64), String>) -> Result<(), Error> {
+    dbps_testkit::eventually(&format!("{table} to hold one row per event"), || async {
+        match fact_rows(pool, table).await {
+            Ok((rows, count)) => Ok::<_, sqlx::Error>(&rows == expected && count == expected.len()),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
+    let (rows, count) = fact_rows(pool, table).await?;
+    assert_eq!((&rows, count), (expected, expected.len()), "{table}");
+    Ok(())
+}
+
+/// Shuffled, a third twice, a tenth re-published under a new message id.
+fn scrambled(events: &[Envelope]) -> Vec<Envelope> {
+    let mut delivered = events.to_vec();
+    delivered.extend(events.iter().step_by(3).cloned());
+    delivered.extend(events.iter().step_by(10).map(|e| {
+        let mut again = e.clone();
+        again.id = uuid::Uuid::now_v7().to_string();
+        again
+    }));
+    delivered.shuffle(&mut rand::rng());
+    delivered
+}
+
+#[tokio::test]
+async fn a_fact_projection_holds_one_row_per_event_whatever_the_delivery_and_after_a_rebuild() -> TestResult {
+    let (db, kafka, owner) = setup().await?;
+    let mut events = history(&owner, "f", 20, 6).await?;
+    for event in events.iter().take(4).cloned().collect::<Vec<_>>() {
+        events.push(owner.delete(&event.aggregate_id).await?);
+    }
+    let expected = facts(&events);
+    assert_eq!(expected.len(), 140);
+    let topic = kafka.create_topic("facts", 2).await?;
+    publish(&kafka, &topic, &scrambled(&events)).await?;
+
+    let config = KafkaConfig::new(kafka.brokers());
+    let stop = CancellationToken::new();
+    let v1 = PgProjection::builder(db.pool().clone(), NameHistory::new("name_history", 1, &topic))
+        .max_batch(16)
+        .build()?;
+    let v1_run = tokio::spawn({
+        let (v1, config, stop) = (v1.clone(), config.clone(), stop.clone());
+        async move { v1.run(&config, stop).await }
+    });
+    holds_facts(db.pool(), "name_history", &expected).await?;
+    // The version of each customer is its newest sequence, whatever came last.
+    let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+    for event in &events {
+        let held = newest.entry(event.aggregate_id.clone()).or_default();
+        *held = (*held).max(event.sequence.expect("sequenced"));
+    }
+    dbps_testkit::eventually("the versions to reach the newest sequences", || async {
+        let versions: Vec<(String, i64, bool)> = sqlx::query_as(
+            "select aggregate_id, sequence, deleted from dbps_replica_versions \
+             where replica = 'projection:name_history_v1'",
+        )
+        .fetch_all(db.pool())
+        .await?;
+        Ok::<_, sqlx::Error>(
+            versions.iter().all(|(_, _, deleted)| !deleted)
+                && versions
+                    .into_iter()
+                    .map(|(id, seq, _)| (id, seq))
+                    .collect::<BTreeMap<_, _>>()
+                    == newest,
+        )
+    })
+    .await?;
+
+    // A rebuild into v2 replays the history into a fresh table: the same facts, once.
+    let v2 = PgProjection::builder(db.pool().clone(), NameHistory::new("name_history", 2, &topic))
+        .max_batch(16)
+        .build()?;
+    let v2_run = tokio::spawn({
+        let (v2, config, stop) = (v2.clone(), config.clone(), stop.clone());
+        async move { v2.run(&config, stop).await }
+    });
+    assert_eq!(v1_run.await??.superseded_by, Some(2));
+    assert_eq!(v2.serving_version().await?, Some(2));
+    holds_facts(db.pool(), "name_history", &expected).await?;
+    holds_facts(db.pool(), "name_history_v2", &expected).await?;
+    let counted: i64 = sqlx::query_scalar("select count(*) from name_history where email_count = 1")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(counted, 140);
+    stop.cancel();
+    v2_run.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fact_projection_re_reading_from_an_older_checkpoint_inserts_no_duplicate() -> TestResult {
+    let (db, kafka, owner) = setup().await?;
+    let topic = kafka.create_topic("facts", 1).await?;
+    let mut events = history(&owner, "c", 10, 3).await?;
+    publish(&kafka, &topic, &events).await?;
+    let config = KafkaConfig::new(kafka.brokers());
+    let model = NameHistory::new("names", 1, &topic);
+    let projection = PgProjection::builder(db.pool().clone(), model.clone())
+        .max_batch(8)
+        .build()?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
+        async move { projection.run(&config, stop).await }
+    });
+    holds_facts(db.pool(), "names", &facts(&events)).await?;
+    stop.cancel();
+    assert_eq!(run.await??.records, 40);
+
+    // As after a crash between applying and recording the checkpoint (or a checkpoint
+    // restored from an older backup): the next run reads from an earlier offset, and the
+    // events it applied already come again, with new ones after them.
+    sqlx::query("update dbps_projection_checkpoints set next_offset = 5 where projection = 'names'")
+        .execute(db.pool())
+        .await?;
+    let mut more = Vec::new();
+    for event in events.iter().take(10) {
+        more.push(owner.rename(&event.aggregate_id, "later").await?);
+    }
+    publish(&kafka, &topic, &more).await?;
+    events.extend(more);
+    let projection = PgProjection::builder(db.pool().clone(), model).max_batch(8).build()?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
+        async move { projection.run(&config, stop).await }
+    });
+    dbps_testkit::eventually("the checkpoint to reach the end", || async {
+        Ok::<_, CacheError>(projection.checkpoints().await?.get(&(topic.clone(), 0)) == Some(&50))
+    })
+    .await?;
+    holds_facts(db.pool(), "names", &facts(&events)).await?;
+    stop.cancel();
+    assert_eq!(run.await??.records, 45, "read again from offset 5");
+    Ok(())
+}
+
+#[tokio::test]
+async fn mixing_appends_with_other_changes_and_appending_to_a_replica_are_typed_errors() -> TestResult {
+    let (db, kafka, owner) = setup().await?;
+    let topic = kafka.create_topic("mixed", 1).await?;
+    let created = owner.upsert(Customer::new("Mix")).await?;
+    let deleted = owner.delete(&created.aggregate_id).await?;
+    // The delete first: in one batch the mix is refused, in two the append finds the
+    // tombstone.
+    publish(&kafka, &topic, &[deleted, created.clone()]).await?;
+    let mut model = NameHistory::new("mixed", 1, &topic);
+    model.mixed = true;
+    let projection = PgProjection::builder(db.pool().clone(), model).build()?;
+    let config = KafkaConfig::new(kafka.brokers());
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        projection.run(&config, CancellationToken::new()),
+    )
+    .await?;
+    assert!(
+        matches!(&ended, Err(CacheError::MixedChanges { aggregate_id, .. }) if *aggregate_id == created.aggregate_id),
+        "{ended:?}"
+    );
+    // The refused record was not applied: the checkpoint stays before it.
+    let checkpoint = projection.checkpoints().await?.get(&(topic.clone(), 0)).copied();
+    assert!(checkpoint.unwrap_or(0) <= 1, "{checkpoint:?}");
+
+    // A replica keeps the owner's state; it refuses facts before writing anything.
+    sqlx::raw_sql("create table fact_replica (aggregate_id uuid, source_sequence bigint, name text)")
+        .execute(db.pool())
+        .await?;
+    let replica = PgReplica::builder(db.pool().clone(), "fact_replica", Appending).build()?;
+    let error = replica.apply(&[created]).await.expect_err("refused");
+    assert!(!error.is_transient());
+    assert!(error.to_string().contains("append"), "{error}");
+    let kept: i64 = sqlx::query_scalar("select count(*) from fact_replica")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(kept, 0);
+    Ok(())
+}
+
+/// A replica's projection that (wrongly) appends.
+struct Appending;
+
+impl Projection for Appending {
+    type Events = CustomerEvents;
+    type Snapshot = Customer;
+
+    fn project(&self, _: CustomerEvents, _: &Envelope) -> Result<Change, HandlerError> {
+        Ok(Change::append(&serde_json::json!({ "name": "x" }))?)
+    }
+
+    fn snapshot(&self, _: Customer) -> Result<Change, HandlerError> {
+        Ok(Change::Delete)
+    }
 }

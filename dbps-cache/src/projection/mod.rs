@@ -14,6 +14,10 @@
 //! - **Guarded by the aggregate's sequence number**, like a replica (it shares the
 //!   replica's guard and its `dbps_replica_versions` table): a duplicate, late or
 //!   reordered event changes nothing and is counted as stale.
+//! - **Or appended, for facts.** A [`Change::Append`] inserts the event's own rows (one
+//!   row per event: a movement, a payment) beside the aggregate's others, once, by the
+//!   table's unique key: a duplicate inserts nothing, and a late event is inserted all
+//!   the same (see [`Change::Append`] for the rules).
 //! - **Checkpoints.** Each batch is applied in one transaction that also records, per
 //!   topic partition, the offset of the next record to apply. The projection reads its
 //!   topics itself, from its checkpoints, so it knows where it is without a consumer

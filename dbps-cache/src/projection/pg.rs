@@ -473,11 +473,7 @@ impl<R: ReadModel> PgProjection<R> {
         }
         let collapsed = collapse(projected);
         let source_times = collapsed.values().flat_map(|c| c.source_times.clone()).collect();
-        let applied = inner
-            .target
-            .apply_collapsed(conn, collapsed, false, None)
-            .await
-            .map_err(pg("apply events"))?;
+        let applied = inner.target.apply_collapsed(conn, collapsed, false, None).await?;
 
         let mut next: BTreeMap<&Partition, i64> = BTreeMap::new();
         for record in batch {

@@ -8,6 +8,8 @@
 //! - **Guarded by the aggregate's sequence number.** Each aggregate's newest applied
 //!   sequence is kept; a duplicate, reordered or late event (one whose sequence is not
 //!   newer) changes nothing and is counted as stale.
+//! - **State, not facts.** A replica refuses [`Change::Append`] (fact rows per event,
+//!   which projections keep) with [`CacheError::AppendNotSupported`].
 //! - **Tombstones.** A delete removes the aggregate's rows and keeps its sequence, so a
 //!   late update cannot bring it back. Tombstones are purged after a horizon
 //!   ([`PgReplica::purge_tombstones`]).
@@ -75,6 +77,30 @@ pub enum Change {
     /// aggregate's sequence still advances, so that the next event is not taken for a
     /// gap.
     Unchanged,
+    /// Rows that record this event as a fact of its own (one row per event: a movement, a
+    /// payment, a status reached), added to the aggregate's rows instead of replacing
+    /// them. Only PostgreSQL projections take it (`PgProjection`); a replica refuses it
+    /// with [`CacheError::AppendNotSupported`].
+    ///
+    /// - **Insert only.** The rows are inserted; the aggregate's other rows stay.
+    /// - **Idempotent.** They are inserted with `on conflict (key) do nothing`, where the
+    ///   key is the target's conflict key, or by default (aggregate column, sequence
+    ///   column), which the projection fills in. The table must have a unique constraint
+    ///   on that key. An event applied twice (redelivered, re-published, replayed after a
+    ///   crash before the checkpoint) inserts nothing the second time. An event of several
+    ///   rows needs a conflict key that tells its rows apart (such as
+    ///   `(aggregate_id, source_sequence, line_no)`).
+    /// - **Order-insensitive.** An older event that arrives late is inserted all the same
+    ///   (it happened); it is never stale, and no gap is reported.
+    /// - **The version moves to the newest.** The aggregate's sequence in
+    ///   `dbps_replica_versions` becomes the largest applied and never goes back.
+    /// - **Not collapsed.** In a batch, every append is inserted, not only the newest.
+    /// - **One kind per aggregate.** An aggregate's events are all appends, or all of
+    ///   the replacing kinds (`Rows`, `Delete`, `Unchanged`): a batch that mixes them for
+    ///   one aggregate, or an append to a deleted aggregate, is refused with
+    ///   [`CacheError::MixedChanges`]. For an event that adds no fact, return an empty
+    ///   append ([`Change::append_rows`] of nothing), which only moves the version.
+    Append(Vec<Row>),
 }
 
 impl Change {
@@ -90,6 +116,26 @@ impl Change {
             .map(to_row)
             .collect::<Result<Vec<_>>>()
             .map(Self::Rows)
+    }
+
+    /// One fact row of this event, added to the aggregate's rows ([`Change::Append`]).
+    pub fn append<T: Serialize>(value: &T) -> Result<Self> {
+        Ok(Self::Append(vec![to_row(value)?]))
+    }
+
+    /// Several fact rows of this event (none: the event adds no fact), added to the
+    /// aggregate's rows ([`Change::Append`]).
+    pub fn append_rows<'a, T: Serialize + 'a>(values: impl IntoIterator<Item = &'a T>) -> Result<Self> {
+        values
+            .into_iter()
+            .map(to_row)
+            .collect::<Result<Vec<_>>>()
+            .map(Self::Append)
+    }
+
+    /// Whether this is an append ([`Change::Append`]).
+    pub fn is_append(&self) -> bool {
+        matches!(self, Self::Append(_))
     }
 }
 
@@ -292,17 +338,22 @@ impl Decoder {
 }
 
 /// The net effect of one aggregate's events in a batch: the newest sequence, the last
-/// change that replaces rows (if any), and whether the sequences had a gap.
+/// change that replaces rows (if any), every append, and whether the sequences had a gap.
 #[derive(Debug)]
 pub(crate) struct Collapsed {
     pub(crate) sequence: i64,
-    /// `None`: only `Unchanged` events.
+    /// The newest `Rows` or `Delete`; `None`: only `Unchanged` or `Append` events.
     pub(crate) change: Option<Change>,
+    /// Every `Append` of the batch, in sequence order: its sequence and rows.
+    pub(crate) appends: Vec<(i64, Vec<Row>)>,
+    /// Whether appends and the other kinds were mixed for this aggregate.
+    pub(crate) mixed: bool,
     pub(crate) sequences: Vec<i64>,
     pub(crate) source_times: Vec<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Groups projected events by aggregate, in sequence order.
+/// Groups projected events by aggregate, in sequence order. Of the replacing kinds only
+/// the newest change counts; appends are all kept.
 pub(crate) fn collapse(events: Vec<Projected>) -> BTreeMap<String, Collapsed> {
     let mut by_aggregate: BTreeMap<String, Vec<Projected>> = BTreeMap::new();
     for event in events {
@@ -316,16 +367,24 @@ pub(crate) fn collapse(events: Vec<Projected>) -> BTreeMap<String, Collapsed> {
             let sequences = events.iter().map(|e| e.sequence).collect();
             let source_times = events.iter().map(|e| e.source_time).collect();
             let sequence = events.last().map_or(0, |e| e.sequence);
-            let change = events
-                .into_iter()
-                .rev()
-                .map(|e| e.change)
-                .find(|c| !matches!(c, Change::Unchanged));
+            let appending = events.iter().filter(|e| e.change.is_append()).count();
+            let mixed = appending > 0 && appending < events.len();
+            let mut appends = Vec::with_capacity(appending);
+            let mut change = None;
+            for event in events {
+                match event.change {
+                    Change::Append(rows) => appends.push((event.sequence, rows)),
+                    Change::Unchanged => {}
+                    other => change = Some(other),
+                }
+            }
             (
                 id,
                 Collapsed {
                     sequence,
                     change,
+                    appends,
+                    mixed,
                     sequences,
                     source_times,
                 },
@@ -335,6 +394,11 @@ pub(crate) fn collapse(events: Vec<Projected>) -> BTreeMap<String, Collapsed> {
 }
 
 impl Collapsed {
+    /// Whether the aggregate's events in the batch are appends.
+    pub(crate) fn is_append(&self) -> bool {
+        !self.appends.is_empty()
+    }
+
     /// The events newer than `current`, and whether their sequences leave a gap after it.
     /// An aggregate seen for the first time has no gap (a replica may start mid-stream,
     /// and backfill fills the rest).
@@ -418,8 +482,55 @@ mod tests {
         assert!(holes["a"].gap_after(Some(1)));
     }
 
+    fn append(name: &str) -> Change {
+        Change::append(&serde_json::json!({ "name": name })).expect("an object")
+    }
+
+    #[test]
+    fn collapse_keeps_every_append_in_sequence_order() {
+        let collapsed = collapse(vec![
+            projected("a", 3, append("a3")),
+            projected("b", 1, append("b1")),
+            projected("a", 1, append("a1")),
+            projected("a", 2, append("a2")),
+            projected("a", 3, append("a3")),
+        ]);
+        let a = &collapsed["a"];
+        assert!(a.is_append() && !a.mixed);
+        assert_eq!((a.sequence, a.change.as_ref()), (3, None));
+        let names: Vec<(i64, &Value)> = a.appends.iter().map(|(s, rows)| (*s, &rows[0]["name"])).collect();
+        assert_eq!(
+            names,
+            vec![
+                (1, &Value::from("a1")),
+                (2, &Value::from("a2")),
+                (3, &Value::from("a3"))
+            ]
+        );
+        assert_eq!(collapsed["b"].appends.len(), 1);
+    }
+
+    #[test]
+    fn an_empty_append_is_an_append_and_mixing_kinds_is_flagged() {
+        let empty = Change::append_rows::<Value>([]).expect("no rows");
+        assert_eq!(empty, Change::Append(Vec::new()));
+        let c = collapse(vec![projected("a", 1, empty)]);
+        assert!(c["a"].is_append() && !c["a"].mixed);
+        for other in [rows("x"), Change::Delete, Change::Unchanged] {
+            let c = collapse(vec![projected("a", 1, append("a1")), projected("a", 2, other.clone())]);
+            assert!(c["a"].mixed, "{other:?}");
+        }
+        let c = collapse(vec![
+            projected("a", 1, rows("a1")),
+            projected("a", 2, Change::Unchanged),
+        ]);
+        assert!(!c["a"].mixed && !c["a"].is_append());
+    }
+
     #[test]
     fn rows_must_be_objects() {
+        assert!(Change::append(&5).is_err());
+        assert!(Change::append_rows(&[1, 2]).is_err());
         assert!(Change::row(&5).is_err());
         assert!(matches!(Change::row(&serde_json::json!({"a": 1})), Ok(Change::Rows(r)) if r.len() == 1));
     }

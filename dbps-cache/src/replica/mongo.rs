@@ -209,8 +209,15 @@ impl<P: Projection> MongoReplica<P> {
                 projected.push(change);
             }
         }
+        let collapsed = super::collapse(projected);
+        // Refused before anything is written.
+        if collapsed.values().any(Collapsed::is_append) {
+            return Err(HandlerError::permanent(CacheError::AppendNotSupported {
+                replica: inner.name.clone(),
+            }));
+        }
         let mut advanced = 0;
-        for (id, change) in super::collapse(projected) {
+        for (id, change) in collapsed {
             let source_times = change.source_times.clone();
             if self.apply_one(&id, change, false).await? {
                 advanced += 1;
@@ -258,6 +265,12 @@ impl<P: Projection> MongoReplica<P> {
 
     async fn apply_one(&self, aggregate_id: &str, change: Collapsed, repair: bool) -> Result<bool> {
         let inner = &self.inner;
+        // A replica keeps the owner's state: facts belong in a projection.
+        if change.is_append() {
+            return Err(CacheError::AppendNotSupported {
+                replica: inner.name.clone(),
+            });
+        }
         let labels = [("replica", inner.name.clone())];
         let (agg, seq) = (inner.aggregate_field.as_str(), inner.sequence_field.as_str());
         let current = self.version(aggregate_id).await?;
@@ -319,7 +332,8 @@ impl<P: Projection> MongoReplica<P> {
                     .map_err(mongo("delete replica documents"))?;
                 true
             }
-            Some(Change::Unchanged) | None => {
+            // Appends were refused above.
+            Some(Change::Unchanged | Change::Append(_)) | None => {
                 inner
                     .target
                     .update_many(

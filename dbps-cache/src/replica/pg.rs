@@ -394,8 +394,14 @@ impl<P: Projection, S: SnapshotSource> PgReplica<P, S> {
         collapsed: BTreeMap<String, Collapsed>,
         repair: bool,
         held: Option<HashMap<String, (i64, bool)>>,
-    ) -> Result<Applied, sqlx::Error> {
+    ) -> Result<Applied, HandlerError> {
         let inner = &self.inner;
+        // A replica keeps the owner's state: facts belong in a projection.
+        if collapsed.values().any(Collapsed::is_append) {
+            return Err(HandlerError::permanent(CacheError::AppendNotSupported {
+                replica: inner.name.clone(),
+            }));
+        }
         let applied = inner.target.apply_collapsed(conn, collapsed, repair, held).await?;
         let labels = [("replica", inner.name.clone())];
         metrics::counter!("dbps_replica_applied_total", &labels).increment(applied.advanced as u64);
@@ -444,18 +450,24 @@ impl PgTarget {
 
     /// Applies the collapsed changes under the sequence guard: an aggregate advances only
     /// when its new sequence is newer than the one held (with `repair`, also when equal).
-    /// `held` is the versions already read and locked in this transaction.
+    /// Appends are inserted whatever the sequence held (idempotent by the table's key),
+    /// and move the held sequence to the newest. `held` is the versions already read and
+    /// locked in this transaction.
     pub(crate) async fn apply_collapsed(
         &self,
         conn: &mut PgConnection,
         collapsed: BTreeMap<String, Collapsed>,
         repair: bool,
         held: Option<HashMap<String, (i64, bool)>>,
-    ) -> Result<Applied, sqlx::Error> {
+    ) -> Result<Applied> {
         let inner = self;
+        let failed = pg("apply changes");
         let mut applied = Applied::default();
         if collapsed.is_empty() {
             return Ok(applied);
+        }
+        if let Some((id, _)) = collapsed.iter().find(|(_, c)| c.mixed) {
+            return Err(self.mixed(id));
         }
         let ids: Vec<&str> = collapsed.keys().map(String::as_str).collect();
         let current: HashMap<String, (i64, bool)> = if let Some(held) = held {
@@ -468,7 +480,8 @@ impl PgTarget {
             .bind(&inner.name)
             .bind(&ids)
             .fetch_all(&mut *conn)
-            .await?
+            .await
+            .map_err(failed)?
             .into_iter()
             .map(|row| (row.get::<String, _>(0), (row.get::<i64, _>(1), row.get::<bool, _>(2))))
             .collect()
@@ -477,18 +490,26 @@ impl PgTarget {
         let (mut v_ids, mut v_seqs, mut v_deleted, mut v_times) = (vec![], vec![], vec![], vec![]);
         for (id, change) in &collapsed {
             let now = current.get(id).copied();
-            let newer = match now {
-                None => true,
-                Some((sequence, _)) if repair => change.sequence >= sequence,
-                Some((sequence, _)) => change.sequence > sequence,
-            };
-            if !newer {
-                applied.stale += 1;
-                continue;
-            }
-            if change.gap_after(now.map(|(s, _)| s)) {
-                tracing::warn!(replica = %inner.name, aggregate_id = %id, held = ?now.map(|(s, _)| s), sequences = ?change.sequences, "sequence gap");
-                applied.gaps.push(id.clone());
+            if change.is_append() {
+                // Facts are never stale: the version only moves to the newest (the guard
+                // of the upsert below keeps it from going back).
+                if now.is_some_and(|(_, deleted)| deleted) {
+                    return Err(self.mixed(id));
+                }
+            } else {
+                let newer = match now {
+                    None => true,
+                    Some((sequence, _)) if repair => change.sequence >= sequence,
+                    Some((sequence, _)) => change.sequence > sequence,
+                };
+                if !newer {
+                    applied.stale += 1;
+                    continue;
+                }
+                if change.gap_after(now.map(|(s, _)| s)) {
+                    tracing::warn!(replica = %inner.name, aggregate_id = %id, held = ?now.map(|(s, _)| s), sequences = ?change.sequences, "sequence gap");
+                    applied.gaps.push(id.clone());
+                }
             }
             let deleted = match &change.change {
                 Some(Change::Delete) => true,
@@ -514,14 +535,44 @@ impl PgTarget {
         .bind(&v_deleted)
         .bind(&v_times)
         .fetch_all(&mut *conn)
-        .await?
+        .await
+        .map_err(pg("apply changes"))?
         .into_iter()
         .collect();
-        applied.stale += v_ids.len() - advanced.len();
-        applied.advanced = advanced.len();
+        let replacing = v_ids
+            .iter()
+            .filter(|id| !collapsed.get(**id).is_some_and(Collapsed::is_append))
+            .count();
+        let replaced_now = advanced
+            .iter()
+            .filter(|id| !collapsed.get(*id).is_some_and(Collapsed::is_append))
+            .count();
+        applied.stale += replacing - replaced_now;
+        applied.advanced = replaced_now;
 
-        let (mut replaced, mut rows, mut resequenced) = (vec![], vec![], vec![]);
+        let (mut replaced, mut rows, mut resequenced, mut appended) = (vec![], vec![], vec![], vec![]);
+        // Append events with rows: (aggregate, sequence).
+        let mut facts: BTreeSet<(String, i64)> = BTreeSet::new();
+        for (id, change) in &collapsed {
+            if !change.is_append() {
+                continue;
+            }
+            for (sequence, new_rows) in &change.appends {
+                if !new_rows.is_empty() {
+                    facts.insert((id.clone(), *sequence));
+                }
+                for row in new_rows {
+                    let mut row = row.clone();
+                    row.insert(inner.aggregate_key.clone(), Value::from(id.clone()));
+                    row.insert(inner.sequence_key.clone(), Value::from(*sequence));
+                    appended.push(Value::Object(row));
+                }
+            }
+        }
         for (id, change) in collapsed.into_iter().filter(|(id, _)| advanced.contains(id)) {
+            if change.is_append() {
+                continue;
+            }
             let key = |row: &mut serde_json::Map<String, Value>| {
                 row.insert(inner.aggregate_key.clone(), Value::from(id.clone()));
                 row.insert(inner.sequence_key.clone(), Value::from(change.sequence));
@@ -541,7 +592,8 @@ impl PgTarget {
                     key(&mut marker);
                     replaced.push(Value::Object(marker));
                 }
-                Some(Change::Unchanged) | None => {
+                // Appends were handled above.
+                Some(Change::Unchanged | Change::Append(_)) | None => {
                     let mut marker = serde_json::Map::new();
                     key(&mut marker);
                     resequenced.push(Value::Object(marker));
@@ -555,36 +607,50 @@ impl PgTarget {
             )))
             .bind(Value::Array(replaced))
             .execute(&mut *conn)
-            .await?;
+            .await
+            .map_err(pg("apply changes"))?;
         }
         if !rows.is_empty() {
-            let mut columns: BTreeSet<&str> = BTreeSet::new();
-            for row in &rows {
-                if let Value::Object(map) = row {
-                    columns.extend(map.keys().map(String::as_str));
-                }
-            }
-            let columns = columns
-                .into_iter()
-                .map(|c| quote("row column", c).map_err(|e| sqlx::Error::Protocol(e.to_string())))
-                .collect::<Result<Vec<_>, _>>()?;
-            let list = columns.join(", ");
+            let list = column_list(&rows)?;
             let on_conflict = if inner.conflict_key.is_empty() {
                 String::new()
             } else {
-                let sets: Vec<String> = columns.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+                let sets: Vec<String> = list.iter().map(|c| format!("{c} = excluded.{c}")).collect();
                 format!(
                     " on conflict ({}) do update set {}",
                     inner.conflict_key.join(", "),
                     sets.join(", ")
                 )
             };
+            let list = list.join(", ");
             sqlx::query(AssertSqlSafe(format!(
                 "insert into {table} ({list}) select {list} from jsonb_populate_recordset(null::{table}, $1){on_conflict}"
             )))
             .bind(Value::Array(rows))
             .execute(&mut *conn)
-            .await?;
+            .await
+            .map_err(pg("apply changes"))?;
+        }
+        if !appended.is_empty() {
+            let list = column_list(&appended)?.join(", ");
+            let key = if inner.conflict_key.is_empty() {
+                format!("{agg}, {seq}")
+            } else {
+                inner.conflict_key.join(", ")
+            };
+            let inserted: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+                "insert into {table} ({list}) select {list} from jsonb_populate_recordset(null::{table}, $1) \
+                 on conflict ({key}) do nothing returning {agg}::text, {seq}::int8"
+            )))
+            .bind(Value::Array(appended))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(pg("append rows"))?;
+            let inserted: BTreeSet<(String, i64)> = inserted.into_iter().collect();
+            // An event none of whose rows was inserted was applied before.
+            applied.stale += facts.difference(&inserted).count();
+            let grown: BTreeSet<&str> = inserted.iter().map(|(id, _)| id.as_str()).collect();
+            applied.advanced += grown.len();
         }
         if !resequenced.is_empty() {
             sqlx::query(AssertSqlSafe(format!(
@@ -592,11 +658,31 @@ impl PgTarget {
             )))
             .bind(Value::Array(resequenced))
             .execute(&mut *conn)
-            .await?;
+            .await
+            .map_err(pg("apply changes"))?;
         }
         Ok(applied)
     }
+
+    fn mixed(&self, aggregate_id: &str) -> CacheError {
+        CacheError::MixedChanges {
+            target: self.name.clone(),
+            aggregate_id: aggregate_id.to_owned(),
+        }
+    }
 }
+
+/// The quoted columns of `rows`, in name order.
+fn column_list(rows: &[Value]) -> Result<Vec<String>> {
+    let mut columns: BTreeSet<&str> = BTreeSet::new();
+    for row in rows {
+        if let Value::Object(map) = row {
+            columns.extend(map.keys().map(String::as_str));
+        }
+    }
+    columns.into_iter().map(|c| quote("row column", c)).collect()
+}
+
 impl<P: Projection, S: SnapshotSource + 'static> BatchHandler for PgReplica<P, S> {
     fn max_batch(&self) -> usize {
         self.inner.max_batch
