@@ -10,11 +10,14 @@
 //! services': `pipeline_owner` migrates, `pipeline_app` serves) holding a star schema
 //! ([`warehouse`]): the dimensions `dim_customer`, `dim_product` and the generated
 //! calendar `dim_date`, and the facts `fact_quote`, `fact_quote_line`,
-//! `fact_quote_status`, `fact_stock_level` and `fact_stock_out`. Each dimension and fact
-//! is a projection (`dbps_cache::projection::PgProjection`) of the other services' events:
-//! a versioned table `<table>_v<n>` behind the view `<table>`, guarded by the source
-//! aggregate's sequence number (duplicated, late and reordered events change nothing),
-//! its read positions checkpointed in the transaction of each batch.
+//! `fact_quote_status`, `fact_stock_level`, `fact_stock_movement` and `fact_stock_out`.
+//! Each dimension and fact is a projection (`dbps_cache::projection::PgProjection`) of the
+//! other services' events: a versioned table `<table>_v<n>` behind the view `<table>`,
+//! its read positions checkpointed in the transaction of each batch. Most tables are
+//! guarded by the source aggregate's sequence number (duplicated, late and reordered
+//! events change nothing); the stock movements are appended instead, one row per
+//! `StockLevelChanged`, each inserted once however often and in whatever order it
+//! arrives, so that they keep every product's history of stock levels.
 //!
 //! # Consumes
 //!
@@ -35,6 +38,7 @@
 //! | `GET /reports/pipeline-value?group=status\|month[&from=YYYY-MM-DD][&to=YYYY-MM-DD]` | [`PipelineValue`]: count and value of quotes by status or by month created |
 //! | `GET /reports/conversion[?group=total\|month][&from=...][&to=...]` | [`Conversion`]: quotes created, ordered, ratio (per month created) |
 //! | `GET /reports/stock-outs[?limit=N]` | [`StockOuts`]: per product short in a reservation, its quotes and units short |
+//! | `GET /reports/stock-movements[?product_id=...][&from=YYYY-MM-DD][&to=YYYY-MM-DD]` | [`StockMovements`]: per product and month, its stock movements, units in and out (computed from consecutive levels) and the last level |
 //! | `GET /reports/freshness` | [`Freshness`] of every table |
 //! | `GET /search/quotes[?q=text][&status=...][&customer_id=...][&size=N]` | [`QuoteSearchResult`]: quotes from the OpenSearch quotes index ([`search`]), with aggregations by status and by customer; `503` when no OpenSearch is configured |
 //! | `GET /health`, `GET /metrics` | liveness, Prometheus metrics (the projections' lag, progress, ...) |
@@ -88,7 +92,8 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use crate::reports::{
-    Conversion, ConversionRow, Freshness, PipelineValue, SourceFreshness, StockOutRow, StockOuts, ValueRow,
+    Conversion, ConversionRow, Freshness, PipelineValue, SourceFreshness, StockMovementRow, StockMovements,
+    StockOutRow, StockOuts, ValueRow,
 };
 pub use crate::search::{Bucket, QuoteDocument, QuoteSearchResult, SearchFreshness, SearchSettings};
 pub use crate::warehouse::{RebuildSummary, SEARCH_INDEX, TABLES, TableRebuild, Topics, Warehouse};
@@ -281,6 +286,7 @@ impl App {
             .route("/reports/pipeline-value", get(reports::pipeline_value))
             .route("/reports/conversion", get(reports::conversion))
             .route("/reports/stock-outs", get(reports::stock_outs))
+            .route("/reports/stock-movements", get(reports::stock_movements))
             .route("/reports/freshness", get(reports::freshness))
             .with_state(self.reads.clone())
             .merge(

@@ -12,12 +12,17 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::warehouse::{
-    DimProduct, FactQuote, FactQuoteStatus, FactStockLevel, FactStockOut, NEW, ORDERED, PENDING_STOCK, TABLES, Table,
+    DimProduct, FactQuote, FactQuoteStatus, FactStockLevel, FactStockMovement, FactStockOut, NEW, ORDERED,
+    PENDING_STOCK, STOCK_DELTAS, TABLES, Table,
 };
 
 /// The month a quote was created, from the calendar dimension (or computed, for a day
 /// outside it).
 const MONTH: &str = "coalesce(d.month_key, to_char(q.created_date, 'YYYY-MM'))";
+
+/// The month of a stock movement, from the calendar dimension (or computed, for a day
+/// outside it).
+const MOVEMENT_MONTH: &str = "coalesce(d.month_key, to_char(m.changed_date, 'YYYY-MM'))";
 
 /// Most rows of the stock-outs report.
 const MAX_LIMIT: i64 = 1000;
@@ -151,6 +156,39 @@ pub struct StockOutRow {
     pub units_short: i64,
     /// Its available stock now (`None` while no stock level was seen).
     pub available_now: Option<i64>,
+}
+
+/// `GET /reports/stock-movements`: how each product's stock moved, per month.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StockMovements {
+    /// The product asked for, when the request named one.
+    pub product_id: Option<Uuid>,
+    /// The first day of movements counted, when the request set one.
+    pub from: Option<NaiveDate>,
+    /// The last day of movements counted, when the request set one.
+    pub to: Option<NaiveDate>,
+    /// Per product and month (`YYYY-MM`, UTC), by product id then month.
+    pub rows: Vec<StockMovementRow>,
+    /// How fresh the figures are.
+    pub freshness: Freshness,
+}
+
+/// One product's stock movements in one month.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockMovementRow {
+    /// The product.
+    pub product_id: Uuid,
+    /// `YYYY-MM` (UTC) of the movements.
+    pub month: String,
+    /// Changes of its stock level (`StockLevelChanged` events).
+    pub movements: i64,
+    /// Units the level rose by, added up over the movements that raised it (the first
+    /// known level counts from zero).
+    pub units_in: i64,
+    /// Units the level fell by, added up over the movements that lowered it.
+    pub units_out: i64,
+    /// The available stock after the month's last movement (by stock version).
+    pub last_level: i64,
 }
 
 /// The query of a report: its raw parameters, checked by the report.
@@ -458,6 +496,70 @@ pub(crate) async fn stock_outs(State(pool): State<PgPool>, Query(params): Params
                     quotes_pending_stock,
                     units_short,
                     available_now,
+                },
+            )
+            .collect(),
+        freshness,
+    }))
+}
+
+/// `GET /reports/stock-movements`.
+pub(crate) async fn stock_movements(
+    State(pool): State<PgPool>,
+    Query(params): Params,
+) -> Result<Json<StockMovements>, Problem> {
+    let mut checked = Checked::default();
+    let params = checked.single(&params, &["product_id", "from", "to"]);
+    let product_id = match get(&params, "product_id").map(|v| v.trim().parse::<Uuid>()) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            checked.invalid("product_id", "must be a product id (a UUID)");
+            None
+        }
+    };
+    let (from, to) = checked.range(get(&params, "from"), get(&params, "to"));
+    checked.finish()?;
+
+    let mut tx = snapshot(&pool).await.map_err(failed)?;
+    // The changes are computed over each product's whole history, then the range
+    // chooses the movements counted: the first one in the range still counts from the
+    // level before it.
+    let rows: Vec<(Uuid, String, i64, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select m.product_id, {MOVEMENT_MONTH}, \
+         count(*)::int8, coalesce(sum(m.delta) filter (where m.delta > 0), 0)::int8, \
+         coalesce(-sum(m.delta) filter (where m.delta < 0), 0)::int8, \
+         (array_agg(m.available order by m.stock_version desc, m.source_sequence desc))[1]::int8 \
+         from ({STOCK_DELTAS}) m \
+         left join dim_date d on d.date_key = m.changed_date \
+         where ($1::uuid is null or m.product_id = $1) \
+         and ($2::date is null or m.changed_date >= $2) and ($3::date is null or m.changed_date <= $3) \
+         group by 1, 2 order by 1, {MOVEMENT_MONTH} collate \"C\""
+    )))
+    .bind(product_id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(failed)?;
+    let freshness = freshness_of(&mut tx, &[FactStockMovement::NAME])
+        .await
+        .map_err(failed)?;
+    tx.commit().await.map_err(failed)?;
+    Ok(Json(StockMovements {
+        product_id,
+        from,
+        to,
+        rows: rows
+            .into_iter()
+            .map(
+                |(product_id, month, movements, units_in, units_out, last_level)| StockMovementRow {
+                    product_id,
+                    month,
+                    movements,
+                    units_in,
+                    units_out,
+                    last_level,
                 },
             )
             .collect(),

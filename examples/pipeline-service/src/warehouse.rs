@@ -10,6 +10,7 @@
 //! | `fact_quote_line` | line of a quote | `quote.QuoteCreated` | the quote | `(quote_id, line_no)` |
 //! | `fact_quote_status` | quote | `quote.QuoteStatusChanged` (`<quote>.quote.events`) | the quote | `quote_id` |
 //! | `fact_stock_level` | product | `inventory.StockLevelChanged` (`<inventory>.product.events`) | the product | `product_id` |
+//! | `fact_stock_movement` | `StockLevelChanged` event (appended) | `inventory.StockLevelChanged` (`<inventory>.product.events`) | the product (appends: every event is kept) | `(product_id, source_sequence)` |
 //! | `fact_stock_out` | product short in a quote's reservation | `inventory.StockReservationFailed` and `inventory.StockReserved` (`<inventory>.reservation.events`) | the reservation (keyed by the quote id) | `(quote_id, product_id)` |
 //!
 //! The time dimension `dim_date` is a generated calendar (a migration, not a projection):
@@ -25,10 +26,13 @@
 //! `fact_stock_level` only `StockLevelChanged`, although both share the product's
 //! sequence. Events of other types on a table's topic are skipped by that table.
 //!
-//! What the guard cannot express: a history of every event of an aggregate (one fact row
-//! per `StockLevelChanged`, say) — a newer event replaces the aggregate's rows, and a
-//! reordered older one is dropped as stale — so the stock fact keeps each product's
-//! current level (and the time and version of its last change), not its movements.
+//! A history of every event of an aggregate is kept with appends instead
+//! (`Change::Append`): `fact_stock_movement` holds one row per `StockLevelChanged` of a
+//! product, inserted once whatever the order and the number of deliveries (its key is
+//! the product and the event's sequence), and never replaced by a newer event. The
+//! change from the product's previous level is not stored: events can arrive out of
+//! order, so the reports compute it when they read, over the stock version order (see
+//! [`STOCK_DELTAS`]). `fact_stock_level` keeps each product's current level.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -56,15 +60,22 @@ use crate::search::{QuoteIndex, QuoteSearch, SearchSettings};
 
 /// The views of the warehouse's tables (dimensions, then facts), in the order they are
 /// rebuilt and reported.
-pub const TABLES: [&str; 7] = [
+pub const TABLES: [&str; 8] = [
     DimCustomer::NAME,
     DimProduct::NAME,
     FactQuote::NAME,
     FactQuoteLine::NAME,
     FactQuoteStatus::NAME,
     FactStockLevel::NAME,
+    FactStockMovement::NAME,
     FactStockOut::NAME,
 ];
+
+/// The stock movements with the change each made: `fact_stock_movement`'s columns plus
+/// `delta`, the available stock after the movement minus after the product's previous
+/// one in stock version order (its first known level counts from zero). Computed when
+/// read, so that a movement that arrived late still counts against the right neighbour.
+pub const STOCK_DELTAS: &str = "select m.*, m.available - coalesce(lag(m.available) over      (partition by m.product_id order by m.stock_version, m.source_sequence), 0) as delta      from fact_stock_movement m";
 
 /// The name the quotes index goes by in a [`RebuildSummary`] and in progress reports.
 pub const SEARCH_INDEX: &str = "search:quotes";
@@ -245,6 +256,13 @@ table!(
     /// `fact_stock_level`: one row per product — its available stock as of its newest
     /// `StockLevelChanged`, the stock's version and the time of that change.
     FactStockLevel, "fact_stock_level", products, "product_id", []
+);
+table!(
+    /// `fact_stock_movement`: one row per `StockLevelChanged` — the product, the stock's
+    /// version, the available stock after it, and when it happened (and the day). Rows
+    /// are appended (`Change::Append`), keyed by the product and the event's sequence: a
+    /// duplicate inserts nothing, a late event is still inserted.
+    FactStockMovement, "fact_stock_movement", products, "product_id", []
 );
 table!(
     /// `fact_stock_out`: one row per product a quote's reservation was short of —
@@ -443,6 +461,31 @@ impl ReadModel for FactStockLevel {
         Ok(Change::row(&json!({
             "available": level.available,
             "stock_version": level.version,
+            "changed_at": envelope.occurred_at,
+            "changed_date": day(envelope.occurred_at),
+        }))?)
+    }
+}
+
+impl ReadModel for FactStockMovement {
+    type Events = StockLevels;
+
+    declared!();
+
+    fn create_table(&self, table: &str) -> String {
+        format!(
+            "create table {table} (product_id uuid not null, source_sequence bigint not null, \
+             stock_version bigint not null, available bigint not null, changed_at timestamptz not null, \
+             changed_date date not null, primary key (product_id, source_sequence)); \
+             create index on {table} (product_id, stock_version); create index on {table} (changed_date)"
+        )
+    }
+
+    fn project(&self, event: StockLevels, envelope: &Envelope) -> Result<Change, HandlerError> {
+        let StockLevels::Changed(level) = event;
+        Ok(Change::append(&json!({
+            "stock_version": level.version,
+            "available": level.available,
             "changed_at": envelope.occurred_at,
             "changed_date": day(envelope.occurred_at),
         }))?)
@@ -676,6 +719,7 @@ impl Warehouse {
                 self.rebuild_table::<FactQuoteLine>(kafka, version, shutdown),
                 self.rebuild_table::<FactQuoteStatus>(kafka, version, shutdown),
                 self.rebuild_table::<FactStockLevel>(kafka, version, shutdown),
+                self.rebuild_table::<FactStockMovement>(kafka, version, shutdown),
                 self.rebuild_table::<FactStockOut>(kafka, version, shutdown),
             )
         };
@@ -696,8 +740,8 @@ impl Warehouse {
                 report,
             }))
         };
-        let ((a, b, c, d, e, f, g), search) = tokio::try_join!(tables, search)?;
-        let mut tables = vec![a, b, c, d, e, f, g];
+        let ((a, b, c, d, e, f, g, h), search) = tokio::try_join!(tables, search)?;
+        let mut tables = vec![a, b, c, d, e, f, g, h];
         tables.extend(search);
         Ok(RebuildSummary { version, tables })
     }
@@ -752,6 +796,7 @@ impl Warehouse {
             self.keep::<FactQuoteLine>(kafka, version, &shutdown),
             self.keep::<FactQuoteStatus>(kafka, version, &shutdown),
             self.keep::<FactStockLevel>(kafka, version, &shutdown),
+            self.keep::<FactStockMovement>(kafka, version, &shutdown),
             self.keep::<FactStockOut>(kafka, version, &shutdown),
             search,
         )?;

@@ -24,7 +24,7 @@ use example_customer_service::events::{CustomerCreated, CustomerEvent, CustomerU
 use example_pipeline_service::warehouse::ProductChanges;
 use example_pipeline_service::{
     App, Bucket, Conversion, PipelineValue, QuoteSearchResult, SEARCH_INDEX, SERVICE, SearchSettings, Settings,
-    StockOutRow, StockOuts, TABLES, Topics, ValueRow,
+    StockMovementRow, StockMovements, StockOutRow, StockOuts, TABLES, Topics, ValueRow,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom as _;
@@ -145,8 +145,9 @@ impl Running {
         let by_month: Option<PipelineValue> = self.report("/reports/pipeline-value?group=month").await?;
         let conversion: Option<Conversion> = self.report("/reports/conversion?group=month").await?;
         let stock_outs: Option<StockOuts> = self.report("/reports/stock-outs").await?;
-        let (Some(by_status), Some(by_month), Some(conversion), Some(stock_outs)) =
-            (by_status, by_month, conversion, stock_outs)
+        let movements: Option<StockMovements> = self.report("/reports/stock-movements").await?;
+        let (Some(by_status), Some(by_month), Some(conversion), Some(stock_outs), Some(movements)) =
+            (by_status, by_month, conversion, stock_outs, movements)
         else {
             return Ok(None);
         };
@@ -167,6 +168,7 @@ impl Running {
                     .collect(),
             ),
             stock_outs: stock_outs.rows,
+            stock_movements: movements.rows,
         }))
     }
 
@@ -207,7 +209,7 @@ enum Source {
 /// A month's conversion: month, created, ordered, ratio in billionths.
 type MonthConversion = (String, i64, i64, Option<i64>);
 
-/// The figures of the four reports, without their freshness.
+/// The figures of the five reports, without their freshness.
 #[derive(Debug, Clone, PartialEq)]
 struct Figures {
     by_status: (Vec<ValueRow>, i64, i64),
@@ -215,6 +217,7 @@ struct Figures {
     /// Ratios in billionths: what JSON carries of a float is compared, not its last bit.
     conversion: (i64, i64, Option<i64>, i64, i64, Vec<MonthConversion>),
     stock_outs: Vec<StockOutRow>,
+    stock_movements: Vec<StockMovementRow>,
 }
 
 /// Generates the other services' events as they would publish them: each aggregate's
@@ -621,7 +624,67 @@ fn expected(events: &[(Source, Envelope)]) -> Figures {
         by_month: rows(&by_month, false),
         conversion,
         stock_outs,
+        stock_movements: stock_movements(events, None, None, None),
     }
+}
+
+/// What the stock-movements report must say about `events` (for one product, between two
+/// days): each distinct `StockLevelChanged` once, its change against the product's
+/// previous level by stock version (from zero for the first), per product and month.
+fn stock_movements(
+    events: &[(Source, Envelope)],
+    product: Option<Uuid>,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+) -> Vec<StockMovementRow> {
+    let registry = Registry::new();
+    // Product → stock version → (available, when), each event once however often delivered.
+    let mut levels: BTreeMap<Uuid, BTreeMap<i64, (i64, DateTime<Utc>)>> = BTreeMap::new();
+    for (_, envelope) in events.iter().filter(|(s, _)| *s == Source::Products) {
+        if envelope.message_type != StockLevelChanged::TYPE {
+            continue;
+        }
+        let Ok(Level::Changed(level)) = Level::decode(&registry, envelope) else {
+            panic!("a stock level");
+        };
+        levels
+            .entry(level.product_id)
+            .or_default()
+            .insert(level.version, (level.available, envelope.occurred_at));
+    }
+    // (product, month) → (movements, in, out, last level).
+    let mut months: BTreeMap<(Uuid, String), (i64, i64, i64, i64)> = BTreeMap::new();
+    for (product_id, history) in &levels {
+        let mut previous = 0;
+        for (available, at) in history.values() {
+            let delta = available - previous;
+            previous = *available;
+            let day = at.date_naive();
+            if product.is_some_and(|p| p != *product_id) || from.is_some_and(|f| day < f) || to.is_some_and(|t| day > t)
+            {
+                continue;
+            }
+            let entry = months.entry((*product_id, at.format("%Y-%m").to_string())).or_default();
+            entry.0 += 1;
+            entry.1 += delta.max(0);
+            entry.2 += (-delta).max(0);
+            // In version order: the month's last movement comes last.
+            entry.3 = *available;
+        }
+    }
+    months
+        .into_iter()
+        .map(
+            |((product_id, month), (movements, units_in, units_out, last_level))| StockMovementRow {
+                product_id,
+                month,
+                movements,
+                units_in,
+                units_out,
+                last_level,
+            },
+        )
+        .collect()
 }
 
 /// The newest source time among `events` of `source` whose type is in `S`.
@@ -657,6 +720,12 @@ async fn the_reports_equal_a_computation_over_the_source_events() -> TestResult 
     assert!(expected.by_month.0.len() >= 3, "{:?}", expected.by_month);
     assert!(!expected.stock_outs.is_empty());
     service.converges(&expected).await?;
+    // The tables no report reads (the customers, the lines) may still be building.
+    dbps_testkit::eventually("every table to serve version 1", || async {
+        let serving = service.app.warehouse().serving_versions().await?;
+        Ok::<_, sqlx::Error>(serving.values().all(|v| *v == Some(1)))
+    })
+    .await?;
 
     // Each report says how fresh it is: the serving version and the newest event applied.
     let value: PipelineValue = service
@@ -702,12 +771,69 @@ async fn the_reports_equal_a_computation_over_the_source_events() -> TestResult 
             (String::from("Customer 3"), country("DE"), 2),
         ]
     );
-    let lines: i64 = sqlx::query_scalar("select count(*) from fact_quote_line")
-        .fetch_one(&service.pool)
-        .await?;
+    // No report reads the lines fact, so the reports' convergence does not wait for it.
     let created = newest::<Created>(&events, Source::Quotes);
     let expected_lines: usize = created.values().map(|(_, Created::Created(q), _)| q.lines.len()).sum();
-    assert_eq!(lines, i64::try_from(expected_lines)?);
+    let expected_lines = i64::try_from(expected_lines)?;
+    dbps_testkit::eventually("the lines fact to hold every line", || async {
+        match sqlx::query_scalar::<_, i64>("select count(*) from fact_quote_line")
+            .fetch_one(&service.pool)
+            .await
+        {
+            Ok(lines) => Ok::<_, sqlx::Error>(lines == expected_lines),
+            // Not built yet.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
+
+    // The stock movements: every level change was counted, and the filters choose the
+    // product and the days (the first movement in a range counts from the level before).
+    let moves: usize = expected
+        .stock_movements
+        .iter()
+        .map(|r| usize::try_from(r.movements).unwrap_or_default())
+        .sum();
+    let level_events = events
+        .iter()
+        .filter(|(_, e)| e.message_type == StockLevelChanged::TYPE)
+        .count();
+    assert_eq!(moves, level_events);
+    assert!(expected.stock_movements.iter().any(|r| r.units_out > 0));
+    let product = expected.stock_movements[0].product_id;
+    let (first_day, last_day) = {
+        let mut days: Vec<chrono::NaiveDate> = events
+            .iter()
+            .filter(|(_, e)| e.message_type == StockLevelChanged::TYPE)
+            .map(|(_, e)| e.occurred_at.date_naive())
+            .collect();
+        days.sort();
+        (days[days.len() / 3], days[2 * days.len() / 3])
+    };
+    for (query, (p, from, to)) in [
+        (format!("?product_id={product}"), (Some(product), None, None)),
+        (
+            format!("?from={first_day}&to={last_day}"),
+            (None, Some(first_day), Some(last_day)),
+        ),
+        (
+            format!("?product_id={product}&from={first_day}"),
+            (Some(product), Some(first_day), None),
+        ),
+    ] {
+        let report: StockMovements = service
+            .report(&format!("/reports/stock-movements{query}"))
+            .await?
+            .ok_or("built")?;
+        assert_eq!(report.rows, stock_movements(&events, p, from, to), "{query}");
+        assert_eq!((report.product_id, report.from, report.to), (p, from, to));
+        assert_eq!(report.freshness.sources.len(), 1);
+        assert_eq!(
+            report.freshness.newest_event_at,
+            newest_time::<Level>(&events, Source::Products)
+        );
+    }
 
     // A date range.
     let first_month = &expected.by_month.0[0];
@@ -736,6 +862,10 @@ async fn bad_parameters_are_typed_400_problems() -> TestResult {
         ("/reports/stock-outs?limit=0", "limit"),
         ("/reports/stock-outs?limit=lots", "limit"),
         ("/reports/stock-outs?limit=1001", "limit"),
+        ("/reports/stock-movements?product_id=widget", "product_id"),
+        ("/reports/stock-movements?from=2026-02-30", "from"),
+        ("/reports/stock-movements?from=2026-05-02&to=2026-05-01", "to"),
+        ("/reports/stock-movements?product=x", "product"),
         ("/reports/freshness?table=x", "table"),
         ("/search/quotes?size=101", "size"),
         ("/search/quotes?customer_id=ada", "customer_id"),
@@ -803,15 +933,12 @@ async fn a_rebuild_during_live_events_switches_to_the_same_figures_without_a_gap
     let (mut world, mut events) = history(3, 20);
     service.publish(&events).await?;
     service.converges(&expected(&events)).await?;
-    assert!(
-        service
-            .app
-            .warehouse()
-            .serving_versions()
-            .await?
-            .values()
-            .all(|v| *v == Some(1))
-    );
+    // The tables no report reads (the lines fact) may still be building.
+    dbps_testkit::eventually("every table to serve version 1", || async {
+        let serving = service.app.warehouse().serving_versions().await?;
+        Ok::<_, sqlx::Error>(serving.values().all(|v| *v == Some(1)))
+    })
+    .await?;
 
     // A reader polls the reports through the rebuild and the switch: the quotes counted
     // never go down, and the report is always there.
@@ -1008,6 +1135,11 @@ async fn the_quotes_index_searches_and_aggregates_what_the_events_say() -> TestR
 
     // The rebuild moves the index to the new version with the tables, same results.
     service.converges(&expected).await?;
+    dbps_testkit::eventually("every table to serve version 1", || async {
+        let serving = service.app.warehouse().serving_versions().await?;
+        Ok::<_, sqlx::Error>(serving.values().all(|v| *v == Some(1)))
+    })
+    .await?;
     let summary = service
         .app
         .warehouse()
