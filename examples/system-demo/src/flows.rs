@@ -75,6 +75,8 @@ struct Outcome {
     reservation: Option<&'static str>,
     /// The state of its purchase order (`None`: it has none).
     purchase_order: Option<&'static str>,
+    /// The products its reservation was short of.
+    short: &'static [usize],
 }
 
 /// The rows of the summary's email table and the email checks.
@@ -331,6 +333,7 @@ impl<'a> Demo<'a> {
                     reason: None,
                     reservation: Some("confirmed"),
                     purchase_order: Some("open"),
+                    short: &[],
                 },
             )
             .await?;
@@ -420,6 +423,7 @@ impl<'a> Demo<'a> {
                     reason: Some("not enough stock"),
                     reservation: None,
                     purchase_order: None,
+                    short: &[MILL],
                 },
             )
             .await?;
@@ -587,6 +591,7 @@ impl<'a> Demo<'a> {
                     reason: Some("PurchaseOrderRejected"),
                     reservation: Some("released"),
                     purchase_order: None,
+                    short: &[],
                 },
             )
             .await?;
@@ -640,6 +645,7 @@ impl<'a> Demo<'a> {
                     reason: Some("timed out"),
                     reservation: Some("released"),
                     purchase_order: Some("cancelled"),
+                    short: &[],
                 },
             )
             .await?;
@@ -849,9 +855,9 @@ impl<'a> Demo<'a> {
         out::say(
             "Reports across services are the pipeline service's job. It reads the customer, quote and inventory \
              events into a star schema in its own database (dimensions for customers, products and days; facts for \
-             quotes, their statuses, stock levels and stock-outs), each table a projection it can rebuild from the \
-             topics' history, and keeps a quotes index in OpenSearch. The figures below must match what this run \
-             did: its quotes, their statuses and values, and the mill that kept one waiting for stock.",
+             quotes, their statuses, stock levels, stock movements and stock-outs), each table a projection it can \
+             rebuild from the topics' history, and keeps a quotes index in OpenSearch. The figures below must match \
+             what this run did: its quotes, their statuses and values, and the mill that kept one waiting for stock.",
         );
         self.quotes_in_the_pipeline().await?;
         self.stock_outs_in_the_pipeline().await?;
@@ -949,7 +955,7 @@ impl<'a> Demo<'a> {
                 let waiting = self
                     .quotes
                     .iter()
-                    .filter(|q| q.outcome.status == "Pending Stock" && q.lines.iter().any(|(l, _)| *l == p))
+                    .filter(|q| q.outcome.status == "Pending Stock" && q.outcome.short.contains(&p))
                     .count();
                 (p, i64::try_from(waiting).unwrap_or(i64::MAX))
             })
