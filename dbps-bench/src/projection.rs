@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use dbps_cache::projection::{Change, DocChange, OsProjection, PgProjection, ReadModel, RebuildProgress, RebuildReport, SearchModel};
+use dbps_cache::projection::{
+    Change, DocChange, OsProjection, PgProjection, ReadModel, RebuildProgress, RebuildReport, SearchModel,
+};
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
 use dbps_core::{CancellationToken, Envelope, HandlerError};
 use serde::Serialize;
@@ -317,7 +319,11 @@ async fn rebuild_pg(
     let started = Instant::now();
     let report = projection.rebuild(kafka, &CancellationToken::new()).await?;
     let took = started.elapsed();
-    progress::done(&bar, label, &format!("{}/s", thousands(total as f64 / took.as_secs_f64())));
+    progress::done(
+        &bar,
+        label,
+        &format!("{}/s", thousands(total as f64 / took.as_secs_f64())),
+    );
     Ok((took, report))
 }
 
@@ -347,7 +353,11 @@ async fn rebuild_os(
     let started = Instant::now();
     let report = projection.rebuild(kafka, &CancellationToken::new()).await?;
     let took = started.elapsed();
-    progress::done(&bar, label, &format!("{}/s", thousands(total as f64 / took.as_secs_f64())));
+    progress::done(
+        &bar,
+        label,
+        &format!("{}/s", thousands(total as f64 / took.as_secs_f64())),
+    );
     Ok((took, report))
 }
 
@@ -371,7 +381,11 @@ impl Search {
     /// The documents the alias `name` (after the prefix) serves, after a refresh.
     async fn count(&self, name: &str) -> anyhow::Result<u64> {
         let alias = format!("{}/{}{name}", self.url, self.prefix);
-        self.http.post(format!("{alias}/_refresh")).send().await?.error_for_status()?;
+        self.http
+            .post(format!("{alias}/_refresh"))
+            .send()
+            .await?
+            .error_for_status()?;
         let body: serde_json::Value = self
             .http
             .get(format!("{alias}/_count"))
@@ -380,9 +394,7 @@ impl Search {
             .error_for_status()?
             .json()
             .await?;
-        body["count"]
-            .as_u64()
-            .with_context(|| format!("no count in {body}"))
+        body["count"].as_u64().with_context(|| format!("no count in {body}"))
     }
 
     /// Deletes the run's indices (and their aliases). Failures are reported, not returned.
@@ -396,7 +408,10 @@ impl Search {
             .await
             .and_then(reqwest::Response::error_for_status);
         if let Err(error) = deleted {
-            eprintln!("warning: could not delete the benchmark indices {}*: {error}", self.prefix);
+            eprintln!(
+                "warning: could not delete the benchmark indices {}*: {error}",
+                self.prefix
+            );
         }
     }
 }

@@ -849,7 +849,12 @@ impl<'a> Demo<'a> {
             reply.status,
             reply.body
         );
-        self.show("GET", &path, &reply, "the old name finds no one: the rename replaced the document");
+        self.show(
+            "GET",
+            &path,
+            &reply,
+            "the old name finds no one: the rename replaced the document",
+        );
 
         println!();
         out::say(
