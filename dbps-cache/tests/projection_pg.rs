@@ -1,6 +1,7 @@
 //! PostgreSQL projections against the real stack: the sequence guard under shuffled and
 //! duplicated delivery, checkpoints across restarts, a blue-green rebuild into a new
-//! version while live writes go on, and append-only fact tables (one row per event).
+//! version while live writes go on, what readers see at the switch, and append-only fact
+//! tables (one row per event).
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use common::TestResult;
 use common::owner::{Customer, CustomerChanged, CustomerEvents, Owner};
 use dbps_cache::CacheError;
-use dbps_cache::projection::{Change, PgProjection, ReadModel, RebuildProgress};
+use dbps_cache::projection::{Change, PgProjection, ReadModel, RebuildProgress, lock_views};
 use dbps_cache::replica::{PgReplica, Projection};
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
 use dbps_core::{CancellationToken, Envelope, HandlerError};
@@ -403,6 +404,234 @@ async fn a_rebuild_into_v2_during_live_writes_switches_atomically_without_gaps_o
     );
     let last = progress.last().expect("progress");
     assert!(last.total >= 660 && last.fraction() == 1.0, "{last:?}");
+    Ok(())
+}
+
+/// Backends of the test's database waiting for a lock on `relation`.
+async fn waiting_for(pool: &PgPool, relation: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select count(*) from pg_locks where relation = to_regclass($1) and not granted")
+        .bind(relation)
+        .fetch_one(pool)
+        .await
+}
+
+/// The rows of the view `name`, in the caller's transaction.
+async fn count_in(conn: &mut sqlx::PgConnection, name: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(*) from {name}")))
+        .fetch_one(conn)
+        .await
+}
+
+/// Runs version 1 of the customer list `name` until it holds the owner's customers.
+async fn serve_v1(
+    db: &dbps_testkit::TestPostgres,
+    owner: &Owner,
+    config: &KafkaConfig,
+    name: &'static str,
+    topic: &str,
+) -> Result<(), Error> {
+    let v1 = PgProjection::builder(
+        db.pool().clone(),
+        CustomerList {
+            name,
+            version: 1,
+            topic: topic.to_owned(),
+        },
+    )
+    .build()?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (config, stop) = (config.clone(), stop.clone());
+        async move { v1.run(&config, stop).await }
+    });
+    converged(db.pool(), owner, name).await?;
+    stop.cancel();
+    run.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_statement_that_waits_for_the_switch_reads_the_new_version_with_its_last_records() -> TestResult {
+    let (db, kafka, owner) = setup().await?;
+    let topic = kafka.create_topic("events", 1).await?;
+    let past = history(&owner, "w", 20, 2).await?;
+    publish(&kafka, &topic, &past).await?;
+    let config = KafkaConfig::new(kafka.brokers());
+    let name = "waiting_list";
+    serve_v1(&db, &owner, &config, name, &topic).await?;
+
+    // A reader of the view: the switch will wait for it to end before it replaces the view.
+    let mut holder = db.pool().begin().await?;
+    assert_eq!(count_in(&mut holder, name).await?, 20);
+    // A batch of v1 in flight (it holds the state row in share mode), which the switch
+    // waits for: v1 applies new records while v2's switch waits.
+    let mut batch = db.pool().begin().await?;
+    sqlx::query("select serving_version from dbps_projection_state where projection = $1 for share")
+        .bind(name)
+        .fetch_one(&mut *batch)
+        .await?;
+    let v2 = PgProjection::builder(
+        db.pool().clone(),
+        CustomerList {
+            name,
+            version: 2,
+            topic: topic.clone(),
+        },
+    )
+    .build()?;
+    let stop = CancellationToken::new();
+    let rebuild = tokio::spawn({
+        let (v2, config, stop) = (v2.clone(), config.clone(), stop.clone());
+        async move { v2.rebuild(&config, &stop).await }
+    });
+    dbps_testkit::eventually("the switch to wait for the batch of v1", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where datname = current_database() \
+             and pid <> pg_backend_pid() and wait_event_type = 'Lock' and query like '%for update%'",
+        )
+        .fetch_one(db.pool())
+        .await?;
+        Ok::<_, sqlx::Error>(waiting == 1)
+    })
+    .await?;
+    // Five new customers, which the batch of v1 applies (it moves v1's checkpoint past
+    // them): the switch applies them to v2 as its last records.
+    let mut more = Vec::new();
+    for n in 0..5 {
+        more.push(owner.upsert(Customer::new(&format!("last{n}"))).await?);
+    }
+    publish(&kafka, &topic, &more).await?;
+    sqlx::query(
+        "update dbps_projection_checkpoints set next_offset = next_offset + 5 \
+         where projection = $1 and version = 1",
+    )
+    .bind(name)
+    .execute(&mut *batch)
+    .await?;
+    batch.commit().await?;
+    dbps_testkit::eventually("the switch to wait for the reader of the view", || async {
+        Ok::<_, sqlx::Error>(waiting_for(db.pool(), name).await? == 1)
+    })
+    .await?;
+
+    // A repeatable-read statement on the view now takes its snapshot and waits for the
+    // switch; it reads the view once the switch has committed, as v2.
+    let reader = tokio::spawn({
+        let pool = db.pool().clone();
+        async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query("set transaction isolation level repeatable read, read only")
+                .execute(&mut *tx)
+                .await?;
+            let count = count_in(&mut tx, name).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(count)
+        }
+    });
+    dbps_testkit::eventually("the reader to wait for the switch", || async {
+        Ok::<_, sqlx::Error>(waiting_for(db.pool(), name).await? == 2)
+    })
+    .await?;
+    assert!(!rebuild.is_finished(), "the switch waits for the reader of the view");
+    assert!(!reader.is_finished(), "the statement waits for the switch");
+    holder.commit().await?;
+    let report = rebuild.await??;
+    assert!(report.switched, "{report:?}");
+    let count = reader.await??;
+    assert_eq!(
+        count, 25,
+        "the reader that waited for the switch sees v2 with the records the switch applied last"
+    );
+    let mut conn = db.pool().acquire().await?;
+    assert_eq!(count_in(&mut conn, name).await?, 25);
+    let email_counts: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(email_count) from {name}")))
+        .fetch_one(&mut *conn)
+        .await?;
+    assert_eq!(email_counts, 25, "the view serves v2");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_repeatable_read_reader_that_locks_the_views_first_reads_one_version_throughout() -> TestResult {
+    let (db, kafka, owner) = setup().await?;
+    let topic = kafka.create_topic("events", 1).await?;
+    let past = history(&owner, "l", 20, 2).await?;
+    publish(&kafka, &topic, &past).await?;
+    let config = KafkaConfig::new(kafka.brokers());
+    let name = "locked_list";
+    serve_v1(&db, &owner, &config, name, &topic).await?;
+
+    let repeatable_read = || async {
+        let mut tx = db.pool().begin().await?;
+        sqlx::query("set transaction isolation level repeatable read, read only")
+            .execute(&mut *tx)
+            .await?;
+        Ok::<_, sqlx::Error>(tx)
+    };
+    // Two readers whose snapshots are taken before the rebuild (by a first query on
+    // another table); one locked the view before that query.
+    let mut locked = repeatable_read().await?;
+    lock_views(&mut locked, &[name]).await?;
+    let mut unlocked = repeatable_read().await?;
+    for tx in [&mut locked, &mut unlocked] {
+        let _: i64 = sqlx::query_scalar("select count(*) from dbps_projection_state")
+            .fetch_one(&mut **tx)
+            .await?;
+    }
+
+    let v2 = PgProjection::builder(
+        db.pool().clone(),
+        CustomerList {
+            name,
+            version: 2,
+            topic: topic.clone(),
+        },
+    )
+    .build()?;
+    let stop = CancellationToken::new();
+    let rebuild = tokio::spawn({
+        let (v2, config, stop) = (v2.clone(), config.clone(), stop.clone());
+        async move { v2.rebuild(&config, &stop).await }
+    });
+    // The switch waits for the reader that locked the view.
+    dbps_testkit::eventually("the switch to wait for the locked reader (or end)", || async {
+        Ok::<_, sqlx::Error>(rebuild.is_finished() || waiting_for(db.pool(), name).await? == 1)
+    })
+    .await?;
+    assert!(
+        !rebuild.is_finished(),
+        "the switch went ahead of a reader that locked the view"
+    );
+    assert_eq!(
+        count_in(&mut locked, name).await?,
+        20,
+        "the locked reader reads v1, which serves until it ends"
+    );
+    locked.commit().await?;
+    assert!(rebuild.await??.switched);
+
+    // The reader that did not lock resolves the view to v2 now, but reads it as of its
+    // snapshot, from before v2 was filled: what the lock is there for.
+    assert_eq!(count_in(&mut unlocked, name).await?, 0);
+    unlocked.commit().await?;
+    // A reader that locks after the switch reads v2, complete.
+    let mut after = repeatable_read().await?;
+    lock_views(&mut after, &[name]).await?;
+    assert_eq!(count_in(&mut after, name).await?, 20);
+    after.commit().await?;
+
+    // Names are quoted (a schema may be given) or refused; nothing to lock is nothing done.
+    let mut tx = db.pool().begin().await?;
+    lock_views(&mut tx, &[format!("public.{name}")]).await?;
+    lock_views::<&str>(&mut tx, &[]).await?;
+    let refused = lock_views(&mut tx, &["x; drop table y"]).await.expect_err("refused");
+    assert!(matches!(refused, CacheError::InvalidConfig { .. }), "{refused:?}");
+    let missing = lock_views(&mut tx, &["no_such_view"]).await.expect_err("missing");
+    assert!(
+        matches!(&missing, CacheError::Postgres { source: sqlx::Error::Database(e), .. } if e.code().as_deref() == Some("42P01")),
+        "{missing:?}"
+    );
+    tx.rollback().await?;
     Ok(())
 }
 

@@ -24,9 +24,16 @@
 //!   group; a restart resumes where the last committed batch ended.
 //! - **Blue-green rebuild.** A new version fills its fresh table by replaying its topics
 //!   from the beginning while the old version keeps serving, catches up with the old
-//!   version's checkpoints, and then switches the view in the transaction that applies
-//!   the last events and hands the checkpoints over. From then on the new version is the
-//!   one written; the old version's runner sees that it is superseded and stops.
+//!   version's checkpoints, and then switches the view: one transaction holds the old
+//!   version's batches out, a second one applies and commits the new version's last
+//!   events up to the old version's checkpoints, and then the first replaces the view.
+//!   From then on the new version is the one written; the old version's runner sees that
+//!   it is superseded and stops.
+//! - **Reading several views, or one view in several statements.** A transaction that
+//!   needs them consistent locks the views first, before its first query
+//!   ([`lock_views`]): a view is resolved when a statement is parsed, so a transaction
+//!   whose snapshot predates a switch could otherwise read the new version as of that
+//!   older snapshot.
 //!
 //! Metrics, labelled by `projection` (`<name>_v<version>`):
 //! `dbps_projection_applied_total`, `dbps_projection_stale_total`,
@@ -51,7 +58,7 @@ mod search;
 #[cfg(feature = "opensearch")]
 pub use os::{Freshness, OsProjection, OsProjectionBuilder, ProjectionStatus};
 #[cfg(feature = "postgres")]
-pub use pg::{MIGRATOR, PgProjection, PgProjectionBuilder};
+pub use pg::{MIGRATOR, PgProjection, PgProjectionBuilder, lock_views};
 #[cfg(feature = "opensearch")]
 pub use search::{DocChange, SearchModel};
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use dbps_core::CancellationToken;
 use dbps_core::kafka::KafkaConfig;
 use sqlx::migrate::Migrator;
-use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
 
 use super::reader::{
     BatchEffect, Common, IDLE_CHECK, Partition, Record, Runner, advance, behind, common_builder_methods,
@@ -106,6 +106,10 @@ impl<R: ReadModel> PgProjectionBuilder<R> {
 /// arrive, each batch in one transaction with its checkpoints, until it is stopped or a
 /// newer version takes the view over.
 ///
+/// Readers query the view `<name>`. One statement sees one version, complete; a
+/// transaction that reads several projection views, or one in several statements under
+/// `REPEATABLE READ`, first locks them with [`lock_views`].
+///
 /// ```no_run
 /// # use dbps_cache::projection::{Change, ReadModel};
 /// # struct Orders;
@@ -162,6 +166,74 @@ impl<R> fmt::Debug for PgProjection<R> {
             .field("topics", &self.inner.runner.topics)
             .finish_non_exhaustive()
     }
+}
+
+/// Locks projection views (plain or `schema.name` identifiers, quoted here) in `ACCESS
+/// SHARE` mode for the rest of the caller's transaction: the way to read several views
+/// consistently, or one view in several statements under `REPEATABLE READ`.
+///
+/// PostgreSQL resolves a view when a statement is parsed, with the catalog as of then,
+/// but a `REPEATABLE READ` transaction reads every statement with the snapshot of its
+/// first one. A transaction whose snapshot predates a switch and that resolves a view
+/// after it reads the new version's table as of that older snapshot, when the new
+/// version may have been far behind (a row count can drop, a row go back). Locking the
+/// views first, before the transaction's first query (`LOCK TABLE` takes no snapshot),
+/// closes that: the lock waits for a switch in progress and then holds the next one off
+/// until the transaction ends, and locking a view also locks the tables its query reads.
+/// Every statement of the transaction then reads the versions that served when the lock
+/// was granted, with a snapshot from after their switches. A switch waits for such
+/// transactions (and the old version's batches wait for the switch), so keep them short.
+///
+/// Call it first in the transaction (after `SET TRANSACTION`); outside a transaction
+/// block PostgreSQL refuses the lock. The views are locked in the order of their quoted
+/// names, whatever the order given, so that transactions locking overlapping sets do not
+/// deadlock through switches waiting on them. Nothing is done for an empty list.
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("set transaction isolation level repeatable read, read only")
+///     .execute(&mut *tx)
+///     .await?;
+/// dbps_cache::projection::lock_views(&mut tx, &["orders", "order_lines"]).await?;
+/// let orders: i64 = sqlx::query_scalar("select count(*) from orders").fetch_one(&mut *tx).await?;
+/// let lines: i64 = sqlx::query_scalar("select count(*) from order_lines").fetch_one(&mut *tx).await?;
+/// tx.commit().await?;
+/// # let _ = (orders, lines); Ok(()) }
+/// ```
+pub async fn lock_views<S: AsRef<str>>(conn: &mut PgConnection, views: &[S]) -> Result<()> {
+    if views.is_empty() {
+        return Ok(());
+    }
+    let mut quoted = views
+        .iter()
+        .map(|view| {
+            let parts = view
+                .as_ref()
+                .split('.')
+                .map(|part| quote("projection view", part))
+                .collect::<Result<Vec<_>>>()?;
+            if parts.len() > 2 {
+                return Err(CacheError::InvalidConfig {
+                    setting: "projection view",
+                    reason: format!("{:?} has more than a schema and a name", view.as_ref()),
+                });
+            }
+            Ok(parts.join("."))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // One order for every caller: two transactions locking the same views never wait for
+    // each other through switches waiting on both.
+    quoted.sort();
+    quoted.dedup();
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "lock table {} in access share mode",
+        quoted.join(", ")
+    )))
+    .execute(conn)
+    .await
+    .map_err(pg("lock the projection views"))?;
+    Ok(())
 }
 
 /// Whether the serving version allows a batch of this version to commit.
@@ -224,11 +296,16 @@ impl<R: ReadModel> PgProjection<R> {
     /// The fresh table `<name>_v<version>` is created (or, after an interrupted rebuild,
     /// taken up where its checkpoints are), every record up to the end offsets at the
     /// start is replayed into it, and then the records that arrived meanwhile, until it
-    /// has caught up with the serving version's checkpoints. The last records are applied
-    /// in the transaction that locks the serving version's state, switches the view
-    /// (`create or replace view`) and makes this version the serving one: a reader of the
-    /// view sees the old version or the new one, complete, and no batch of the old
-    /// version commits after the switch.
+    /// has caught up with the serving version's checkpoints. Then the switch: one
+    /// transaction locks the serving version's state (no batch of the old version commits
+    /// after it) and reads its checkpoints; the last records up to them are applied and
+    /// committed in a second transaction, on another connection; then the first
+    /// transaction switches the view (`create or replace view`), makes this version the
+    /// serving one and commits. A statement that reads the view sees the old version or
+    /// the new one, complete. A transaction that reads several views, or one view in
+    /// several statements under `REPEATABLE READ`, locks them first: see [`lock_views`].
+    ///
+    /// The switch holds two connections of the pool at once.
     ///
     /// Nothing is done (`switched == false`) when this version or a newer one serves
     /// already, or when `shutdown` stops the rebuild before the switch.
@@ -270,8 +347,18 @@ impl<R: ReadModel> PgProjection<R> {
             self.report_progress(report.replayed, total);
         }
 
-        // The switch: lock the serving version's state so none of its batches commits,
-        // apply what it has applied since, and point the view at this version.
+        // The switch. Transaction A locks the serving version's state so that none of its
+        // batches commits any more and reads its checkpoints, now fixed; transaction B, on
+        // a connection of its own, applies this version's last records up to them and
+        // commits; only then does A point the view at this version and commit. A statement
+        // resolves the view when it is parsed, with the catalog as of then, but reads with
+        // a snapshot taken just before: a statement that resolves the view to this version
+        // asked for the view's lock after A replaced the view, so its snapshot is from
+        // after B's commit and it sees this version complete (had A applied the last
+        // records itself, such a statement would read this version without them). B's
+        // connection is taken before A locks anything, so that the switch never waits for
+        // the pool while it holds the old version out.
+        let mut apply_conn = inner.pool.acquire().await.map_err(pg("begin the switch"))?;
         let mut tx = inner.pool.begin().await.map_err(pg("begin the switch"))?;
         let serving: Option<Option<i32>> =
             sqlx::query_scalar("select serving_version from dbps_projection_state where projection = $1 for update")
@@ -293,15 +380,27 @@ impl<R: ReadModel> PgProjection<R> {
             None => BTreeMap::new(),
         };
         targets.retain(|partition, _| watermarks.contains_key(partition));
-        let mut effects = Vec::new();
-        while behind(&positions, &targets) {
-            let Some(batch) = reader.next_batch(inner.runner.max_batch, shutdown, None).await? else {
-                return Ok(report);
-            };
-            effects.push(self.apply_in(&mut tx, &batch).await?);
-            advance(&mut positions, &batch);
-            report.replayed += batch.len() as u64;
+        // B writes only this version's rows, versions and checkpoints: nothing A holds
+        // (the state row, read access to the checkpoints), and nothing a batch of the old
+        // version waiting for the state row holds (the state row is the first thing its
+        // transaction asks for).
+        if behind(&positions, &targets) {
+            let mut last = apply_conn.begin().await.map_err(pg("begin the last records"))?;
+            let mut effects = Vec::new();
+            while behind(&positions, &targets) {
+                let Some(batch) = reader.next_batch(inner.runner.max_batch, shutdown, None).await? else {
+                    return Ok(report);
+                };
+                effects.push(self.apply_in(&mut last, &batch).await?);
+                advance(&mut positions, &batch);
+                report.replayed += batch.len() as u64;
+            }
+            last.commit().await.map_err(pg("commit the last records"))?;
+            for effect in &effects {
+                self.record(effect);
+            }
         }
+        drop(apply_conn);
         self.switch_view(&mut tx).await?;
         sqlx::query("update dbps_projection_state set serving_version = $2, switched_at = now() where projection = $1")
             .bind(&inner.name)
@@ -310,9 +409,6 @@ impl<R: ReadModel> PgProjection<R> {
             .await
             .map_err(pg("record the serving version"))?;
         tx.commit().await.map_err(pg("commit the switch"))?;
-        for effect in &effects {
-            self.record(effect);
-        }
         report.switched = true;
         self.report_progress(report.replayed, total.max(report.replayed));
         tracing::info!(projection = %inner.runner.label, ?previous, replayed = report.replayed, "view switched");
