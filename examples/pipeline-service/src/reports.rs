@@ -1,5 +1,5 @@
 //! The reports: SQL over the warehouse's views, each read in one repeatable-read
-//! transaction with its freshness.
+//! transaction with its freshness, the views it reads locked first (see `snapshot`).
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -270,13 +270,29 @@ fn failed(error: sqlx::Error) -> Problem {
     Problem::unavailable()
 }
 
-/// A read-only transaction that sees one snapshot of every table.
-async fn snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+/// A read-only transaction that sees one snapshot of every table, with the views it
+/// reads (`views`) locked before its first query.
+///
+/// A view is resolved when a statement is parsed, but the transaction reads with the
+/// snapshot of its first statement: without the lock, a report whose snapshot predates
+/// a table's switch to a new version could read the new version's table as of that
+/// snapshot, when it was behind. The lock waits for a switch in progress and holds the
+/// next one off until the report ends, so the snapshot is from after the switches of the
+/// versions read.
+async fn snapshot(pool: &PgPool, views: &[&str]) -> Result<Transaction<'static, Postgres>, Problem> {
+    let mut tx = pool.begin().await.map_err(failed)?;
     sqlx::query("set transaction isolation level repeatable read, read only")
         .execute(&mut *tx)
-        .await?;
-    Ok(tx)
+        .await
+        .map_err(failed)?;
+    match dbps_cache::projection::lock_views(&mut tx, views).await {
+        Ok(()) => Ok(tx),
+        Err(dbps_cache::CacheError::Postgres { source, .. }) => Err(failed(source)),
+        Err(error) => {
+            tracing::error!(%error, "report failed");
+            Err(Problem::unavailable())
+        }
+    }
 }
 
 /// The freshness of `tables`, in the caller's snapshot.
@@ -342,7 +358,7 @@ pub(crate) async fn pipeline_value(
     let (from, to) = checked.range(get(&params, "from"), get(&params, "to"));
     checked.finish()?;
 
-    let mut tx = snapshot(&pool).await.map_err(failed)?;
+    let mut tx = snapshot(&pool, &[FactQuote::NAME, FactQuoteStatus::NAME]).await?;
     let key = if group == "status" {
         format!("coalesce(s.status, '{NEW}')")
     } else {
@@ -396,7 +412,7 @@ pub(crate) async fn conversion(State(pool): State<PgPool>, Query(params): Params
     let (from, to) = checked.range(get(&params, "from"), get(&params, "to"));
     checked.finish()?;
 
-    let mut tx = snapshot(&pool).await.map_err(failed)?;
+    let mut tx = snapshot(&pool, &[FactQuote::NAME, FactQuoteStatus::NAME]).await?;
     let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {MONTH}, count(*)::int8, \
          (count(*) filter (where s.status = $3))::int8, coalesce(sum(q.value_cents), 0)::int8, \
@@ -455,7 +471,13 @@ pub(crate) async fn stock_outs(State(pool): State<PgPool>, Query(params): Params
     };
     checked.finish()?;
 
-    let mut tx = snapshot(&pool).await.map_err(failed)?;
+    let views = [
+        FactStockOut::NAME,
+        DimProduct::NAME,
+        FactQuoteStatus::NAME,
+        FactStockLevel::NAME,
+    ];
+    let mut tx = snapshot(&pool, &views).await?;
     type Row = (Uuid, Option<String>, Option<String>, i64, i64, i64, Option<i64>);
     let rows: Vec<Row> = sqlx::query_as(
         "select o.product_id, p.sku, p.name, count(*)::int8, \
@@ -472,17 +494,7 @@ pub(crate) async fn stock_outs(State(pool): State<PgPool>, Query(params): Params
     .fetch_all(&mut *tx)
     .await
     .map_err(failed)?;
-    let freshness = freshness_of(
-        &mut tx,
-        &[
-            FactStockOut::NAME,
-            DimProduct::NAME,
-            FactQuoteStatus::NAME,
-            FactStockLevel::NAME,
-        ],
-    )
-    .await
-    .map_err(failed)?;
+    let freshness = freshness_of(&mut tx, &views).await.map_err(failed)?;
     tx.commit().await.map_err(failed)?;
     Ok(Json(StockOuts {
         rows: rows
@@ -521,7 +533,7 @@ pub(crate) async fn stock_movements(
     let (from, to) = checked.range(get(&params, "from"), get(&params, "to"));
     checked.finish()?;
 
-    let mut tx = snapshot(&pool).await.map_err(failed)?;
+    let mut tx = snapshot(&pool, &[FactStockMovement::NAME]).await?;
     // The changes are computed over each product's whole history, then the range
     // chooses the movements counted: the first one in the range still counts from the
     // level before it.
@@ -572,7 +584,8 @@ pub(crate) async fn freshness(State(pool): State<PgPool>, Query(params): Params)
     let mut checked = Checked::default();
     checked.single(&params, &[]);
     checked.finish()?;
-    let mut tx = snapshot(&pool).await.map_err(failed)?;
+    // Only the state tables are read: no view to lock.
+    let mut tx = snapshot(&pool, &[]).await?;
     let freshness = freshness_of(&mut tx, &TABLES).await.map_err(failed)?;
     tx.commit().await.map_err(failed)?;
     Ok(Json(freshness))
