@@ -10,16 +10,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use common::TestResult;
 use common::owner::{Customer, CustomerChanged, CustomerDeleted, CustomerEvents};
+use common::projection::{Error, ProgressLog, Watch, assert_handover, publish, scrambled};
 use dbps_cache::CacheError;
-use dbps_cache::projection::{DocChange, OsProjection, RebuildProgress, SearchModel};
+use dbps_cache::projection::{DocChange, OsProjection, RunSummary, SearchModel};
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
 use dbps_core::{CancellationToken, Envelope, HandlerError, Message};
-use rand::seq::SliceRandom as _;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// Documents `{name, email_count?}`; version 2 adds `email_count`, which only the events
 /// carry.
@@ -28,6 +26,16 @@ struct CustomerSearch {
     name: &'static str,
     version: u32,
     topic: String,
+}
+
+impl CustomerSearch {
+    fn new(name: &'static str, version: u32, topic: &str) -> Self {
+        Self {
+            name,
+            version,
+            topic: topic.to_owned(),
+        }
+    }
 }
 
 impl SearchModel for CustomerSearch {
@@ -114,12 +122,14 @@ impl Owner {
     }
 }
 
-async fn publish(kafka: &dbps_testkit::TestKafka, topic: &str, events: &[Envelope]) -> Result<(), Error> {
-    let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers())).build()?;
-    for result in publisher.publish_batch(events.iter().map(|e| (topic, e))).await {
-        result?;
-    }
-    Ok(())
+/// Runs `projection` in a task until `stop`.
+fn running<M: SearchModel>(
+    projection: &OsProjection<M>,
+    config: &KafkaConfig,
+    stop: &CancellationToken,
+) -> JoinHandle<Result<RunSummary, CacheError>> {
+    let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
+    tokio::spawn(async move { projection.run(&config, stop).await })
 }
 
 /// The prefix of a test's projections: inside the testkit's namespace, so its indices
@@ -259,16 +269,7 @@ async fn shuffled_and_duplicated_events_give_the_in_order_result() -> TestResult
     let in_order = kafka.create_topic("in-order", 2).await?;
     let shuffled = kafka.create_topic("shuffled", 2).await?;
     publish(&kafka, &in_order, &events).await?;
-    // Every event at least once, a third twice, and a tenth re-published under a new
-    // message id, all in random order.
-    let mut delivered = events.clone();
-    delivered.extend(events.iter().step_by(3).cloned());
-    delivered.extend(events.iter().step_by(10).map(|e| {
-        let mut again = e.clone();
-        again.id = uuid::Uuid::now_v7().to_string();
-        again
-    }));
-    delivered.shuffle(&mut rand::rng());
+    let delivered = scrambled(&events);
     publish(&kafka, &shuffled, &delivered).await?;
 
     let config = KafkaConfig::new(kafka.brokers());
@@ -277,18 +278,13 @@ async fn shuffled_and_duplicated_events_give_the_in_order_result() -> TestResult
     let mut runs = Vec::new();
     let mut aliases = Vec::new();
     for (name, topic) in [(once_name, &in_order), (shuffled_name, &shuffled)] {
-        let model = CustomerSearch {
-            name,
-            version: 1,
-            topic: topic.clone(),
-        };
+        let model = CustomerSearch::new(name, 1, topic);
         let projection = OsProjection::builder(search.url(), model)
             .index_prefix(prefix(&search))
             .max_batch(16)
             .build()?;
         aliases.push(projection.alias().to_owned());
-        let (config, stop) = (config.clone(), stop.clone());
-        runs.push(tokio::spawn(async move { projection.run(&config, stop).await }));
+        runs.push(running(&projection, &config, &stop));
     }
     converged(&search, &aliases[0], &owner).await?;
     converged(&search, &aliases[1], &owner).await?;
@@ -321,29 +317,14 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() -> TestResult {
     let first = owner.history("r", 20, 4);
     publish(&kafka, &topic, &first).await?;
     let config = KafkaConfig::new(kafka.brokers());
-    let model = CustomerSearch {
-        name: "list",
-        version: 1,
-        topic: topic.clone(),
-    };
+    let model = CustomerSearch::new("list", 1, &topic);
     let build = || {
         OsProjection::builder(search.url(), model.clone())
             .index_prefix(prefix(&search))
             .build()
     };
     let projection = build()?;
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
-        async move { projection.run(&config, stop).await }
-    });
-    converged(&search, projection.alias(), &owner).await?;
-    dbps_testkit::eventually("the checkpoint to reach the end", || async {
-        Ok::<_, CacheError>(projection.checkpoints().await?.get(&(topic.clone(), 0)) == Some(&100))
-    })
-    .await?;
-    stop.cancel();
-    let summary = run.await??;
+    let summary = run_to_end(&search, &projection, &config, &owner, &topic, 100).await?;
     assert_eq!(summary.records, 100);
     let status = projection.status().await?;
     assert_eq!(status.serving_version, Some(1));
@@ -368,18 +349,7 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() -> TestResult {
         .collect();
     publish(&kafka, &topic, &more).await?;
     let projection = build()?;
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
-        async move { projection.run(&config, stop).await }
-    });
-    converged(&search, projection.alias(), &owner).await?;
-    dbps_testkit::eventually("the checkpoint to reach the end", || async {
-        Ok::<_, CacheError>(projection.checkpoints().await?.get(&(topic.clone(), 0)) == Some(&120))
-    })
-    .await?;
-    stop.cancel();
-    let summary = run.await??;
+    let summary = run_to_end(&search, &projection, &config, &owner, &topic, 120).await?;
     assert_eq!(
         summary.records, 20,
         "only the records after the checkpoint are read again"
@@ -387,13 +357,26 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() -> TestResult {
     Ok(())
 }
 
-/// What a reader polling the alias saw.
-#[derive(Debug, Default)]
-struct Watch {
-    reads: u64,
-    count_drops: u64,
-    regressions: u64,
-    saw_v2_field: bool,
+/// Runs `projection` until its alias holds the owner's customers and its checkpoint of
+/// `topic` (one partition) is `end`, then stops it; its summary.
+async fn run_to_end(
+    search: &dbps_testkit::TestOpenSearch,
+    projection: &OsProjection<CustomerSearch>,
+    config: &KafkaConfig,
+    owner: &Owner,
+    topic: &str,
+    end: i64,
+) -> Result<RunSummary, Error> {
+    let stop = CancellationToken::new();
+    let run = running(projection, config, &stop);
+    converged(search, projection.alias(), owner).await?;
+    let partition = (topic.to_owned(), 0);
+    dbps_testkit::eventually("the checkpoint to reach the end", || async {
+        Ok::<_, CacheError>(projection.checkpoints().await?.get(&partition) == Some(&end))
+    })
+    .await?;
+    stop.cancel();
+    Ok(run.await??)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,21 +387,14 @@ async fn a_rebuild_into_v2_during_live_writes_switches_the_alias_atomically() ->
     let past = owner.history("p", 60, 10);
     publish(&kafka, &topic, &past).await?;
     let config = KafkaConfig::new(kafka.brokers());
-    let model = |version| CustomerSearch {
-        name: "customers",
-        version,
-        topic: topic.clone(),
-    };
+    let model = |version| CustomerSearch::new("customers", version, &topic);
     let v1 = OsProjection::builder(search.url(), model(1))
         .index_prefix(prefix(&search))
         .max_batch(32)
         .build()?;
     let alias = v1.alias().to_owned();
     let stop = CancellationToken::new();
-    let v1_run = tokio::spawn({
-        let (v1, config, stop) = (v1.clone(), config.clone(), stop.clone());
-        async move { v1.run(&config, stop).await }
-    });
+    let v1_run = running(&v1, &config, &stop);
     converged(&search, &alias, &owner).await?;
     assert_eq!(v1.serving_version().await?, Some(1));
 
@@ -434,16 +410,9 @@ async fn a_rebuild_into_v2_during_live_writes_switches_the_alias_atomically() ->
         );
         async move {
             let mut watch = Watch::default();
-            let mut seen: BTreeMap<String, i64> = BTreeMap::new();
-            let mut last_count = 0;
             while watching.load(Ordering::SeqCst) {
                 let count: Value = client.get(format!("{url}/{alias}/_count")).send().await?.json().await?;
-                let count = count["count"].as_u64().unwrap_or(0);
-                watch.reads += 1;
-                if count < last_count {
-                    watch.count_drops += 1;
-                }
-                last_count = count;
+                watch.read(count["count"].as_u64().unwrap_or(0));
                 let reply: Value = client
                     .post(format!("{url}/{alias}/_search"))
                     .json(&json!({"size": 10_000, "version": true}))
@@ -453,13 +422,8 @@ async fn a_rebuild_into_v2_during_live_writes_switches_the_alias_atomically() ->
                     .await?;
                 for hit in reply["hits"]["hits"].as_array().cloned().unwrap_or_default() {
                     let id = hit["_id"].as_str().unwrap_or_default().to_owned();
-                    let version = hit["_version"].as_i64().unwrap_or(0);
-                    let last = seen.entry(id).or_default();
-                    if version < *last {
-                        watch.regressions += 1;
-                    }
-                    *last = version;
-                    watch.saw_v2_field |= hit["_source"].get("email_count").is_some();
+                    watch.version(id, hit["_version"].as_i64().unwrap_or(0));
+                    watch.saw_v2 |= hit["_source"].get("email_count").is_some();
                 }
             }
             Ok::<_, reqwest::Error>(watch)
@@ -486,19 +450,13 @@ async fn a_rebuild_into_v2_during_live_writes_switches_the_alias_atomically() ->
         }
     });
 
-    let progress: Arc<Mutex<Vec<RebuildProgress>>> = Arc::default();
+    let progress = ProgressLog::default();
     let v2 = OsProjection::builder(search.url(), model(2))
         .index_prefix(prefix(&search))
         .max_batch(32)
-        .on_progress({
-            let progress = Arc::clone(&progress);
-            move |p| progress.lock().expect("progress").push(p)
-        })
+        .on_progress(progress.recorder())
         .build()?;
-    let v2_run = tokio::spawn({
-        let (v2, config, stop) = (v2.clone(), config.clone(), stop.clone());
-        async move { v2.run(&config, stop).await }
-    });
+    let v2_run = running(&v2, &config, &stop);
 
     // The old version notices that it is superseded and stops on its own.
     let v1_summary = v1_run.await??;
@@ -516,22 +474,9 @@ async fn a_rebuild_into_v2_during_live_writes_switches_the_alias_atomically() ->
     assert!(watch.reads > 0);
     assert_eq!(watch.count_drops, 0, "the alias never lost documents: {watch:?}");
     assert_eq!(watch.regressions, 0, "no document went back in time: {watch:?}");
-    assert!(watch.saw_v2_field, "the alias serves v2's field");
+    assert!(watch.saw_v2, "the alias serves v2's field");
     assert_eq!(owner.customers.len(), 100);
-    // v2 holds everything v1 had applied when it stopped: no gap at the handover.
-    let (v1_at, v2_at) = (v1.checkpoints().await?, v2.checkpoints().await?);
-    for (partition, offset) in &v1_at {
-        assert!(v2_at.get(partition).is_some_and(|o| o >= offset), "{v1_at:?} {v2_at:?}");
-    }
-    // Progress was reported, grew, and ended complete.
-    let progress = progress.lock().expect("progress").clone();
-    assert!(progress.len() > 1, "{progress:?}");
-    assert!(
-        progress.windows(2).all(|w| w[0].replayed <= w[1].replayed),
-        "{progress:?}"
-    );
-    let last = progress.last().expect("progress");
-    assert!(last.total >= 660 && last.fraction() == 1.0, "{last:?}");
+    assert_handover(&v1.checkpoints().await?, &v2.checkpoints().await?, &progress, 660);
     Ok(())
 }
 
@@ -601,11 +546,7 @@ async fn opensearch_down_and_back_loses_nothing() -> TestResult {
     let first = owner.history("d", 20, 2);
     publish(&kafka, &topic, &first).await?;
     let forwarder = Forwarder::start(search.url()).await?;
-    let model = CustomerSearch {
-        name: "outage",
-        version: 1,
-        topic: topic.clone(),
-    };
+    let model = CustomerSearch::new("outage", 1, &topic);
     let projection = OsProjection::builder(forwarder.url.clone(), model.clone())
         .index_prefix(prefix(&search))
         .timeout(std::time::Duration::from_secs(2))
@@ -617,10 +558,7 @@ async fn opensearch_down_and_back_loses_nothing() -> TestResult {
         .build()?;
     let config = KafkaConfig::new(kafka.brokers());
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
-        async move { projection.run(&config, stop).await }
-    });
+    let run = running(&projection, &config, &stop);
     converged(&search, projection.alias(), &owner).await?;
     let before: i64 = direct.checkpoints().await?.values().sum();
     assert_eq!(before, 60);
@@ -659,11 +597,7 @@ async fn opensearch_down_and_back_loses_nothing() -> TestResult {
 
 #[tokio::test]
 async fn invalid_declarations_are_typed_errors() {
-    let model = |name: &'static str, version: u32, topic: &str| CustomerSearch {
-        name,
-        version,
-        topic: topic.to_owned(),
-    };
+    let model = CustomerSearch::new;
     let setting = |result: Result<OsProjection<CustomerSearch>, CacheError>| match result {
         Err(CacheError::InvalidConfig { setting, .. }) => setting,
         other => panic!("expected a configuration error, got {other:?}"),

@@ -7,28 +7,59 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::str::FromStr as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use common::TestResult;
 use common::owner::{Customer, CustomerChanged, CustomerEvents, Owner};
+use common::projection::{Error, ProgressLog, Watch, assert_handover, publish, scrambled};
 use dbps_cache::CacheError;
-use dbps_cache::projection::{Change, PgProjection, ReadModel, RebuildProgress, lock_views};
+use dbps_cache::projection::{Change, PgProjection, ReadModel, RebuildReport, RunSummary, lock_views};
 use dbps_cache::replica::{PgReplica, Projection};
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher};
 use dbps_core::{CancellationToken, Envelope, HandlerError};
-use rand::seq::SliceRandom as _;
 use sqlx::PgPool;
+use tokio::task::JoinHandle;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+/// How a [`CustomerList`] keeps its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// One row per customer, replaced by each change and removed by a delete.
+    Latest,
+    /// One row per `CustomerChanged` (the customer's name history), appended; a delete
+    /// adds no fact.
+    History,
+    /// As `History`, but a delete is a `Change::Delete` (refused beside appends).
+    MixedHistory,
+}
 
-/// `<name>_v1 (aggregate_id, name, source_sequence)`; version 2 adds `email_count`, which
-/// only the events carry.
+/// `<name>_v1 (aggregate_id, name, source_sequence)` (rows `Latest`), or
+/// `<name>_v1 (aggregate_id, source_sequence, name)` keyed by both (rows `History`);
+/// version 2 adds `email_count`, which only the events carry.
 #[derive(Debug, Clone)]
 struct CustomerList {
     name: &'static str,
     version: u32,
     topic: String,
+    rows: Rows,
+}
+
+impl CustomerList {
+    fn new(name: &'static str, version: u32, topic: &str) -> Self {
+        Self {
+            name,
+            version,
+            topic: topic.to_owned(),
+            rows: Rows::Latest,
+        }
+    }
+
+    fn history(name: &'static str, version: u32, topic: &str) -> Self {
+        Self {
+            rows: Rows::History,
+            ..Self::new(name, version, topic)
+        }
+    }
 }
 
 impl ReadModel for CustomerList {
@@ -52,22 +83,34 @@ impl ReadModel for CustomerList {
         } else {
             ""
         };
-        format!(
-            "create table {table} (aggregate_id uuid primary key, name text not null, \
-             source_sequence bigint not null{extra})"
-        )
+        if self.rows == Rows::Latest {
+            format!(
+                "create table {table} (aggregate_id uuid primary key, name text not null, \
+                 source_sequence bigint not null{extra})"
+            )
+        } else {
+            format!(
+                "create table {table} (aggregate_id uuid not null, source_sequence bigint not null, \
+                 name text not null{extra}, primary key (aggregate_id, source_sequence))"
+            )
+        }
     }
 
     fn project(&self, event: CustomerEvents, _: &Envelope) -> Result<Change, HandlerError> {
-        match event {
-            CustomerEvents::Changed(CustomerChanged(customer)) => {
+        match (event, self.rows) {
+            (CustomerEvents::Changed(CustomerChanged(customer)), rows) => {
                 let mut row = serde_json::json!({ "name": customer.name });
                 if self.version >= 2 {
                     row["email_count"] = serde_json::json!(customer.emails.len());
                 }
-                Ok(Change::row(&row)?)
+                Ok(if rows == Rows::Latest {
+                    Change::row(&row)?
+                } else {
+                    Change::append(&row)?
+                })
             }
-            CustomerEvents::Deleted(_) => Ok(Change::Delete),
+            (CustomerEvents::Deleted(_), Rows::Latest | Rows::MixedHistory) => Ok(Change::Delete),
+            (CustomerEvents::Deleted(_), Rows::History) => Ok(Change::append_rows::<serde_json::Value>([])?),
         }
     }
 }
@@ -86,12 +129,55 @@ async fn setup() -> Result<(dbps_testkit::TestPostgres, dbps_testkit::TestKafka,
     Ok((db, kafka, owner))
 }
 
-async fn publish(kafka: &dbps_testkit::TestKafka, topic: &str, events: &[Envelope]) -> Result<(), Error> {
-    let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers())).build()?;
-    for result in publisher.publish_batch(events.iter().map(|e| (topic, e))).await {
-        result?;
-    }
-    Ok(())
+/// Runs `projection` in a task until `stop`.
+fn running<M: ReadModel>(
+    projection: &PgProjection<M>,
+    config: &KafkaConfig,
+    stop: &CancellationToken,
+) -> JoinHandle<Result<RunSummary, CacheError>> {
+    let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
+    tokio::spawn(async move { projection.run(&config, stop).await })
+}
+
+/// Rebuilds `projection` in a task (until `stop`).
+fn rebuilding<M: ReadModel>(
+    projection: &PgProjection<M>,
+    config: &KafkaConfig,
+    stop: &CancellationToken,
+) -> JoinHandle<Result<RebuildReport, CacheError>> {
+    let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
+    tokio::spawn(async move { projection.rebuild(&config, &stop).await })
+}
+
+/// Whether `error` says that a table does not exist (as a view before its first switch).
+fn no_such_table(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("42P01"))
+}
+
+/// A read-only repeatable-read transaction.
+async fn repeatable_read(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("set transaction isolation level repeatable read, read only")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// Creates the topic `topic` (`partitions`) holding a first history of the owner's (see
+/// [`history`]); the topic's name, the configuration to read it, and the events.
+async fn published(
+    kafka: &dbps_testkit::TestKafka,
+    owner: &Owner,
+    topic: &str,
+    partitions: i32,
+    prefix: &str,
+    count: usize,
+    rounds: usize,
+) -> Result<(String, KafkaConfig, Vec<Envelope>), Error> {
+    let topic = kafka.create_topic(topic, partitions).await?;
+    let events = history(owner, prefix, count, rounds).await?;
+    publish(kafka, &topic, &events).await?;
+    Ok((topic, KafkaConfig::new(kafka.brokers()), events))
 }
 
 /// `id → (name, sequence)` read through the view `name`.
@@ -110,7 +196,7 @@ async fn converged(pool: &PgPool, owner: &Owner, name: &str) -> Result<(), Error
         // The view does not exist before the first switch.
         match view(pool, name).await {
             Ok(seen) => Ok::<_, sqlx::Error>(seen == owner.names().await?),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(false),
+            Err(e) if no_such_table(&e) => Ok(false),
             Err(e) => Err(e),
         }
     })
@@ -147,34 +233,16 @@ async fn shuffled_and_duplicated_events_give_the_same_read_model_as_in_order_onc
     let in_order = kafka.create_topic("in-order", 2).await?;
     let shuffled = kafka.create_topic("shuffled", 2).await?;
     publish(&kafka, &in_order, &events).await?;
-    // Every event at least once, a third twice, and a tenth re-published under a new
-    // message id, all in random order.
-    let mut delivered = events.clone();
-    delivered.extend(events.iter().step_by(3).cloned());
-    delivered.extend(events.iter().step_by(10).map(|e| {
-        let mut again = e.clone();
-        again.id = uuid::Uuid::now_v7().to_string();
-        again
-    }));
-    delivered.shuffle(&mut rand::rng());
-    publish(&kafka, &shuffled, &delivered).await?;
+    publish(&kafka, &shuffled, &scrambled(&events)).await?;
 
     let config = KafkaConfig::new(kafka.brokers());
     let stop = CancellationToken::new();
     let mut runs = Vec::new();
     for (name, topic) in [("list_in_order", &in_order), ("list_shuffled", &shuffled)] {
-        let projection = PgProjection::builder(
-            db.pool().clone(),
-            CustomerList {
-                name,
-                version: 1,
-                topic: topic.clone(),
-            },
-        )
-        .max_batch(16)
-        .build()?;
-        let (config, stop) = (config.clone(), stop.clone());
-        runs.push(tokio::spawn(async move { projection.run(&config, stop).await }));
+        let projection = PgProjection::builder(db.pool().clone(), CustomerList::new(name, 1, topic))
+            .max_batch(16)
+            .build()?;
+        runs.push(running(&projection, &config, &stop));
     }
     converged(db.pool(), &owner, "list_in_order").await?;
     converged(db.pool(), &owner, "list_shuffled").await?;
@@ -200,22 +268,12 @@ async fn shuffled_and_duplicated_events_give_the_same_read_model_as_in_order_onc
 #[tokio::test]
 async fn a_restarted_projection_resumes_from_its_checkpoint() -> TestResult {
     let (db, kafka, owner) = setup().await?;
-    let topic = kafka.create_topic("events", 1).await?;
-    let first = history(&owner, "r", 20, 4).await?;
-    publish(&kafka, &topic, &first).await?;
-    let config = KafkaConfig::new(kafka.brokers());
-    let list = CustomerList {
-        name: "list",
-        version: 1,
-        topic: topic.clone(),
-    };
+    let (topic, config, first) = published(&kafka, &owner, "events", 1, "r", 20, 4).await?;
+    let list = CustomerList::new("list", 1, &topic);
     let projection = PgProjection::builder(db.pool().clone(), list.clone()).build()?;
 
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
-        async move { projection.run(&config, stop).await }
-    });
+    let run = running(&projection, &config, &stop);
     converged(db.pool(), &owner, "list").await?;
     stop.cancel();
     let summary = run.await??;
@@ -233,10 +291,7 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() -> TestResult {
     publish(&kafka, &topic, &more).await?;
     let projection = PgProjection::builder(db.pool().clone(), list).build()?;
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
-        async move { projection.run(&config, stop).await }
-    });
+    let run = running(&projection, &config, &stop);
     converged(db.pool(), &owner, "list").await?;
     dbps_testkit::eventually("the checkpoint to reach the end", || async {
         Ok::<_, dbps_cache::CacheError>(projection.checkpoints().await?.get(&(topic.clone(), 0)) == Some(&120))
@@ -251,37 +306,15 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() -> TestResult {
     Ok(())
 }
 
-/// What a reader polling the view saw.
-#[derive(Debug, Default)]
-struct Watch {
-    reads: u64,
-    count_drops: u64,
-    regressions: u64,
-    saw_v2_column: bool,
-}
-
 #[tokio::test]
 async fn a_rebuild_into_v2_during_live_writes_switches_atomically_without_gaps_or_regressions() -> TestResult {
     let (db, kafka, owner) = setup().await?;
-    let topic = kafka.create_topic("events", 2).await?;
-    let past = history(&owner, "p", 60, 10).await?;
-    publish(&kafka, &topic, &past).await?;
-    let config = KafkaConfig::new(kafka.brokers());
-    let v1 = PgProjection::builder(
-        db.pool().clone(),
-        CustomerList {
-            name: "customer_list",
-            version: 1,
-            topic: topic.clone(),
-        },
-    )
-    .max_batch(32)
-    .build()?;
+    let (topic, config, past) = published(&kafka, &owner, "events", 2, "p", 60, 10).await?;
+    let v1 = PgProjection::builder(db.pool().clone(), CustomerList::new("customer_list", 1, &topic))
+        .max_batch(32)
+        .build()?;
     let stop = CancellationToken::new();
-    let v1_run = tokio::spawn({
-        let (v1, config, stop) = (v1.clone(), config.clone(), stop.clone());
-        async move { v1.run(&config, stop).await }
-    });
+    let v1_run = running(&v1, &config, &stop);
     converged(db.pool(), &owner, "customer_list").await?;
     assert_eq!(v1.serving_version().await?, Some(1));
 
@@ -291,21 +324,11 @@ async fn a_rebuild_into_v2_during_live_writes_switches_atomically_without_gaps_o
         let (pool, watching) = (db.pool().clone(), Arc::clone(&watching));
         async move {
             let mut watch = Watch::default();
-            let mut seen: BTreeMap<String, i64> = BTreeMap::new();
-            let mut last_count = 0;
             while watching.load(Ordering::SeqCst) {
                 let rows = view(&pool, "customer_list").await?;
-                watch.reads += 1;
-                if rows.len() < last_count {
-                    watch.count_drops += 1;
-                }
-                last_count = rows.len();
+                watch.read(rows.len() as u64);
                 for (id, (_, seq)) in rows {
-                    let last = seen.entry(id).or_default();
-                    if seq < *last {
-                        watch.regressions += 1;
-                    }
-                    *last = seq;
+                    watch.version(id, seq);
                 }
                 let columns: i64 = sqlx::query_scalar(
                     "select count(*) from information_schema.columns \
@@ -313,7 +336,7 @@ async fn a_rebuild_into_v2_during_live_writes_switches_atomically_without_gaps_o
                 )
                 .fetch_one(&pool)
                 .await?;
-                watch.saw_v2_column |= columns > 0;
+                watch.saw_v2 |= columns > 0;
             }
             Ok::<_, sqlx::Error>(watch)
         }
@@ -341,25 +364,12 @@ async fn a_rebuild_into_v2_during_live_writes_switches_atomically_without_gaps_o
         }
     });
 
-    let progress: Arc<Mutex<Vec<RebuildProgress>>> = Arc::default();
-    let v2 = PgProjection::builder(
-        db.pool().clone(),
-        CustomerList {
-            name: "customer_list",
-            version: 2,
-            topic: topic.clone(),
-        },
-    )
-    .max_batch(32)
-    .on_progress({
-        let progress = Arc::clone(&progress);
-        move |p| progress.lock().expect("progress").push(p)
-    })
-    .build()?;
-    let v2_run = tokio::spawn({
-        let (v2, config, stop) = (v2.clone(), config.clone(), stop.clone());
-        async move { v2.run(&config, stop).await }
-    });
+    let progress = ProgressLog::default();
+    let v2 = PgProjection::builder(db.pool().clone(), CustomerList::new("customer_list", 2, &topic))
+        .max_batch(32)
+        .on_progress(progress.recorder())
+        .build()?;
+    let v2_run = running(&v2, &config, &stop);
 
     // The old version notices that it is superseded and stops on its own.
     let v1_summary = v1_run.await??;
@@ -377,7 +387,7 @@ async fn a_rebuild_into_v2_during_live_writes_switches_atomically_without_gaps_o
     assert!(watch.reads > 0);
     assert_eq!(watch.count_drops, 0, "the view never lost rows: {watch:?}");
     assert_eq!(watch.regressions, 0, "no record went back in time: {watch:?}");
-    assert!(watch.saw_v2_column, "the view serves v2's column");
+    assert!(watch.saw_v2, "the view serves v2's column");
     // Every customer's v2-only column is there and derived from its events.
     let missing: i64 = sqlx::query_scalar(
         "select count(*) from customer_list l join customers c on c.id = l.aggregate_id \
@@ -390,20 +400,7 @@ async fn a_rebuild_into_v2_during_live_writes_switches_atomically_without_gaps_o
         .fetch_one(db.pool())
         .await?;
     assert_eq!(served, 100);
-    // v2 holds everything v1 had applied when it stopped: no gap at the handover.
-    let (v1_at, v2_at) = (v1.checkpoints().await?, v2.checkpoints().await?);
-    for (partition, offset) in &v1_at {
-        assert!(v2_at.get(partition).is_some_and(|o| o >= offset), "{v1_at:?} {v2_at:?}");
-    }
-    // Progress was reported, grew, and ended complete.
-    let progress = progress.lock().expect("progress").clone();
-    assert!(progress.len() > 1, "{progress:?}");
-    assert!(
-        progress.windows(2).all(|w| w[0].replayed <= w[1].replayed),
-        "{progress:?}"
-    );
-    let last = progress.last().expect("progress");
-    assert!(last.total >= 660 && last.fraction() == 1.0, "{last:?}");
+    assert_handover(&v1.checkpoints().await?, &v2.checkpoints().await?, &progress, 660);
     Ok(())
 }
 
@@ -430,20 +427,9 @@ async fn serve_v1(
     name: &'static str,
     topic: &str,
 ) -> Result<(), Error> {
-    let v1 = PgProjection::builder(
-        db.pool().clone(),
-        CustomerList {
-            name,
-            version: 1,
-            topic: topic.to_owned(),
-        },
-    )
-    .build()?;
+    let v1 = PgProjection::builder(db.pool().clone(), CustomerList::new(name, 1, topic)).build()?;
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (config, stop) = (config.clone(), stop.clone());
-        async move { v1.run(&config, stop).await }
-    });
+    let run = running(&v1, config, &stop);
     converged(db.pool(), owner, name).await?;
     stop.cancel();
     run.await??;
@@ -453,10 +439,7 @@ async fn serve_v1(
 #[tokio::test]
 async fn a_statement_that_waits_for_the_switch_reads_the_new_version_with_its_last_records() -> TestResult {
     let (db, kafka, owner) = setup().await?;
-    let topic = kafka.create_topic("events", 1).await?;
-    let past = history(&owner, "w", 20, 2).await?;
-    publish(&kafka, &topic, &past).await?;
-    let config = KafkaConfig::new(kafka.brokers());
+    let (topic, config, _) = published(&kafka, &owner, "events", 1, "w", 20, 2).await?;
     let name = "waiting_list";
     serve_v1(&db, &owner, &config, name, &topic).await?;
 
@@ -470,20 +453,9 @@ async fn a_statement_that_waits_for_the_switch_reads_the_new_version_with_its_la
         .bind(name)
         .fetch_one(&mut *batch)
         .await?;
-    let v2 = PgProjection::builder(
-        db.pool().clone(),
-        CustomerList {
-            name,
-            version: 2,
-            topic: topic.clone(),
-        },
-    )
-    .build()?;
+    let v2 = PgProjection::builder(db.pool().clone(), CustomerList::new(name, 2, &topic)).build()?;
     let stop = CancellationToken::new();
-    let rebuild = tokio::spawn({
-        let (v2, config, stop) = (v2.clone(), config.clone(), stop.clone());
-        async move { v2.rebuild(&config, &stop).await }
-    });
+    let rebuild = rebuilding(&v2, &config, &stop);
     dbps_testkit::eventually("the switch to wait for the batch of v1", || async {
         let waiting: i64 = sqlx::query_scalar(
             "select count(*) from pg_stat_activity where datname = current_database() \
@@ -519,10 +491,7 @@ async fn a_statement_that_waits_for_the_switch_reads_the_new_version_with_its_la
     let reader = tokio::spawn({
         let pool = db.pool().clone();
         async move {
-            let mut tx = pool.begin().await?;
-            sqlx::query("set transaction isolation level repeatable read, read only")
-                .execute(&mut *tx)
-                .await?;
+            let mut tx = repeatable_read(&pool).await?;
             let count = count_in(&mut tx, name).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(count)
@@ -554,45 +523,24 @@ async fn a_statement_that_waits_for_the_switch_reads_the_new_version_with_its_la
 #[tokio::test]
 async fn a_repeatable_read_reader_that_locks_the_views_first_reads_one_version_throughout() -> TestResult {
     let (db, kafka, owner) = setup().await?;
-    let topic = kafka.create_topic("events", 1).await?;
-    let past = history(&owner, "l", 20, 2).await?;
-    publish(&kafka, &topic, &past).await?;
-    let config = KafkaConfig::new(kafka.brokers());
+    let (topic, config, _) = published(&kafka, &owner, "events", 1, "l", 20, 2).await?;
     let name = "locked_list";
     serve_v1(&db, &owner, &config, name, &topic).await?;
 
-    let repeatable_read = || async {
-        let mut tx = db.pool().begin().await?;
-        sqlx::query("set transaction isolation level repeatable read, read only")
-            .execute(&mut *tx)
-            .await?;
-        Ok::<_, sqlx::Error>(tx)
-    };
     // Two readers whose snapshots are taken before the rebuild (by a first query on
     // another table); one locked the view before that query.
-    let mut locked = repeatable_read().await?;
+    let mut locked = repeatable_read(db.pool()).await?;
     lock_views(&mut locked, &[name]).await?;
-    let mut unlocked = repeatable_read().await?;
+    let mut unlocked = repeatable_read(db.pool()).await?;
     for tx in [&mut locked, &mut unlocked] {
         let _: i64 = sqlx::query_scalar("select count(*) from dbps_projection_state")
             .fetch_one(&mut **tx)
             .await?;
     }
 
-    let v2 = PgProjection::builder(
-        db.pool().clone(),
-        CustomerList {
-            name,
-            version: 2,
-            topic: topic.clone(),
-        },
-    )
-    .build()?;
+    let v2 = PgProjection::builder(db.pool().clone(), CustomerList::new(name, 2, &topic)).build()?;
     let stop = CancellationToken::new();
-    let rebuild = tokio::spawn({
-        let (v2, config, stop) = (v2.clone(), config.clone(), stop.clone());
-        async move { v2.rebuild(&config, &stop).await }
-    });
+    let rebuild = rebuilding(&v2, &config, &stop);
     // The switch waits for the reader that locked the view.
     dbps_testkit::eventually("the switch to wait for the locked reader (or end)", || async {
         Ok::<_, sqlx::Error>(rebuild.is_finished() || waiting_for(db.pool(), name).await? == 1)
@@ -615,7 +563,7 @@ async fn a_repeatable_read_reader_that_locks_the_views_first_reads_one_version_t
     assert_eq!(count_in(&mut unlocked, name).await?, 0);
     unlocked.commit().await?;
     // A reader that locks after the switch reads v2, complete.
-    let mut after = repeatable_read().await?;
+    let mut after = repeatable_read(db.pool()).await?;
     lock_views(&mut after, &[name]).await?;
     assert_eq!(count_in(&mut after, name).await?, 20);
     after.commit().await?;
@@ -640,11 +588,7 @@ async fn invalid_declarations_are_typed_errors() {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .connect_lazy("postgres://localhost/none")
         .expect("lazy pool");
-    let list = |name: &'static str, version: u32, topic: &str| CustomerList {
-        name,
-        version,
-        topic: topic.to_owned(),
-    };
+    let list = CustomerList::new;
     let bad = |model: CustomerList| {
         PgProjection::builder(pool.clone(), model)
             .build()
@@ -659,70 +603,6 @@ async fn invalid_declarations_are_typed_errors() {
         .build()
         .expect("valid");
     assert_eq!((projection.table(), projection.version()), ("orders_v3", 3));
-}
-
-/// `<name>_v<n> (aggregate_id, source_sequence, name)`: one row per `CustomerChanged` of a
-/// customer (its name history), appended; a delete adds no fact. Version 2 adds
-/// `email_count`. With `mixed`, a delete is a `Change::Delete` instead (refused).
-#[derive(Debug, Clone)]
-struct NameHistory {
-    name: &'static str,
-    version: u32,
-    topic: String,
-    mixed: bool,
-}
-
-impl NameHistory {
-    fn new(name: &'static str, version: u32, topic: &str) -> Self {
-        Self {
-            name,
-            version,
-            topic: topic.to_owned(),
-            mixed: false,
-        }
-    }
-}
-
-impl ReadModel for NameHistory {
-    type Events = CustomerEvents;
-
-    fn name(&self) -> &str {
-        self.name
-    }
-
-    fn version(&self) -> u32 {
-        self.version
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec![self.topic.clone()]
-    }
-
-    fn create_table(&self, table: &str) -> String {
-        let extra = if self.version >= 2 {
-            ", email_count integer not null"
-        } else {
-            ""
-        };
-        format!(
-            "create table {table} (aggregate_id uuid not null, source_sequence bigint not null, \
-             name text not null{extra}, primary key (aggregate_id, source_sequence))"
-        )
-    }
-
-    fn project(&self, event: CustomerEvents, _: &Envelope) -> Result<Change, HandlerError> {
-        match event {
-            CustomerEvents::Changed(CustomerChanged(customer)) => {
-                let mut row = serde_json::json!({ "name": customer.name });
-                if self.version >= 2 {
-                    row["email_count"] = serde_json::json!(customer.emails.len());
-                }
-                Ok(Change::append(&row)?)
-            }
-            CustomerEvents::Deleted(_) if self.mixed => Ok(Change::Delete),
-            CustomerEvents::Deleted(_) => Ok(Change::append_rows::<serde_json::Value>([])?),
-        }
-    }
 }
 
 /// `(id, sequence) → name` of every `CustomerChanged` among `events`, each once.
@@ -758,7 +638,7 @@ async fn holds_facts(pool: &PgPool, table: &str, expected: &BTreeMap<(String, i6
     dbps_testkit::eventually(&format!("{table} to hold one row per event"), || async {
         match fact_rows(pool, table).await {
             Ok((rows, count)) => Ok::<_, sqlx::Error>(&rows == expected && count == expected.len()),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(false),
+            Err(e) if no_such_table(&e) => Ok(false),
             Err(e) => Err(e),
         }
     })
@@ -766,19 +646,6 @@ async fn holds_facts(pool: &PgPool, table: &str, expected: &BTreeMap<(String, i6
     let (rows, count) = fact_rows(pool, table).await?;
     assert_eq!((&rows, count), (expected, expected.len()), "{table}");
     Ok(())
-}
-
-/// Shuffled, a third twice, a tenth re-published under a new message id.
-fn scrambled(events: &[Envelope]) -> Vec<Envelope> {
-    let mut delivered = events.to_vec();
-    delivered.extend(events.iter().step_by(3).cloned());
-    delivered.extend(events.iter().step_by(10).map(|e| {
-        let mut again = e.clone();
-        again.id = uuid::Uuid::now_v7().to_string();
-        again
-    }));
-    delivered.shuffle(&mut rand::rng());
-    delivered
 }
 
 #[tokio::test]
@@ -795,13 +662,10 @@ async fn a_fact_projection_holds_one_row_per_event_whatever_the_delivery_and_aft
 
     let config = KafkaConfig::new(kafka.brokers());
     let stop = CancellationToken::new();
-    let v1 = PgProjection::builder(db.pool().clone(), NameHistory::new("name_history", 1, &topic))
+    let v1 = PgProjection::builder(db.pool().clone(), CustomerList::history("name_history", 1, &topic))
         .max_batch(16)
         .build()?;
-    let v1_run = tokio::spawn({
-        let (v1, config, stop) = (v1.clone(), config.clone(), stop.clone());
-        async move { v1.run(&config, stop).await }
-    });
+    let v1_run = running(&v1, &config, &stop);
     holds_facts(db.pool(), "name_history", &expected).await?;
     // The version of each customer is its newest sequence, whatever came last.
     let mut newest: BTreeMap<String, i64> = BTreeMap::new();
@@ -828,13 +692,10 @@ async fn a_fact_projection_holds_one_row_per_event_whatever_the_delivery_and_aft
     .await?;
 
     // A rebuild into v2 replays the history into a fresh table: the same facts, once.
-    let v2 = PgProjection::builder(db.pool().clone(), NameHistory::new("name_history", 2, &topic))
+    let v2 = PgProjection::builder(db.pool().clone(), CustomerList::history("name_history", 2, &topic))
         .max_batch(16)
         .build()?;
-    let v2_run = tokio::spawn({
-        let (v2, config, stop) = (v2.clone(), config.clone(), stop.clone());
-        async move { v2.run(&config, stop).await }
-    });
+    let v2_run = running(&v2, &config, &stop);
     assert_eq!(v1_run.await??.superseded_by, Some(2));
     assert_eq!(v2.serving_version().await?, Some(2));
     holds_facts(db.pool(), "name_history", &expected).await?;
@@ -851,19 +712,13 @@ async fn a_fact_projection_holds_one_row_per_event_whatever_the_delivery_and_aft
 #[tokio::test]
 async fn a_fact_projection_re_reading_from_an_older_checkpoint_inserts_no_duplicate() -> TestResult {
     let (db, kafka, owner) = setup().await?;
-    let topic = kafka.create_topic("facts", 1).await?;
-    let mut events = history(&owner, "c", 10, 3).await?;
-    publish(&kafka, &topic, &events).await?;
-    let config = KafkaConfig::new(kafka.brokers());
-    let model = NameHistory::new("names", 1, &topic);
+    let (topic, config, mut events) = published(&kafka, &owner, "facts", 1, "c", 10, 3).await?;
+    let model = CustomerList::history("names", 1, &topic);
     let projection = PgProjection::builder(db.pool().clone(), model.clone())
         .max_batch(8)
         .build()?;
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
-        async move { projection.run(&config, stop).await }
-    });
+    let run = running(&projection, &config, &stop);
     holds_facts(db.pool(), "names", &facts(&events)).await?;
     stop.cancel();
     assert_eq!(run.await??.records, 40);
@@ -882,10 +737,7 @@ async fn a_fact_projection_re_reading_from_an_older_checkpoint_inserts_no_duplic
     events.extend(more);
     let projection = PgProjection::builder(db.pool().clone(), model).max_batch(8).build()?;
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (projection, config, stop) = (projection.clone(), config.clone(), stop.clone());
-        async move { projection.run(&config, stop).await }
-    });
+    let run = running(&projection, &config, &stop);
     dbps_testkit::eventually("the checkpoint to reach the end", || async {
         Ok::<_, CacheError>(projection.checkpoints().await?.get(&(topic.clone(), 0)) == Some(&50))
     })
@@ -905,8 +757,10 @@ async fn mixing_appends_with_other_changes_and_appending_to_a_replica_are_typed_
     // The delete first: in one batch the mix is refused, in two the append finds the
     // tombstone.
     publish(&kafka, &topic, &[deleted, created.clone()]).await?;
-    let mut model = NameHistory::new("mixed", 1, &topic);
-    model.mixed = true;
+    let model = CustomerList {
+        rows: Rows::MixedHistory,
+        ..CustomerList::history("mixed", 1, &topic)
+    };
     let projection = PgProjection::builder(db.pool().clone(), model).build()?;
     let config = KafkaConfig::new(kafka.brokers());
     let ended = tokio::time::timeout(

@@ -30,6 +30,7 @@ pub async fn consume<H: Handler>(handler: H, events: &[Envelope]) -> TestResult 
 }
 
 pub mod owner;
+pub mod projection;
 
 /// A topic filled with events, consumed by runners spawned on it (one group).
 pub struct Stream {

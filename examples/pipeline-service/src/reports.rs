@@ -20,6 +20,16 @@ use crate::warehouse::{
 /// outside it).
 const MONTH: &str = "coalesce(d.month_key, to_char(q.created_date, 'YYYY-MM'))";
 
+/// The quotes created from `$1` to `$2` (days; either may be null: open) as `q`, with
+/// their newest status (`s`, if any) and their day in the calendar dimension (`d`).
+const QUOTES_IN_RANGE: &str = "from fact_quote q \
+     left join fact_quote_status s on s.quote_id = q.quote_id \
+     left join dim_date d on d.date_key = q.created_date \
+     where ($1::date is null or q.created_date >= $1) and ($2::date is null or q.created_date <= $2)";
+
+/// The views the quote reports read.
+const QUOTE_VIEWS: [&str; 2] = [FactQuote::NAME, FactQuoteStatus::NAME];
+
 /// The month of a stock movement, from the calendar dimension (or computed, for a day
 /// outside it).
 const MOVEMENT_MONTH: &str = "coalesce(d.month_key, to_char(m.changed_date, 'YYYY-MM'))";
@@ -295,6 +305,14 @@ async fn snapshot(pool: &PgPool, views: &[&str]) -> Result<Transaction<'static, 
     }
 }
 
+/// Ends a report's transaction `tx`: the freshness of `tables` as of its snapshot, then the
+/// commit.
+async fn finish(mut tx: Transaction<'static, Postgres>, tables: &[&str]) -> Result<Freshness, Problem> {
+    let freshness = freshness_of(&mut tx, tables).await.map_err(failed)?;
+    tx.commit().await.map_err(failed)?;
+    Ok(freshness)
+}
+
 /// The freshness of `tables`, in the caller's snapshot.
 async fn freshness_of(conn: &mut PgConnection, tables: &[&str]) -> Result<Freshness, sqlx::Error> {
     /// Table, serving version, newest source time, when applied, now.
@@ -358,7 +376,7 @@ pub(crate) async fn pipeline_value(
     let (from, to) = checked.range(get(&params, "from"), get(&params, "to"));
     checked.finish()?;
 
-    let mut tx = snapshot(&pool, &[FactQuote::NAME, FactQuoteStatus::NAME]).await?;
+    let mut tx = snapshot(&pool, &QUOTE_VIEWS).await?;
     let key = if group == "status" {
         format!("coalesce(s.status, '{NEW}')")
     } else {
@@ -366,21 +384,14 @@ pub(crate) async fn pipeline_value(
     };
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {key} as key, count(*)::int8, coalesce(sum(q.value_cents), 0)::int8 \
-         from fact_quote q \
-         left join fact_quote_status s on s.quote_id = q.quote_id \
-         left join dim_date d on d.date_key = q.created_date \
-         where ($1::date is null or q.created_date >= $1) and ($2::date is null or q.created_date <= $2) \
-         group by 1 order by {key} collate \"C\""
+         {QUOTES_IN_RANGE} group by 1 order by {key} collate \"C\""
     )))
     .bind(from)
     .bind(to)
     .fetch_all(&mut *tx)
     .await
     .map_err(failed)?;
-    let freshness = freshness_of(&mut tx, &[FactQuote::NAME, FactQuoteStatus::NAME])
-        .await
-        .map_err(failed)?;
-    tx.commit().await.map_err(failed)?;
+    let freshness = finish(tx, &QUOTE_VIEWS).await?;
     let by_status = group == "status";
     Ok(Json(PipelineValue {
         from,
@@ -412,16 +423,12 @@ pub(crate) async fn conversion(State(pool): State<PgPool>, Query(params): Params
     let (from, to) = checked.range(get(&params, "from"), get(&params, "to"));
     checked.finish()?;
 
-    let mut tx = snapshot(&pool, &[FactQuote::NAME, FactQuoteStatus::NAME]).await?;
+    let mut tx = snapshot(&pool, &QUOTE_VIEWS).await?;
     let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {MONTH}, count(*)::int8, \
          (count(*) filter (where s.status = $3))::int8, coalesce(sum(q.value_cents), 0)::int8, \
          coalesce(sum(q.value_cents) filter (where s.status = $3), 0)::int8 \
-         from fact_quote q \
-         left join fact_quote_status s on s.quote_id = q.quote_id \
-         left join dim_date d on d.date_key = q.created_date \
-         where ($1::date is null or q.created_date >= $1) and ($2::date is null or q.created_date <= $2) \
-         group by 1 order by {MONTH} collate \"C\""
+         {QUOTES_IN_RANGE} group by 1 order by {MONTH} collate \"C\""
     )))
     .bind(from)
     .bind(to)
@@ -429,10 +436,7 @@ pub(crate) async fn conversion(State(pool): State<PgPool>, Query(params): Params
     .fetch_all(&mut *tx)
     .await
     .map_err(failed)?;
-    let freshness = freshness_of(&mut tx, &[FactQuote::NAME, FactQuoteStatus::NAME])
-        .await
-        .map_err(failed)?;
-    tx.commit().await.map_err(failed)?;
+    let freshness = finish(tx, &QUOTE_VIEWS).await?;
     let created: i64 = rows.iter().map(|r| r.1).sum();
     let ordered: i64 = rows.iter().map(|r| r.2).sum();
     Ok(Json(Conversion {
@@ -494,8 +498,7 @@ pub(crate) async fn stock_outs(State(pool): State<PgPool>, Query(params): Params
     .fetch_all(&mut *tx)
     .await
     .map_err(failed)?;
-    let freshness = freshness_of(&mut tx, &views).await.map_err(failed)?;
-    tx.commit().await.map_err(failed)?;
+    let freshness = finish(tx, &views).await?;
     Ok(Json(StockOuts {
         rows: rows
             .into_iter()
@@ -554,10 +557,7 @@ pub(crate) async fn stock_movements(
     .fetch_all(&mut *tx)
     .await
     .map_err(failed)?;
-    let freshness = freshness_of(&mut tx, &[FactStockMovement::NAME])
-        .await
-        .map_err(failed)?;
-    tx.commit().await.map_err(failed)?;
+    let freshness = finish(tx, &[FactStockMovement::NAME]).await?;
     Ok(Json(StockMovements {
         product_id,
         from,
@@ -585,8 +585,6 @@ pub(crate) async fn freshness(State(pool): State<PgPool>, Query(params): Params)
     checked.single(&params, &[]);
     checked.finish()?;
     // Only the state tables are read: no view to lock.
-    let mut tx = snapshot(&pool, &[]).await?;
-    let freshness = freshness_of(&mut tx, &TABLES).await.map_err(failed)?;
-    tx.commit().await.map_err(failed)?;
-    Ok(Json(freshness))
+    let tx = snapshot(&pool, &[]).await?;
+    Ok(Json(finish(tx, &TABLES).await?))
 }

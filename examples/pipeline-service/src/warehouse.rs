@@ -591,6 +591,24 @@ impl RebuildSummary {
     }
 }
 
+/// The [`Follow`] of `$projection` (a `PgProjection` or an `OsProjection`): its serving
+/// version, and its run with `$kafka` until `$shutdown`.
+macro_rules! follow_of {
+    ($projection:expr, $kafka:expr, $shutdown:expr) => {{
+        let projection = $projection;
+        Follow {
+            serving: Box::pin({
+                let projection = projection.clone();
+                async move { projection.serving_version().await }
+            }),
+            run: Box::pin({
+                let (kafka, shutdown) = ($kafka.clone(), $shutdown.clone());
+                async move { projection.run(&kafka, shutdown).await }
+            }),
+        }
+    }};
+}
+
 impl Warehouse {
     /// The warehouse in the database of `pool` (a role that may create tables and views in
     /// its schema), fed from `topics`.
@@ -776,16 +794,7 @@ impl Warehouse {
                     setting: "search",
                     reason: String::from("no quotes index"),
                 })?;
-                Ok(Follow {
-                    serving: Box::pin({
-                        let projection = projection.clone();
-                        async move { projection.serving_version().await }
-                    }),
-                    run: Box::pin({
-                        let (kafka, shutdown) = (kafka.clone(), shutdown.clone());
-                        async move { projection.run(&kafka, shutdown).await }
-                    }),
-                })
+                Ok(follow_of!(projection, kafka, shutdown))
             })
             .await
         };
@@ -810,17 +819,7 @@ impl Warehouse {
         shutdown: &CancellationToken,
     ) -> Result<(), CacheError> {
         follow(T::NAME, base, shutdown, |version| {
-            let projection = self.projection::<T>(version)?;
-            Ok(Follow {
-                serving: Box::pin({
-                    let projection = projection.clone();
-                    async move { projection.serving_version().await }
-                }),
-                run: Box::pin({
-                    let (kafka, shutdown) = (kafka.clone(), shutdown.clone());
-                    async move { projection.run(&kafka, shutdown).await }
-                }),
-            })
+            Ok(follow_of!(self.projection::<T>(version)?, kafka, shutdown))
         })
         .await
     }

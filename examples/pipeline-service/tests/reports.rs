@@ -237,6 +237,21 @@ fn micros(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(at.timestamp_micros()).expect("in range")
 }
 
+/// A customer event of customer `n` (`id`): its name, version and addresses; its tax
+/// number and email follow from `n`. Built from JSON: the event's other fields (machines,
+/// ...) default to none.
+fn customer<E: serde::de::DeserializeOwned>(id: Uuid, n: usize, name: &str, version: i64, addresses: Value) -> E {
+    serde_json::from_value(json!({
+        "id": id,
+        "name": name,
+        "tax_number": format!("TX{n:04}"),
+        "email": format!("c{n}@example.com"),
+        "version": version,
+        "addresses": addresses,
+    }))
+    .expect("a customer")
+}
+
 impl World {
     fn new(seed: u64) -> Self {
         Self {
@@ -266,39 +281,34 @@ impl World {
             let id = Uuid::now_v7();
             self.customers.push(id);
             let at = self.start - TimeDelta::days(5);
-            // Built from JSON: the events' other fields (machines, ...) default to none.
             let country = ["DE", "FR", "NL"][n % 3];
-            let created: CustomerCreated = serde_json::from_value(json!({
-                "id": id,
-                "name": format!("Customer {n}"),
-                "tax_number": format!("TX{n:04}"),
-                "email": format!("c{n}@example.com"),
-                "version": 1,
-                "addresses": [
+            let created: CustomerCreated = customer(
+                id,
+                n,
+                &format!("Customer {n}"),
+                1,
+                json!([
                     { "id": Uuid::now_v7(), "kind": "shipping", "street": "Dock 1", "city": "Port",
                       "postal_code": "1000", "country": "US" },
                     { "id": Uuid::now_v7(), "kind": "billing", "street": "Main St 1", "city": "Town",
                       "postal_code": "1234", "country": country },
-                ],
-            }))
-            .expect("a customer");
+                ]),
+            );
             events.push((
                 Source::Customers,
                 self.event(example_customer_service::AGGREGATE, id, at, &created),
             ));
             if n % 2 == 0 {
-                let updated: CustomerUpdated = serde_json::from_value(json!({
-                    "id": id,
-                    "name": format!("Customer {n} Ltd"),
-                    "tax_number": format!("TX{n:04}"),
-                    "email": format!("c{n}@example.com"),
-                    "version": 2,
-                    "addresses": [
+                let updated: CustomerUpdated = customer(
+                    id,
+                    n,
+                    &format!("Customer {n} Ltd"),
+                    2,
+                    json!([
                         { "id": Uuid::now_v7(), "kind": "site", "street": "Plant 2", "city": "Mill",
                           "postal_code": "99", "country": "BE" },
-                    ],
-                }))
-                .expect("a customer");
+                    ]),
+                );
                 let at = at + TimeDelta::hours(1);
                 events.push((
                     Source::Customers,
