@@ -120,7 +120,44 @@ impl TestKafka {
         for result in results {
             result.map_err(|(topic, code)| kafka_error(&topic)(KafkaError::AdminOp(code)))?;
         }
+        for (topic, partitions) in topics {
+            self.wait_until_visible(topic, *partitions).await?;
+        }
         Ok(())
+    }
+
+    /// Waits until the broker's metadata shows `topic` with `partitions` partitions, each
+    /// with a leader. The controller acknowledges a creation before every broker's
+    /// metadata has it, and a consumer that subscribes to a topic its metadata does not
+    /// show yet does not join its group until its next full metadata refresh (minutes).
+    async fn wait_until_visible(&self, topic: &str, partitions: i32) -> Result<()> {
+        let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
+        loop {
+            let client: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", self.brokers)
+                .create()
+                .map_err(kafka_error(topic))?;
+            let name = topic.to_owned();
+            let visible = blocking(topic, move || {
+                let metadata = client.fetch_metadata(Some(&name), Duration::from_secs(5))?;
+                Ok(metadata.topics().iter().any(|t| {
+                    t.error().is_none()
+                        && i32::try_from(t.partitions().len()).is_ok_and(|n| n == partitions)
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                }))
+            })
+            .await?;
+            if visible {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(kafka_error(topic)(KafkaError::AdminOpCreation(format!(
+                    "{topic} was created but its metadata did not show its {partitions} partitions within {} s",
+                    ADMIN_TIMEOUT.as_secs()
+                ))));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A reader of `topic` from its beginning, with a group of its own that commits
