@@ -10,10 +10,14 @@
 #   scripts/stack.sh status   show each server's state (exit 0 all up, 3 otherwise)
 #   scripts/stack.sh env      print the DBPS_* variables:  eval "$(scripts/stack.sh env)"
 #   scripts/stack.sh stop  <server>   stop one server (postgres, redis, kafka, ferretdb,
-#                                     mailpit, opensearch; stopping postgres stops
-#                                     ferretdb too)
+#                                     mailpit, opensearch, toxiproxy; stopping postgres
+#                                     stops ferretdb too)
+#   scripts/stack.sh stop postgres [fast|immediate]
+#                                     pg_ctl stop -m <mode> (default fast; immediate =
+#                                     no checkpoint, crash recovery on the next start)
 #   scripts/stack.sh start <server>   start one server again and wait until it is ready
-#                                     (fault injection: dbps-chaos broker-restart)
+#                                     (fault injection: dbps-chaos broker-restart);
+#                                     `start toxiproxy` builds Toxiproxy first if needed
 #
 # State (data, logs, pid files) lives in <checkout>/.dbps/ (git-ignored).
 # Downloads and builds are cached in ${DBPS_CACHE_DIR:-$HOME/.cache/dbps}.
@@ -24,6 +28,7 @@
 #   DBPS_FERRETDB_VERSION   github.com/FerretDB/FerretDB    (default: v1.24.2)
 #   DBPS_MAILPIT_VERSION    github.com/axllent/mailpit      (default: v1.33.1)
 #   DBPS_OPENSEARCH_VERSION org.opensearch:opensearch       (default: 2.19.6; 2.x on Java 17)
+#   DBPS_TOXIPROXY_VERSION  github.com/Shopify/toxiproxy/v2 (default: v2.12.0)
 #   DBPS_JAVA               java binary to run Kafka and OpenSearch with
 #                                                           (default: first java >= 17 found)
 #   DBPS_KAFKA_HEAP_OPTS    Kafka JVM heap                  (default: -Xmx768m -Xms256m)
@@ -44,6 +49,19 @@
 # the JDK's javac) instead of a distribution. New indices get no replicas (set
 # through the cluster settings API after each start), so they are green.
 # Data in .dbps/opensearch/data.
+#
+# Kafka has a second client listener, PROXIED, for traffic through a fault
+# proxy: it listens on 127.0.0.1:29094 but advertises 127.0.0.1:29095, where the
+# chaos harness's Toxiproxy proxy listens (forwarding to 29094). A client that
+# bootstraps at 127.0.0.1:29095 is told the broker is at 127.0.0.1:29095, so all
+# its traffic stays on the proxy. Nothing listens on 29095 unless that proxy
+# exists. The normal listener (127.0.0.1:29092) is unaffected.
+#
+# Toxiproxy (a TCP fault proxy): on demand only, not part of `up` or of the
+# exit code of `status` — `scripts/stack.sh start toxiproxy` builds it once
+# with `go install` of its module (like Mailpit) and starts its HTTP API on
+# 127.0.0.1:28474 (log and pid file in .dbps/toxiproxy/). The script creates no
+# proxies; the chaos harness creates them through the API. `down` stops it too.
 #
 # Users with Docker can use docker-compose.yml at the repo root instead.
 
@@ -69,6 +87,9 @@ MAILPIT_SMTP_PORT=21025
 MAILPIT_HTTP_PORT=28025
 OPENSEARCH_PORT=29200
 OPENSEARCH_TRANSPORT_PORT=29300
+KAFKA_PROXIED_PORT=29094            # Kafka's PROXIED listener (the proxy's upstream)
+KAFKA_PROXIED_ADVERTISED_PORT=29095 # where the harness's Toxiproxy proxy listens
+TOXIPROXY_PORT=28474                # Toxiproxy HTTP API
 
 PG_USER=dbps
 PG_PASSWORD=dbps
@@ -77,6 +98,7 @@ KAFKA_VERSION="${DBPS_KAFKA_VERSION:-4.4.0}"
 FERRET_VERSION="${DBPS_FERRETDB_VERSION:-v1.24.2}"
 MAILPIT_VERSION="${DBPS_MAILPIT_VERSION:-v1.33.1}"
 OPENSEARCH_VERSION="${DBPS_OPENSEARCH_VERSION:-2.19.6}"
+TOXIPROXY_VERSION="${DBPS_TOXIPROXY_VERSION:-v2.12.0}"
 KAFKA_HEAP_OPTS="${DBPS_KAFKA_HEAP_OPTS:--Xmx768m -Xms256m}"
 OPENSEARCH_HEAP_OPTS="${DBPS_OPENSEARCH_HEAP_OPTS:--Xmx768m -Xms256m}"
 TIMEOUT="${DBPS_STACK_TIMEOUT:-120}"
@@ -87,14 +109,16 @@ KAFKA_DIR="$DBPS_DIR/kafka"
 FERRET_DIR="$DBPS_DIR/ferretdb"
 MAILPIT_DIR="$DBPS_DIR/mailpit"
 OPENSEARCH_DIR="$DBPS_DIR/opensearch"
+TOXIPROXY_DIR="$DBPS_DIR/toxiproxy"
 
 KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
 FERRET_BIN="$CACHE_DIR/ferretdb-$FERRET_VERSION/bin/ferretdb"
 MAILPIT_BIN="$CACHE_DIR/mailpit-$MAILPIT_VERSION/bin/mailpit"
 OPENSEARCH_LIBS="$CACHE_DIR/opensearch-$OPENSEARCH_VERSION/libs"
 OPENSEARCH_CLASSES="$CACHE_DIR/opensearch-$OPENSEARCH_VERSION/launcher"
+TOXIPROXY_BIN="$CACHE_DIR/toxiproxy-$TOXIPROXY_VERSION/bin/toxiproxy-server"
 
-SERVERS=(postgres redis kafka ferretdb mailpit opensearch)
+SERVERS=(postgres redis kafka ferretdb mailpit opensearch) # `up`; toxiproxy is on demand
 
 # ---------------------------------------------------------------------------
 # Small helpers
@@ -456,6 +480,44 @@ finish_mailpit_build() {
   MAILPIT_BUILD_PID=""
 }
 
+# Toxiproxy server built with the Go toolchain into the cache, once per version
+# (only when `start toxiproxy` needs it): a plain `go install` of its cmd/server
+# package, like Mailpit. The binary comes out named `server`; it is kept as
+# toxiproxy-server. The version is stamped in the way upstream release builds do
+# (without the leading v), so GET /version reports it.
+build_toxiproxy() {
+  local gobin
+  gobin="$CACHE_DIR/toxiproxy-$TOXIPROXY_VERSION/gobin.$BASHPID"
+  # runs in a background subshell: clean up however it ends
+  trap 'rm -rf "$gobin"' EXIT
+  rm -rf "$gobin"
+  mkdir -p "$gobin"
+  (cd "$CACHE_DIR" && GOBIN="$gobin" CGO_ENABLED=0 GOFLAGS=-buildvcs=false "$GO" install -trimpath \
+    -ldflags "-s -w -X github.com/Shopify/toxiproxy/v2.Version=${TOXIPROXY_VERSION#v}" \
+    "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION")
+  "$gobin/server" -version
+  mkdir -p "$(dirname "$TOXIPROXY_BIN")"
+  mv -f "$gobin/server" "$TOXIPROXY_BIN"
+}
+
+TOXIPROXY_BUILD_PID=""
+TOXIPROXY_BUILD_LOG="$CACHE_DIR/toxiproxy-$TOXIPROXY_VERSION/build.log"
+start_toxiproxy_build() {
+  [[ -x "$TOXIPROXY_BIN" ]] && return 0
+  info "toxiproxy building Toxiproxy $TOXIPROXY_VERSION with $("$GO" env GOVERSION) (one-time, ~1 min) into $(dirname "$TOXIPROXY_BIN")"
+  mkdir -p "$(dirname "$TOXIPROXY_BIN")"
+  : >"$TOXIPROXY_BUILD_LOG"
+  build_toxiproxy >>"$TOXIPROXY_BUILD_LOG" 2>&1 </dev/null 9>&- &
+  TOXIPROXY_BUILD_PID=$!
+}
+finish_toxiproxy_build() {
+  [[ -n "$TOXIPROXY_BUILD_PID" ]] || return 0
+  if ! wait "$TOXIPROXY_BUILD_PID"; then
+    fail_server toxiproxy "$TOXIPROXY_BUILD_LOG" "building Toxiproxy $TOXIPROXY_VERSION failed"
+  fi
+  TOXIPROXY_BUILD_PID=""
+}
+
 # ---------------------------------------------------------------------------
 # PostgreSQL (own cluster in .dbps/postgres/data)
 # ---------------------------------------------------------------------------
@@ -600,13 +662,14 @@ pg_wait() {
   done
 }
 
-pg_stop() {
+pg_stop() { # [fast|immediate] (pg_ctl's shutdown mode; default fast)
+  local mode="${1:-fast}"
   pg_paths
   if ! pg_pid >/dev/null; then
     line postgres stopped "$HOST:$PG_PORT"
     return 0
   fi
-  if pg_as "$PG_BIN/pg_ctl" stop -D "$PG_DATA" -m fast -w -t 60 >/dev/null; then
+  if pg_as "$PG_BIN/pg_ctl" stop -D "$PG_DATA" -m "$mode" -w -t 60 >/dev/null; then
     line postgres stopped "$HOST:$PG_PORT"
   else
     warn "pg_ctl stop failed, see $(rel "$PG_LOG")"
@@ -720,11 +783,11 @@ kafka_write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT,PROXIED://$HOST:$KAFKA_PROXIED_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,PROXIED://$HOST:$KAFKA_PROXIED_ADVERTISED_PORT
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT
 log.dirs=$KAFKA_DIR/data
 num.partitions=1
 default.replication.factor=1
@@ -767,8 +830,8 @@ kafka_start() {
     KAFKA_STARTED=0
     return 0
   fi
-  if port_open "$KAFKA_PORT" || port_open "$KAFKA_CONTROLLER_PORT"; then
-    fail_server kafka "$KAFKA_LOG" "port $HOST:$KAFKA_PORT or $HOST:$KAFKA_CONTROLLER_PORT is already in use by a process not started by stack.sh"
+  if port_open "$KAFKA_PORT" || port_open "$KAFKA_CONTROLLER_PORT" || port_open "$KAFKA_PROXIED_PORT"; then
+    fail_server kafka "$KAFKA_LOG" "port $HOST:$KAFKA_PORT, $HOST:$KAFKA_CONTROLLER_PORT or $HOST:$KAFKA_PROXIED_PORT is already in use by a process not started by stack.sh"
   fi
   kafka_write_config
   printf '%s\n' "$KAFKA_LIBS" >"$KAFKA_DIR/libs.path"
@@ -1065,6 +1128,67 @@ opensearch_stop() {
 }
 
 # ---------------------------------------------------------------------------
+# Toxiproxy (TCP fault proxy; on demand only, not part of `up`; the chaos
+# harness creates its proxies through the HTTP API)
+# ---------------------------------------------------------------------------
+
+TOXIPROXY_PID="$TOXIPROXY_DIR/toxiproxy.pid"
+TOXIPROXY_LOG="$TOXIPROXY_DIR/toxiproxy.log"
+
+toxiproxy_pid() { live_pid "$TOXIPROXY_PID" toxiproxy-server; }
+
+# The HTTP API answers: GET /version is 200 with {"version": ...} (pure bash,
+# HTTP/1.0 so that the server closes the connection after the reply).
+toxiproxy_probe() (
+  exec 3<>"/dev/tcp/$HOST/$TOXIPROXY_PORT" 2>/dev/null || exit 1
+  printf 'GET /version HTTP/1.0\r\nHost: %s:%s\r\nAccept: application/json\r\n\r\n' \
+    "$HOST" "$TOXIPROXY_PORT" >&3 || exit 1
+  reply="$(timeout 5 cat <&3)" || exit 1
+  [[ "$reply" == "HTTP/1."?" 200 "* && "$reply" == *'"version"'* ]]
+)
+
+toxiproxy_start() {
+  mkdir -p "$TOXIPROXY_DIR"
+  if toxiproxy_pid >/dev/null; then
+    TOXIPROXY_STARTED=0
+    return 0
+  fi
+  if port_open "$TOXIPROXY_PORT"; then
+    fail_server toxiproxy "$TOXIPROXY_LOG" "port $HOST:$TOXIPROXY_PORT is already in use by a process not started by stack.sh"
+  fi
+  rotate_log "$TOXIPROXY_LOG"
+  # Starts with no proxies (no -config): they are created through the API.
+  if ! spawn "$TOXIPROXY_PID" "$TOXIPROXY_LOG" "$TOXIPROXY_BIN" \
+    -host "$HOST" \
+    -port "$TOXIPROXY_PORT"; then
+    fail_server toxiproxy "$TOXIPROXY_LOG" "could not launch $TOXIPROXY_BIN"
+  fi
+  TOXIPROXY_STARTED=1
+}
+
+toxiproxy_wait() {
+  local deadline=$((SECONDS + TIMEOUT))
+  until toxiproxy_probe; do
+    if ! toxiproxy_pid >/dev/null; then
+      fail_server toxiproxy "$TOXIPROXY_LOG" "the server exited during start-up"
+    fi
+    if ((SECONDS >= deadline)); then
+      fail_server toxiproxy "$TOXIPROXY_LOG" "not ready after ${TIMEOUT}s (GET /version on $HOST:$TOXIPROXY_PORT)"
+    fi
+    sleep 0.2
+  done
+}
+
+toxiproxy_stop() {
+  local pid
+  if pid="$(toxiproxy_pid)"; then
+    stop_pid "$pid" 30
+  fi
+  rm -f "$TOXIPROXY_PID"
+  line toxiproxy stopped "$HOST:$TOXIPROXY_PORT"
+}
+
+# ---------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------
 
@@ -1115,6 +1239,8 @@ cmd_up() {
 cmd_down() {
   lock
   PG_BIN="$(find_pg_bin)" || true
+  # On demand (not started by `up`): stopped too, but only mentioned if it ran.
+  if toxiproxy_pid >/dev/null; then toxiproxy_stop; fi
   opensearch_stop
   mailpit_stop
   ferret_stop
@@ -1175,6 +1301,13 @@ cmd_status() {
   [[ "$state" == running ]] || down=1
   line opensearch "$state" "$OPENSEARCH_ADDRESS" "$OPENSEARCH_LOG"
 
+  # On demand: listed only while it runs; not running does not count as down.
+  if toxiproxy_pid >/dev/null; then
+    if toxiproxy_probe; then state=running; else state=unhealthy; fi
+    [[ "$state" == running ]] || down=1
+    line toxiproxy "$state" "$HOST:$TOXIPROXY_PORT" "$TOXIPROXY_LOG"
+  fi
+
   if ((down)); then return 3; fi
   return 0
 }
@@ -1183,10 +1316,13 @@ cmd_env() {
   printf 'export DBPS_POSTGRES_URL=postgres://%s:%s@%s:%s/postgres\n' "$PG_USER" "$PG_PASSWORD" "$HOST" "$PG_PORT"
   printf 'export DBPS_REDIS_URL=redis://%s:%s\n' "$HOST" "$REDIS_PORT"
   printf 'export DBPS_KAFKA_BROKERS=%s:%s\n' "$HOST" "$KAFKA_PORT"
+  printf 'export DBPS_KAFKA_PROXIED_UPSTREAM=%s:%s\n' "$HOST" "$KAFKA_PROXIED_PORT"
+  printf 'export DBPS_KAFKA_PROXIED_PORT=%s\n' "$KAFKA_PROXIED_ADVERTISED_PORT"
   printf 'export DBPS_MONGODB_URI=mongodb://%s:%s/\n' "$HOST" "$FERRET_PORT"
   printf 'export DBPS_SMTP_URL=smtp://%s:%s\n' "$HOST" "$MAILPIT_SMTP_PORT"
   printf 'export DBPS_MAILPIT_URL=http://%s:%s\n' "$HOST" "$MAILPIT_HTTP_PORT"
   printf 'export DBPS_OPENSEARCH_URL=http://%s:%s\n' "$HOST" "$OPENSEARCH_PORT"
+  printf 'export DBPS_TOXIPROXY_URL=http://%s:%s\n' "$HOST" "$TOXIPROXY_PORT"
 }
 
 # Start one server that `up` installed before, and wait until it is ready.
@@ -1233,6 +1369,16 @@ cmd_start_one() { # server
       opensearch_wait
       line opensearch "$(ready_word "$OPENSEARCH_STARTED")" "$OPENSEARCH_ADDRESS" "$OPENSEARCH_LOG"
       ;;
+    toxiproxy)
+      if [[ ! -x "$TOXIPROXY_BIN" ]]; then
+        GO="$(find_go)" || die "go not found (needed once to build Toxiproxy $TOXIPROXY_VERSION): install Go and put it on PATH"
+        start_toxiproxy_build
+        finish_toxiproxy_build
+      fi
+      toxiproxy_start
+      toxiproxy_wait
+      line toxiproxy "$(ready_word "$TOXIPROXY_STARTED")" "$HOST:$TOXIPROXY_PORT" "$TOXIPROXY_LOG"
+      ;;
     *)
       usage >&2
       exit 2
@@ -1241,7 +1387,11 @@ cmd_start_one() { # server
 }
 
 # Stop one server (its data stays).
-cmd_stop_one() { # server
+cmd_stop_one() { # server [postgres shutdown mode: fast|immediate]
+  case "${2:-fast}" in
+    fast | immediate) ;;
+    *) die "unknown shutdown mode '$2' for postgres (fast or immediate)" ;;
+  esac
   lock
   case "$1" in
     postgres)
@@ -1249,7 +1399,7 @@ cmd_stop_one() { # server
       # FerretDB keeps its data in PostgreSQL and cannot answer without it.
       ferret_stop
       if [[ -n "$PG_BIN" ]]; then
-        pg_stop
+        pg_stop "${2:-fast}"
       else
         line postgres stopped "$HOST:$PG_PORT"
       fi
@@ -1259,6 +1409,7 @@ cmd_stop_one() { # server
     ferretdb) ferret_stop ;;
     mailpit) mailpit_stop ;;
     opensearch) opensearch_stop ;;
+    toxiproxy) toxiproxy_stop ;;
     *)
       usage >&2
       exit 2
@@ -1269,14 +1420,18 @@ cmd_stop_one() { # server
 usage() {
   cat <<EOF
 usage: $(rel "$SCRIPT_DIR")/stack.sh up|down|status|env
-       $(rel "$SCRIPT_DIR")/stack.sh stop|start postgres|redis|kafka|ferretdb|mailpit|opensearch
+       $(rel "$SCRIPT_DIR")/stack.sh stop|start postgres|redis|kafka|ferretdb|mailpit|opensearch|toxiproxy
+       $(rel "$SCRIPT_DIR")/stack.sh stop postgres [fast|immediate]
 
   up      install what is missing, start ${SERVERS[*]} on $HOST, wait until ready
-  down    stop the servers started by 'up'
+  down    stop the servers started by 'up' (and toxiproxy if it runs)
   status  print each server's state; exit 0 if all are up, 3 otherwise
+          (toxiproxy is listed only while it runs and does not count otherwise)
   env     print DBPS_* exports:  eval "\$($(rel "$SCRIPT_DIR")/stack.sh env)"
-  stop    stop one server (its data stays; stopping postgres stops ferretdb too)
-  start   start one server again (after 'up' installed it) and wait until it is ready
+  stop    stop one server (its data stays; stopping postgres stops ferretdb too;
+          postgres takes pg_ctl's shutdown mode, fast by default or immediate)
+  start   start one server again (after 'up' installed it) and wait until it is ready;
+          toxiproxy (on demand, API on $HOST:$TOXIPROXY_PORT) is built first if missing
 EOF
 }
 
@@ -1291,11 +1446,12 @@ main() {
       ;;
     env) cmd_env ;;
     start | stop)
-      if [[ $# -ne 2 ]]; then
+      # Only `stop postgres` takes a third argument (the shutdown mode).
+      if [[ $# -ne 2 ]] && ! [[ $# -eq 3 && "$1" == stop && "$2" == postgres ]]; then
         usage >&2
         exit 2
       fi
-      "cmd_$1_one" "$2"
+      "cmd_$1_one" "${@:2}"
       ;;
     -h | --help | help) usage ;;
     *)
