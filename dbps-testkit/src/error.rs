@@ -112,6 +112,9 @@ pub enum Error {
         /// How long it waited.
         after: std::time::Duration,
     },
+    /// A local port for a [`crate::FaultyLink`] could not be opened.
+    #[error("fault link: {0}")]
+    Link(#[source] std::io::Error),
     /// The check a test waited with failed.
     #[error("waiting for {what} failed")]
     Check {

@@ -62,6 +62,8 @@
 //!   an address, one message's bodies and attachments, its raw source, and
 //!   [`TestMailpit::wait_for`] a number of messages, with a deadline.
 //! - [`eventually`] and [`wait_for`] poll a condition with a deadline: no sleeps.
+//! - [`FaultyLink`] sits between a client and a real server and turns the connections
+//!   half-open (nothing answers, nothing closes) or cuts them, to test timeouts.
 //!
 //! # Feature flags
 //!
@@ -77,6 +79,7 @@ mod kafka;
 mod mailpit;
 #[cfg(feature = "mongodb")]
 mod mongo;
+mod net;
 #[cfg(feature = "opensearch")]
 mod opensearch;
 #[cfg(feature = "postgres")]
@@ -95,6 +98,7 @@ pub use kafka::{TestKafka, TopicReader, header, kafka};
 pub use mailpit::{MAIL_DOMAIN, MailAttachment, MailContent, MailMessage, TestMailpit, mailpit};
 #[cfg(feature = "mongodb")]
 pub use mongo::{TestMongo, mongo};
+pub use net::FaultyLink;
 #[cfg(feature = "opensearch")]
 pub use opensearch::{TestOpenSearch, opensearch};
 #[cfg(feature = "postgres")]

@@ -83,6 +83,28 @@ impl TestPostgres {
     pub fn admin_options(&self) -> &PgConnectOptions {
         &self.admin
     }
+
+    /// A [`crate::FaultyLink`] to this test's server: connect to
+    /// `link.url(db.url())` to go through it.
+    ///
+    /// # Errors
+    ///
+    /// The server's address does not resolve, or no local port could be opened.
+    pub async fn faulty_link(&self) -> Result<crate::FaultyLink> {
+        let host = self.admin.get_host();
+        let port = self.admin.get_port();
+        let upstream = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(crate::Error::Link)?
+            .next()
+            .ok_or_else(|| {
+                crate::Error::Link(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{host}:{port} has no address"),
+                ))
+            })?;
+        crate::FaultyLink::start(upstream).await
+    }
 }
 
 impl Drop for TestPostgres {
