@@ -83,6 +83,8 @@ pub mod wire;
 pub mod inbox;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "postgres")]
+pub mod pg;
 
 pub use envelope::{Envelope, MessageKind, TraceContext};
 pub use error::{Error, ErrorChain, Result};

@@ -269,3 +269,44 @@ async fn a_batched_inbox_applies_each_message_once_and_a_failing_batch_not_at_al
     assert_eq!(stock(db.pool(), "sku-2").await?, (4, 2));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_whose_database_stops_answering_fails_transiently_within_its_timeout_and_keeps_no_dead_connection()
+-> TestResult {
+    let db = setup().await?;
+    let link = db.faulty_link().await?;
+    // Two connections: a dead connection returned to the pool would take one for good.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(&link.url(db.url()))
+        .await?;
+    let inbox = PgInbox::new(pool, "stock", AddToStock::default()).timeout(Duration::from_secs(1));
+    inbox.apply(&event("sku-1", 1)?).await?;
+
+    // The database stops answering without closing anything.
+    link.freeze();
+    for n in 0..2 {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(20), inbox.apply(&event(&format!("sku-{n}"), 1)?)).await;
+        let error = outcome
+            .map_err(|_| "the inbox hung on a silent database")?
+            .expect_err("nothing answered");
+        assert!(error.is_transient(), "a timeout is retried: {error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    // It answers again: every connection of the pool works, none waits on a dead one.
+    link.thaw();
+    for n in 0..4 {
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(20), inbox.apply(&event(&format!("sku-a{n}"), 1)?)).await;
+        assert!(outcome.map_err(|_| "the inbox hung after the database came back")??);
+    }
+    assert_eq!(stock(db.pool(), "sku-a3").await?, (1, 1));
+    Ok(())
+}

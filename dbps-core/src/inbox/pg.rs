@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection as _, PgConnection, PgPool};
 
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
@@ -85,12 +85,17 @@ pub struct PgInbox<H> {
     pool: PgPool,
     consumer: String,
     handler: H,
+    timeout: Duration,
 }
+
+/// How long one message's (or one batch's) transaction may take by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl<H> fmt::Debug for PgInbox<H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgInbox")
             .field("consumer", &self.consumer)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -103,7 +108,20 @@ impl<H: TxHandler> PgInbox<H> {
             pool,
             consumer: consumer.into(),
             handler,
+            timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// How long applying one message (or one batch, see [`PgInbox::batched`]) may take,
+    /// from taking a connection to the commit (default 30 s). When it runs out the
+    /// transaction is abandoned, the connection is closed rather than returned to the
+    /// pool (it may be half-open: a database that stopped answering without closing it),
+    /// and the failure is transient, so the runner retries. Keep it above the slowest
+    /// handler's time; see [`crate::pg::bounded`].
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The wrapped handler.
@@ -118,23 +136,26 @@ impl<H: TxHandler> PgInbox<H> {
 
     /// Applies `message` unless it was applied before. Returns whether it was applied now.
     pub async fn apply(&self, message: &Envelope) -> Result<bool, HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        let inserted =
-            sqlx::query("insert into dbps_inbox (consumer, message_id) values ($1, $2) on conflict do nothing")
-                .bind(&self.consumer)
-                .bind(&message.id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        if inserted == 0 {
-            tx.rollback().await?;
-            metrics::counter!("dbps_inbox_duplicates_total", "consumer" => self.consumer.clone()).increment(1);
-            tracing::debug!(consumer = %self.consumer, message_id = %message.id, "duplicate skipped");
-            return Ok(false);
-        }
-        self.handler.handle(&mut tx, message).await?;
-        tx.commit().await?;
-        Ok(true)
+        crate::pg::bounded(&self.pool, self.timeout, async |conn: &mut PgConnection| {
+            let mut tx = conn.begin().await?;
+            let inserted =
+                sqlx::query("insert into dbps_inbox (consumer, message_id) values ($1, $2) on conflict do nothing")
+                    .bind(&self.consumer)
+                    .bind(&message.id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            if inserted == 0 {
+                tx.rollback().await?;
+                metrics::counter!("dbps_inbox_duplicates_total", "consumer" => self.consumer.clone()).increment(1);
+                tracing::debug!(consumer = %self.consumer, message_id = %message.id, "duplicate skipped");
+                return Ok(false);
+            }
+            self.handler.handle(&mut tx, message).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 }
 
@@ -174,29 +195,32 @@ impl<H: TxHandler> crate::BatchHandler for BatchedInbox<H> {
 
     async fn handle_batch(&self, messages: &[Envelope]) -> Result<(), HandlerError> {
         let inbox = &self.inbox;
-        let mut tx = inbox.pool.begin().await?;
-        let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
-        let fresh: std::collections::HashSet<String> = sqlx::query_scalar(
-            "insert into dbps_inbox (consumer, message_id) select $1, unnest($2::text[]) \
-             on conflict do nothing returning message_id",
-        )
-        .bind(&inbox.consumer)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-        let mut seen = std::collections::HashSet::new();
-        for message in messages {
-            // A message twice in one batch (a producer's retry) is applied once.
-            if !fresh.contains(&message.id) || !seen.insert(message.id.as_str()) {
-                metrics::counter!("dbps_inbox_duplicates_total", "consumer" => inbox.consumer.clone()).increment(1);
-                continue;
+        crate::pg::bounded(&inbox.pool, inbox.timeout, async |conn: &mut PgConnection| {
+            let mut tx = conn.begin().await?;
+            let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+            let fresh: std::collections::HashSet<String> = sqlx::query_scalar(
+                "insert into dbps_inbox (consumer, message_id) select $1, unnest($2::text[]) \
+                 on conflict do nothing returning message_id",
+            )
+            .bind(&inbox.consumer)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            let mut seen = std::collections::HashSet::new();
+            for message in messages {
+                // A message twice in one batch (a producer's retry) is applied once.
+                if !fresh.contains(&message.id) || !seen.insert(message.id.as_str()) {
+                    metrics::counter!("dbps_inbox_duplicates_total", "consumer" => inbox.consumer.clone()).increment(1);
+                    continue;
+                }
+                inbox.handler.handle(&mut tx, message).await?;
             }
-            inbox.handler.handle(&mut tx, message).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 }
 
