@@ -7,6 +7,8 @@ use serde_json::value::RawValue;
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{Connection, PgConnection, Row};
 
+use dbps_core::pg::{bounded, within};
+
 use super::{CHANNEL, LEASE_PARTITIONS};
 use crate::error::{OutboxError, Result, store};
 use crate::store::{Backlog, OutboxStore, Pending, PoisonPolicy, Retention};
@@ -28,7 +30,14 @@ pub struct PgOutboxStore {
     pool: PgPool,
     retention: Retention,
     poison: PoisonPolicy,
+    timeout: Duration,
+    lease_idle_timeout: Duration,
 }
+
+/// How long one of the relay's statements may go unanswered by default.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the server keeps an idle lease session by default.
+const DEFAULT_LEASE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One relay instance's claim: its membership and partition locks (on a connection of
 /// its own) and its LISTEN connection.
@@ -58,7 +67,34 @@ impl PgOutboxStore {
             pool,
             retention: Retention::default(),
             poison: PoisonPolicy::default(),
+            timeout: DEFAULT_TIMEOUT,
+            lease_idle_timeout: DEFAULT_LEASE_IDLE_TIMEOUT,
         }
+    }
+
+    /// How long the relay waits for the database to answer one of its statements
+    /// (default 30 s). A statement that gets no answer in time fails the round as
+    /// transient, and its connection is closed: a half-open connection (a database that
+    /// stopped answering without closing it) cannot stall the relay, and closing the
+    /// lease connection gives its partitions up.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long the server keeps a relay's lease session while nothing arrives on it
+    /// (default 60 s; PostgreSQL's `idle_session_timeout`, set on that session only).
+    ///
+    /// A relay that vanished without closing its connection (its host lost power, the
+    /// network between them broke) would otherwise hold its partitions until the
+    /// server's TCP keepalive notices, which Linux's defaults put at over two hours. With
+    /// this bound the server ends the session and the other relays take its partitions
+    /// over within it. A running relay uses its lease session at every rebalance, so the
+    /// value must exceed the relay's rebalance interval (default 10 s) with room to
+    /// spare; a relay whose session the server ended rejoins by itself.
+    pub fn lease_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.lease_idle_timeout = timeout;
+        self
     }
 
     /// Sets what happens to published rows.
@@ -138,12 +174,15 @@ impl PgOutboxStore {
 
     /// Tells writers whether this relay's partitions need a notification.
     async fn mark_sleeping(&self, lease: &mut PgLease, sleeping: bool) -> Result<()> {
-        sqlx::query("update dbps_outbox_wake set sleeping = $1 where lease_partition = any($2)")
-            .bind(sleeping)
-            .bind(&lease.owned)
-            .execute(&mut lease.locks)
-            .await
-            .map_err(store("mark relay sleeping"))?;
+        within(
+            self.timeout,
+            sqlx::query("update dbps_outbox_wake set sleeping = $1 where lease_partition = any($2)")
+                .bind(sleeping)
+                .bind(&lease.owned)
+                .execute(&mut lease.locks),
+        )
+        .await
+        .map_err(store("mark relay sleeping"))?;
         lease.sleeping = sleeping;
         Ok(())
     }
@@ -151,7 +190,7 @@ impl PgOutboxStore {
     /// How many relays are members, and which partitions anyone holds, in one look at
     /// `pg_locks` (advisory locks are per database, so this sees this outbox only).
     async fn lock_table(&self, lease: &mut PgLease) -> Result<(i64, Vec<i32>)> {
-        sqlx::query_as(
+        let query = sqlx::query_as(
             "select count(*) filter (where classid = $1::bigint::oid),
                     coalesce(array_agg(objid::bigint::int) filter (where classid = $2::bigint::oid), '{}')
              from pg_locks
@@ -160,9 +199,17 @@ impl PgOutboxStore {
         )
         .bind(MEMBER_CLASS)
         .bind(PARTITION_CLASS)
-        .fetch_one(&mut lease.locks)
-        .await
-        .map_err(store("read relay locks"))
+        .fetch_one(&mut lease.locks);
+        within(self.timeout, query).await.map_err(store("read relay locks"))
+    }
+
+    /// Runs one statement's work on a pool connection within the timeout.
+    async fn on_pool<T>(
+        &self,
+        operation: &'static str,
+        work: impl AsyncFnOnce(&mut PgConnection) -> std::result::Result<T, sqlx::Error>,
+    ) -> Result<T> {
+        bounded(&self.pool, self.timeout, work).await.map_err(store(operation))
     }
 }
 
@@ -223,21 +270,42 @@ impl OutboxStore for PgOutboxStore {
     type Id = i64;
 
     async fn join(&self) -> Result<PgLease> {
-        let mut locks = self.pool.acquire().await.map_err(store("connect relay"))?.detach();
+        let limit = self.timeout;
+        let mut locks = within(limit, async { Ok(self.pool.acquire().await?.detach()) })
+            .await
+            .map_err(store("connect relay"))?;
+        // The server ends this session (releasing its locks) if the relay goes quiet.
+        let idle_ms = self.lease_idle_timeout.as_millis().to_string();
+        within(
+            limit,
+            sqlx::query("select set_config('idle_session_timeout', $1, false)")
+                .bind(&idle_ms)
+                .execute(&mut locks),
+        )
+        .await
+        .map_err(store("join relays"))?;
         let member = loop {
             let candidate = rand::random::<i32>() & i32::MAX;
-            let taken: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
-                .bind(MEMBER_CLASS)
-                .bind(candidate)
-                .fetch_one(&mut locks)
-                .await
-                .map_err(store("join relays"))?;
+            let taken: bool = within(
+                limit,
+                sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
+                    .bind(MEMBER_CLASS)
+                    .bind(candidate)
+                    .fetch_one(&mut locks),
+            )
+            .await
+            .map_err(store("join relays"))?;
             if taken {
                 break candidate;
             }
         };
-        let mut listener = PgListener::connect_with(&self.pool).await.map_err(store("listen"))?;
-        listener.listen(CHANNEL).await.map_err(store("listen"))?;
+        let listener = within(limit, async {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.listen(CHANNEL).await?;
+            Ok(listener)
+        })
+        .await
+        .map_err(store("listen"))?;
         Ok(PgLease {
             locks,
             listener,
@@ -254,18 +322,24 @@ impl OutboxStore for PgOutboxStore {
         let target = usize::try_from((i64::from(LEASE_PARTITIONS) + members - 1) / members).unwrap_or(1);
         if lease.owned.len() > target {
             let released = lease.owned.split_off(target);
-            sqlx::query("select pg_advisory_unlock($1, p) from unnest($2::int[]) p")
-                .bind(PARTITION_CLASS)
-                .bind(&released)
-                .execute(&mut lease.locks)
-                .await
-                .map_err(store("release partitions"))?;
+            within(
+                self.timeout,
+                sqlx::query("select pg_advisory_unlock($1, p) from unnest($2::int[]) p")
+                    .bind(PARTITION_CLASS)
+                    .bind(&released)
+                    .execute(&mut lease.locks),
+            )
+            .await
+            .map_err(store("release partitions"))?;
             // Their next owner may be asleep: writers must notify for them again.
-            sqlx::query("update dbps_outbox_wake set sleeping = true where lease_partition = any($1)")
-                .bind(&released)
-                .execute(&mut lease.locks)
-                .await
-                .map_err(store("release partitions"))?;
+            within(
+                self.timeout,
+                sqlx::query("update dbps_outbox_wake set sleeping = true where lease_partition = any($1)")
+                    .bind(&released)
+                    .execute(&mut lease.locks),
+            )
+            .await
+            .map_err(store("release partitions"))?;
             tracing::info!(
                 member = lease.member,
                 released = released.len(),
@@ -283,12 +357,15 @@ impl OutboxStore for PgOutboxStore {
                 if lease.owned.len() >= target {
                     break;
                 }
-                let locked: bool = sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
-                    .bind(PARTITION_CLASS)
-                    .bind(partition)
-                    .fetch_one(&mut lease.locks)
-                    .await
-                    .map_err(store("take partition"))?;
+                let locked: bool = within(
+                    self.timeout,
+                    sqlx::query_scalar("select pg_try_advisory_lock($1, $2)")
+                        .bind(PARTITION_CLASS)
+                        .bind(partition)
+                        .fetch_one(&mut lease.locks),
+                )
+                .await
+                .map_err(store("take partition"))?;
                 if locked {
                     lease.owned.push(partition);
                     taken += 1;
@@ -334,12 +411,15 @@ impl OutboxStore for PgOutboxStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // Fetched on the lease connection: a relay that lost it has lost its partitions
         // too, and must not publish.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(limit)
-            .bind(&lease.owned)
-            .fetch_all(&mut lease.locks)
-            .await
-            .map_err(store("fetch"))?;
+        let rows = within(
+            self.timeout,
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(limit)
+                .bind(&lease.owned)
+                .fetch_all(&mut lease.locks),
+        )
+        .await
+        .map_err(store("fetch"))?;
         if !rows.is_empty() {
             lease.last_found = Some(std::time::Instant::now());
         }
@@ -367,21 +447,22 @@ impl OutboxStore for PgOutboxStore {
             Retention::Delete => "delete from dbps_outbox where id = any($1)",
             Retention::Keep(_) => "update dbps_outbox set published_at = now() where id = any($1)",
         };
-        sqlx::query(sql)
-            .bind(ids)
-            .execute(&self.pool)
-            .await
-            .map_err(store("mark published"))?;
+        self.on_pool("mark published", async |conn: &mut PgConnection| {
+            sqlx::query(sql).bind(ids).execute(conn).await
+        })
+        .await?;
         Ok(())
     }
 
     async fn park(&self, id: &i64, reason: &str) -> Result<()> {
-        sqlx::query("update dbps_outbox set parked_at = now(), park_reason = $2 where id = $1")
-            .bind(id)
-            .bind(reason)
-            .execute(&self.pool)
-            .await
-            .map_err(store("park"))?;
+        self.on_pool("park", async |conn: &mut PgConnection| {
+            sqlx::query("update dbps_outbox set parked_at = now(), park_reason = $2 where id = $1")
+                .bind(id)
+                .bind(reason)
+                .execute(conn)
+                .await
+        })
+        .await?;
         Ok(())
     }
 
@@ -428,24 +509,30 @@ impl OutboxStore for PgOutboxStore {
                 setting: "retention",
                 reason: e.to_string(),
             })?;
-        let result = sqlx::query("delete from dbps_outbox where published_at < now() - $1")
-            .bind(interval)
-            .execute(&self.pool)
-            .await
-            .map_err(store("purge"))?;
+        let result = self
+            .on_pool("purge", async |conn: &mut PgConnection| {
+                sqlx::query("delete from dbps_outbox where published_at < now() - $1")
+                    .bind(interval)
+                    .execute(conn)
+                    .await
+            })
+            .await?;
         Ok(result.rows_affected())
     }
 
     async fn backlog(&self) -> Result<Backlog> {
-        let (pending, oldest, parked): (i64, Option<f64>, i64) = sqlx::query_as(
-            "select count(*) filter (where parked_at is null),
-                    extract(epoch from now() - min(created_at) filter (where parked_at is null))::float8,
-                    count(*) filter (where parked_at is not null)
-             from dbps_outbox where published_at is null",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(store("backlog"))?;
+        let (pending, oldest, parked): (i64, Option<f64>, i64) = self
+            .on_pool("backlog", async |conn: &mut PgConnection| {
+                sqlx::query_as(
+                    "select count(*) filter (where parked_at is null),
+                            extract(epoch from now() - min(created_at) filter (where parked_at is null))::float8,
+                            count(*) filter (where parked_at is not null)
+                     from dbps_outbox where published_at is null",
+                )
+                .fetch_one(conn)
+                .await
+            })
+            .await?;
         Ok(Backlog {
             pending: u64::try_from(pending).unwrap_or(0),
             oldest_age: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
@@ -455,7 +542,9 @@ impl OutboxStore for PgOutboxStore {
 
     async fn leave(&self, lease: PgLease) -> Result<()> {
         // Closing the connection releases every advisory lock it holds.
-        lease.locks.close().await.map_err(store("leave"))?;
+        within(self.timeout, lease.locks.close())
+            .await
+            .map_err(store("leave"))?;
         Ok(())
     }
 }
