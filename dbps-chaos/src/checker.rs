@@ -161,6 +161,9 @@ impl Counts {
 pub(crate) struct Check {
     pub(crate) counts: Counts,
     pub(crate) append_times_ms: Vec<i64>,
+    /// Each published event's commit time and its commit → append latency (the first
+    /// record of it on the topic), both in milliseconds, sorted by commit time.
+    pub(crate) latencies_by_commit_ms: Vec<(i64, i64)>,
 }
 
 impl Check {
@@ -250,7 +253,9 @@ pub(crate) async fn check(input: &CheckInput<'_>) -> Result<Check> {
     let records = read_topic(input.brokers, input.topic).await?;
     let mut append_times_ms: Vec<i64> = records.iter().filter_map(|r| r.append_ms).collect();
     append_times_ms.sort_unstable();
-    let (published, mut latencies) = count_topic(&records, &committed, &rolled_back, &mut c);
+    let (published, mut latencies_by_commit_ms) = count_topic(&records, &committed, &rolled_back, &mut c);
+    latencies_by_commit_ms.sort_unstable();
+    let mut latencies: Vec<i64> = latencies_by_commit_ms.iter().map(|&(_, l)| l).collect();
     if !latencies.is_empty() {
         latencies.sort_unstable();
         let at = |q: f64| {
@@ -356,23 +361,24 @@ pub(crate) async fn check(input: &CheckInput<'_>) -> Result<Check> {
     Ok(Check {
         counts: c,
         append_times_ms,
+        latencies_by_commit_ms,
     })
 }
 
 /// Counts what is on the topic: each committed event once, duplicates, order per
 /// aggregate (by first appearance), events that must not be there. Returns the ids seen
-/// and each event's commit → append latency in milliseconds.
+/// and each event's commit time and commit → append latency, in milliseconds.
 fn count_topic<'r>(
     records: &'r [Record],
     committed: &HashMap<String, Committed>,
     rolled_back: &HashSet<String>,
     c: &mut Counts,
-) -> (HashSet<&'r str>, Vec<i64>) {
+) -> (HashSet<&'r str>, Vec<(i64, i64)>) {
     c.topic_records = records.len() as u64;
     let mut published: HashSet<&str> = HashSet::with_capacity(records.len());
     let mut highest: HashMap<&str, i64> = HashMap::new();
     let mut partition_of: HashMap<&str, i32> = HashMap::new();
-    let mut latencies: Vec<i64> = Vec::new();
+    let mut latencies: Vec<(i64, i64)> = Vec::new();
     for record in records {
         if record.poison.is_some() {
             continue;
@@ -418,7 +424,7 @@ fn count_topic<'r>(
         }
         *top = (*top).max(event.sequence);
         if let (Some(append), Some(commit)) = (record.append_ms, event.commit) {
-            latencies.push(append - commit.timestamp_millis());
+            latencies.push((commit.timestamp_millis(), append - commit.timestamp_millis()));
         }
     }
     (published, latencies)

@@ -15,6 +15,10 @@
 //! | `broker-restart` | the Kafka broker stopped and started under load | nothing lost, the relay resumes by itself |
 //! | `poison` | one oversize or malformed record per 10,000 | every one parked or dead-lettered, healthy keys unaffected |
 //! | `replica` | `PgReplica` consumers killed with SIGKILL at random; 8 % of the events published again late, out of order, including old updates of deleted customers | every replica row equal to its source row, no record going back in time, no deleted record coming back |
+//! | `pg-restart` | PostgreSQL stopped (fast and immediate shutdowns) and started ≥ 10 times under load | nothing lost, order kept, relays and consumers recover by themselves |
+//! | `net-reset` | TCP resets on relay ↔ PostgreSQL, relay ↔ Kafka and consumer ↔ PostgreSQL connections (Toxiproxy) | nothing lost, order kept, leases move |
+//! | `net-latency` | 200 ± 100 ms on relay ↔ Kafka and writer ↔ PostgreSQL for periods (Toxiproxy) | nothing lost, order kept, latency back within seconds |
+//! | `half-open` | connections that stop answering without closing (Toxiproxy's `timeout` toxic) | every component notices by its own timeouts, nothing hangs |
 //! | `saga-kill` | 10,000 sagas (70 % complete, 20 % refused at step 2, 10 % unanswered at step 3) while the saga orchestrator, its participants and the relays are killed with SIGKILL at random | every saga completed or compensated, each effect applied once, nothing left behind by a compensated saga, no transition twice |
 //!
 //! Writers, relays and consumers run as separate processes of this executable (the
@@ -40,6 +44,7 @@ mod saga_check;
 mod saga_run;
 mod scenarios;
 mod stack;
+mod toxiproxy;
 mod workers;
 
 use std::process::ExitCode;
@@ -78,6 +83,19 @@ enum Command {
     /// and the relays are killed with SIGKILL at random (at least 20 kills). `--events` is
     /// the number of sagas, `--seconds` how long they are started over.
     SagaKill(ScenarioArgs),
+    /// Stop PostgreSQL (fast and immediate shutdowns in turn) and start it again under load,
+    /// at least 10 times, with two relays and a consumer running (through
+    /// scripts/stack.sh; it stops FerretDB too and starts it again at the end).
+    PgRestart(ScenarioArgs),
+    /// Reset (TCP RST) the relays' and the consumers' connections to PostgreSQL and the
+    /// relays' to Kafka at random, through Toxiproxy (at least 30 resets).
+    NetReset(ScenarioArgs),
+    /// Add 200 ms ± 100 ms to the relays' Kafka connections and the writers' PostgreSQL
+    /// connections for periods, through Toxiproxy (at least 10 periods).
+    NetLatency(ScenarioArgs),
+    /// Turn connections half-open (nothing passes, nothing closes) for 12-16 s, through
+    /// Toxiproxy: each component must notice by its own timeouts (at least 10 faults).
+    HalfOpen(ScenarioArgs),
     /// A process of a scenario (started by the scenarios themselves).
     #[command(hide = true)]
     Worker {
@@ -113,6 +131,10 @@ fn main() -> ExitCode {
         Command::BrokerRestart(args) => (Scenario::BrokerRestart, args),
         Command::Poison(args) => (Scenario::Poison, args),
         Command::Replica(args) => (Scenario::Replica, args),
+        Command::PgRestart(args) => (Scenario::PgRestart, args),
+        Command::NetReset(args) => (Scenario::NetReset, args),
+        Command::NetLatency(args) => (Scenario::NetLatency, args),
+        Command::HalfOpen(args) => (Scenario::HalfOpen, args),
         Command::SagaKill(args) => {
             init_tracing("warn");
             return exit_code(runtime.block_on(saga_run::run(args)));

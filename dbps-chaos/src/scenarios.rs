@@ -1,5 +1,7 @@
 //! The scenarios: set up, load, inject faults, settle, check, report, clean up.
 
+mod network;
+
 use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,6 +38,10 @@ pub(crate) enum Scenario {
     BrokerRestart,
     Poison,
     Replica,
+    PgRestart,
+    NetReset,
+    NetLatency,
+    HalfOpen,
 }
 
 impl Scenario {
@@ -48,7 +54,16 @@ impl Scenario {
             Self::BrokerRestart => "broker-restart",
             Self::Poison => "poison",
             Self::Replica => "replica",
+            Self::PgRestart => "pg-restart",
+            Self::NetReset => "net-reset",
+            Self::NetLatency => "net-latency",
+            Self::HalfOpen => "half-open",
         }
+    }
+
+    /// Whether the scenario's workers reach the servers through Toxiproxy.
+    fn proxied(self) -> bool {
+        matches!(self, Self::NetReset | Self::NetLatency | Self::HalfOpen)
     }
 
     /// The scenario's load and faults at full size.
@@ -65,6 +80,7 @@ impl Scenario {
             poison_every: 0,
             relays: 1,
             relay_args: Vec::new(),
+            worker_args: Vec::new(),
             consumers: 0,
             min_faults: 0,
             kill_interval_s: 1.0..6.0,
@@ -125,6 +141,51 @@ impl Scenario {
                 consumers: 2,
                 ..base
             },
+            // Relays reach PostgreSQL again after each restart by themselves; their lease
+            // sessions end with the server.
+            Self::PgRestart => Plan {
+                events: 50_000,
+                load_seconds: Some(160.0),
+                relays: 2,
+                relay_args: network_relay_args(false),
+                consumers: 1,
+                min_faults: 10,
+                ..base
+            },
+            Self::NetReset => Plan {
+                events: 60_000,
+                load_seconds: Some(150.0),
+                relays: 2,
+                relay_args: network_relay_args(false),
+                consumers: 2,
+                min_faults: 30,
+                ..base
+            },
+            Self::NetLatency => Plan {
+                events: 50_000,
+                load_seconds: Some(150.0),
+                relays: 2,
+                relay_args: network_relay_args(false),
+                consumers: 1,
+                min_faults: 10,
+                ..base
+            },
+            // Every component's own timeout is shorter than the silence it meets.
+            Self::HalfOpen => Plan {
+                events: 50_000,
+                load_seconds: Some(200.0),
+                relays: 2,
+                relay_args: network_relay_args(true),
+                worker_args: vec![
+                    String::from("--inbox-timeout-ms"),
+                    network::HALF_OPEN_TIMEOUT_MS.to_string(),
+                    String::from("--tx-timeout-ms"),
+                    network::HALF_OPEN_TIMEOUT_MS.to_string(),
+                ],
+                consumers: 2,
+                min_faults: 10,
+                ..base
+            },
             // `events` counts the updates; each customer's create and the deletes of one
             // customer in `delete_every` come on top.
             Self::Replica => Plan {
@@ -139,6 +200,25 @@ impl Scenario {
             },
         }
     }
+}
+
+/// The relays' settings in the restart and network scenarios: a lease session the server
+/// ends after `LEASE_IDLE_TIMEOUT_MS` of silence, and (half-open) the short statement and
+/// Kafka request timeouts.
+fn network_relay_args(half_open: bool) -> Vec<String> {
+    let mut args = vec![
+        String::from("--lease-idle-timeout-ms"),
+        network::LEASE_IDLE_TIMEOUT_MS.to_string(),
+    ];
+    if half_open {
+        args.extend([
+            String::from("--store-timeout-ms"),
+            network::HALF_OPEN_TIMEOUT_MS.to_string(),
+            String::from("--kafka-set"),
+            format!("socket.timeout.ms={}", network::KAFKA_SOCKET_TIMEOUT_MS),
+        ]);
+    }
+    args
 }
 
 /// Options every scenario takes.
@@ -176,9 +256,12 @@ pub(crate) struct ScenarioArgs {
     /// sets it).
     #[arg(long, env = "DBPS_MONGODB_URI", hide_env_values = true)]
     mongodb_uri: Option<String>,
-    /// The stack script the broker-restart scenario stops and starts Kafka with.
+    /// The stack script the broker-restart and pg-restart scenarios stop and start the
+    /// servers with.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh"))]
     pub(crate) stack_script: PathBuf,
+    #[command(flatten)]
+    pub(crate) net: network::NetArgs,
 }
 
 /// Load, workers and faults of a scenario.
@@ -197,6 +280,8 @@ struct Plan {
     poison_every: u64,
     relays: u32,
     relay_args: Vec<String>,
+    /// Further arguments for the writers and consumers (their timeouts).
+    worker_args: Vec<String>,
     consumers: u32,
     min_faults: u32,
     kill_interval_s: Range<f64>,
@@ -250,6 +335,23 @@ pub(crate) async fn run(scenario: Scenario, args: ScenarioArgs) -> Result<bool> 
         None
     };
     let mut run = Run::setup(scenario, plan, servers, seed, mongo).await?;
+    if scenario.proxied() {
+        let net = network::Net::setup(
+            &args.net,
+            &args.postgres_url,
+            &run.id,
+            run.plan.relays,
+            run.plan.consumers,
+        )
+        .await;
+        match net {
+            Ok(net) => run.net = Some(net),
+            Err(error) => {
+                run.cleanup().await;
+                return Err(error);
+            }
+        }
+    }
     println!(
         "dbps-chaos {}: seed {seed}, run {}, logs in {}",
         scenario.name(),
@@ -261,6 +363,7 @@ pub(crate) async fn run(scenario: Scenario, args: ScenarioArgs) -> Result<bool> 
         Ok(report) => report,
         Err(error) => {
             run.stop_all().await;
+            run.restore_stack().await;
             println!(
                 "dbps-chaos {}: the harness failed: {error:#}\nkept for inspection: databases {}, topics {} {}, logs {}",
                 scenario.name(),
@@ -272,6 +375,7 @@ pub(crate) async fn run(scenario: Scenario, args: ScenarioArgs) -> Result<bool> 
             return Err(error);
         }
     };
+    run.restore_stack().await;
     report.print();
     if let Some(path) = &args.json {
         report.write_json(path)?;
@@ -331,6 +435,8 @@ struct Run {
     failures: Vec<String>,
     results: serde_json::Map<String, Value>,
     last_progress: Instant,
+    /// The proxies of the network scenarios.
+    net: Option<network::Net>,
 }
 
 impl Run {
@@ -436,6 +542,7 @@ impl Run {
             failures: Vec::new(),
             results: serde_json::Map::new(),
             last_progress: Instant::now(),
+            net: None,
         })
     }
 
@@ -448,7 +555,10 @@ impl Run {
     async fn execute(&mut self) -> Result<Report> {
         self.start_workers()?;
         let mut outages = Vec::new();
+        let mut windows = Vec::new();
         match self.scenario {
+            Scenario::PgRestart => windows = self.restart_loop().await?,
+            Scenario::NetReset | Scenario::NetLatency | Scenario::HalfOpen => windows = self.toxic_loop().await?,
             Scenario::RelayKill | Scenario::MongoRelayKill | Scenario::ConsumerKill => self.kill_loop().await?,
             Scenario::Replica => return self.execute_replica().await,
             Scenario::Gap => self.wait_for_writers().await?,
@@ -503,6 +613,9 @@ impl Run {
         }
         if self.scenario == Scenario::BrokerRestart {
             self.broker_results(&outages, &check).await?;
+        }
+        if !windows.is_empty() {
+            self.fault_results(&windows, &check);
         }
         if !self.consumers.is_empty() {
             let absorbed: usize = self.consumers.iter().map(|c| c.log_count("duplicate skipped")).sum();
@@ -701,7 +814,15 @@ impl Run {
             settings.insert(String::from("relay_args"), json!(plan.relay_args.join(" ")));
         }
         settings.insert(String::from("consumers"), json!(plan.consumers));
-        if plan.min_faults > 0 && self.scenario != Scenario::BrokerRestart {
+        if !plan.worker_args.is_empty() {
+            settings.insert(String::from("worker_args"), json!(plan.worker_args.join(" ")));
+        }
+        if plan.min_faults > 0
+            && matches!(
+                self.scenario,
+                Scenario::RelayKill | Scenario::MongoRelayKill | Scenario::ConsumerKill | Scenario::Replica
+            )
+        {
             settings.insert(String::from("min_kills"), json!(plan.min_faults));
             settings.insert(
                 String::from("kill_interval_s"),
@@ -753,7 +874,14 @@ impl Run {
             ];
             args.extend(self.plan.relay_args.iter().cloned());
             args.extend(self.mongo_args());
-            let mut worker = Worker::new(&format!("relay-{i}"), args, self.worker_env(&service_url), &self.dir);
+            let url = self
+                .net
+                .as_ref()
+                .map_or_else(|| service_url.clone(), |net| net.relay_url(&service_url, i as usize));
+            if let Some(net) = &self.net {
+                args[2] = net.relay_brokers();
+            }
+            let mut worker = Worker::new(&format!("relay-{i}"), args, self.worker_env(&url), &self.dir);
             worker.start()?;
             self.relays.push(worker);
         }
@@ -765,7 +893,7 @@ impl Run {
                 "consumer"
             };
             for i in 0..self.plan.consumers {
-                let args = vec![
+                let mut args = vec![
                     String::from(role),
                     String::from("--brokers"),
                     self.servers.brokers.clone(),
@@ -778,10 +906,17 @@ impl Run {
                     String::from("--group"),
                     self.group.clone(),
                 ];
+                if role == "consumer" {
+                    args.extend(worker_arg(&self.plan.worker_args, "--inbox-timeout-ms"));
+                }
+                let url = self
+                    .net
+                    .as_ref()
+                    .map_or_else(|| consumer_url.clone(), |net| net.consumer_url(&consumer_url, i as usize));
                 let mut worker = Worker::new(
                     &format!("consumer-{i}"),
                     args,
-                    vec![(String::from("DBPS_CHAOS_DB_URL"), consumer_url.clone())],
+                    vec![(String::from("DBPS_CHAOS_DB_URL"), url)],
                     &self.dir,
                 );
                 worker.start()?;
@@ -854,7 +989,12 @@ impl Run {
                 self.rng.random::<u64>().to_string(),
             ];
             args.extend(self.mongo_args());
-            let mut worker = Worker::new(&format!("writer-{i}"), args, self.worker_env(&service_url), &self.dir);
+            args.extend(worker_arg(&self.plan.worker_args, "--tx-timeout-ms"));
+            let url = self
+                .net
+                .as_ref()
+                .map_or_else(|| service_url.clone(), |net| net.writer_url(&service_url));
+            let mut worker = Worker::new(&format!("writer-{i}"), args, self.worker_env(&url), &self.dir);
             worker.start()?;
             self.writers.push(worker);
         }
@@ -1336,6 +1476,19 @@ impl Run {
         }
     }
 
+    /// Leaves the stack as the scenario found it: proxies removed, FerretDB (stopped
+    /// with PostgreSQL by pg-restart) started again.
+    async fn restore_stack(&mut self) {
+        if let Some(net) = self.net.take() {
+            net.teardown().await;
+        }
+        if self.scenario == Scenario::PgRestart
+            && let Err(error) = self.servers.stack(&["start", "ferretdb"]).await
+        {
+            println!("could not start FerretDB again: {error:#}");
+        }
+    }
+
     async fn cleanup(&mut self) {
         self.service.close().await;
         if let Some(pool) = &self.consumer {
@@ -1356,6 +1509,15 @@ impl Run {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The `flag value` pair of `args` for `flag`, if there is one.
+fn worker_arg(args: &[String], flag: &str) -> Vec<String> {
+    args.chunks(2)
+        .filter(|pair| pair.len() == 2 && pair[0] == flag)
+        .flatten()
+        .cloned()
+        .collect()
 }
 
 fn seconds(delta: chrono::TimeDelta) -> f64 {

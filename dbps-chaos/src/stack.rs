@@ -100,6 +100,12 @@ impl Servers {
     pub(crate) async fn broker(&self, command: &str) -> Result<()> {
         run_stack(&self.stack_script, &[command, "kafka"]).await
     }
+
+    /// Runs `scripts/stack.sh <args>` (stop and start a server; `start` returns when it
+    /// is ready).
+    pub(crate) async fn stack(&self, args: &[&str]) -> Result<()> {
+        run_stack(&self.stack_script, args).await
+    }
 }
 
 async fn run_stack(script: &Path, args: &[&str]) -> Result<()> {

@@ -161,6 +161,11 @@ pub(crate) struct WriterArgs {
     /// The MongoDB server.
     #[arg(long, env = "DBPS_CHAOS_MONGODB_URI", hide_env_values = true)]
     mongodb_uri: Option<String>,
+    /// How long one transaction may take, from taking a connection to the commit; a
+    /// transaction that gets no answer in time is abandoned on a closed connection and
+    /// tried again.
+    #[arg(long, default_value_t = 30_000)]
+    tx_timeout_ms: u64,
 }
 
 struct WriterShared {
@@ -331,42 +336,53 @@ async fn transaction(shared: &WriterShared, rng: &mut StdRng, slot: u64, oversiz
             String::new()
         },
     };
-    let mut tx = shared.pool.begin().await.context("begin")?;
-    let enqueued = shared
-        .outbox
-        .enqueue_event(&mut tx, AGGREGATE_TYPE, &aggregate, &event)
+    let limit = Duration::from_millis(args.tx_timeout_ms + late_ms);
+    // The whole transaction is bounded (as a service's request handler would be), so a
+    // database that stops answering costs a timeout, never a stuck writer.
+    let outcome = dbps_core::pg::bounded(&shared.pool, limit, async |conn: &mut PgConnection| {
+        use sqlx::Connection as _;
+        let mut tx = conn.begin().await.context("begin")?;
+        let enqueued = shared
+            .outbox
+            .enqueue_event(&mut tx, AGGREGATE_TYPE, &aggregate, &event)
+            .await
+            .context("enqueue")?;
+        sqlx::query(
+            "insert into committed_events (message_id, aggregate_id, sequence, outbox_id, writer, late_ms, poison)
+             values ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&enqueued.message_id)
+        .bind(&aggregate)
+        .bind(enqueued.sequence.unwrap_or(-1))
+        .bind(enqueued.id)
+        .bind(i32::try_from(args.writer_id).unwrap_or(i32::MAX))
+        .bind(i32::try_from(late_ms).unwrap_or(i32::MAX))
+        .bind(oversize.then_some("oversize"))
+        .execute(&mut *tx)
         .await
-        .context("enqueue")?;
-    sqlx::query(
-        "insert into committed_events (message_id, aggregate_id, sequence, outbox_id, writer, late_ms, poison)
-         values ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&enqueued.message_id)
-    .bind(&aggregate)
-    .bind(enqueued.sequence.unwrap_or(-1))
-    .bind(enqueued.id)
-    .bind(i32::try_from(args.writer_id).unwrap_or(i32::MAX))
-    .bind(i32::try_from(late_ms).unwrap_or(i32::MAX))
-    .bind(oversize.then_some("oversize"))
-    .execute(&mut *tx)
-    .await
-    .context("insert committed_events")?;
-    if late_ms > 0 {
-        // The aggregate's sequence row stays locked meanwhile, and the outbox id taken
-        // above is lower than those of transactions that commit during the wait.
-        tokio::time::sleep(Duration::from_millis(late_ms)).await;
-    }
-    if rollback {
-        tx.rollback().await.context("rollback")?;
+        .context("insert committed_events")?;
+        if late_ms > 0 {
+            // The aggregate's sequence row stays locked meanwhile, and the outbox id taken
+            // above is lower than those of transactions that commit during the wait.
+            tokio::time::sleep(Duration::from_millis(late_ms)).await;
+        }
+        if rollback {
+            tx.rollback().await.context("rollback")?;
+            return Ok::<_, anyhow::Error>(Some(enqueued.message_id));
+        }
+        tx.commit().await.context("commit")?;
+        Ok(None)
+    })
+    .await?;
+    if let Some(message_id) = outcome {
         sqlx::query("insert into rolled_back_events (message_id, aggregate_id) values ($1, $2)")
-            .bind(&enqueued.message_id)
+            .bind(&message_id)
             .bind(&aggregate)
             .execute(&shared.pool)
             .await
             .context("record rollback")?;
         return Ok(TxOutcome::RolledBack);
     }
-    tx.commit().await.context("commit")?;
     Ok(TxOutcome::Committed { late: late_ms > 0 })
 }
 
@@ -486,6 +502,16 @@ pub(crate) struct RelayArgs {
     /// can compare the outbox with the topics (PostgreSQL outbox only).
     #[arg(long)]
     keep_published: bool,
+    /// How long one of the relay's statements may go unanswered (`PgOutboxStore::timeout`).
+    #[arg(long, default_value_t = 30_000)]
+    store_timeout_ms: u64,
+    /// How long the server keeps a silent relay's lease session
+    /// (`PgOutboxStore::lease_idle_timeout`).
+    #[arg(long, default_value_t = 60_000)]
+    lease_idle_timeout_ms: u64,
+    /// Further producer properties, as `key=value` (the network scenarios' timeouts).
+    #[arg(long = "kafka-set", value_name = "KEY=VALUE")]
+    kafka_set: Vec<String>,
 }
 
 async fn relay(args: RelayArgs) -> Result<()> {
@@ -495,6 +521,12 @@ async fn relay(args: RelayArgs) -> Result<()> {
     }
     if let Some(max) = args.message_max_bytes {
         config = config.set("message.max.bytes", max.to_string());
+    }
+    for setting in &args.kafka_set {
+        let (key, value) = setting
+            .split_once('=')
+            .with_context(|| format!("--kafka-set {setting}: expected KEY=VALUE"))?;
+        config = config.set(key, value);
     }
     let publisher = KafkaPublisher::builder(config).build().context("build publisher")?;
     let summary = match mongo_database(args.mongodb_uri.as_deref(), args.mongodb_database.as_deref()).await? {
@@ -506,7 +538,9 @@ async fn relay(args: RelayArgs) -> Result<()> {
         }
         None => {
             let pool = connect(&args.db_url, 4).await?;
-            let mut store = PgOutboxStore::new(pool);
+            let mut store = PgOutboxStore::new(pool)
+                .timeout(Duration::from_millis(args.store_timeout_ms))
+                .lease_idle_timeout(Duration::from_millis(args.lease_idle_timeout_ms));
             if args.keep_published {
                 store = store.retention(dbps_outbox::Retention::Keep(Duration::from_secs(7 * 24 * 3600)));
             }
@@ -562,6 +596,9 @@ pub(crate) struct ConsumerArgs {
     /// `session.timeout.ms`: how soon the group notices a killed member.
     #[arg(long, default_value_t = 6000)]
     session_timeout_ms: u64,
+    /// How long one message's inbox transaction may take (`PgInbox::timeout`).
+    #[arg(long, default_value_t = 30_000)]
+    inbox_timeout_ms: u64,
 }
 
 /// The effect: one row per application, and a per-aggregate counter, in the inbox's
@@ -607,7 +644,8 @@ async fn consumer(args: ConsumerArgs) -> Result<()> {
     let config = KafkaConfig::new(&args.brokers)
         .set("session.timeout.ms", args.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", heartbeat.to_string());
-    let handler = PgInbox::new(pool, INBOX_CONSUMER, ApplyEffect);
+    let handler =
+        PgInbox::new(pool, INBOX_CONSUMER, ApplyEffect).timeout(Duration::from_millis(args.inbox_timeout_ms));
     let runner = ConsumerRunner::builder(config, &args.group, handler)
         .topic(&args.topic)
         .dead_letter_topic(&args.dlq)

@@ -63,6 +63,11 @@ impl Classify for sqlx::Error {
     fn is_transient(&self) -> bool {
         match self {
             Self::Io(_) | Self::Tls(_) | Self::PoolTimedOut | Self::WorkerCrashed => true,
+            // Bytes that made no sense on the connection: a connection garbled or cut by
+            // the network or a proxy (a reply to a request sent before a fault), which a
+            // new connection fixes. Pointed at a server that is not PostgreSQL at all, the
+            // retries keep logging the same error.
+            Self::Protocol(_) => true,
             Self::Database(database) => database.code().is_some_and(|code| is_transient_sqlstate(&code)),
             // A closed pool was closed on purpose and never reopens; everything else is
             // about the statement, the types or the configuration.
@@ -276,7 +281,7 @@ mod tests {
         assert!(sqlx::Error::WorkerCrashed.is_transient());
         assert!(!sqlx::Error::PoolClosed.is_transient());
         assert!(!sqlx::Error::RowNotFound.is_transient());
-        assert!(!sqlx::Error::Protocol("bad".into()).is_transient());
+        assert!(sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into()).is_transient());
         assert!(!sqlx::Error::Configuration("bad url".into()).is_transient());
     }
 
