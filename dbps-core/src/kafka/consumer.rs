@@ -392,7 +392,9 @@ impl<H: BatchHandler> ConsumerRunner<H> {
         };
         let consumer: BaseConsumer<RunnerContext> = self
             .config
-            .client_config(&[("auto.offset.reset", "earliest")])
+            // A request that gets no answer in 30 s (a half-open connection) gives its
+            // connection up (librdkafka's default waits 60 s).
+            .client_config(&[("auto.offset.reset", "earliest"), ("socket.timeout.ms", "30000")])
             .set("group.id", &self.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

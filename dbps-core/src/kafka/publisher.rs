@@ -27,10 +27,15 @@ pub struct Delivery {
 const REQUIRED: [(&str, &str); 2] = [("enable.idempotence", "true"), ("acks", "all")];
 
 /// Defaults a user may override.
-const DEFAULTS: [(&str, &str); 4] = [
+///
+/// `socket.timeout.ms` bounds every request on the client side (librdkafka's default is
+/// 60 s): a broker connection that stops answering without closing (half-open) is given
+/// up and reconnected after 30 s, within the message timeout, instead of a minute.
+const DEFAULTS: [(&str, &str); 5] = [
     ("linger.ms", "5"),
     ("compression.type", "lz4"),
     ("message.timeout.ms", "30000"),
+    ("socket.timeout.ms", "30000"),
     ("queue.buffering.max.messages", "200000"),
 ];
 
