@@ -1155,10 +1155,17 @@ impl Run {
             return;
         }
         self.last_progress = Instant::now();
+        // Bounded: while a server is down (pg-restart) the line shows `?` and the
+        // orchestrator keeps its schedule.
+        async fn bounded<T>(query: impl Future<Output = Result<T>>) -> Result<T> {
+            tokio::time::timeout(Duration::from_secs(1), query)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer")))
+        }
         let show = |v: Result<i64>| v.map_or_else(|_| String::from("?"), |v| v.to_string());
-        let committed = show(self.committed().await);
-        let pending = show(self.pending().await);
-        let applied = match self.applied().await {
+        let committed = show(bounded(self.committed()).await);
+        let pending = show(bounded(self.pending()).await);
+        let applied = match bounded(self.applied()).await {
             Ok(Some(n)) => format!("  applied {n:>7}"),
             Ok(None) => String::new(),
             Err(_) => String::from("  applied ?"),

@@ -336,7 +336,8 @@ impl Run {
                 .filter(|&&(c, _)| c >= window.started.timestamp_millis() && c < end)
                 .map(|&(_, l)| l)
                 .collect();
-            let load_after = latencies.last().is_some_and(|&(commit, _)| commit >= end);
+            // Recovery is judged only where the load went on long enough after the fault.
+            let load_after = latencies.last().is_some_and(|&(commit, _)| commit >= end + 15_000);
             if let Some(r) = recovered {
                 worst_recovery = worst_recovery.max(r);
             } else if load_after {
