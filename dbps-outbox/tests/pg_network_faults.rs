@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestResult, fast, read, start_relay};
+use common::{TestResult, TestStore, assert_in_order, fast, read, start_relay, summarise};
 use dbps_core::Message;
 use dbps_outbox::OutboxStore;
 use dbps_outbox::pg::{MIGRATOR, PgOutbox, PgOutboxStore};
@@ -149,5 +149,69 @@ async fn a_relay_that_vanished_without_closing_loses_its_partitions_within_the_l
     relay_b.await??;
     reader.finish().await?;
     drop(lease);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_lease_session_ended_mid_batch_fetches_nothing_of_the_partitions_another_relay_took() -> TestResult {
+    let (db, kafka) = migrated().await?;
+    let topic = kafka.create_topic("stock.item.events", 1).await?;
+    enqueue(&db, &topic, 20).await?;
+
+    // Relay A holds every partition; its first batch is on Kafka and its mark is held.
+    let store_a = TestStore::hold_marks(PgOutboxStore::new(db.pool().clone()));
+    let (stop_a, relay_a) = start_relay(fast(store_a.clone(), kafka.brokers())?);
+    store_a.marking().await?;
+    let first_batch: std::collections::BTreeSet<String> =
+        store_a.seen(|s| s.fetched.iter().map(|(id, _, _)| id.clone()).collect());
+    assert_eq!(first_batch.len(), 20);
+
+    // The window: the server ends A's lease session (a reset connection, a failover, an
+    // operator) while A is between the broker's acknowledgement and its mark.
+    let ended: i64 = sqlx::query_scalar(
+        "select count(pg_terminate_backend(pid)) from pg_locks
+         where locktype = 'advisory' and granted and classid = x'64627073'::int::oid
+           and database = (select oid from pg_database where datname = current_database())",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    assert_eq!(ended, 1, "relay A's lease session");
+
+    // Relay B takes every partition, publishes what A had not marked, and the next event
+    // of each aggregate.
+    let store_b = TestStore::recording(PgOutboxStore::new(db.pool().clone()));
+    let (stop_b, relay_b) = start_relay(fast(store_b.clone(), kafka.brokers())?);
+    store_b.holding(32).await?;
+    enqueue(&db, &topic, 20).await?;
+    let reader = read(&kafka, &topic, 60).await?;
+
+    // A's mark goes through; whatever A fetches from now on comes from a new session
+    // and from partitions it took from B by rebalancing.
+    store_a.release_marks();
+    eventually("relay A to rejoin and take a share", || async {
+        Ok::<_, String>(store_a.seen(|s| !s.partitions.is_empty() && s.partitions.len() < 32))
+    })
+    .await?;
+    stop_a.cancel();
+    stop_b.cancel();
+    relay_a.await??;
+    relay_b.await??;
+
+    // Only A's first batch was fetched by both: A fetched nothing while B held its
+    // partitions, and every fetch of A's was of a partition it held at the time.
+    let fetched_a: Vec<(String, i32, Vec<i32>)> = store_a.seen(|s| s.fetched.clone());
+    let fetched_b: std::collections::BTreeSet<String> =
+        store_b.seen(|s| s.fetched.iter().map(|(id, _, _)| id.clone()).collect());
+    for (id, partition, held) in &fetched_a[20..] {
+        assert!(held.contains(partition), "relay A fetched {id} of partition {partition} while holding {held:?}");
+        assert!(!fetched_b.contains(id), "relay A fetched {id}, which relay B fetched too");
+    }
+    assert!(first_batch.is_subset(&fetched_b), "B publishes what A had not marked");
+
+    // Per aggregate the topic stays in order; the first batch appears twice at most.
+    let records = summarise(&reader.finish().await?);
+    assert_in_order(&records);
+    let ids: std::collections::BTreeSet<&str> = records.iter().map(|(_, _, id)| id.as_str()).collect();
+    assert_eq!(ids.len(), 40, "every event published");
     Ok(())
 }
