@@ -28,14 +28,21 @@ const REQUIRED: [(&str, &str); 2] = [("enable.idempotence", "true"), ("acks", "a
 
 /// Defaults a user may override.
 ///
-/// `socket.timeout.ms` bounds every request on the client side (librdkafka's default is
-/// 60 s): a broker connection that stops answering without closing (half-open) is given
-/// up and reconnected after 30 s, within the message timeout, instead of a minute.
-const DEFAULTS: [(&str, &str); 5] = [
+/// - `socket.timeout.ms` bounds every request on the client side (librdkafka's default
+///   is 60 s): a broker connection that stops answering without closing (half-open) is
+///   given up and reconnected after 30 s, within the message timeout, instead of a minute.
+/// - `reconnect.backoff.max.ms`: librdkafka doubles the wait before reconnecting to a
+///   broker after each failed attempt, and starts again from `reconnect.backoff.ms` only
+///   once the last attempt is older than this maximum. With its default of 10 s, a
+///   connection reset every few seconds made the producer wait up to 10 s before each
+///   reconnect, and publishing stalled that long (`dbps-chaos net-reset`); 1 s keeps a
+///   relay's stall after a reset around a second.
+const DEFAULTS: [(&str, &str); 6] = [
     ("linger.ms", "5"),
     ("compression.type", "lz4"),
     ("message.timeout.ms", "30000"),
     ("socket.timeout.ms", "30000"),
+    ("reconnect.backoff.max.ms", "1000"),
     ("queue.buffering.max.messages", "200000"),
 ];
 
