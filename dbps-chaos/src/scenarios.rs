@@ -909,10 +909,10 @@ impl Run {
                 if role == "consumer" {
                     args.extend(worker_arg(&self.plan.worker_args, "--inbox-timeout-ms"));
                 }
-                let url = self
-                    .net
-                    .as_ref()
-                    .map_or_else(|| consumer_url.clone(), |net| net.consumer_url(&consumer_url, i as usize));
+                let url = self.net.as_ref().map_or_else(
+                    || consumer_url.clone(),
+                    |net| net.consumer_url(&consumer_url, i as usize),
+                );
                 let mut worker = Worker::new(
                     &format!("consumer-{i}"),
                     args,

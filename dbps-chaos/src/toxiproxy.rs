@@ -51,7 +51,9 @@ impl Toxiproxy {
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .with_context(|| format!("Toxiproxy does not answer at {url}: start it with `scripts/stack.sh start toxiproxy`"))?
+            .with_context(|| {
+                format!("Toxiproxy does not answer at {url}: start it with `scripts/stack.sh start toxiproxy`")
+            })?
             .json()
             .await
             .context("Toxiproxy's version")?;

@@ -644,8 +644,7 @@ async fn consumer(args: ConsumerArgs) -> Result<()> {
     let config = KafkaConfig::new(&args.brokers)
         .set("session.timeout.ms", args.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", heartbeat.to_string());
-    let handler =
-        PgInbox::new(pool, INBOX_CONSUMER, ApplyEffect).timeout(Duration::from_millis(args.inbox_timeout_ms));
+    let handler = PgInbox::new(pool, INBOX_CONSUMER, ApplyEffect).timeout(Duration::from_millis(args.inbox_timeout_ms));
     let runner = ConsumerRunner::builder(config, &args.group, handler)
         .topic(&args.topic)
         .dead_letter_topic(&args.dlq)

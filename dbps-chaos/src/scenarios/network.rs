@@ -108,7 +108,9 @@ impl Net {
                 &args.kafka_proxied_upstream,
             )
             .await
-            .context("the Kafka proxy (is the broker's proxied listener configured? scripts/stack.sh restarts it with one)")?;
+            .context(
+                "the Kafka proxy (is the broker's proxied listener configured? scripts/stack.sh restarts it with one)",
+            )?;
         Ok(Self {
             toxi,
             writers_pg,
@@ -128,7 +130,9 @@ impl Net {
     }
 
     pub(super) fn relay_url(&self, url: &str, relay: usize) -> String {
-        self.relays_pg.get(relay).map_or_else(|| url.to_owned(), |p| via(url, p.listen))
+        self.relays_pg
+            .get(relay)
+            .map_or_else(|| url.to_owned(), |p| via(url, p.listen))
     }
 
     pub(super) fn consumer_url(&self, url: &str, consumer: usize) -> String {
@@ -269,7 +273,11 @@ impl Run {
         let mut windows = Vec::new();
         self.watch(Duration::from_secs(10)).await?;
         while self.writers_running() || self.faults < u64::from(self.plan.min_faults) {
-            let mode = if self.faults % 2 == 0 { "fast" } else { "immediate" };
+            let mode = if self.faults.is_multiple_of(2) {
+                "fast"
+            } else {
+                "immediate"
+            };
             let down = Duration::from_secs_f64(self.rng.random_range(2.0..5.0));
             println!(
                 "[{:>6.1}s] stopping PostgreSQL ({mode} shutdown) for {:.1} s",
@@ -329,7 +337,9 @@ impl Run {
         let mut worst_recovery: f64 = 0.0;
         for window in windows {
             let end = window.ended.timestamp_millis();
-            let first_publish = check.first_append_at_or_after(window.ended).map(|t| seconds(t - window.ended));
+            let first_publish = check
+                .first_append_at_or_after(window.ended)
+                .map(|t| seconds(t - window.ended));
             let recovered = recovered_after(latencies, end, threshold);
             let during: Vec<i64> = latencies
                 .iter()
@@ -362,8 +372,10 @@ impl Run {
             .insert(String::from("baseline_p99_latency_ms"), json!(baseline_p99));
         self.results
             .insert(String::from("recovered_threshold_ms"), json!(threshold));
-        self.results
-            .insert(String::from("worst_recovery_s"), json!((worst_recovery * 100.0).round() / 100.0));
+        self.results.insert(
+            String::from("worst_recovery_s"),
+            json!((worst_recovery * 100.0).round() / 100.0),
+        );
         let count = |workers: &[crate::procs::Worker], needle: &str| -> usize {
             workers.iter().map(|w| w.log_count(needle)).sum()
         };
