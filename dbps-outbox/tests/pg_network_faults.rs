@@ -153,7 +153,8 @@ async fn a_relay_that_vanished_without_closing_loses_its_partitions_within_the_l
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_whose_lease_session_ended_mid_batch_fetches_nothing_of_the_partitions_another_relay_took() -> TestResult {
+async fn a_relay_whose_lease_session_ended_mid_batch_fetches_nothing_of_the_partitions_another_relay_took() -> TestResult
+{
     let (db, kafka) = migrated().await?;
     let topic = kafka.create_topic("stock.item.events", 1).await?;
     enqueue(&db, &topic, 20).await?;
@@ -203,8 +204,14 @@ async fn a_relay_whose_lease_session_ended_mid_batch_fetches_nothing_of_the_part
     let fetched_b: std::collections::BTreeSet<String> =
         store_b.seen(|s| s.fetched.iter().map(|(id, _, _)| id.clone()).collect());
     for (id, partition, held) in &fetched_a[20..] {
-        assert!(held.contains(partition), "relay A fetched {id} of partition {partition} while holding {held:?}");
-        assert!(!fetched_b.contains(id), "relay A fetched {id}, which relay B fetched too");
+        assert!(
+            held.contains(partition),
+            "relay A fetched {id} of partition {partition} while holding {held:?}"
+        );
+        assert!(
+            !fetched_b.contains(id),
+            "relay A fetched {id}, which relay B fetched too"
+        );
     }
     assert!(first_batch.is_subset(&fetched_b), "B publishes what A had not marked");
 
