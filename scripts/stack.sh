@@ -9,6 +9,8 @@
 #   scripts/stack.sh down     stop what `up` started
 #   scripts/stack.sh status   show each server's state (exit 0 all up, 3 otherwise)
 #   scripts/stack.sh env      print the DBPS_* variables:  eval "$(scripts/stack.sh env)"
+#   scripts/stack.sh env --secure   the same, but the secured endpoints under the usual
+#                                   names (TLS, logins):  eval "$(scripts/stack.sh env --secure)"
 #   scripts/stack.sh stop  <server>   stop one server (postgres, redis, kafka, ferretdb,
 #                                     mailpit, opensearch, toxiproxy; stopping postgres
 #                                     stops ferretdb too)
@@ -57,6 +59,29 @@
 # its traffic stays on the proxy. Nothing listens on 29095 unless that proxy
 # exists. The normal listener (127.0.0.1:29092) is unaffected.
 #
+# Secured endpoints ("secured like production"), next to the plain ones, which
+# stay exactly as they are (the quick start and the tests use those):
+#   PostgreSQL  TLS on the same port 127.0.0.1:25432 (optional: plain still works);
+#               sslmode=verify-full against the stack's CA   (DBPS_POSTGRES_TLS_URL)
+#   Redis       TLS on 127.0.0.1:26380 (no client certificates), ACL user dbps-admin
+#               (DBPS_REDIS_TLS_URL, DBPS_REDIS_ADMIN_*); the 'default' user keeps
+#               working without a password, as on 26379
+#   Kafka       listener SECURE on 127.0.0.1:29096: SASL_SSL, SCRAM-SHA-512, user
+#               dbps-admin (DBPS_KAFKA_SECURE_BROKERS, DBPS_KAFKA_ADMIN_*); client
+#               settings for it in .dbps/kafka/admin-client.properties (0600, for
+#               kafka tools' --command-config). ACLs are enforced (StandardAuthorizer,
+#               allow.everyone.if.no.acl.found=false); super users are dbps-admin
+#               and ANONYMOUS, the principal of the PLAINTEXT, PROXIED and
+#               CONTROLLER listeners — a dev convenience of this stack only
+#               (production has no plaintext listener).
+# The CA ("dbps dev stack CA", 10 years; ca.crt = DBPS_TLS_CA_FILE), the server
+# certificate (IP:127.0.0.1, DNS:localhost) and the admin passwords (random,
+# kafka-admin.password and redis-admin.password) are made once with openssl in
+# .dbps/tls/ — git-ignored, never committed; keys and secrets mode 0600. `up`
+# and `start` print no secret; only `env` does. Delete .dbps/tls and restart
+# postgres, redis and kafka to get new ones (a server still running with the
+# old files fails its readiness check with a hint to restart it).
+#
 # Toxiproxy (a TCP fault proxy): on demand only, not part of `up` or of the
 # exit code of `status` — `scripts/stack.sh start toxiproxy` builds it once
 # with `go install` of its module (like Mailpit) and starts its HTTP API on
@@ -90,6 +115,8 @@ OPENSEARCH_TRANSPORT_PORT=29300
 KAFKA_PROXIED_PORT=29094            # Kafka's PROXIED listener (the proxy's upstream)
 KAFKA_PROXIED_ADVERTISED_PORT=29095 # where the harness's Toxiproxy proxy listens
 TOXIPROXY_PORT=28474                # Toxiproxy HTTP API
+REDIS_TLS_PORT=26380                # Redis over TLS (same server as REDIS_PORT)
+KAFKA_SECURE_PORT=29096             # Kafka's SECURE listener (SASL_SSL, SCRAM-SHA-512)
 
 PG_USER=dbps
 PG_PASSWORD=dbps
@@ -110,6 +137,17 @@ FERRET_DIR="$DBPS_DIR/ferretdb"
 MAILPIT_DIR="$DBPS_DIR/mailpit"
 OPENSEARCH_DIR="$DBPS_DIR/opensearch"
 TOXIPROXY_DIR="$DBPS_DIR/toxiproxy"
+TLS_DIR="$DBPS_DIR/tls"              # CA, server certificate and the admin secrets
+
+# TLS material and secrets (made once by tls_ensure, kept in TLS_DIR).
+TLS_CA_KEY="$TLS_DIR/ca.key"
+TLS_CA_CRT="$TLS_DIR/ca.crt"
+TLS_SERVER_KEY="$TLS_DIR/server.key"
+TLS_SERVER_CRT="$TLS_DIR/server.crt"
+TLS_KAFKA_PEM="$TLS_DIR/server-kafka.pem" # PKCS#8 key + certificate chain (Kafka's PEM keystore)
+ADMIN_USER=dbps-admin                     # admin of Kafka's SECURE listener and of Redis
+KAFKA_ADMIN_PASSWORD_FILE="$TLS_DIR/kafka-admin.password"
+REDIS_ADMIN_PASSWORD_FILE="$TLS_DIR/redis-admin.password"
 
 KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
 FERRET_BIN="$CACHE_DIR/ferretdb-$FERRET_VERSION/bin/ferretdb"
@@ -519,6 +557,89 @@ finish_toxiproxy_build() {
 }
 
 # ---------------------------------------------------------------------------
+# TLS material and secrets for the secured endpoints (made once, in .dbps/tls)
+# ---------------------------------------------------------------------------
+
+# A private CA ("dbps dev stack CA", 10 years) and one server certificate it
+# signs, for IP:127.0.0.1 and DNS:localhost (serverAuth), used by PostgreSQL,
+# Redis and Kafka alike; plus the admin passwords of Kafka's SECURE listener
+# and of Redis. Keys and secrets are mode 0600. Only what is missing is made:
+# a new CA means a new server certificate too (a server certificate that the
+# current CA did not sign is replaced), and Kafka's PEM keystore follows the
+# server certificate. Servers pick up new files when they (re)start.
+tls_ensure() {
+  local log="$TLS_DIR/openssl.log" ext serial
+  command -v openssl >/dev/null 2>&1 ||
+    die "openssl not found (needed to make the stack's TLS certificates); install it: apt-get install openssl"
+  mkdir -p "$TLS_DIR"
+  chmod 755 "$TLS_DIR"
+  if [[ ! -s "$TLS_CA_KEY" || ! -s "$TLS_CA_CRT" ]]; then
+    info "tls       creating the dev stack CA in $(rel "$TLS_DIR") (ca.crt; 10 years)"
+    rm -f "$TLS_CA_KEY" "$TLS_CA_CRT" "$TLS_SERVER_KEY" "$TLS_SERVER_CRT" "$TLS_KAFKA_PEM"
+    : >"$log"
+    if ! (umask 077 && openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$TLS_CA_KEY.tmp" &&
+      openssl req -x509 -new -sha256 -days 3650 -key "$TLS_CA_KEY.tmp" -subj "/CN=dbps dev stack CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -out "$TLS_CA_CRT.tmp") >>"$log" 2>&1; then
+      rm -f "$TLS_CA_KEY.tmp" "$TLS_CA_CRT.tmp"
+      fail_server tls "$log" "could not create the CA with openssl"
+    fi
+    chmod 600 "$TLS_CA_KEY.tmp"
+    chmod 644 "$TLS_CA_CRT.tmp"
+    mv -f "$TLS_CA_KEY.tmp" "$TLS_CA_KEY"
+    mv -f "$TLS_CA_CRT.tmp" "$TLS_CA_CRT"
+  fi
+  if [[ ! -s "$TLS_SERVER_KEY" || ! -s "$TLS_SERVER_CRT" ]] ||
+    ! openssl verify -CAfile "$TLS_CA_CRT" "$TLS_SERVER_CRT" >/dev/null 2>&1; then
+    info "tls       creating the server certificate (IP:$HOST, DNS:localhost) signed by $(rel "$TLS_CA_CRT")"
+    rm -f "$TLS_SERVER_KEY" "$TLS_SERVER_CRT" "$TLS_KAFKA_PEM"
+    ext="$TLS_DIR/server.ext"
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" \
+      "keyUsage=critical,digitalSignature,keyEncipherment" \
+      "extendedKeyUsage=serverAuth" \
+      "subjectAltName=IP:$HOST,DNS:localhost" >"$ext"
+    serial="0x$(openssl rand -hex 16)"
+    if ! (umask 077 && openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$TLS_SERVER_KEY.tmp" &&
+      openssl req -new -sha256 -key "$TLS_SERVER_KEY.tmp" -subj "/CN=localhost" -out "$TLS_DIR/server.csr" &&
+      openssl x509 -req -sha256 -days 3650 -in "$TLS_DIR/server.csr" -CA "$TLS_CA_CRT" -CAkey "$TLS_CA_KEY" \
+        -set_serial "$serial" -extfile "$ext" -out "$TLS_SERVER_CRT.tmp") >>"$log" 2>&1; then
+      rm -f "$TLS_SERVER_KEY.tmp" "$TLS_SERVER_CRT.tmp" "$TLS_DIR/server.csr"
+      fail_server tls "$log" "could not create the server certificate with openssl"
+    fi
+    rm -f "$TLS_DIR/server.csr" "$ext"
+    chmod 600 "$TLS_SERVER_KEY.tmp"
+    chmod 644 "$TLS_SERVER_CRT.tmp"
+    mv -f "$TLS_SERVER_KEY.tmp" "$TLS_SERVER_KEY"
+    mv -f "$TLS_SERVER_CRT.tmp" "$TLS_SERVER_CRT"
+  fi
+  # Kafka's PEM keystore: the unencrypted PKCS#8 key (what genpkey writes),
+  # then the certificate chain (server, CA).
+  if [[ ! -s "$TLS_KAFKA_PEM" || "$TLS_SERVER_CRT" -nt "$TLS_KAFKA_PEM" ]]; then
+    (umask 077 && cat "$TLS_SERVER_KEY" "$TLS_SERVER_CRT" "$TLS_CA_CRT" >"$TLS_KAFKA_PEM.tmp")
+    chmod 600 "$TLS_KAFKA_PEM.tmp"
+    mv -f "$TLS_KAFKA_PEM.tmp" "$TLS_KAFKA_PEM"
+  fi
+  secret_ensure "$KAFKA_ADMIN_PASSWORD_FILE"
+  secret_ensure "$REDIS_ADMIN_PASSWORD_FILE"
+}
+
+# A random password (32 hex digits) in a 0600 file, unless the file has one.
+secret_ensure() { # file
+  [[ -s "$1" ]] && return 0
+  (umask 077 && openssl rand -hex 16 >"$1.tmp") || die "openssl rand failed"
+  chmod 600 "$1.tmp"
+  mv -f "$1.tmp" "$1"
+}
+
+# The secret in a file (never printed by up/start/status, only by `env`).
+secret_read() { # file
+  local s
+  s="$(head -n 1 "$1" 2>/dev/null | tr -dc '0-9A-Za-z')"
+  [[ -n "$s" ]] || return 1
+  printf '%s' "$s"
+}
+
+# ---------------------------------------------------------------------------
 # PostgreSQL (own cluster in .dbps/postgres/data)
 # ---------------------------------------------------------------------------
 
@@ -592,7 +713,25 @@ pg_probe() {
     -h "$HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -c 'select 1' 2>/dev/null)" == 1 ]]
 }
 
+# Over TLS, the server certificate checked against the stack's CA
+# (sslmode=verify-full), and the session really encrypted.
+pg_tls_probe() {
+  [[ "$(PGPASSWORD="$PG_PASSWORD" PGCONNECT_TIMEOUT=3 PGSSLMODE=verify-full PGSSLROOTCERT="$TLS_CA_CRT" \
+    "$PG_BIN/psql" -X -q -A -t -w -h "$HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres \
+    -c 'select ssl from pg_stat_ssl where pid = pg_backend_pid()' 2>/dev/null)" == t ]]
+}
+
+# Copies of the server certificate and key in the data directory, owned by
+# the cluster owner (PostgreSQL refuses a key that others can read).
+pg_tls_files() {
+  local own=()
+  is_root && own=(-o postgres -g postgres)
+  install -m 0644 "${own[@]}" "$TLS_SERVER_CRT" "$PG_DATA/dbps-server.crt"
+  install -m 0600 "${own[@]}" "$TLS_SERVER_KEY" "$PG_DATA/dbps-server.key"
+}
+
 pg_write_conf() {
+  pg_tls_files
   cat >"$PG_DATA/dbps.conf" <<EOF
 # Written by scripts/stack.sh on every start; edit the script, not this file.
 listen_addresses = '$HOST'
@@ -608,6 +747,13 @@ shared_buffers = 256MB
 max_wal_size = 2GB
 logging_collector = off
 log_line_prefix = '%m [%p] %q%u@%d '
+# TLS on the same port, optional: plain connections work as before (pg_hba's
+# host lines match both). Certificate from .dbps/tls (see tls_ensure);
+# relative paths are relative to the data directory.
+ssl = on
+ssl_cert_file = 'dbps-server.crt'
+ssl_key_file = 'dbps-server.key'
+ssl_min_protocol_version = 'TLSv1.2'
 EOF
   is_root && chown postgres:postgres "$PG_DATA/dbps.conf"
   return 0
@@ -629,6 +775,7 @@ pg_initdb() {
 }
 
 pg_start() {
+  tls_ensure
   pg_prepare_dirs
   if pg_pid >/dev/null; then
     PG_STARTED=0
@@ -660,6 +807,10 @@ pg_wait() {
     fi
     sleep 0.3
   done
+  if ! pg_tls_probe; then
+    sleep 1
+    pg_tls_probe || fail_server postgres "$PG_LOG" "answers on $HOST:$PG_PORT, but not over TLS (sslmode=verify-full, CA $(rel "$TLS_CA_CRT")); a server started before TLS was set up, or with older TLS files, needs a restart: $(rel "$SCRIPT_DIR")/stack.sh stop postgres && $(rel "$SCRIPT_DIR")/stack.sh start postgres"
+  fi
 }
 
 pg_stop() { # [fast|immediate] (pg_ctl's shutdown mode; default fast)
@@ -684,21 +835,40 @@ pg_stop() { # [fast|immediate] (pg_ctl's shutdown mode; default fast)
 REDIS_PID="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
 
+REDIS_ADDRESS="$HOST:$REDIS_PORT,$REDIS_TLS_PORT"
+
 redis_pid() { live_pid "$REDIS_PID" redis-server; }
 
 redis_probe() {
   [[ "$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
 }
 
+# The TLS port (certificate checked against the stack's CA), logged in as the
+# admin user: ACL WHOAMI, since after a failed AUTH redis-cli carries on as the
+# 'default' user. The password goes through REDISCLI_AUTH, not the command line.
+redis_tls_probe() {
+  local pw
+  pw="$(secret_read "$REDIS_ADMIN_PASSWORD_FILE")" || return 1
+  [[ "$(REDISCLI_AUTH="$pw" timeout 3 redis-cli --tls --cacert "$TLS_CA_CRT" -h "$HOST" -p "$REDIS_TLS_PORT" \
+    --user "$ADMIN_USER" --no-auth-warning acl whoami 2>/dev/null)" == "$ADMIN_USER" ]]
+}
+
 redis_start() {
+  tls_ensure
   mkdir -p "$REDIS_DIR"
   if redis_pid >/dev/null; then
     REDIS_STARTED=0
     return 0
   fi
-  if port_open "$REDIS_PORT"; then
-    fail_server redis "$REDIS_LOG" "port $HOST:$REDIS_PORT is already in use by a process not started by stack.sh"
+  if port_open "$REDIS_PORT" || port_open "$REDIS_TLS_PORT"; then
+    fail_server redis "$REDIS_LOG" "port $HOST:$REDIS_PORT or $HOST:$REDIS_TLS_PORT is already in use by a process not started by stack.sh"
   fi
+  local pw_hash
+  pw_hash="$(secret_read "$REDIS_ADMIN_PASSWORD_FILE" | sha256sum | cut -d' ' -f1)"
+  # The config names the admin user with the SHA-256 of its password (ACL
+  # syntax #<hash>), not the password; still only for our eyes.
+  rm -f "$REDIS_DIR/redis.conf"
+  (umask 077 && : >"$REDIS_DIR/redis.conf")
   cat >"$REDIS_DIR/redis.conf" <<EOF
 # Written by scripts/stack.sh on every start.
 bind $HOST
@@ -711,6 +881,16 @@ dir $REDIS_DIR
 save ""
 appendonly no
 databases 16
+# TLS on a second port (same data); no client certificates. The plain port
+# above stays as it was, its 'default' user without a password.
+tls-port $REDIS_TLS_PORT
+tls-cert-file $TLS_SERVER_CRT
+tls-key-file $TLS_SERVER_KEY
+tls-ca-cert-file $TLS_CA_CRT
+tls-auth-clients no
+tls-protocols "TLSv1.2 TLSv1.3"
+# Admin user (password in $(rel "$REDIS_ADMIN_PASSWORD_FILE")).
+user $ADMIN_USER on #$pw_hash ~* &* +@all
 EOF
   rotate_log "$REDIS_LOG"
   rm -f "$REDIS_PID"
@@ -731,6 +911,15 @@ redis_wait() {
     fi
     sleep 0.2
   done
+  local tries=0
+  until redis_tls_probe; do
+    tries=$((tries + 1))
+    # A server that was already running gets a few tries, not the whole deadline.
+    if ((SECONDS >= deadline)) || { [[ "$REDIS_STARTED" -eq 0 ]] && ((tries >= 5)); }; then
+      fail_server redis "$REDIS_LOG" "answers on $HOST:$REDIS_PORT, but not over TLS as $ADMIN_USER on $HOST:$REDIS_TLS_PORT (CA $(rel "$TLS_CA_CRT")); a server started before TLS was set up, or with older TLS files, needs a restart: $(rel "$SCRIPT_DIR")/stack.sh stop redis && $(rel "$SCRIPT_DIR")/stack.sh start redis"
+    fi
+    sleep 0.2
+  done
 }
 
 redis_stop() {
@@ -739,7 +928,7 @@ redis_stop() {
     stop_pid "$pid" 30
   fi
   rm -f "$REDIS_PID"
-  line redis stopped "$HOST:$REDIS_PORT"
+  line redis stopped "$REDIS_ADDRESS"
 }
 
 # ---------------------------------------------------------------------------
@@ -749,6 +938,9 @@ redis_stop() {
 KAFKA_PID="$KAFKA_DIR/kafka.pid"
 KAFKA_LOG="$KAFKA_DIR/kafka.log"
 JAVA=""
+
+KAFKA_ADDRESS="$HOST:$KAFKA_PORT,$KAFKA_SECURE_PORT"
+KAFKA_ADMIN_PROPS="$KAFKA_DIR/admin-client.properties" # client config for SECURE as dbps-admin
 
 kafka_pid() { live_pid "$KAFKA_PID" kafka.Kafka; }
 
@@ -777,17 +969,106 @@ kafka_probe() {
   ! grep -q 'isFenced: true' "$KAFKA_DIR/probe.out"
 }
 
+# Client properties for the SECURE listener as the admin user (0600: it holds
+# the password); also for users: kafka tools take it as --command-config.
+kafka_write_admin_props() {
+  local pw
+  pw="$(secret_read "$KAFKA_ADMIN_PASSWORD_FILE")" || die "no Kafka admin password in $(rel "$KAFKA_ADMIN_PASSWORD_FILE")"
+  rm -f "$KAFKA_ADMIN_PROPS.tmp"
+  (umask 077 && : >"$KAFKA_ADMIN_PROPS.tmp")
+  cat >"$KAFKA_ADMIN_PROPS.tmp" <<EOF
+# Written by scripts/stack.sh: Kafka client settings for the dev stack's SECURE
+# listener as $ADMIN_USER (a super user), e.g.
+#   kafka-topics.sh --bootstrap-server $HOST:$KAFKA_SECURE_PORT --command-config $KAFKA_ADMIN_PROPS --list
+bootstrap.servers=$HOST:$KAFKA_SECURE_PORT
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$ADMIN_USER" password="$pw";
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_CA_CRT
+EOF
+  chmod 600 "$KAFKA_ADMIN_PROPS.tmp"
+  mv -f "$KAFKA_ADMIN_PROPS.tmp" "$KAFKA_ADMIN_PROPS"
+}
+
+# ApiVersions over SASL_SSL as the admin user: TLS (certificate checked against
+# the stack's CA, host name included) and SCRAM-SHA-512 login both work.
+kafka_secure_probe() {
+  port_open "$KAFKA_SECURE_PORT" || return 1
+  timeout 30 "$JAVA" -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dlog4j2.configurationFile="$SCRIPT_DIR/kafka/log4j2.properties" -Ddbps.kafka.loglevel=error \
+    -cp "$KAFKA_LIBS/*" org.apache.kafka.tools.BrokerApiVersionsCommand \
+    --bootstrap-server "$HOST:$KAFKA_SECURE_PORT" --command-config "$KAFKA_ADMIN_PROPS" \
+    >"$KAFKA_DIR/secure-probe.out" 2>&1 || return 1
+  grep -q "^$HOST:$KAFKA_SECURE_PORT (id: 1" "$KAFKA_DIR/secure-probe.out"
+}
+
+# The SECURE listener answers the admin user. Its SCRAM-SHA-512 credential is
+# kept in the cluster metadata (it survives restarts): if the first probe fails
+# (new data dir, new password), it is upserted through the plaintext listener
+# and the probe retried. ConfigCommand reads the password from a short-lived
+# 0600 file (--add-config-file), not from its command line; in that file the
+# value goes without the brackets that --add-config wants.
+kafka_secure_setup() {
+  local pw log="$KAFKA_DIR/admin.log" tries
+  if ! port_open "$KAFKA_SECURE_PORT"; then
+    fail_server kafka "$KAFKA_LOG" "nothing listens on the SECURE listener $HOST:$KAFKA_SECURE_PORT; a broker started before it was configured needs a restart: $(rel "$SCRIPT_DIR")/stack.sh stop kafka && $(rel "$SCRIPT_DIR")/stack.sh start kafka"
+  fi
+  kafka_write_admin_props
+  kafka_secure_probe && return 0
+  pw="$(secret_read "$KAFKA_ADMIN_PASSWORD_FILE")"
+  rm -f "$KAFKA_DIR/admin-scram.properties"
+  (umask 077 && printf 'SCRAM-SHA-512=iterations=8192,password=%s\n' "$pw" >"$KAFKA_DIR/admin-scram.properties")
+  if ! timeout 60 "$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dlog4j2.configurationFile="$SCRIPT_DIR/kafka/log4j2.properties" -Ddbps.kafka.loglevel=warn \
+    -cp "$KAFKA_LIBS/*" org.apache.kafka.tools.ConfigCommand --bootstrap-server "$HOST:$KAFKA_PORT" \
+    --alter --add-config-file "$KAFKA_DIR/admin-scram.properties" \
+    --entity-type users --entity-name "$ADMIN_USER" >"$log" 2>&1; then
+    rm -f "$KAFKA_DIR/admin-scram.properties"
+    sed -i "s/$pw/***/g" "$log" # error messages may quote the config
+    fail_server kafka "$log" "could not set the SCRAM-SHA-512 credential of $ADMIN_USER (kafka-configs --alter --entity-type users)"
+  fi
+  rm -f "$KAFKA_DIR/admin-scram.properties"
+  # The new credential reaches the broker's cache through the metadata log:
+  # give it a moment.
+  for ((tries = 1; ; tries++)); do
+    kafka_secure_probe && return 0
+    if ((tries >= 20)); then
+      cat "$KAFKA_DIR/secure-probe.out" >>"$KAFKA_LOG" 2>/dev/null || true
+      fail_server kafka "$KAFKA_LOG" "no answer on the SECURE listener $HOST:$KAFKA_SECURE_PORT (SASL_SSL, SCRAM-SHA-512 as $ADMIN_USER, $(rel "$KAFKA_ADMIN_PROPS"); probe output appended to the log; a broker started with older TLS files needs a restart: $(rel "$SCRIPT_DIR")/stack.sh stop kafka && $(rel "$SCRIPT_DIR")/stack.sh start kafka)"
+    fi
+    sleep 1
+  done
+}
+
 kafka_write_config() {
   cat >"$KAFKA_DIR/server.properties" <<EOF
 # Written by scripts/stack.sh on every start; edit the script, not this file.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT,PROXIED://$HOST:$KAFKA_PROXIED_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,PROXIED://$HOST:$KAFKA_PROXIED_ADVERTISED_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT,PROXIED://$HOST:$KAFKA_PROXIED_PORT,SECURE://$HOST:$KAFKA_SECURE_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,PROXIED://$HOST:$KAFKA_PROXIED_ADVERTISED_PORT,SECURE://$HOST:$KAFKA_SECURE_PORT
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT,SECURE:SASL_SSL
+# SECURE: what production looks like — TLS (server certificate from .dbps/tls,
+# a PEM keystore) and SCRAM-SHA-512 logins (credentials in the cluster
+# metadata; the admin's is set by stack.sh after each start).
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.secure.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.secure.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.secure.ssl.keystore.type=PEM
+listener.name.secure.ssl.keystore.location=$TLS_KAFKA_PEM
+listener.name.secure.ssl.client.auth=none
+listener.name.secure.ssl.enabled.protocols=TLSv1.3,TLSv1.2
+# ACLs are enforced: a principal with no ACL may do nothing. Super users:
+# $ADMIN_USER (SECURE) and ANONYMOUS, the principal of every PLAINTEXT-protocol
+# listener (PLAINTEXT, PROXIED, CONTROLLER), so those keep full access. That is
+# a dev convenience of this stack only: production has no plaintext listener.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:ANONYMOUS;User:$ADMIN_USER
 log.dirs=$KAFKA_DIR/data
 num.partitions=1
 default.replication.factor=1
@@ -825,13 +1106,15 @@ kafka_format() {
 }
 
 kafka_start() {
+  tls_ensure
   mkdir -p "$KAFKA_DIR/data"
   if kafka_pid >/dev/null; then
     KAFKA_STARTED=0
     return 0
   fi
-  if port_open "$KAFKA_PORT" || port_open "$KAFKA_CONTROLLER_PORT" || port_open "$KAFKA_PROXIED_PORT"; then
-    fail_server kafka "$KAFKA_LOG" "port $HOST:$KAFKA_PORT, $HOST:$KAFKA_CONTROLLER_PORT or $HOST:$KAFKA_PROXIED_PORT is already in use by a process not started by stack.sh"
+  if port_open "$KAFKA_PORT" || port_open "$KAFKA_CONTROLLER_PORT" || port_open "$KAFKA_PROXIED_PORT" ||
+    port_open "$KAFKA_SECURE_PORT"; then
+    fail_server kafka "$KAFKA_LOG" "port $HOST:$KAFKA_PORT, $HOST:$KAFKA_CONTROLLER_PORT, $HOST:$KAFKA_PROXIED_PORT or $HOST:$KAFKA_SECURE_PORT is already in use by a process not started by stack.sh"
   fi
   kafka_write_config
   printf '%s\n' "$KAFKA_LIBS" >"$KAFKA_DIR/libs.path"
@@ -855,6 +1138,7 @@ kafka_wait() {
       fail_server kafka "$KAFKA_LOG" "the broker exited during start-up"
     fi
     if { [[ "$KAFKA_STARTED" -eq 0 ]] || grep -q 'Kafka Server started' "$KAFKA_LOG"; } && kafka_probe; then
+      kafka_secure_setup
       return 0
     fi
     if ((SECONDS >= deadline)); then
@@ -870,7 +1154,7 @@ kafka_stop() {
     stop_pid "$pid" 60
   fi
   rm -f "$KAFKA_PID"
-  line kafka stopped "$HOST:$KAFKA_PORT"
+  line kafka stopped "$KAFKA_ADDRESS"
 }
 
 # ---------------------------------------------------------------------------
@@ -1223,13 +1507,13 @@ cmd_up() {
   line postgres "$(ready_word "$PG_STARTED")" "$HOST:$PG_PORT" "$PG_LOG"
   ferret_start
   redis_wait
-  line redis "$(ready_word "$REDIS_STARTED")" "$HOST:$REDIS_PORT" "$REDIS_LOG"
+  line redis "$(ready_word "$REDIS_STARTED")" "$REDIS_ADDRESS" "$REDIS_LOG"
   ferret_wait
   line ferretdb "$(ready_word "$FERRET_STARTED")" "$HOST:$FERRET_PORT" "$FERRET_LOG"
   mailpit_wait
   line mailpit "$(ready_word "$MAILPIT_STARTED")" "$MAILPIT_ADDRESS" "$MAILPIT_LOG"
   kafka_wait
-  line kafka "$(ready_word "$KAFKA_STARTED")" "$HOST:$KAFKA_PORT" "$KAFKA_LOG"
+  line kafka "$(ready_word "$KAFKA_STARTED")" "$KAFKA_ADDRESS" "$KAFKA_LOG"
   opensearch_wait
   line opensearch "$(ready_word "$OPENSEARCH_STARTED")" "$OPENSEARCH_ADDRESS" "$OPENSEARCH_LOG"
 
@@ -1270,7 +1554,7 @@ cmd_status() {
     if command -v redis-cli >/dev/null 2>&1 && redis_probe; then state=running; else state=unhealthy; fi
   fi
   [[ "$state" == running ]] || down=1
-  line redis "$state" "$HOST:$REDIS_PORT" "$REDIS_LOG"
+  line redis "$state" "$REDIS_ADDRESS" "$REDIS_LOG"
 
   state=stopped
   kafka_use_running_libs
@@ -1278,7 +1562,7 @@ cmd_status() {
     if [[ -n "$JAVA" ]] && kafka_probe; then state=running; else state=unhealthy; fi
   fi
   [[ "$state" == running ]] || down=1
-  line kafka "$state" "$HOST:$KAFKA_PORT" "$KAFKA_LOG"
+  line kafka "$state" "$KAFKA_ADDRESS" "$KAFKA_LOG"
 
   state=stopped
   if ferret_pid >/dev/null; then
@@ -1312,10 +1596,61 @@ cmd_status() {
   return 0
 }
 
-cmd_env() {
-  printf 'export DBPS_POSTGRES_URL=postgres://%s:%s@%s:%s/postgres\n' "$PG_USER" "$PG_PASSWORD" "$HOST" "$PG_PORT"
-  printf 'export DBPS_REDIS_URL=redis://%s:%s\n' "$HOST" "$REDIS_PORT"
-  printf 'export DBPS_KAFKA_BROKERS=%s:%s\n' "$HOST" "$KAFKA_PORT"
+# `export NAME=value`, the value single-quoted unless it is plainly safe, so
+# that the output can be eval'ed (a URL's & must not reach the shell bare).
+export_line() { # name value
+  local v="$2" q="'\\''"
+  if [[ "$v" =~ ^[A-Za-z0-9_.,:/@%+=-]*$ ]]; then
+    printf 'export %s=%s\n' "$1" "$v"
+  else
+    printf "export %s='%s'\n" "$1" "${v//\'/$q}"
+  fi
+}
+
+# Percent-encode a value for a URL query (RFC 3986 unreserved and / stay).
+url_encode() {
+  local s="$1" out="" c i
+  for ((i = 0; i < ${#s}; i++)); do
+    c="${s:i:1}"
+    case "$c" in
+      [A-Za-z0-9._~/-]) out+="$c" ;;
+      *) out+="$(printf '%%%02X' "'$c")" ;;
+    esac
+  done
+  printf '%s' "$out"
+}
+
+cmd_env() { # [--secure]
+  local secure=0 pg_tls_url kafka_pw="" redis_pw=""
+  case "${1:-}" in
+    "") ;;
+    --secure) secure=1 ;;
+    *)
+      usage >&2
+      exit 2
+      ;;
+  esac
+  pg_tls_url="postgres://$PG_USER:$PG_PASSWORD@$HOST:$PG_PORT/postgres?sslmode=verify-full&sslrootcert=$(url_encode "$TLS_CA_CRT")"
+  kafka_pw="$(secret_read "$KAFKA_ADMIN_PASSWORD_FILE" 2>/dev/null)" || kafka_pw=""
+  redis_pw="$(secret_read "$REDIS_ADMIN_PASSWORD_FILE" 2>/dev/null)" || redis_pw=""
+
+  if ((secure)); then
+    # The secured endpoints under the usual names, for an application.
+    [[ -n "$kafka_pw" && -n "$redis_pw" ]] ||
+      die "no admin passwords in $(rel "$TLS_DIR") yet: run '$(rel "$SCRIPT_DIR")/stack.sh up' first"
+    export_line DBPS_POSTGRES_URL "$pg_tls_url"
+    export_line DBPS_REDIS_URL "rediss://$ADMIN_USER:$redis_pw@$HOST:$REDIS_TLS_PORT"
+    export_line DBPS_KAFKA_BROKERS "$HOST:$KAFKA_SECURE_PORT"
+    export_line DBPS_KAFKA_SECURITY_PROTOCOL SASL_SSL
+    export_line DBPS_KAFKA_SASL_MECHANISM SCRAM-SHA-512
+    export_line DBPS_KAFKA_SASL_USERNAME "$ADMIN_USER"
+    export_line DBPS_KAFKA_SASL_PASSWORD "$kafka_pw"
+    export_line DBPS_KAFKA_SSL_CA_LOCATION "$TLS_CA_CRT"
+  else
+    printf 'export DBPS_POSTGRES_URL=postgres://%s:%s@%s:%s/postgres\n' "$PG_USER" "$PG_PASSWORD" "$HOST" "$PG_PORT"
+    printf 'export DBPS_REDIS_URL=redis://%s:%s\n' "$HOST" "$REDIS_PORT"
+    printf 'export DBPS_KAFKA_BROKERS=%s:%s\n' "$HOST" "$KAFKA_PORT"
+  fi
   printf 'export DBPS_KAFKA_PROXIED_UPSTREAM=%s:%s\n' "$HOST" "$KAFKA_PROXIED_PORT"
   printf 'export DBPS_KAFKA_PROXIED_PORT=%s\n' "$KAFKA_PROXIED_ADVERTISED_PORT"
   printf 'export DBPS_MONGODB_URI=mongodb://%s:%s/\n' "$HOST" "$FERRET_PORT"
@@ -1323,6 +1658,18 @@ cmd_env() {
   printf 'export DBPS_MAILPIT_URL=http://%s:%s\n' "$HOST" "$MAILPIT_HTTP_PORT"
   printf 'export DBPS_OPENSEARCH_URL=http://%s:%s\n' "$HOST" "$OPENSEARCH_PORT"
   printf 'export DBPS_TOXIPROXY_URL=http://%s:%s\n' "$HOST" "$TOXIPROXY_PORT"
+
+  export_line DBPS_TLS_CA_FILE "$TLS_CA_CRT"
+  ((secure)) && return 0
+  # The secured endpoints, next to the plain ones (secrets only once made).
+  export_line DBPS_POSTGRES_TLS_URL "$pg_tls_url"
+  export_line DBPS_KAFKA_SECURE_BROKERS "$HOST:$KAFKA_SECURE_PORT"
+  export_line DBPS_KAFKA_ADMIN_USER "$ADMIN_USER"
+  [[ -n "$kafka_pw" ]] && export_line DBPS_KAFKA_ADMIN_PASSWORD "$kafka_pw"
+  export_line DBPS_REDIS_TLS_URL "rediss://$HOST:$REDIS_TLS_PORT"
+  export_line DBPS_REDIS_ADMIN_USER "$ADMIN_USER"
+  [[ -n "$redis_pw" ]] && export_line DBPS_REDIS_ADMIN_PASSWORD "$redis_pw"
+  return 0
 }
 
 # Start one server that `up` installed before, and wait until it is ready.
@@ -1339,14 +1686,14 @@ cmd_start_one() { # server
       command -v redis-server >/dev/null 2>&1 || die "redis-server not found; run '$(rel "$SCRIPT_DIR")/stack.sh up' first"
       redis_start
       redis_wait
-      line redis "$(ready_word "$REDIS_STARTED")" "$HOST:$REDIS_PORT" "$REDIS_LOG"
+      line redis "$(ready_word "$REDIS_STARTED")" "$REDIS_ADDRESS" "$REDIS_LOG"
       ;;
     kafka)
       JAVA="$(find_java)" || die "no java >= 17 found (Kafka 4 needs it); set DBPS_JAVA=/path/to/java"
       ensure_kafka_libs
       kafka_start
       kafka_wait
-      line kafka "$(ready_word "$KAFKA_STARTED")" "$HOST:$KAFKA_PORT" "$KAFKA_LOG"
+      line kafka "$(ready_word "$KAFKA_STARTED")" "$KAFKA_ADDRESS" "$KAFKA_LOG"
       ;;
     ferretdb)
       [[ -x "$FERRET_BIN" ]] || die "FerretDB is not built yet; run '$(rel "$SCRIPT_DIR")/stack.sh up' first"
@@ -1419,7 +1766,7 @@ cmd_stop_one() { # server [postgres shutdown mode: fast|immediate]
 
 usage() {
   cat <<EOF
-usage: $(rel "$SCRIPT_DIR")/stack.sh up|down|status|env
+usage: $(rel "$SCRIPT_DIR")/stack.sh up|down|status|env [--secure]
        $(rel "$SCRIPT_DIR")/stack.sh stop|start postgres|redis|kafka|ferretdb|mailpit|opensearch|toxiproxy
        $(rel "$SCRIPT_DIR")/stack.sh stop postgres [fast|immediate]
 
@@ -1428,6 +1775,8 @@ usage: $(rel "$SCRIPT_DIR")/stack.sh up|down|status|env
   status  print each server's state; exit 0 if all are up, 3 otherwise
           (toxiproxy is listed only while it runs and does not count otherwise)
   env     print DBPS_* exports:  eval "\$($(rel "$SCRIPT_DIR")/stack.sh env)"
+          (plus the secured endpoints' DBPS_*_TLS_*/SECURE/ADMIN variables);
+          env --secure: the secured endpoints under the usual names (TLS, logins)
   stop    stop one server (its data stays; stopping postgres stops ferretdb too;
           postgres takes pg_ctl's shutdown mode, fast by default or immediate)
   start   start one server again (after 'up' installed it) and wait until it is ready;
@@ -1444,7 +1793,13 @@ main() {
       cmd_status || rc=$?
       exit "$rc"
       ;;
-    env) cmd_env ;;
+    env)
+      if [[ $# -gt 2 ]]; then
+        usage >&2
+        exit 2
+      fi
+      cmd_env "${@:2}"
+      ;;
     start | stop)
       # Only `stop postgres` takes a third argument (the shutdown mode).
       if [[ $# -ne 2 ]] && ! [[ $# -eq 3 && "$1" == stop && "$2" == postgres ]]; then

@@ -134,6 +134,23 @@ pub enum Error {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    /// Kafka refused this client's principal: a missing ACL on a topic or group, or
+    /// failed authentication. Every later request would be refused the same way, so a
+    /// relay or a consumer runner stops on it instead of parking or dead-lettering
+    /// messages. Never transient.
+    #[cfg(feature = "kafka")]
+    #[error("kafka refused {principal} to {operation}: {reason}")]
+    Refused {
+        /// The principal the client presents (`User:quote`), from its configuration.
+        principal: String,
+        /// What was refused (`produce to customer.customer.events`).
+        operation: String,
+        /// Why, for a person: which ACL or credential to check.
+        reason: String,
+        /// The client's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
     /// PostgreSQL rejected a statement or could not be reached.
     #[cfg(feature = "postgres")]
     #[error("postgres {operation} failed")]
@@ -182,6 +199,8 @@ impl Error {
         match self {
             #[cfg(feature = "kafka")]
             Self::Kafka { source, .. } => source.is_transient(),
+            #[cfg(feature = "kafka")]
+            Self::Refused { .. } => false,
             #[cfg(feature = "postgres")]
             Self::Postgres { source, .. } => source.is_transient(),
             #[cfg(feature = "mongodb")]

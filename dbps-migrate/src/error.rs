@@ -140,6 +140,28 @@ pub enum MigrateError {
         #[source]
         source: sqlx::Error,
     },
+    /// Kafka refused or did not answer an administrative request (a SCRAM credential,
+    /// an ACL). The message names the principal and what was asked; never a secret.
+    #[cfg(feature = "kafka")]
+    #[error("kafka could not {action}: {message}")]
+    Kafka {
+        /// What was asked (`provision User:quote`).
+        action: String,
+        /// Kafka's error code, when it gave one.
+        code: Option<rdkafka::error::RDKafkaErrorCode>,
+        /// Kafka's message.
+        message: String,
+    },
+    /// Redis refused or did not answer an administrative command (an ACL user).
+    #[cfg(feature = "redis")]
+    #[error("redis could not {action}")]
+    Redis {
+        /// What was asked (`provision the ACL user quote`).
+        action: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
     /// MongoDB could not be reached or rejected a request of the runner itself.
     #[cfg(feature = "mongodb")]
     #[error("mongodb could not {action}")]
@@ -170,6 +192,10 @@ impl MigrateError {
             } => source.is_transient(),
             #[cfg(feature = "mongodb")]
             Self::Mongo { source, .. } => source.is_transient(),
+            #[cfg(feature = "kafka")]
+            Self::Kafka { code, .. } => crate::kafka::is_transient(*code),
+            #[cfg(feature = "redis")]
+            Self::Redis { source, .. } => source.is_io_error() || source.is_timeout() || source.is_connection_dropped(),
             _ => false,
         }
     }

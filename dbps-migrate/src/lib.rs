@@ -15,6 +15,12 @@
 //! - **MongoDB** (`mongo`, feature `mongodb`): `MongoMigrations` applies versioned
 //!   migrations written as Rust functions, recorded in a `dbps_migrations` collection and
 //!   guarded by a lock document with an expiry, and ensures declared indexes.
+//! - **Kafka** ([`kafka`], feature `kafka`): [`kafka::KafkaAccess`] provisions a service's
+//!   SCRAM user and ACLs on the shared cluster: write only its own topics (and the
+//!   commands it declares), read only the topics it declares, use only its own consumer
+//!   groups.
+//! - **Redis** ([`redis`], feature `redis`): [`redis::RedisAccess`] provisions a service's
+//!   ACL user, limited to its key prefix and the commands dbps uses.
 //! - The `dbps-migrate` command (feature `cli`) exposes `provision`, `up` and `status` to
 //!   scripts.
 //!
@@ -63,10 +69,14 @@
 
 mod error;
 mod ident;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
 #[cfg(feature = "postgres")]
 pub mod pg;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::fmt;
 

@@ -423,6 +423,8 @@ impl<S: OutboxStore> Relay<S> {
 fn is_message_fault(error: &dbps_core::Error) -> bool {
     match error {
         dbps_core::Error::Kafka { source, .. } => dbps_core::classify::is_message_fault(source),
+        // Refused authorisation or authentication: about who sends, not what.
+        dbps_core::Error::Refused { .. } => false,
         // Refused before it reached Kafka (an invalid topic name, say): about the message.
         _ => true,
     }

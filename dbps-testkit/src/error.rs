@@ -17,6 +17,14 @@ pub enum Error {
         /// Why no container could be started.
         reason: String,
     },
+    /// A secured endpoint of the local stack is not named by the environment.
+    #[error(
+        "no secured server for this test: {var} is not set; run `scripts/stack.sh up` and `eval \"$(scripts/stack.sh env)\"`"
+    )]
+    NoSecureServer {
+        /// The variable that is missing.
+        var: &'static str,
+    },
     /// An environment variable is set but does not hold a usable address.
     #[error("{var} is not a valid {backend} address: {reason}")]
     InvalidAddress {

@@ -86,6 +86,7 @@ mod opensearch;
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
+mod secure;
 mod server;
 #[cfg(feature = "service")]
 mod service;
@@ -105,6 +106,7 @@ pub use opensearch::{TestOpenSearch, opensearch};
 pub use postgres::{TestPostgres, postgres};
 #[cfg(feature = "redis")]
 pub use redis::{RedisProcess, TestRedis, redis, redis_process};
+pub use secure::{SecureStack, secure};
 pub use server::{Backend, MAILPIT_API_VAR};
 #[cfg(feature = "service")]
 pub use service::{TestService, TestServiceBuilder, service};

@@ -46,9 +46,45 @@ impl KafkaConfig {
         self.properties.get(key).map(String::as_str)
     }
 
+    /// Every property, in key order, secrets included: for building another client from
+    /// this configuration. Keep the values out of logs (`Debug` redacts them).
+    pub fn properties(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.properties
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+    }
+
+    /// The principal the brokers see for this configuration, for error messages:
+    /// `User:<sasl.username>` when SASL is on, the TLS client certificate's subject when
+    /// one is configured, otherwise `User:ANONYMOUS`.
+    pub fn principal(&self) -> String {
+        let protocol = self
+            .get("security.protocol")
+            .unwrap_or("plaintext")
+            .to_ascii_uppercase();
+        if protocol.starts_with("SASL") {
+            if let Some(user) = self.get("sasl.username") {
+                return format!("User:{user}");
+            }
+        }
+        if protocol.ends_with("SSL")
+            && (self.get("ssl.certificate.location").is_some() || self.get("ssl.certificate.pem").is_some())
+        {
+            return String::from("the subject of the TLS client certificate");
+        }
+        String::from("User:ANONYMOUS")
+    }
+
     /// The rdkafka client configuration: these properties over `defaults`.
     pub(crate) fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
+        // rdkafka derives librdkafka's log level from the `log` crate's, which is off in
+        // a program that logs through `tracing` only: keep warnings and errors coming, so
+        // that a refused login reaches the client context (and the logs), where
+        // subscribers filter them.
+        if (config.log_level as i32) < (rdkafka::config::RDKafkaLogLevel::Warning as i32) {
+            config.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
+        }
         for (key, value) in defaults {
             config.set(*key, *value);
         }
@@ -106,6 +142,14 @@ mod tests {
             assert!(!shown.contains(secret), "{secret} shown in {shown}");
         }
         assert!(shown.contains("svc") && shown.contains("b:9092"));
+    }
+
+    #[test]
+    fn the_principal_is_the_sasl_user_only_under_sasl() {
+        let plain = KafkaConfig::new("b:9092").set("sasl.username", "quote");
+        assert_eq!(plain.principal(), "User:ANONYMOUS");
+        let sasl = plain.set("security.protocol", "SASL_SSL");
+        assert_eq!(sasl.principal(), "User:quote");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -389,6 +389,7 @@ impl<H: BatchHandler> ConsumerRunner<H> {
         });
         let context = RunnerContext {
             shared: Arc::clone(&shared),
+            auth: super::AuthMemory::default(),
         };
         let consumer: BaseConsumer<RunnerContext> = self
             .config
@@ -422,6 +423,8 @@ impl<H: BatchHandler> ConsumerRunner<H> {
             runtime: tokio::runtime::Handle::current(),
             commit_interval: self.commit_interval,
             max_queued: self.max_queued_per_partition,
+            config: self.config.clone(),
+            topics: self.topics.clone(),
         };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -625,9 +628,20 @@ impl Shared {
 
 struct RunnerContext {
     shared: Arc<Shared>,
+    auth: super::AuthMemory,
 }
 
-impl ClientContext for RunnerContext {}
+impl ClientContext for RunnerContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.auth.record_log(level, log_message);
+        super::log_like_rdkafka(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.auth.record(&error, reason);
+        tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+    }
+}
 
 impl ConsumerContext for RunnerContext {
     /// Runs on the poll thread before partitions are taken away: their tasks finish the
@@ -678,6 +692,9 @@ struct PollLoop<H> {
     runtime: tokio::runtime::Handle,
     commit_interval: Duration,
     max_queued: usize,
+    /// For the error that stops the loop: who was refused what.
+    config: KafkaConfig,
+    topics: Vec<String>,
 }
 
 impl<H: BatchHandler> PollLoop<H> {
@@ -726,10 +743,12 @@ impl<H: BatchHandler> PollLoop<H> {
         }
         self.consumer.unsubscribe();
         match fatal {
-            Some(source) => Err(Error::Kafka {
-                operation: format!("consume (group {})", shared.group_id),
+            Some(source) => Err(super::kafka_error(
+                &self.config,
+                Some(&self.consumer.context().auth),
+                format!("consume {:?} in group {}", self.topics, shared.group_id),
                 source,
-            }),
+            )),
             None => Ok(()),
         }
     }

@@ -13,3 +13,151 @@ pub use consumer::{
 };
 pub use publisher::{Delivery, KafkaPublisher, KafkaPublisherBuilder};
 pub use topics::{TopicNaming, TopicOutcome, TopicSpec, ensure_topics, missing_topics, validate_topic_name};
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::error::Error;
+
+/// How recent an authentication failure must be to explain a request that timed out or
+/// could not reach a broker: librdkafka tries again at least every
+/// `reconnect.backoff.max.ms` (1 s here), so a failure that still holds was reported
+/// moments ago.
+const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(15);
+
+/// A client context that remembers the last authentication failure librdkafka reported.
+///
+/// librdkafka reports a refused login (a wrong password, an unknown user, a plaintext
+/// client on a TLS listener) through the error callback, not with the request that fails:
+/// that one only times out or finds no broker. Remembering the callback's reason lets
+/// [`kafka_error`] tell the user what really happened.
+#[derive(Debug, Default)]
+pub(crate) struct AuthMemory {
+    last: Mutex<Option<(Instant, String)>>,
+}
+
+impl AuthMemory {
+    /// Records `error` if it is an authentication failure, or a connection closed during
+    /// the handshake in a way librdkafka attributes to `security.protocol`.
+    pub(crate) fn record(&self, error: &KafkaError, reason: &str) {
+        use RDKafkaErrorCode as C;
+        let login = matches!(
+            error.rdkafka_error_code(),
+            Some(C::Authentication | C::SaslAuthenticationFailed)
+        ) || reason.contains("security.protocol");
+        if login && let Ok(mut last) = self.last.lock() {
+            *last = Some((Instant::now(), reason.to_owned()));
+        }
+    }
+
+    /// Records a librdkafka log line that reports a refused login (`SASL authentication
+    /// error: …`, or a handshake closed because of `security.protocol`): some clients
+    /// learn of it only through the log.
+    pub(crate) fn record_log(&self, level: RDKafkaLogLevel, message: &str) {
+        let login = message.contains("SASL authentication error")
+            || message.contains("Authentication failed")
+            || message.contains("security.protocol");
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32)
+            && login
+            && let Ok(mut last) = self.last.lock()
+        {
+            *last = Some((Instant::now(), message.to_owned()));
+        }
+    }
+
+    fn recent(&self) -> Option<String> {
+        let last = self.last.lock().ok()?;
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() <= AUTH_FAILURE_WINDOW)
+            .map(|(_, reason)| reason.clone())
+    }
+}
+
+/// The default context plus [`AuthMemory`].
+#[derive(Debug, Default)]
+pub(crate) struct AuthContext {
+    pub(crate) auth: std::sync::Arc<AuthMemory>,
+}
+
+impl rdkafka::consumer::ConsumerContext for AuthContext {}
+
+impl rdkafka::producer::ProducerContext for AuthContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, (): Self::DeliveryOpaque) {}
+}
+
+impl ClientContext for AuthContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.auth.record_log(level, log_message);
+        log_like_rdkafka(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.auth.record(&error, reason);
+        tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+    }
+}
+
+/// librdkafka's log line as rdkafka's default context writes it.
+pub(crate) fn log_like_rdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}");
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        RDKafkaLogLevel::Notice => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+    }
+}
+
+/// The error of a failed Kafka `operation`: [`Error::Refused`], naming the principal of
+/// `config`, when the broker refused authorisation, or authentication (as reported with
+/// the request or, shortly before, to `auth`), otherwise [`Error::Kafka`].
+pub(crate) fn kafka_error(
+    config: &KafkaConfig,
+    auth: Option<&AuthMemory>,
+    operation: impl Into<String>,
+    source: KafkaError,
+) -> Error {
+    use RDKafkaErrorCode as C;
+    let reason = match source.rdkafka_error_code() {
+        Some(C::TopicAuthorizationFailed) => String::from("not authorised on the topic: an ACL for it is missing"),
+        Some(C::GroupAuthorizationFailed) => {
+            String::from("not authorised for the consumer group: an ACL for it is missing")
+        }
+        Some(C::ClusterAuthorizationFailed) => String::from("not authorised on the cluster: an ACL for it is missing"),
+        Some(C::TransactionalIdAuthorizationFailed) => {
+            String::from("not authorised for the transactional id: an ACL for it is missing")
+        }
+        Some(C::SaslAuthenticationFailed | C::Authentication) => {
+            String::from("authentication failed: check the user, the password and the SASL mechanism")
+        }
+        Some(
+            C::MessageTimedOut
+            | C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::OperationTimedOut
+            | C::RequestTimedOut,
+        ) if let Some(login) = auth.and_then(AuthMemory::recent) => format!(
+            "authentication failed: {login} (check the user, the password, the SASL mechanism and security.protocol)"
+        ),
+        _ => {
+            return Error::Kafka {
+                operation: operation.into(),
+                source,
+            };
+        }
+    };
+    Error::Refused {
+        principal: config.principal(),
+        operation: operation.into(),
+        reason,
+        source,
+    }
+}

@@ -57,7 +57,9 @@ const DEFAULTS: [(&str, &str); 6] = [
 /// Cheap to clone: clones share one producer.
 #[derive(Clone)]
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    producer: FutureProducer<super::AuthContext>,
+    /// The producer's login failures (see [`super::AuthMemory`]).
+    auth: Arc<super::AuthMemory>,
     config: KafkaConfig,
     enqueue_timeout: Duration,
     /// Whether a flush runs (see [`KafkaPublisher::publish_batch`]).
@@ -100,12 +102,18 @@ impl KafkaPublisherBuilder {
         for (key, value) in REQUIRED {
             client.set(key, value);
         }
-        let producer: FutureProducer = client.create().map_err(|source| Error::Kafka {
-            operation: String::from("create producer"),
-            source,
-        })?;
+        let auth = Arc::new(super::AuthMemory::default());
+        let context = super::AuthContext {
+            auth: Arc::clone(&auth),
+        };
+        let producer: FutureProducer<super::AuthContext> =
+            client.create_with_context(context).map_err(|source| Error::Kafka {
+                operation: String::from("create producer"),
+                source,
+            })?;
         Ok(KafkaPublisher {
             producer,
+            auth,
             config: self.config,
             enqueue_timeout: self.enqueue_timeout,
             flushing: Arc::new(AtomicBool::new(false)),
@@ -125,7 +133,7 @@ impl KafkaPublisher {
     /// Publishes one envelope to `topic` and waits for the broker's acknowledgement.
     pub async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<Delivery> {
         let pending = self.enqueue(topic, envelope).await?;
-        settle(topic, pending.await)
+        settle(&self.config, Some(&*self.auth), topic, pending.await)
     }
 
     /// Publishes a batch and waits for every acknowledgement. The results are in the
@@ -164,7 +172,7 @@ impl KafkaPublisher {
         let mut results = Vec::with_capacity(pending.len());
         for (topic, enqueued) in pending {
             results.push(match enqueued {
-                Ok(delivery) => settle(topic, delivery.await),
+                Ok(delivery) => settle(&self.config, Some(&*self.auth), topic, delivery.await),
                 Err(error) => Err(error),
             });
         }
@@ -204,7 +212,7 @@ impl KafkaPublisher {
             record = record.payload(value);
         }
         let pending = self.send(topic, record).await?;
-        settle(topic, pending.await)
+        settle(&self.config, Some(&*self.auth), topic, pending.await)
     }
 
     /// Waits until every message handed over so far was acknowledged or failed.
@@ -255,10 +263,13 @@ impl KafkaPublisher {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((source, _)) => {
-                    return Err(Error::Kafka {
-                        operation: format!("produce to {topic}"),
+                    let auth = Some(&*self.auth);
+                    return Err(super::kafka_error(
+                        &self.config,
+                        auth,
+                        format!("produce to {topic}"),
                         source,
-                    });
+                    ));
                 }
             }
         }
@@ -268,16 +279,18 @@ impl KafkaPublisher {
 type DeliveryOutcome =
     std::result::Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
 
-fn settle(topic: &str, outcome: DeliveryOutcome) -> Result<Delivery> {
+fn settle(
+    config: &KafkaConfig,
+    auth: Option<&super::AuthMemory>,
+    topic: &str,
+    outcome: DeliveryOutcome,
+) -> Result<Delivery> {
     match outcome {
         Ok(Ok(delivery)) => Ok(Delivery {
             partition: delivery.partition,
             offset: delivery.offset,
         }),
-        Ok(Err((source, _))) => Err(Error::Kafka {
-            operation: format!("produce to {topic}"),
-            source,
-        }),
+        Ok(Err((source, _))) => Err(super::kafka_error(config, auth, format!("produce to {topic}"), source)),
         Err(_) => Err(Error::ShutDown),
     }
 }

@@ -2,8 +2,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use super::KafkaConfig;
@@ -199,25 +197,32 @@ impl TopicSpec {
 ///
 /// Asks the brokers for each topic's metadata without creating it (even where the broker
 /// would create topics on first use). A topic this client may not describe is an error
-/// ([`Error::Kafka`] with `TopicAuthorizationFailed`), not a missing topic.
+/// ([`Error::Refused`] naming the principal), not a missing topic; so is a refused login.
 pub async fn missing_topics(config: &KafkaConfig, names: &[String]) -> Result<Vec<String>> {
-    let client: BaseConsumer = config
+    // A producer that sends nothing: polling it serves the client's events (log lines,
+    // errors), so that a refused login reaches `AuthContext`.
+    let producer: rdkafka::producer::BaseProducer<super::AuthContext> = config
         .client_config(&[("allow.auto.create.topics", "false")])
-        .create()
+        .create_with_context(super::AuthContext::default())
         .map_err(|source| Error::Kafka {
             operation: String::from("create metadata client"),
             source,
         })?;
     let names = names.to_vec();
+    let config = config.clone();
     let lookup = tokio::task::spawn_blocking(move || {
         let mut missing = Vec::new();
         for name in names {
-            let metadata = client
-                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
-                .map_err(|source| Error::Kafka {
-                    operation: format!("describe topic {name}"),
+            let client = rdkafka::producer::Producer::client(&producer);
+            let metadata = client.fetch_metadata(Some(&name), METADATA_TIMEOUT).map_err(|source| {
+                producer.poll(Duration::ZERO);
+                super::kafka_error(
+                    &config,
+                    Some(&*client.context().auth),
+                    format!("describe topic {name}"),
                     source,
-                })?;
+                )
+            })?;
             let error = metadata
                 .topics()
                 .iter()
@@ -229,10 +234,12 @@ pub async fn missing_topics(config: &KafkaConfig, names: &[String]) -> Result<Ve
                 None => {}
                 Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => missing.push(name),
                 Some(code) => {
-                    return Err(Error::Kafka {
-                        operation: format!("describe topic {name}"),
-                        source: KafkaError::MetadataFetch(code),
-                    });
+                    return Err(super::kafka_error(
+                        &config,
+                        Some(&*client.context().auth),
+                        format!("describe topic {name}"),
+                        KafkaError::MetadataFetch(code),
+                    ));
                 }
             }
         }
@@ -268,8 +275,10 @@ pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<
             ));
         }
     }
-    let admin: AdminClient<DefaultClientContext> =
-        config.client_config(&[]).create().map_err(|source| Error::Kafka {
+    let admin: AdminClient<super::AuthContext> = config
+        .client_config(&[])
+        .create_with_context(super::AuthContext::default())
+        .map_err(|source| Error::Kafka {
             operation: String::from("create admin client"),
             source,
         })?;
@@ -295,19 +304,18 @@ pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<
     let results = admin
         .create_topics(&new_topics, &options)
         .await
-        .map_err(|source| Error::Kafka {
-            operation: String::from("create topics"),
-            source,
-        })?;
+        .map_err(|source| super::kafka_error(config, Some(&*admin.inner().context().auth), "create topics", source))?;
     results
         .into_iter()
         .map(|result| match result {
             Ok(_) => Ok(TopicOutcome::Created),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => Ok(TopicOutcome::Existed),
-            Err((name, code)) => Err(Error::Kafka {
-                operation: format!("create topic {name}"),
-                source: KafkaError::AdminOp(code),
-            }),
+            Err((name, code)) => Err(super::kafka_error(
+                config,
+                Some(&*admin.inner().context().auth),
+                format!("create topic {name}"),
+                KafkaError::AdminOp(code),
+            )),
         })
         .collect()
 }
