@@ -18,6 +18,8 @@ use crate::error::{Result, ServiceError};
 /// |---|---|---|
 /// | `DBPS_POSTGRES_URL` | the PostgreSQL server; with [`provision`](ServiceConfig::provision) an administrative role that may create databases and roles, otherwise only its host, port and TLS settings are used | required for [`Service::postgres`](crate::Service::postgres) |
 /// | `DBPS_KAFKA_BROKERS` | Kafka bootstrap servers | required for Kafka |
+/// | `DBPS_KAFKA_SECURITY_PROTOCOL`, `DBPS_KAFKA_SASL_MECHANISM`, `DBPS_KAFKA_SSL_CA_LOCATION` | `security.protocol`, `sasl.mechanism`, `ssl.ca.location` (`SASL_SSL`, `SCRAM-SHA-512`, the CA file) | librdkafka's defaults (plaintext) |
+/// | `CUSTOMER_KAFKA_PASSWORD`, `CUSTOMER_KAFKA_USER` | the service's own Kafka principal (see `dbps_migrate::kafka::KafkaAccess`); the user defaults to the service's name; without them, `DBPS_KAFKA_SASL_USERNAME` and `DBPS_KAFKA_SASL_PASSWORD` | none |
 /// | `CUSTOMER_DB_OWNER_PASSWORD` | password of the `customer_owner` role, which runs the migrations | required for PostgreSQL |
 /// | `CUSTOMER_DB_RUNTIME_PASSWORD` | password of the `customer_app` role the service connects as | required for PostgreSQL |
 /// | `CUSTOMER_HTTP_ADDR` | address the HTTP server listens on | `127.0.0.1:8080` |
@@ -103,7 +105,32 @@ impl ServiceConfig {
             }
         }
         if let Some(brokers) = get("DBPS_KAFKA_BROKERS") {
-            config.kafka = Some(KafkaConfig::new(brokers.trim()));
+            let mut kafka = KafkaConfig::new(brokers.trim());
+            for (var, property) in [
+                ("DBPS_KAFKA_SECURITY_PROTOCOL", "security.protocol"),
+                ("DBPS_KAFKA_SASL_MECHANISM", "sasl.mechanism"),
+                ("DBPS_KAFKA_SSL_CA_LOCATION", "ssl.ca.location"),
+            ] {
+                if let Some(value) = get(var) {
+                    kafka = kafka.set(property, value.trim());
+                }
+            }
+            // The service's own principal (its user defaults to its name) when it has a
+            // password of its own, otherwise the shared one.
+            let (user, password) = match get(&var("KAFKA_PASSWORD")) {
+                Some(password) => (
+                    Some(get(&var("KAFKA_USER")).unwrap_or_else(|| config.name.as_str().to_owned())),
+                    Some(password),
+                ),
+                None => (get("DBPS_KAFKA_SASL_USERNAME"), get("DBPS_KAFKA_SASL_PASSWORD")),
+            };
+            if let Some(user) = user {
+                kafka = kafka.set("sasl.username", user.trim());
+            }
+            if let Some(password) = password {
+                kafka = kafka.set("sasl.password", password);
+            }
+            config.kafka = Some(kafka);
         }
         let addr_var = var("HTTP_ADDR");
         if let Some(addr) = get(&addr_var) {
@@ -247,6 +274,37 @@ mod tests {
         assert!(c.postgres_parts().is_ok());
         let shown = format!("{c:?}");
         assert!(!shown.contains("secret") && !shown.contains("owner-pw"), "{shown}");
+    }
+
+    #[test]
+    fn the_kafka_principal_is_the_service_s_own() {
+        let c = config(&[
+            ("DBPS_KAFKA_BROKERS", "k1:9093"),
+            ("DBPS_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("DBPS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("DBPS_KAFKA_SSL_CA_LOCATION", "/etc/dbps/ca.crt"),
+            ("DBPS_KAFKA_SASL_USERNAME", "admin"),
+            ("DBPS_KAFKA_SASL_PASSWORD", "admin-secret"),
+            ("CUSTOMER_KAFKA_PASSWORD", "customer-secret"),
+        ])
+        .expect("valid");
+        let kafka = c.kafka.clone().expect("kafka is configured");
+        assert_eq!(kafka.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(kafka.get("ssl.ca.location"), Some("/etc/dbps/ca.crt"));
+        assert_eq!(kafka.get("sasl.password"), Some("customer-secret"));
+        assert_eq!(kafka.principal(), "User:customer", "its own password: its own user");
+        let shared = config(&[
+            ("DBPS_KAFKA_BROKERS", "k1:9093"),
+            ("DBPS_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("DBPS_KAFKA_SASL_USERNAME", "admin"),
+            ("DBPS_KAFKA_SASL_PASSWORD", "admin-secret"),
+        ])
+        .expect("valid");
+        let shared_kafka = shared.kafka.clone().expect("kafka");
+        assert_eq!(shared_kafka.principal(), "User:admin");
+        assert_eq!(shared_kafka.get("sasl.password"), Some("admin-secret"));
+        let shown = format!("{c:?} {shared:?}");
+        assert!(!shown.contains("secret"), "{shown}");
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub(crate) struct Common {
     pub(crate) max_batch: usize,
     pub(crate) registry: Registry,
     pub(crate) on_progress: Option<ProgressFn>,
+    pub(crate) group_prefix: String,
 }
 
 impl Default for Common {
@@ -67,6 +68,7 @@ impl Default for Common {
             max_batch: 512,
             registry: Registry::new(),
             on_progress: None,
+            group_prefix: String::from("dbps-projection-"),
         }
     }
 }
@@ -103,6 +105,7 @@ pub(crate) struct Runner {
     pub(crate) max_batch: usize,
     decoder: Decoder,
     on_progress: Option<ProgressFn>,
+    group_prefix: String,
 }
 
 impl Runner {
@@ -115,6 +118,7 @@ impl Runner {
             max_batch: common.max_batch,
             decoder: Decoder::new(common.registry),
             on_progress: common.on_progress,
+            group_prefix: common.group_prefix,
         }
     }
 
@@ -140,7 +144,8 @@ impl Runner {
 
     /// A reader of the topics from `checkpoints` (see [`Reader::start`]).
     pub(crate) async fn reader(&self, kafka: &KafkaConfig, checkpoints: Positions) -> Result<Started> {
-        Reader::start(kafka, &self.label, &self.topics, checkpoints).await
+        let group = format!("{}{}-{:016x}", self.group_prefix, self.label, rand::random::<u64>());
+        Reader::start(kafka, &group, &self.topics, checkpoints).await
     }
 
     /// Reports a rebuild's progress: the gauge `dbps_projection_rebuild_progress` and the
@@ -184,6 +189,15 @@ macro_rules! common_builder_methods {
         /// The registry that decodes (and upcasts) the events.
         pub fn registry(mut self, registry: dbps_core::Registry) -> Self {
             self.common.registry = registry;
+            self
+        }
+
+        /// The prefix of the consumer group each reader of the projection uses (default
+        /// `dbps-projection-`; the group is `<prefix><name>_v<version>-<random>`). The
+        /// reader never commits, but Kafka asks for a group; under ACLs give the
+        /// service's own group prefix (`customer.projection-`), which it may use.
+        pub fn group_prefix(mut self, prefix: impl Into<String>) -> Self {
+            self.common.group_prefix = prefix.into();
             self
         }
 
@@ -334,11 +348,11 @@ impl Reader {
     /// partition without one from its low watermark).
     pub(crate) async fn start(
         kafka: &KafkaConfig,
-        label: &str,
+        group: &str,
         topics: &[String],
         checkpoints: Positions,
     ) -> Result<Started> {
-        let reader = Self::open(kafka, label)?;
+        let reader = Self::open(kafka, group)?;
         let watermarks = reader.watermarks(topics).await?;
         let mut positions = checkpoints;
         for (partition, (low, _)) in &watermarks {
@@ -352,7 +366,7 @@ impl Reader {
         })
     }
 
-    fn open(kafka: &KafkaConfig, label: &str) -> Result<Self> {
+    fn open(kafka: &KafkaConfig, group: &str) -> Result<Self> {
         let mut config = ClientConfig::new();
         for key in PASSED_PROPERTIES {
             if let Some(value) = kafka.get(key) {
@@ -360,7 +374,6 @@ impl Reader {
             }
         }
         // A group of its own that never commits: the checkpoints are in the store.
-        let group = format!("dbps-projection-{label}-{:016x}", rand::random::<u64>());
         let consumer: StreamConsumer = config
             .set("group.id", group)
             .set("enable.auto.commit", "false")

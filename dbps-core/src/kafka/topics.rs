@@ -265,6 +265,10 @@ pub enum TopicOutcome {
 
 /// Creates the topics that do not exist yet. Idempotent: a topic that exists is left
 /// alone and reported as [`TopicOutcome::Existed`].
+///
+/// It looks first which topics exist and asks to create only the others, so that a
+/// service allowed to describe a topic but not to create it (another service's topic,
+/// under ACLs) can call it for topics that exist.
 pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<Vec<TopicOutcome>> {
     for spec in specs {
         validate_topic_name(&spec.name)?;
@@ -275,6 +279,32 @@ pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<
             ));
         }
     }
+    let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
+    let missing = missing_topics(config, &names).await?;
+    let to_create: Vec<TopicSpec> = specs
+        .iter()
+        .filter(|spec| missing.contains(&spec.name))
+        .cloned()
+        .collect();
+    let created = if to_create.is_empty() {
+        Vec::new()
+    } else {
+        create_topics(config, &to_create).await?
+    };
+    Ok(specs
+        .iter()
+        .map(|spec| {
+            to_create
+                .iter()
+                .zip(&created)
+                .find(|(candidate, _)| candidate.name == spec.name)
+                .map_or(TopicOutcome::Existed, |(_, outcome)| *outcome)
+        })
+        .collect())
+}
+
+/// Asks the cluster to create `specs` (validated); one outcome per spec, in order.
+async fn create_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<Vec<TopicOutcome>> {
     let admin: AdminClient<super::AuthContext> = config
         .client_config(&[])
         .create_with_context(super::AuthContext::default())

@@ -214,7 +214,8 @@ impl App {
                     .search_index_prefix
                     .clone()
                     .unwrap_or_else(|| format!("{}-", name.to_lowercase()));
-                let projection = search::projection(url, &prefix, &events)?;
+                // Its reader's group is the service's own (`customer.projection-…`).
+                let projection = search::projection(url, &prefix, &events, &service.group("projection-"))?;
                 run_search(service, projection.clone())?;
                 Some(projection)
             }

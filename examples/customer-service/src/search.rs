@@ -215,9 +215,15 @@ fn search_unavailable(error: CacheError) -> Problem {
 }
 
 /// Builds the projection of `topic` in the OpenSearch cluster at `url`, its indices named
-/// with `prefix`.
-pub(crate) fn projection(url: &str, prefix: &str, topic: &str) -> Result<OsProjection<CustomerSearch>, CacheError> {
+/// with `prefix`, its reader in a consumer group starting with `group_prefix`.
+pub(crate) fn projection(
+    url: &str,
+    prefix: &str,
+    topic: &str,
+    group_prefix: &str,
+) -> Result<OsProjection<CustomerSearch>, CacheError> {
     OsProjection::builder(url, CustomerSearch::new(topic))
         .index_prefix(prefix)
+        .group_prefix(group_prefix)
         .build()
 }

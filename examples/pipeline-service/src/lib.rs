@@ -240,7 +240,9 @@ pub async fn prepare(
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(settings.writer.clone())
         .await?;
-    let mut warehouse = Warehouse::new(writer, settings.topics(&service.naming())?);
+    // The projections read in groups of the service's own (`pipeline.projection-…`).
+    let mut warehouse =
+        Warehouse::new(writer, settings.topics(&service.naming())?).group_prefix(service.group("projection-"));
     if let Some(search) = &settings.search {
         warehouse = warehouse.search(search.clone());
     }

@@ -168,11 +168,13 @@ impl QuoteIndex {
         &self,
         version: u32,
         max_batch: usize,
+        group_prefix: &str,
         progress: Option<impl Fn(dbps_cache::projection::RebuildProgress) + Send + Sync + 'static>,
     ) -> Result<OsProjection<QuoteSearch>, CacheError> {
         let mut builder = OsProjection::builder(&self.settings.url, QuoteSearch::new(version, &self.topic))
             .index_prefix(&self.settings.index_prefix)
-            .max_batch(max_batch);
+            .max_batch(max_batch)
+            .group_prefix(group_prefix);
         if let Some(progress) = progress {
             builder = builder.on_progress(progress);
         }

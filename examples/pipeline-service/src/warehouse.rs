@@ -548,6 +548,8 @@ pub struct Warehouse {
     max_batch: usize,
     progress: Option<ProgressFn>,
     search: Option<QuoteIndex>,
+    /// The prefix of the projections' consumer groups.
+    group_prefix: String,
 }
 
 impl fmt::Debug for Warehouse {
@@ -619,7 +621,15 @@ impl Warehouse {
             max_batch: 512,
             progress: None,
             search: None,
+            group_prefix: String::from("dbps-projection-"),
         }
+    }
+
+    /// The prefix of the consumer groups its projections read in (default
+    /// `dbps-projection-`): under ACLs, one the service may use (`pipeline.projection-`).
+    pub fn group_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.group_prefix = prefix.into();
+        self
     }
 
     /// Keeps the quotes index ([`crate::search`]) in the OpenSearch cluster `settings`
@@ -633,7 +643,7 @@ impl Warehouse {
     pub(crate) fn quote_index(&self, version: u32) -> Result<Option<OsProjection<QuoteSearch>>, CacheError> {
         self.search
             .as_ref()
-            .map(|index| index.projection(version, self.max_batch, None::<fn(RebuildProgress)>))
+            .map(|index| index.projection(version, self.max_batch, &self.group_prefix, None::<fn(RebuildProgress)>))
             .transpose()
     }
 
@@ -695,7 +705,8 @@ impl Warehouse {
     fn projection<T: Table>(&self, version: u32) -> Result<PgProjection<T>, CacheError> {
         let mut builder = PgProjection::builder(self.pool.clone(), T::declare(version, &self.topics))
             .aggregate_column(T::AGGREGATE)
-            .max_batch(self.max_batch);
+            .max_batch(self.max_batch)
+            .group_prefix(&self.group_prefix);
         if !T::CONFLICT_KEY.is_empty() {
             builder = builder.conflict_key(T::CONFLICT_KEY.iter().copied());
         }
@@ -750,7 +761,7 @@ impl Warehouse {
                 .clone()
                 .map(|progress| move |p: RebuildProgress| progress(SEARCH_INDEX, p));
             let report = index
-                .projection(version, self.max_batch, progress)?
+                .projection(version, self.max_batch, &self.group_prefix, progress)?
                 .rebuild(kafka, shutdown)
                 .await?;
             Ok::<_, CacheError>(Some(TableRebuild {

@@ -45,6 +45,7 @@ mod events;
 mod flows;
 mod mailpit;
 mod out;
+mod principals;
 mod services;
 
 use std::process::ExitCode;
@@ -100,6 +101,8 @@ async fn main() -> ExitCode {
 /// Starts the services and the watcher, then runs the flows.
 async fn narrate(fleet: &mut Fleet, http: reqwest::Client, run: &str) -> anyhow::Result<()> {
     let brokers = std::env::var("DBPS_KAFKA_BROKERS").context("DBPS_KAFKA_BROKERS is not set")?;
+    out::heading("Each service's own principal on Kafka and Redis");
+    fleet.provision_principals().await?;
     out::heading("Starting the services");
     for svc in Svc::ALL {
         fleet.start(svc).await?;

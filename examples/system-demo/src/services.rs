@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use tokio::process::{Child, Command};
 
 use crate::out;
+use crate::principals::Principals;
 
 /// How long a service may take to answer `/health` after it was started.
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -137,6 +138,8 @@ pub(crate) struct Fleet {
     running: HashMap<Svc, Running>,
     /// Logs are truncated at a service's first start in this run, appended to after.
     started: Vec<Svc>,
+    /// Each service's own credentials on the shared servers.
+    principals: Principals,
     http: reqwest::Client,
 }
 
@@ -164,6 +167,7 @@ impl Fleet {
             addrs,
             running: HashMap::new(),
             started: Vec::new(),
+            principals: Principals::default(),
             http,
         };
         for svc in Svc::ALL {
@@ -182,6 +186,13 @@ impl Fleet {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         Ok(fleet)
+    }
+
+    /// Provisions each service's own principals (see [`Principals`]); the services started
+    /// from then on use them.
+    pub(crate) async fn provision_principals(&mut self) -> anyhow::Result<()> {
+        self.principals = Principals::provision().await?;
+        Ok(())
     }
 
     /// The service's base URL.
@@ -266,6 +277,10 @@ impl Fleet {
             && let Ok(smtp) = std::env::var("DBPS_SMTP_URL")
         {
             command.env("EMAIL_SMTP_URL", smtp);
+        }
+        // Its own principals on Kafka, Redis and PostgreSQL over TLS, when provisioned.
+        for (var, value) in self.principals.env(svc) {
+            command.env(var, value);
         }
         let started_at = Instant::now();
         let child = command
