@@ -139,18 +139,8 @@ pub enum Error {
     /// relay or a consumer runner stops on it instead of parking or dead-lettering
     /// messages. Never transient.
     #[cfg(feature = "kafka")]
-    #[error("kafka refused {principal} to {operation}: {reason}")]
-    Refused {
-        /// The principal the client presents (`User:quote`), from its configuration.
-        principal: String,
-        /// What was refused (`produce to customer.customer.events`).
-        operation: String,
-        /// Why, for a person: which ACL or credential to check.
-        reason: String,
-        /// The client's error.
-        #[source]
-        source: rdkafka::error::KafkaError,
-    },
+    #[error(transparent)]
+    Refused(Box<Refusal>),
     /// PostgreSQL rejected a statement or could not be reached.
     #[cfg(feature = "postgres")]
     #[error("postgres {operation} failed")]
@@ -188,6 +178,23 @@ pub enum Error {
     /// The consumer runner or publisher was shut down.
     #[error("shut down")]
     ShutDown,
+}
+
+/// Who Kafka refused, what, and why ([`Error::Refused`]).
+#[cfg(feature = "kafka")]
+#[derive(Debug, thiserror::Error)]
+#[error("kafka refused {principal} to {operation}: {reason}")]
+#[non_exhaustive]
+pub struct Refusal {
+    /// The principal the client presents (`User:quote`), from its configuration.
+    pub principal: String,
+    /// What was refused (`produce to customer.customer.events`).
+    pub operation: String,
+    /// Why, for a person: which ACL or credential to check.
+    pub reason: String,
+    /// The client's error.
+    #[source]
+    pub source: rdkafka::error::KafkaError,
 }
 
 impl Error {

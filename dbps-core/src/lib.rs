@@ -87,6 +87,8 @@ pub mod kafka;
 pub mod pg;
 
 pub use envelope::{Envelope, MessageKind, TraceContext};
+#[cfg(feature = "kafka")]
+pub use error::Refusal;
 pub use error::{Error, ErrorChain, Result};
 pub use handler::{BatchHandler, Handler, HandlerError, MessageSet, OtherTypes, Typed, TypedHandler};
 pub use limits::PayloadLimits;

@@ -62,10 +62,10 @@ impl KafkaConfig {
             .get("security.protocol")
             .unwrap_or("plaintext")
             .to_ascii_uppercase();
-        if protocol.starts_with("SASL") {
-            if let Some(user) = self.get("sasl.username") {
-                return format!("User:{user}");
-            }
+        if protocol.starts_with("SASL")
+            && let Some(user) = self.get("sasl.username")
+        {
+            return format!("User:{user}");
         }
         if protocol.ends_with("SSL")
             && (self.get("ssl.certificate.location").is_some() || self.get("ssl.certificate.pem").is_some())

@@ -154,10 +154,10 @@ pub(crate) fn kafka_error(
             };
         }
     };
-    Error::Refused {
+    Error::Refused(Box::new(crate::error::Refusal {
         principal: config.principal(),
         operation: operation.into(),
         reason,
         source,
-    }
+    }))
 }
