@@ -105,6 +105,15 @@ pub enum MigrateError {
         #[source]
         source: crate::mongo::BoxError,
     },
+    /// A file holding a secret could not be read. The message names the file only.
+    #[error("secret file {} could not be read", path.display())]
+    SecretFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Migration files could not be read.
     #[error("migrations in {} could not be read", path.display())]
     Source {

@@ -190,6 +190,25 @@ impl Password {
         Ok(Self(value))
     }
 
+    /// The password in the file at `path` (a secrets mount, say): its content without one
+    /// trailing line break.
+    ///
+    /// # Errors
+    ///
+    /// [`MigrateError::SecretFile`] if the file cannot be read (the message names the
+    /// file, never its content), [`MigrateError::InvalidPassword`] as for
+    /// [`Password::new`].
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| MigrateError::SecretFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        let text = text.strip_suffix('\r').unwrap_or(text);
+        Self::new(text)
+    }
+
     /// The password itself. Keep it out of logs.
     pub fn expose_secret(&self) -> &str {
         &self.0
@@ -239,6 +258,24 @@ fn shorten(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_file_loses_its_trailing_line_break_and_a_missing_one_is_named() {
+        let dir = std::env::temp_dir().join(format!("dbps-migrate-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("quote.password");
+        std::fs::write(&file, "s3cret  \r\n").unwrap();
+        assert_eq!(Password::from_file(&file).unwrap().expose_secret(), "s3cret  ");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(matches!(
+            Password::from_file(&file),
+            Err(MigrateError::InvalidPassword { .. })
+        ));
+        let missing = dir.join("missing");
+        let error = Password::from_file(&missing).unwrap_err();
+        assert!(error.to_string().contains("missing"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn valid_identifiers_are_accepted() {

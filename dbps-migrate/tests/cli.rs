@@ -27,6 +27,16 @@ fn dbps_migrate() -> Command {
         "DBPS_OWNER_PASSWORD",
         "DBPS_RUNTIME_PASSWORD",
         "DBPS_MIGRATIONS",
+        "DBPS_KAFKA_BROKERS",
+        "DBPS_KAFKA_SECURITY_PROTOCOL",
+        "DBPS_KAFKA_SASL_MECHANISM",
+        "DBPS_KAFKA_SASL_USERNAME",
+        "DBPS_KAFKA_SASL_PASSWORD",
+        "DBPS_KAFKA_SSL_CA_LOCATION",
+        "DBPS_KAFKA_SERVICE_PASSWORD",
+        "DBPS_REDIS_URL",
+        "DBPS_REDIS_SERVICE_PASSWORD",
+        "DBPS_TLS_CA_FILE",
         "RUST_LOG",
     ] {
         command.env_remove(var);
@@ -477,5 +487,160 @@ async fn a_changed_migration_is_refused_with_exit_code_4() -> TestResult {
     let run = cli(&["status"]).expect(4);
     assert!(run.stdout.contains("CHANGED  1"), "{}", run.stdout);
     cli(&["up", "--dry-run"]).expect(4);
+    Ok(())
+}
+
+/// A file under the temporary directory holding `content`, removed on drop.
+struct SecretFile(PathBuf);
+
+impl SecretFile {
+    fn new(name: &str, content: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("dbps-migrate-cli-{}-{name}", std::process::id()));
+        std::fs::write(&path, content).expect("write the secret file");
+        Self(path)
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn kafka_access_grants_from_the_command_line_with_a_password_file_and_revokes() -> TestResult {
+    let stack = dbps_testkit::secure()?;
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let name = format!("cli_{}", &id[id.len() - 10..]);
+    let password = SecretFile::new(&format!("{name}-kafka"), "cli-service-secret\n");
+    let admin_password = std::env::var("DBPS_KAFKA_ADMIN_PASSWORD")?;
+    let with_admin = |command: &mut Command| {
+        command
+            .env("DBPS_KAFKA_BROKERS", stack.kafka_brokers())
+            .env("DBPS_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+            .env("DBPS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+            .env("DBPS_KAFKA_SASL_USERNAME", "dbps-admin")
+            .env("DBPS_KAFKA_SASL_PASSWORD", &admin_password)
+            .env("DBPS_KAFKA_SSL_CA_LOCATION", stack.ca_file());
+    };
+
+    // No password: a usage error that says where to put it.
+    let mut command = dbps_migrate();
+    with_admin(&mut command);
+    let run = Run::of(command.args([
+        "--service",
+        &name,
+        "kafka-access",
+        "--consumes",
+        "customer.customer.events",
+    ]))
+    .expect(2);
+    assert!(
+        run.stderr.contains("no password: set --password-file"),
+        "{}",
+        run.stderr
+    );
+
+    let mut command = dbps_migrate();
+    with_admin(&mut command);
+    let run = Run::of(
+        command
+            .args([
+                "--service",
+                &name,
+                "kafka-access",
+                "--consumes",
+                "customer.customer.events",
+                "--password-file",
+            ])
+            .arg(&password.0),
+    )
+    .expect(0);
+    assert!(
+        run.stdout
+            .contains(&format!("User:{name} has 7 ACLs (7 new, 0 removed)")),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("cli-service-secret") && !run.stderr.contains("cli-service-secret"));
+
+    let access = dbps_migrate::kafka::KafkaAccess::new(dbps_migrate::ServiceName::new(&name)?)
+        .consumes("customer.customer.events");
+    assert_eq!(access.granted(&stack.kafka_admin()).await?, access.bindings());
+    // The service signs in with the password from the file.
+    let own = stack.kafka_as(&name, "cli-service-secret");
+    let own_topic = format!("{name}.cli.events");
+    dbps_core::kafka::ensure_topics(&own, &[dbps_core::kafka::TopicSpec::new(&own_topic, 1)]).await?;
+
+    let mut command = dbps_migrate();
+    with_admin(&mut command);
+    let run = Run::of(command.args(["--service", &name, "kafka-access", "--revoke"])).expect(0);
+    assert!(
+        run.stdout.contains(&format!("revoked User:{name}: 7 ACLs")),
+        "{}",
+        run.stdout
+    );
+    assert!(access.granted(&stack.kafka_admin()).await?.is_empty());
+    let mut config = rdkafka::ClientConfig::new();
+    for (key, value) in stack.kafka_admin().properties() {
+        config.set(key, value);
+    }
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = config.create()?;
+    admin
+        .delete_topics(&[own_topic.as_str()], &rdkafka::admin::AdminOptions::new())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_access_provisions_over_tls_from_the_command_line_and_revokes() -> TestResult {
+    let stack = dbps_testkit::secure()?;
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let name = format!("cli_{}", &id[id.len() - 10..]);
+    let password = SecretFile::new(&format!("{name}-redis"), "cli-redis-secret");
+    let admin_url = format!(
+        "rediss://{}:{}@{}",
+        std::env::var("DBPS_REDIS_ADMIN_USER")?,
+        std::env::var("DBPS_REDIS_ADMIN_PASSWORD")?,
+        std::env::var("DBPS_REDIS_TLS_URL")?.trim_start_matches("rediss://")
+    );
+    let run = Run::of(
+        dbps_migrate()
+            .env("DBPS_REDIS_URL", &admin_url)
+            .env("DBPS_TLS_CA_FILE", stack.ca_file())
+            .args(["--service", &name, "redis-access", "--password-file"])
+            .arg(&password.0),
+    )
+    .expect(0);
+    assert!(
+        run.stdout.contains(&format!("redis user {name} provisioned")),
+        "{}",
+        run.stdout
+    );
+
+    let mut connection = stack
+        .redis_as(Some((&name, "cli-redis-secret")))?
+        .get_multiplexed_async_connection()
+        .await?;
+    let key = format!("{name}:k");
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("v")
+        .query_async(&mut connection)
+        .await?;
+    let () = redis::cmd("DEL").arg(&key).query_async(&mut connection).await?;
+
+    let run = Run::of(
+        dbps_migrate()
+            .env("DBPS_REDIS_URL", &admin_url)
+            .env("DBPS_TLS_CA_FILE", stack.ca_file())
+            .args(["--service", &name, "redis-access", "--revoke"]),
+    )
+    .expect(0);
+    assert!(
+        run.stdout.contains(&format!("redis user {name} deleted")),
+        "{}",
+        run.stdout
+    );
     Ok(())
 }

@@ -1,10 +1,23 @@
-//! `dbps-migrate`: provisions and migrates the PostgreSQL database of one dbps service.
+//! `dbps-migrate`: provisions and migrates the PostgreSQL database of one dbps service, and
+//! provisions its principals on Kafka and Redis.
 //!
 //! ```text
 //! dbps-migrate provision --service customer            # database, schemas, roles, grants
 //! dbps-migrate status    --service customer --migrations migrations --check
 //! dbps-migrate up        --service customer --migrations migrations [--dry-run]
+//! dbps-migrate kafka-access --service quote --consumes customer.customer.events \
+//!              --produces inventory.commands --password-file /run/secrets/quote-kafka
+//! dbps-migrate redis-access --service inventory --password-file /run/secrets/inventory-redis
 //! ```
+//!
+//! `kafka-access` is [`KafkaAccess::provision`] (or `revoke` with `--revoke`), through an
+//! administrator's connection: `DBPS_KAFKA_BROKERS` and the `DBPS_KAFKA_*` security
+//! variables (`scripts/stack.sh env --secure` prints them for the local stack), or
+//! `--admin-property KEY=VALUE`. The service's own password comes from
+//! `--password-file` or `DBPS_KAFKA_SERVICE_PASSWORD`. `redis-access` is
+//! [`RedisAccess::provision`] through `DBPS_REDIS_URL` (a user that may run `ACL`), with
+//! `DBPS_TLS_CA_FILE` for a `rediss://` server signed by a private CA, and the service's
+//! password from `--password-file` or `DBPS_REDIS_SERVICE_PASSWORD`.
 //!
 //! It wraps [`dbps_migrate`]: `provision` is [`PgService::provision`], `up` and
 //! `status` are [`PgMigrations::run`], [`PgMigrations::dry_run`] and
@@ -44,6 +57,8 @@
 //! go to standard output.
 //!
 //! [`PgService::provision`]: dbps_migrate::PgService::provision
+//! [`KafkaAccess::provision`]: dbps_migrate::kafka::KafkaAccess::provision
+//! [`RedisAccess::provision`]: dbps_migrate::redis::RedisAccess::provision
 //! [`PgMigrations::run`]: dbps_migrate::PgMigrations::run
 //! [`PgMigrations::dry_run`]: dbps_migrate::PgMigrations::dry_run
 //! [`PgMigrations::status`]: dbps_migrate::PgMigrations::status
@@ -77,7 +92,8 @@ Exit codes:
 Passwords are best given through DBPS_OWNER_PASSWORD and DBPS_RUNTIME_PASSWORD; they are
 never printed.";
 
-/// Provisions and migrates the PostgreSQL database of one dbps service.
+/// Provisions and migrates the PostgreSQL database of one dbps service, and its principals
+/// on Kafka and Redis.
 #[derive(Debug, Parser)]
 #[command(name = "dbps-migrate", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -126,6 +142,100 @@ enum Command {
     /// Show applied, pending and changed migrations per component.
     #[command(after_help = EXIT_CODES)]
     Status(StatusArgs),
+    /// Create or update the service's Kafka SCRAM user and make its ACLs exactly: write
+    /// and create its own topics, write the topics it --produces, read the topics it
+    /// --consumes, use its own consumer groups. Idempotent; --revoke removes them.
+    #[command(after_help = EXIT_CODES)]
+    KafkaAccess(KafkaAccessArgs),
+    /// Create or replace the service's Redis ACL user: its key prefix and the commands
+    /// dbps uses only. Idempotent; --revoke deletes it.
+    #[command(after_help = EXIT_CODES)]
+    RedisAccess(RedisAccessArgs),
+}
+
+/// The service's own password, for Kafka or Redis: from a file or a variable.
+#[derive(Debug, Args)]
+struct ServicePassword {
+    /// A file holding the service's password (its first line break is dropped).
+    #[arg(long, value_name = "FILE", conflicts_with = "password")]
+    password_file: Option<PathBuf>,
+
+    /// The service's password; prefer the variable or --password-file.
+    #[arg(long, hide_env_values = true, value_name = "PASSWORD")]
+    password: Option<Secret>,
+}
+
+#[derive(Debug, Args)]
+struct KafkaAccessArgs {
+    /// The cluster's bootstrap servers.
+    #[arg(long, env = "DBPS_KAFKA_BROKERS", value_name = "HOST:PORT,...")]
+    brokers: String,
+
+    /// A librdkafka property of the administrator's connection, KEY=VALUE; repeatable.
+    /// DBPS_KAFKA_SECURITY_PROTOCOL, DBPS_KAFKA_SASL_MECHANISM, DBPS_KAFKA_SASL_USERNAME,
+    /// DBPS_KAFKA_SASL_PASSWORD and DBPS_KAFKA_SSL_CA_LOCATION are read first.
+    #[arg(long = "admin-property", value_name = "KEY=VALUE")]
+    admin_properties: Vec<Secret>,
+
+    /// A topic the service consumes; repeatable.
+    #[arg(long = "consumes", value_name = "TOPIC")]
+    consumes: Vec<String>,
+
+    /// A topic outside its prefix the service writes (a command to another service);
+    /// repeatable.
+    #[arg(long = "produces", value_name = "TOPIC")]
+    produces: Vec<String>,
+
+    /// Its topics' prefix [default: SERVICE.].
+    #[arg(long, value_name = "PREFIX")]
+    topic_prefix: Option<String>,
+
+    /// Its consumer groups' prefix [default: SERVICE.].
+    #[arg(long, value_name = "PREFIX")]
+    group_prefix: Option<String>,
+
+    /// Its SCRAM user [default: SERVICE].
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+
+    #[command(flatten)]
+    password: ServicePassword,
+
+    /// Delete the service's ACLs and credential instead.
+    #[arg(long)]
+    revoke: bool,
+}
+
+#[derive(Debug, Args)]
+struct RedisAccessArgs {
+    /// The server, as a user that may run ACL (`rediss://admin:PASSWORD@host:port` for
+    /// TLS).
+    #[arg(long, env = "DBPS_REDIS_URL", hide_env_values = true, value_name = "URL")]
+    redis_url: Secret,
+
+    /// The CA certificate (PEM) that signed the server's certificate, for a rediss://
+    /// URL whose CA is not among the system's.
+    #[arg(long, env = "DBPS_TLS_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+
+    /// Its key prefix [default: SERVICE:].
+    #[arg(long, value_name = "PREFIX")]
+    key_prefix: Option<String>,
+
+    /// One more command it may run (`hget`, `client|setinfo`); repeatable.
+    #[arg(long = "command", value_name = "COMMAND")]
+    commands: Vec<String>,
+
+    /// Its user [default: SERVICE].
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+
+    #[command(flatten)]
+    password: ServicePassword,
+
+    /// Delete the user instead.
+    #[arg(long)]
+    revoke: bool,
 }
 
 /// A password, or a URL that may hold one: its `Debug` hides it.
@@ -222,6 +332,7 @@ impl From<MigrateError> for Failure {
         let code = match &error {
             MigrateError::InvalidIdentifier { .. }
             | MigrateError::InvalidPassword { .. }
+            | MigrateError::SecretFile { .. }
             | MigrateError::DuplicateComponent { .. }
             | MigrateError::Source { .. } => EXIT_USAGE,
             MigrateError::Changed { .. } | MigrateError::Missing { .. } | MigrateError::Dirty { .. } => EXIT_REFUSED,
@@ -281,6 +392,11 @@ fn init_logging(verbose: u8) {
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
+    match &cli.command {
+        Command::KafkaAccess(args) => return kafka_access(service_name(&cli)?, args).await,
+        Command::RedisAccess(args) => return redis_access(service_name(&cli)?, args).await,
+        Command::Provision(_) | Command::Up(_) | Command::Status(_) => {}
+    }
     let service = layout(&cli)?;
     let server = server_options(cli.admin_url.as_ref().map(|url| url.0.as_str()))?;
     match cli.command {
@@ -314,6 +430,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             print_report(&report)?;
             Ok(0)
         }
+        Command::KafkaAccess(_) | Command::RedisAccess(_) => unreachable!("handled above"),
         Command::Status(args) => {
             let migrators = load_migrators(&service, &args.source).await?;
             let mut migrations = service.migrations();
@@ -337,13 +454,143 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-/// The service's layout from the flags; every name is checked before anything connects.
-fn layout(cli: &Cli) -> Result<PgService, Failure> {
+/// The service's name from the flags, checked.
+fn service_name(cli: &Cli) -> Result<ServiceName, Failure> {
     let name = cli
         .service
         .as_deref()
         .ok_or_else(|| Failure::usage(anyhow::anyhow!("no service: set --service or DBPS_SERVICE")))?;
-    let mut service = PgService::new(ServiceName::new(name)?);
+    Ok(ServiceName::new(name)?)
+}
+
+/// The service's password for Kafka or Redis: `--password-file`, `--password` or `var`.
+fn service_password(args: &ServicePassword, var: &str) -> Result<Password, Failure> {
+    if let Some(file) = &args.password_file {
+        return Ok(Password::from_file(file)?);
+    }
+    let secret = args
+        .password
+        .clone()
+        .map(|secret| secret.0)
+        .or_else(|| std::env::var(var).ok().filter(|value| !value.is_empty()))
+        .ok_or_else(|| Failure::usage(anyhow::anyhow!("no password: set --password-file, --password or {var}")))?;
+    Ok(Password::new(secret)?)
+}
+
+/// `kafka-access`: the service's SCRAM user and ACLs.
+async fn kafka_access(service: ServiceName, args: &KafkaAccessArgs) -> Result<u8, Failure> {
+    let mut admin = dbps_core::kafka::KafkaConfig::new(args.brokers.trim());
+    for (var, property) in [
+        ("DBPS_KAFKA_SECURITY_PROTOCOL", "security.protocol"),
+        ("DBPS_KAFKA_SASL_MECHANISM", "sasl.mechanism"),
+        ("DBPS_KAFKA_SASL_USERNAME", "sasl.username"),
+        ("DBPS_KAFKA_SASL_PASSWORD", "sasl.password"),
+        ("DBPS_KAFKA_SSL_CA_LOCATION", "ssl.ca.location"),
+    ] {
+        if let Ok(value) = std::env::var(var)
+            && !value.is_empty()
+        {
+            admin = admin.set(property, value);
+        }
+    }
+    for property in &args.admin_properties {
+        let (key, value) = property
+            .0
+            .split_once('=')
+            .ok_or_else(|| Failure::usage(anyhow::anyhow!("an --admin-property is not KEY=VALUE")))?;
+        admin = admin.set(key.trim(), value);
+    }
+    let mut access = dbps_migrate::kafka::KafkaAccess::new(service);
+    if let Some(user) = &args.user {
+        access = access.user(user);
+    }
+    if let Some(prefix) = &args.topic_prefix {
+        access = access.topic_prefix(prefix);
+    }
+    if let Some(prefix) = &args.group_prefix {
+        access = access.group_prefix(prefix);
+    }
+    for topic in &args.consumes {
+        access = access.consumes(topic);
+    }
+    for topic in &args.produces {
+        access = access.produces(topic);
+    }
+    let mut out = std::io::stdout().lock();
+    if args.revoke {
+        let deleted = access.revoke(&admin).await?;
+        writeln!(
+            out,
+            "revoked {}: {deleted} ACLs and its SCRAM credential deleted",
+            access.principal()
+        )
+        .context("write")?;
+        return Ok(0);
+    }
+    let password = service_password(&args.password, "DBPS_KAFKA_SERVICE_PASSWORD")?;
+    let report = access.provision(&admin, &password).await?;
+    for binding in &report.created {
+        writeln!(out, "granted  {binding}").context("write")?;
+    }
+    for binding in &report.deleted {
+        writeln!(out, "removed  {binding}").context("write")?;
+    }
+    writeln!(
+        out,
+        "{} has {} ACLs ({} new, {} removed) and its SCRAM-SHA-512 credential",
+        access.principal(),
+        access.bindings().len(),
+        report.created.len(),
+        report.deleted.len()
+    )
+    .context("write")?;
+    Ok(0)
+}
+
+/// `redis-access`: the service's Redis ACL user.
+async fn redis_access(service: ServiceName, args: &RedisAccessArgs) -> Result<u8, Failure> {
+    let info = redis::IntoConnectionInfo::into_connection_info(args.redis_url.0.as_str())
+        .map_err(|error| Failure::usage(anyhow::anyhow!("the redis url is not valid: {error}")))?;
+    let admin = match &args.ca_file {
+        Some(file) if args.redis_url.0.starts_with("rediss://") => {
+            let ca = std::fs::read(file).with_context(|| format!("reading the CA file {}", file.display()))?;
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca),
+                },
+            )
+        }
+        _ => redis::Client::open(info),
+    }
+    .map_err(|error| Failure::usage(anyhow::anyhow!("the redis url cannot be used: {error}")))?;
+    let mut access = dbps_migrate::redis::RedisAccess::new(service);
+    if let Some(user) = &args.user {
+        access = access.user(user);
+    }
+    if let Some(prefix) = &args.key_prefix {
+        access = access.key_prefix(prefix);
+    }
+    for command in &args.commands {
+        access = access.command(command);
+    }
+    let mut out = std::io::stdout().lock();
+    if args.revoke {
+        let existed = access.revoke(&admin).await?;
+        let what = if existed { "deleted" } else { "did not exist" };
+        writeln!(out, "redis user {} {what}", access.user_name()).context("write")?;
+        return Ok(0);
+    }
+    let password = service_password(&args.password, "DBPS_REDIS_SERVICE_PASSWORD")?;
+    access.provision(&admin, &password).await?;
+    writeln!(out, "redis user {} provisioned", access.user_name()).context("write")?;
+    Ok(0)
+}
+
+/// The service's layout from the flags; every name is checked before anything connects.
+fn layout(cli: &Cli) -> Result<PgService, Failure> {
+    let mut service = PgService::new(service_name(cli)?);
     if let Some(database) = &cli.database {
         service = service.database(Identifier::new(database).map_err(|e| rename(e, "database name"))?);
     }

@@ -1,8 +1,12 @@
 //! `system-demo`: the dbps example system as six processes, its flows narrated.
 //!
-//! It starts the customer, inventory, purchase-order, quote and pipeline services (each a
-//! process on its own PostgreSQL database, provisioned and migrated at start) and the email
-//! service (on its own MongoDB database, migrated at start), waits for each `/health`,
+//! It gives each service its own principals where the stack's secured endpoints are
+//! configured (a Kafka SCRAM user with ACLs for exactly its topics and groups, the
+//! inventory service a Redis ACL user, PostgreSQL over TLS; a forged event from the quote
+//! service is shown refused), starts the customer, inventory, purchase-order, quote and
+//! pipeline services (each a process on its own PostgreSQL database, provisioned and
+//! migrated at start) and the email service (on its own MongoDB database, migrated at
+//! start), waits for each `/health`,
 //! subscribes to the topics they talk over and walks through the ADR's flows: customers
 //! reaching the quote service's replica and the email service's address index, an email
 //! assigned to its customer by its sender, an email assigned late when its customer
@@ -23,7 +27,10 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `DBPS_KAFKA_BROKERS` | Kafka, for the narrator and the services | required |
+//! | `DBPS_KAFKA_BROKERS` | Kafka, for the narrator (and the services without principals) | required |
+//! | `DBPS_KAFKA_SECURE_BROKERS`, `DBPS_KAFKA_ADMIN_USER`, `DBPS_KAFKA_ADMIN_PASSWORD`, `DBPS_TLS_CA_FILE` | the SASL_SSL listener and its administrator: each service gets its own principal | none: every service on `DBPS_KAFKA_BROKERS` |
+//! | `DBPS_REDIS_ADMIN_USER`, `DBPS_REDIS_ADMIN_PASSWORD`, `DBPS_REDIS_TLS_URL` | the inventory service's own Redis user, over TLS | none |
+//! | `DBPS_POSTGRES_TLS_URL` | the services' PostgreSQL URL with `sslmode=verify-full` | `DBPS_POSTGRES_URL` |
 //! | `DBPS_MAILPIT_URL` | Mailpit's HTTP API, where the narrator reads the mail that arrived | `http://127.0.0.1:28025` |
 //! | `SYSTEM_DEMO_BIN_DIR` | where the service binaries are | `target/debug` |
 //! | `SYSTEM_DEMO_LOG_DIR` | where each service's log goes (`<binary>.log`) | `.dbps` |
