@@ -158,13 +158,7 @@ impl RedisAccess {
     pub async fn provision(&self, admin: &redis::Client, password: &Password) -> Result<()> {
         self.validate()?;
         let action = format!("provision the ACL user {}", self.user);
-        let mut connection = admin
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|source| MigrateError::Redis {
-                action: action.clone(),
-                source,
-            })?;
+        let mut connection = connect(admin, &action).await?;
         let mut command = redis::cmd("ACL");
         command.arg("SETUSER");
         for rule in self.rules() {
@@ -187,13 +181,7 @@ impl RedisAccess {
     /// [`MigrateError::Redis`] as for [`RedisAccess::provision`].
     pub async fn revoke(&self, admin: &redis::Client) -> Result<bool> {
         let action = format!("delete the ACL user {}", self.user);
-        let mut connection = admin
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|source| MigrateError::Redis {
-                action: action.clone(),
-                source,
-            })?;
+        let mut connection = connect(admin, &action).await?;
         let deleted: u64 = redis::cmd("ACL")
             .arg("DELUSER")
             .arg(&self.user)
@@ -203,6 +191,17 @@ impl RedisAccess {
         tracing::info!(service = %self.service, user = %self.user, existed = deleted > 0, "redis ACL user revoked");
         Ok(deleted > 0)
     }
+}
+
+/// A connection of `admin`, its failure an error of `action`.
+async fn connect(admin: &redis::Client, action: &str) -> Result<redis::aio::MultiplexedConnection> {
+    admin
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|source| MigrateError::Redis {
+            action: action.to_owned(),
+            source,
+        })
 }
 
 #[cfg(test)]

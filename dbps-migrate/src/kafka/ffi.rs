@@ -188,34 +188,26 @@ impl Admin {
         let host = c_string("host", &binding.host)?;
         let mut errstr = [0 as c_char; 512];
         let permission = rd::rd_kafka_AclPermissionType_t::RD_KAFKA_ACL_PERMISSION_TYPE_ALLOW;
+        // Same arguments, same types (a filter is a binding whose fields may be "any").
+        let new = if filter {
+            rd::rd_kafka_AclBindingFilter_new
+        } else {
+            rd::rd_kafka_AclBinding_new
+        };
         // SAFETY: the strings outlive the call (librdkafka copies them); errstr is a
         // writable buffer of the size given.
         let created = unsafe {
-            if filter {
-                rd::rd_kafka_AclBindingFilter_new(
-                    binding.resource.raw(),
-                    name.as_ptr(),
-                    binding.pattern.raw(),
-                    principal.as_ptr(),
-                    host.as_ptr(),
-                    binding.operation.raw(),
-                    permission,
-                    errstr.as_mut_ptr(),
-                    errstr.len(),
-                )
-            } else {
-                rd::rd_kafka_AclBinding_new(
-                    binding.resource.raw(),
-                    name.as_ptr(),
-                    binding.pattern.raw(),
-                    principal.as_ptr(),
-                    host.as_ptr(),
-                    binding.operation.raw(),
-                    permission,
-                    errstr.as_mut_ptr(),
-                    errstr.len(),
-                )
-            }
+            new(
+                binding.resource.raw(),
+                name.as_ptr(),
+                binding.pattern.raw(),
+                principal.as_ptr(),
+                host.as_ptr(),
+                binding.operation.raw(),
+                permission,
+                errstr.as_mut_ptr(),
+                errstr.len(),
+            )
         };
         if created.is_null() {
             return Err(CallError::new(
