@@ -36,6 +36,7 @@ create table bench_orders (
     document     jsonb       not null
 );
 create table bench_commits (x integer not null);
+create table bench_bare (id bigserial primary key, payload json not null);
 ";
 
 /// Creates or updates the order and returns the id of the writing transaction, whose
@@ -154,6 +155,10 @@ pub(crate) enum Transaction {
     Business,
     /// The same, plus `PgOutbox::enqueue_event` of one `OrderChanged` in the transaction.
     BusinessWithOutbox,
+    /// The floor any outbox pays: the business transaction plus one plain `INSERT` of the
+    /// same event's JSON into a table with only a `bigserial` primary key
+    /// (`write_tps_bare_insert`).
+    BusinessBareInsert,
     /// Diagnostic: the business transaction plus `pg_notify` on the outbox's channel
     /// inside it (what the enqueue sends), without the outbox insert.
     BusinessNotifyInTx,
@@ -274,6 +279,7 @@ impl Writers {
             }
             Transaction::Business
             | Transaction::BusinessWithOutbox
+            | Transaction::BusinessBareInsert
             | Transaction::BusinessNotifyInTx
             | Transaction::BusinessNotifyAfterCommit
             | Transaction::BusinessOutboxRowWithoutNotify => {
@@ -291,6 +297,13 @@ impl Writers {
                     let event = self.docs.event(xid.unsigned_abs(), id);
                     self.outbox
                         .enqueue_event(&mut tx, AGGREGATE, &id.to_string(), &event)
+                        .await?;
+                }
+                if transaction == Transaction::BusinessBareInsert {
+                    let event = serde_json::to_string(&self.docs.event(xid.unsigned_abs(), id))?;
+                    sqlx::query("insert into bench_bare (payload) values ($1::json)")
+                        .bind(event)
+                        .execute(&mut *tx)
                         .await?;
                 }
                 if transaction == Transaction::BusinessNotifyInTx {
