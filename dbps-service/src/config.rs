@@ -122,7 +122,24 @@ impl ServiceConfig {
                     Some(get(&var("KAFKA_USER")).unwrap_or_else(|| config.name.as_str().to_owned())),
                     Some(password),
                 ),
-                None => (get("DBPS_KAFKA_SASL_USERNAME"), get("DBPS_KAFKA_SASL_PASSWORD")),
+                None if get(&var("KAFKA_USER")).is_some() => {
+                    return Err(ServiceError::InvalidVar {
+                        var: var("KAFKA_USER"),
+                        reason: format!("{} is not set", var("KAFKA_PASSWORD")),
+                    });
+                }
+                None => {
+                    let shared = get("DBPS_KAFKA_SASL_USERNAME");
+                    if let Some(user) = &shared {
+                        tracing::warn!(
+                            service = %config.name,
+                            user = %user.trim(),
+                            "the service connects to Kafka as the shared user DBPS_KAFKA_SASL_USERNAME, not as its own principal: give it one with {}",
+                            var("KAFKA_PASSWORD")
+                        );
+                    }
+                    (shared, get("DBPS_KAFKA_SASL_PASSWORD"))
+                }
             };
             if let Some(user) = user {
                 kafka = kafka.set("sasl.username", user.trim());
@@ -304,6 +321,11 @@ mod tests {
         assert_eq!(shared_kafka.principal(), "User:admin");
         assert_eq!(shared_kafka.get("sasl.password"), Some("admin-secret"));
         let shown = format!("{c:?} {shared:?}");
+        let error = config(&[("DBPS_KAFKA_BROKERS", "k1:9093"), ("CUSTOMER_KAFKA_USER", "customer")]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "CUSTOMER_KAFKA_USER is not usable: CUSTOMER_KAFKA_PASSWORD is not set"
+        );
         assert!(!shown.contains("secret"), "{shown}");
     }
 

@@ -400,10 +400,7 @@ impl<H: BatchHandler> ConsumerRunner<H> {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .create_with_context(context)
-            .map_err(|source| Error::Kafka {
-                operation: String::from("create consumer"),
-                source,
-            })?;
+            .map_err(|source| super::creation_error("create consumer", source))?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|source| Error::Kafka {
             operation: format!("subscribe to {topics:?}"),

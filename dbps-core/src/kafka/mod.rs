@@ -41,31 +41,37 @@ pub(crate) struct AuthMemory {
 }
 
 impl AuthMemory {
-    /// Records `error` if it is an authentication failure, or a connection closed during
-    /// the handshake in a way librdkafka attributes to `security.protocol`.
+    /// Records `error` if the broker refused the login (librdkafka's `__AUTHENTICATION`,
+    /// or `SASL_AUTHENTICATION_FAILED`).
     pub(crate) fn record(&self, error: &KafkaError, reason: &str) {
         use RDKafkaErrorCode as C;
-        let login = matches!(
+        let refused = matches!(
             error.rdkafka_error_code(),
             Some(C::Authentication | C::SaslAuthenticationFailed)
-        ) || reason.contains("security.protocol");
-        if login && let Ok(mut last) = self.last.lock() {
-            *last = Some((Instant::now(), reason.to_owned()));
+        );
+        if refused && is_refused_login(reason) {
+            self.remember(reason);
         }
     }
 
-    /// Records a librdkafka log line that reports a refused login (`SASL authentication
-    /// error: …`, or a handshake closed because of `security.protocol`): some clients
-    /// learn of it only through the log.
+    /// Records a librdkafka log line that reports a refused login: some clients learn of
+    /// it only through the log.
     pub(crate) fn record_log(&self, level: RDKafkaLogLevel, message: &str) {
-        let login = message.contains("SASL authentication error")
-            || message.contains("Authentication failed")
-            || message.contains("security.protocol");
-        if (level as i32) <= (RDKafkaLogLevel::Warning as i32)
-            && login
-            && let Ok(mut last) = self.last.lock()
-        {
-            *last = Some((Instant::now(), message.to_owned()));
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) && is_refused_login(message) {
+            self.remember(message);
+        }
+    }
+
+    /// Forgets a remembered failure: the client got through since.
+    pub(crate) fn clear(&self) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = None;
+        }
+    }
+
+    fn remember(&self, reason: &str) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((Instant::now(), reason.to_owned()));
         }
     }
 
@@ -75,6 +81,14 @@ impl AuthMemory {
             .filter(|(at, _)| at.elapsed() <= AUTH_FAILURE_WINDOW)
             .map(|(_, reason)| reason.clone())
     }
+}
+
+/// Whether librdkafka's text reports a login the broker refused, as opposed to a SASL
+/// exchange that failed on the network (`SaslAuthenticateRequest failed: … transport
+/// failure`), which says nothing about the credentials and must not stop anything.
+fn is_refused_login(text: &str) -> bool {
+    !text.contains("SaslAuthenticateRequest failed")
+        && (text.contains("Authentication failed") || text.contains("invalid credentials"))
 }
 
 /// The default context plus [`AuthMemory`].
@@ -100,6 +114,25 @@ impl ClientContext for AuthContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.auth.record(&error, reason);
         tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+    }
+}
+
+/// The error of a client that could not be created. A property librdkafka refused is
+/// named without its value, which may be a secret (rdkafka's own message shows it).
+pub(crate) fn creation_error(operation: &str, source: KafkaError) -> Error {
+    match source {
+        KafkaError::ClientConfig(_, description, key, _) => {
+            let reason = if config::is_secret(&key) {
+                String::from("librdkafka refused the value (not shown: it is a secret)")
+            } else {
+                description
+            };
+            Error::config(key, reason)
+        }
+        other => Error::Kafka {
+            operation: operation.to_owned(),
+            source: other,
+        },
     }
 }
 
@@ -160,4 +193,46 @@ pub(crate) fn kafka_error(
         reason,
         source,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_login_is_remembered_not_a_sasl_exchange_lost_on_the_network() {
+        let memory = AuthMemory::default();
+        memory.record_log(
+            RDKafkaLogLevel::Error,
+            "[thrd:sasl_ssl://127.0.0.1:29096/bootstrap]: SASL authentication error: SaslAuthenticateRequest failed: Local: Broker transport failure",
+        );
+        assert_eq!(memory.recent(), None);
+        memory.record_log(
+            RDKafkaLogLevel::Error,
+            "SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512",
+        );
+        assert!(
+            memory
+                .recent()
+                .is_some_and(|reason| reason.contains("invalid credentials"))
+        );
+        let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        let config = KafkaConfig::new("b:9093")
+            .set("security.protocol", "SASL_SSL")
+            .set("sasl.username", "quote");
+        let error = kafka_error(&config, Some(&memory), "produce to t", timed_out);
+        assert!(
+            error
+                .to_string()
+                .starts_with("kafka refused User:quote to produce to t: authentication failed"),
+            "{error}"
+        );
+        memory.clear();
+        let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        let error = kafka_error(&config, Some(&memory), "produce to t", timed_out);
+        assert!(
+            matches!(error, Error::Kafka { .. }),
+            "a timeout without a refused login stays transient: {error}"
+        );
+    }
 }

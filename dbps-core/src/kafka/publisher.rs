@@ -106,11 +106,9 @@ impl KafkaPublisherBuilder {
         let context = super::AuthContext {
             auth: Arc::clone(&auth),
         };
-        let producer: FutureProducer<super::AuthContext> =
-            client.create_with_context(context).map_err(|source| Error::Kafka {
-                operation: String::from("create producer"),
-                source,
-            })?;
+        let producer: FutureProducer<super::AuthContext> = client
+            .create_with_context(context)
+            .map_err(|source| super::creation_error("create producer", source))?;
         Ok(KafkaPublisher {
             producer,
             auth,
@@ -286,10 +284,16 @@ fn settle(
     outcome: DeliveryOutcome,
 ) -> Result<Delivery> {
     match outcome {
-        Ok(Ok(delivery)) => Ok(Delivery {
-            partition: delivery.partition,
-            offset: delivery.offset,
-        }),
+        Ok(Ok(delivery)) => {
+            // Acknowledged: whatever login failure was remembered is over.
+            if let Some(auth) = auth {
+                auth.clear();
+            }
+            Ok(Delivery {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            })
+        }
         Ok(Err((source, _))) => Err(super::kafka_error(config, auth, format!("produce to {topic}"), source)),
         Err(_) => Err(Error::ShutDown),
     }

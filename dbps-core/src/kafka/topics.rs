@@ -204,10 +204,7 @@ pub async fn missing_topics(config: &KafkaConfig, names: &[String]) -> Result<Ve
     let producer: rdkafka::producer::BaseProducer<super::AuthContext> = config
         .client_config(&[("allow.auto.create.topics", "false")])
         .create_with_context(super::AuthContext::default())
-        .map_err(|source| Error::Kafka {
-            operation: String::from("create metadata client"),
-            source,
-        })?;
+        .map_err(|source| super::creation_error("create metadata client", source))?;
     let names = names.to_vec();
     let config = config.clone();
     let lookup = tokio::task::spawn_blocking(move || {
@@ -308,10 +305,7 @@ async fn create_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<Vec<
     let admin: AdminClient<super::AuthContext> = config
         .client_config(&[])
         .create_with_context(super::AuthContext::default())
-        .map_err(|source| Error::Kafka {
-            operation: String::from("create admin client"),
-            source,
-        })?;
+        .map_err(|source| super::creation_error("create admin client", source))?;
     let retention: Vec<Option<String>> = specs
         .iter()
         .map(|s| s.retention.map(|r| r.as_millis().to_string()))

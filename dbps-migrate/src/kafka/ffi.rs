@@ -501,6 +501,8 @@ impl AclOperation {
             Self::DescribeConfigs => O::RD_KAFKA_ACL_OPERATION_DESCRIBE_CONFIGS,
             Self::AlterConfigs => O::RD_KAFKA_ACL_OPERATION_ALTER_CONFIGS,
             Self::IdempotentWrite => O::RD_KAFKA_ACL_OPERATION_IDEMPOTENT_WRITE,
+            Self::All => O::RD_KAFKA_ACL_OPERATION_ALL,
+            Self::ClusterAction => O::RD_KAFKA_ACL_OPERATION_CLUSTER_ACTION,
         }
     }
 
@@ -516,6 +518,8 @@ impl AclOperation {
             O::RD_KAFKA_ACL_OPERATION_DESCRIBE_CONFIGS => Some(Self::DescribeConfigs),
             O::RD_KAFKA_ACL_OPERATION_ALTER_CONFIGS => Some(Self::AlterConfigs),
             O::RD_KAFKA_ACL_OPERATION_IDEMPOTENT_WRITE => Some(Self::IdempotentWrite),
+            O::RD_KAFKA_ACL_OPERATION_ALL => Some(Self::All),
+            O::RD_KAFKA_ACL_OPERATION_CLUSTER_ACTION => Some(Self::ClusterAction),
             _ => None,
         }
     }

@@ -12,8 +12,9 @@
 //! | each topic it [consumes](KafkaAccess::consumes) | literal | `READ`, `DESCRIBE` | the events it subscribes to |
 //! | consumer groups starting with the group prefix (`<service>.`) | prefixed | `READ`, `DESCRIBE` | its own consumer groups only |
 //!
-//! Provisioning makes the principal's ACLs exactly these: a binding granted earlier and
-//! no longer declared (a topic the service stopped consuming) is deleted.
+//! Provisioning makes the principal's `ALLOW` ACLs exactly these: a binding granted earlier
+//! and no longer declared (a topic the service stopped consuming, an `ALL` granted by
+//! hand) is deleted. `DENY` bindings only take rights away, and are left as they are.
 //! [`KafkaAccess::revoke`] deletes every ACL of the principal and its SCRAM credential.
 //!
 //! The idempotent producer needs no `IDEMPOTENT_WRITE` on the cluster: since Kafka 3.0
@@ -101,6 +102,10 @@ pub enum AclOperation {
     AlterConfigs,
     /// Produce idempotently (cluster).
     IdempotentWrite,
+    /// Everything: never granted by provisioning, but found and removed if granted by hand.
+    All,
+    /// Broker-to-broker actions (cluster).
+    ClusterAction,
 }
 
 /// One `ALLOW` ACL: `principal` may do `operation` on the resources the pattern matches,
@@ -428,7 +433,16 @@ impl KafkaAccess {
         let client: AdminClient<DefaultClientContext> = config.create().map_err(|source| MigrateError::Kafka {
             action: target.clone(),
             code: source.rdkafka_error_code(),
-            message: source.to_string(),
+            // rdkafka's message for a refused property shows its value, maybe a password.
+            message: match &source {
+                rdkafka::error::KafkaError::ClientConfig(_, description, key, _) => {
+                    format!(
+                        "invalid admin configuration {key}: {}",
+                        description.replace(key.as_str(), "…")
+                    )
+                }
+                other => other.to_string(),
+            },
         })?;
         let admin = ffi::Admin::new(client, self.timeout);
         let joined = tokio::task::spawn_blocking(move || call(&admin)).await;

@@ -20,6 +20,16 @@ use example_contracts::services;
 use crate::out;
 use crate::services::Svc;
 
+/// The administrators' credentials: the narrator's, never a service's.
+pub(crate) const ADMIN_VARS: [&str; 6] = [
+    "DBPS_KAFKA_ADMIN_USER",
+    "DBPS_KAFKA_ADMIN_PASSWORD",
+    "DBPS_KAFKA_SASL_USERNAME",
+    "DBPS_KAFKA_SASL_PASSWORD",
+    "DBPS_REDIS_ADMIN_USER",
+    "DBPS_REDIS_ADMIN_PASSWORD",
+];
+
 /// The variables each service starts with, on top of the narrator's environment.
 #[derive(Debug, Default)]
 pub(crate) struct Principals {
@@ -79,7 +89,9 @@ impl Principals {
             var("DBPS_KAFKA_ADMIN_PASSWORD"),
             var("DBPS_TLS_CA_FILE"),
         ) else {
-            out::say("no secured endpoints configured: every service uses the plaintext listener");
+            out::say(
+                "no secured endpoints configured (DBPS_KAFKA_SECURE_BROKERS and its administrator): the services connect as DBPS_KAFKA_BROKERS and DBPS_REDIS_URL say",
+            );
             return Ok(Self::default());
         };
         let admin = KafkaConfig::new(&brokers)

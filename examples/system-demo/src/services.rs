@@ -278,7 +278,13 @@ impl Fleet {
         {
             command.env("EMAIL_SMTP_URL", smtp);
         }
-        // Its own principals on Kafka, Redis and PostgreSQL over TLS, when provisioned.
+        // Its own principals on Kafka, Redis and PostgreSQL over TLS, when provisioned;
+        // the administrators' credentials stay with the narrator.
+        if !self.principals.env(svc).is_empty() {
+            for var in crate::principals::ADMIN_VARS {
+                command.env_remove(var);
+            }
+        }
         for (var, value) in self.principals.env(svc) {
             command.env(var, value);
         }
