@@ -1647,7 +1647,10 @@ cmd_env() { # [--secure]
     export_line DBPS_KAFKA_SASL_PASSWORD "$kafka_pw"
     export_line DBPS_KAFKA_SSL_CA_LOCATION "$TLS_CA_CRT"
   else
-    printf 'export DBPS_POSTGRES_URL=postgres://%s:%s@%s:%s/postgres\n' "$PG_USER" "$PG_PASSWORD" "$HOST" "$PG_PORT"
+    # The plain endpoint stays plain: the server offers TLS, and a client's default
+    # (sslmode=prefer) would take it, which costs the relay half its drain rate here
+    # (docs/security.md). The secured view asks for it explicitly.
+    printf "export DBPS_POSTGRES_URL='postgres://%s:%s@%s:%s/postgres?sslmode=disable'\n" "$PG_USER" "$PG_PASSWORD" "$HOST" "$PG_PORT"
     printf 'export DBPS_REDIS_URL=redis://%s:%s\n' "$HOST" "$REDIS_PORT"
     printf 'export DBPS_KAFKA_BROKERS=%s:%s\n' "$HOST" "$KAFKA_PORT"
   fi
