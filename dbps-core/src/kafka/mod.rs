@@ -15,6 +15,7 @@ pub use publisher::{Delivery, KafkaPublisher, KafkaPublisherBuilder};
 pub use topics::{TopicNaming, TopicOutcome, TopicSpec, ensure_topics, missing_topics, validate_topic_name};
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
@@ -38,6 +39,9 @@ const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(15);
 #[derive(Debug, Default)]
 pub(crate) struct AuthMemory {
     last: Mutex<Option<(Instant, String)>>,
+    /// Whether `last` holds a failure: lets [`AuthMemory::clear`], called for every
+    /// acknowledged message, skip the lock in the usual case.
+    remembered: AtomicBool,
 }
 
 impl AuthMemory {
@@ -64,14 +68,18 @@ impl AuthMemory {
 
     /// Forgets a remembered failure: the client got through since.
     pub(crate) fn clear(&self) {
-        if let Ok(mut last) = self.last.lock() {
+        if self.remembered.load(Ordering::Relaxed)
+            && let Ok(mut last) = self.last.lock()
+        {
             *last = None;
+            self.remembered.store(false, Ordering::Relaxed);
         }
     }
 
     fn remember(&self, reason: &str) {
         if let Ok(mut last) = self.last.lock() {
             *last = Some((Instant::now(), reason.to_owned()));
+            self.remembered.store(true, Ordering::Relaxed);
         }
     }
 
