@@ -151,6 +151,19 @@ pub struct Relay<S> {
     create_topics: Vec<TopicSpec>,
 }
 
+/// What publishing one batch came to.
+struct Published<Id> {
+    /// The messages Kafka acknowledged, in batch order.
+    acknowledged: Vec<Id>,
+    /// How many were parked.
+    parked: u64,
+    /// The first failure that leaves messages in the outbox (transient) or stops the
+    /// relay (permanent).
+    failed: Option<dbps_core::Error>,
+    /// Whether every message of the batch was acknowledged.
+    complete: bool,
+}
+
 /// How a session ended.
 enum SessionEnd {
     /// The shutdown token was cancelled; the lease was left.
@@ -281,6 +294,14 @@ impl<S: OutboxStore> Relay<S> {
     }
 
     /// Rounds until the shutdown token is cancelled (`Ok`) or one fails.
+    ///
+    /// On a store that [overlaps rounds](OutboxStore::overlaps_rounds), a full batch is
+    /// published while the next one is fetched (leaving out what is in flight) and while
+    /// the previous one is marked: at most one batch on its way to Kafka, one fetched
+    /// ahead and one being marked. Order per aggregate holds because a batch goes out only
+    /// after every message of the one before it was acknowledged; when a batch is not
+    /// acknowledged in full (a failure, a parked or held-back message), the batch fetched
+    /// ahead is dropped unsent and its messages are read again.
     async fn rounds(
         &self,
         lease: &mut S::Lease,
@@ -288,9 +309,18 @@ impl<S: OutboxStore> Relay<S> {
         summary: &mut RelaySummary,
         backoff: &mut ExponentialBackoff,
     ) -> Result<()> {
+        let overlap = self.store.overlaps_rounds();
         let mut last_rebalance: Option<Instant> = None;
+        // Acknowledged messages whose mark is still to be written: it overlaps the next
+        // round, and always precedes a rebalance, a wait and the end of the session.
+        let mut unmarked: Vec<S::Id> = Vec::new();
+        // A batch fetched while the previous one was on its way to Kafka.
+        let mut ahead: Option<Vec<Pending<S::Id>>> = None;
         while !shutdown.is_cancelled() {
             if last_rebalance.is_none_or(|t| t.elapsed() >= self.rebalance_interval) {
+                // A partition changes hands only when nothing of it is in flight.
+                self.mark(&mut unmarked, summary).await?;
+                ahead = None;
                 self.store.rebalance(lease).await?;
                 self.purge().await;
                 self.report_backlog().await;
@@ -302,28 +332,73 @@ impl<S: OutboxStore> Relay<S> {
                 continue;
             }
             // The unit of work: fetch, publish, mark. Once fetched, a batch is finished
-            // even if the shutdown token is cancelled meanwhile.
-            let batch = self.store.fetch(lease, self.batch_size).await?;
+            // even if the shutdown token is cancelled meanwhile (a batch fetched ahead
+            // was not sent yet, and is dropped).
+            let batch = match ahead.take() {
+                Some(batch) => batch,
+                None => self.store.fetch_excluding(lease, self.batch_size, &unmarked).await?,
+            };
             let drained = batch.len() < self.batch_size;
             if !batch.is_empty() {
+                let fetch_ahead = overlap && !drained;
+                let in_flight: Vec<S::Id> = if fetch_ahead {
+                    batch
+                        .iter()
+                        .map(|p| p.id.clone())
+                        .chain(unmarked.iter().cloned())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 let span = tracing::debug_span!("dbps.relay.batch", size = batch.len());
-                let (published, parked) = self.publish(batch).instrument(span).await?;
-                summary.published += published;
-                summary.parked += parked;
+                let next = async {
+                    if fetch_ahead {
+                        self.store
+                            .fetch_excluding(lease, self.batch_size, &in_flight)
+                            .await
+                            .map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                };
+                let (outcome, next, marked) = tokio::join!(
+                    self.publish(&batch).instrument(span),
+                    next,
+                    self.mark(&mut unmarked, summary)
+                );
+                marked?;
+                let outcome = outcome?;
+                unmarked = outcome.acknowledged;
+                summary.parked += outcome.parked;
+                if !overlap || !outcome.complete || next.is_err() {
+                    self.mark(&mut unmarked, summary).await?;
+                }
+                if let Some(error) = outcome.failed {
+                    // The unacknowledged messages stay in the outbox and go out in a later
+                    // round (transient), or wait for the cause to be fixed (permanent).
+                    return Err(OutboxError::Publish(error));
+                }
                 // A round that went through ends a run of failures.
                 *backoff = self.backoff();
+                // Sent only after this batch was acknowledged in full; otherwise its
+                // messages are read again behind what stayed in the outbox.
+                ahead = if outcome.complete { next? } else { None };
             }
             if drained {
                 // Nothing more is waiting: sleep until a commit is announced (one that
                 // committed while this round ran has been announced already), but come
-                // back for the next rebalance in time.
+                // back for the next rebalance in time. The last mark is written meanwhile.
                 let until_rebalance =
                     last_rebalance.map_or(Duration::ZERO, |t| self.rebalance_interval.saturating_sub(t.elapsed()));
-                self.wait(lease, shutdown, self.poll_interval.min(until_rebalance))
-                    .await?;
+                let (marked, woken) = tokio::join!(
+                    self.mark(&mut unmarked, summary),
+                    self.wait(lease, shutdown, self.poll_interval.min(until_rebalance))
+                );
+                marked?;
+                woken?;
             }
         }
-        Ok(())
+        self.mark(&mut unmarked, summary).await
     }
 
     /// Waits for a commit, or until the shutdown token is cancelled.
@@ -334,18 +409,38 @@ impl<S: OutboxStore> Relay<S> {
         }
     }
 
-    /// Publishes one batch and marks what the broker acknowledged.
-    async fn publish(&self, batch: Vec<Pending<S::Id>>) -> Result<(u64, u64)> {
+    /// Marks acknowledged messages as published and counts them; `ids` is empty after.
+    async fn mark(&self, ids: &mut Vec<S::Id>, summary: &mut RelaySummary) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.store.mark_published(ids).await?;
+        let published = ids.len() as u64;
+        summary.published += published;
+        metrics::counter!("dbps_outbox_published_total").increment(published);
+        ids.clear();
+        Ok(())
+    }
+
+    /// Publishes one batch and parks what Kafka refused for what it is; the caller marks
+    /// what was acknowledged.
+    async fn publish(&self, batch: &[Pending<S::Id>]) -> Result<Published<S::Id>> {
         let started = Instant::now();
         let messages: Vec<(&str, &dbps_core::Envelope)> =
             batch.iter().map(|p| (p.topic.as_str(), &p.envelope)).collect();
         let results = self.publisher.publish_batch(messages).await;
-        let mut acknowledged = Vec::with_capacity(batch.len());
-        let mut parked = 0;
-        let mut failed = None;
+        let mut outcome = Published {
+            acknowledged: Vec::with_capacity(batch.len()),
+            parked: 0,
+            failed: None,
+            complete: true,
+        };
         for (pending, result) in batch.iter().zip(results) {
             match result {
-                Ok(_) => acknowledged.push(pending.id.clone()),
+                Ok(_) => {
+                    outcome.acknowledged.push(pending.id.clone());
+                    continue;
+                }
                 // Stays in the outbox: it goes out after the failed message of its aggregate
                 // was parked (or is held with it, under `PoisonPolicy::HoldAggregate`).
                 Err(dbps_core::Error::HeldBack { .. }) => {}
@@ -357,12 +452,13 @@ impl<S: OutboxStore> Relay<S> {
                             "topic does not exist: the message waits until it is created (Relay::builder(..).create_topics, or ensure_topics)"
                         );
                     }
-                    failed.get_or_insert(error);
+                    outcome.failed.get_or_insert(error);
                 }
                 // Refused credentials or authorisation: every message would fail the same
                 // way, so none is parked and the relay stops.
                 Err(error) if !is_message_fault(&error) => {
-                    failed = Some(error);
+                    outcome.failed = Some(error);
+                    outcome.complete = false;
                     break;
                 }
                 Err(error) => {
@@ -377,20 +473,13 @@ impl<S: OutboxStore> Relay<S> {
                     );
                     self.store.park(&pending.id, &reason).await?;
                     metrics::counter!("dbps_outbox_parked_total").increment(1);
-                    parked += 1;
+                    outcome.parked += 1;
                 }
             }
+            outcome.complete = false;
         }
-        self.store.mark_published(&acknowledged).await?;
-        let published = acknowledged.len() as u64;
-        metrics::counter!("dbps_outbox_published_total").increment(published);
         metrics::histogram!("dbps_outbox_batch_seconds").record(started.elapsed().as_secs_f64());
-        if let Some(error) = failed {
-            // The unacknowledged messages stay in the outbox and go out in a later round
-            // (transient), or wait for the cause to be fixed (permanent).
-            return Err(OutboxError::Publish(error));
-        }
-        Ok((published, parked))
+        Ok(outcome)
     }
 
     /// Deletes published messages past their retention (only under `Retention::Keep`).

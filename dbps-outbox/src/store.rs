@@ -64,7 +64,7 @@ pub trait OutboxStore: Send + Sync + 'static {
     type Lease: Send;
 
     /// How the store identifies a stored message.
-    type Id: Clone + std::fmt::Debug + Send + Sync + 'static;
+    type Id: Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static;
 
     /// Joins the relays of this outbox.
     fn join(&self) -> impl Future<Output = Result<Self::Lease>> + Send;
@@ -87,6 +87,33 @@ pub trait OutboxStore: Send + Sync + 'static {
         lease: &mut Self::Lease,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Pending<Self::Id>>>> + Send;
+
+    /// Like [`OutboxStore::fetch`], leaving out `in_flight`: messages of earlier batches
+    /// that are on their way to Kafka or acknowledged and not marked yet. A store that
+    /// does this in its query says so with [`OutboxStore::overlaps_rounds`]; the default
+    /// fetches and drops them.
+    fn fetch_excluding(
+        &self,
+        lease: &mut Self::Lease,
+        limit: usize,
+        in_flight: &[Self::Id],
+    ) -> impl Future<Output = Result<Vec<Pending<Self::Id>>>> + Send {
+        async move {
+            let mut batch = self.fetch(lease, limit).await?;
+            if !in_flight.is_empty() {
+                batch.retain(|pending| !in_flight.contains(&pending.id));
+            }
+            Ok(batch)
+        }
+    }
+
+    /// Whether the relay may overlap its rounds on this store: fetch the next batch
+    /// (through [`OutboxStore::fetch_excluding`]) while the current one is on its way to
+    /// Kafka, and mark a batch while the next one is published. Default `false`: fetch,
+    /// publish and mark one after the other.
+    fn overlaps_rounds(&self) -> bool {
+        false
+    }
 
     /// Records that Kafka acknowledged these messages.
     fn mark_published(&self, ids: &[Self::Id]) -> impl Future<Output = Result<()>> + Send;

@@ -396,6 +396,12 @@ impl OutboxStore for PgOutboxStore {
     }
 
     async fn fetch(&self, lease: &mut PgLease, limit: usize) -> Result<Vec<Pending>> {
+        self.fetch_excluding(lease, limit, &[]).await
+    }
+
+    /// The messages in flight are left out through a hashed `not in`, so the cost does
+    /// not grow with their number times the rows scanned.
+    async fn fetch_excluding(&self, lease: &mut PgLease, limit: usize, in_flight: &[i64]) -> Result<Vec<Pending>> {
         let hold = match self.poison {
             PoisonPolicy::Continue => "",
             PoisonPolicy::HoldAggregate => {
@@ -405,8 +411,13 @@ impl OutboxStore for PgOutboxStore {
         };
         let all = lease.owned.len() == usize::try_from(LEASE_PARTITIONS).unwrap_or(0);
         let partitions = if all { "" } else { " and lease_partition = any($2)" };
+        let excluding = if in_flight.is_empty() {
+            ""
+        } else {
+            " and id not in (select unnest($3::bigint[]))"
+        };
         let sql = format!(
-            "{SELECT_PENDING} o where published_at is null and parked_at is null{partitions}{hold} order by id limit $1"
+            "{SELECT_PENDING} o where published_at is null and parked_at is null{partitions}{excluding}{hold} order by id limit $1"
         );
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // Fetched on the lease connection: a relay that lost it has lost its partitions
@@ -416,6 +427,7 @@ impl OutboxStore for PgOutboxStore {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(limit)
                 .bind(&lease.owned)
+                .bind(in_flight)
                 .fetch_all(&mut lease.locks),
         )
         .await
@@ -437,6 +449,10 @@ impl OutboxStore for PgOutboxStore {
             }
         }
         Ok(batch)
+    }
+
+    fn overlaps_rounds(&self) -> bool {
+        true
     }
 
     async fn mark_published(&self, ids: &[i64]) -> Result<()> {

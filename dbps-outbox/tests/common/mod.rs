@@ -33,7 +33,17 @@ pub fn start_relay<S: OutboxStore>(
 }
 
 pub fn fast<S: OutboxStore>(store: S, brokers: &str) -> Result<Relay<S>, Box<dyn std::error::Error + Send + Sync>> {
+    fast_in_batches(store, brokers, 500)
+}
+
+/// [`fast`] with another batch size (a small one makes the relay overlap many rounds).
+pub fn fast_in_batches<S: OutboxStore>(
+    store: S,
+    brokers: &str,
+    batch_size: usize,
+) -> Result<Relay<S>, Box<dyn std::error::Error + Send + Sync>> {
     Ok(Relay::builder(store, publisher(brokers)?)
+        .batch_size(batch_size)
         .rebalance_interval(Duration::from_millis(200))
         .retry_delay(Duration::from_millis(50))
         .build()?)
@@ -102,6 +112,8 @@ pub struct Seen {
     pub partitions: Vec<i32>,
     /// Each fetched message: its id, its partition, and the partitions held at the fetch.
     pub fetched: Vec<(String, i32, Vec<i32>)>,
+    /// Fetches that left out messages in flight (the relay fetched ahead).
+    pub fetched_ahead: usize,
 }
 
 /// What a [`TestStore`] does besides delegating.
@@ -247,17 +259,28 @@ impl<S: OutboxStore> OutboxStore for TestStore<S> {
         self.inner.partitions(lease)
     }
     async fn fetch(&self, lease: &mut Self::Lease, limit: usize) -> dbps_outbox::Result<Vec<Pending<S::Id>>> {
+        self.fetch_excluding(lease, limit, &[]).await
+    }
+    fn overlaps_rounds(&self) -> bool {
+        self.inner.overlaps_rounds()
+    }
+    async fn fetch_excluding(
+        &self,
+        lease: &mut Self::Lease,
+        limit: usize,
+        in_flight: &[S::Id],
+    ) -> dbps_outbox::Result<Vec<Pending<S::Id>>> {
         assert!(self.mode != Mode::PanicOnFetch, "a store that panics on fetch");
         if self.mode == Mode::CrashBeforeMark && self.crashed() {
             return Ok(Vec::new());
         }
-        let batch = self.inner.fetch(lease, limit).await?;
+        let batch = self.inner.fetch_excluding(lease, limit, in_flight).await?;
         let held = self.inner.partitions(lease);
-        self.seen
-            .lock()
-            .expect("seen")
-            .fetched
+        let mut seen = self.seen.lock().expect("seen");
+        seen.fetched
             .extend(batch.iter().map(|p| (p.envelope.id.clone(), p.partition, held.clone())));
+        seen.fetched_ahead += usize::from(!in_flight.is_empty());
+        drop(seen);
         Ok(batch)
     }
     async fn mark_published(&self, ids: &[S::Id]) -> dbps_outbox::Result<()> {
