@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::{
-    TestResult, TestStore, assert_fetched_only_held_partitions, assert_in_order, drain, fast, publisher, read,
-    start_relay, summarise,
+    TestResult, TestStore, assert_fetched_only_held_partitions, assert_in_order, drain, fast, fast_in_batches,
+    publisher, read, start_relay, summarise,
 };
 use dbps_core::kafka::{KafkaConfig, KafkaPublisher, TopicNaming};
 use dbps_core::{Envelope, Message, PayloadLimits};
@@ -119,8 +119,17 @@ async fn rolled_back_transaction_publishes_nothing_and_committed_one_exactly_its
 /// throughout. The published set equals the committed set, in sequence order per aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_commits_and_rollbacks_publish_exactly_the_committed_set_in_order() -> TestResult {
+    // In batches of 3 the relay fetches ahead and marks behind nearly every round.
+    for batch_size in [500, 3] {
+        late_commits_and_rollbacks_in_batches_of(batch_size).await?;
+    }
+    Ok(())
+}
+
+async fn late_commits_and_rollbacks_in_batches_of(batch_size: usize) -> TestResult {
     let f = fixture(3).await?;
-    let (stop, relay) = start_relay(fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?);
+    let store = TestStore::recording(PgOutboxStore::new(f.db.pool().clone()));
+    let (stop, relay) = start_relay(fast_in_batches(store.clone(), f.kafka.brokers(), batch_size)?);
 
     let writers = 16;
     let per_writer = 25;
@@ -175,7 +184,10 @@ async fn late_commits_and_rollbacks_publish_exactly_the_committed_set_in_order()
     }
     for (aggregate, sequences) in per_aggregate {
         let expected: Vec<i64> = (1..=i64::try_from(sequences.len())?).collect();
-        assert_eq!(sequences, expected, "{aggregate}");
+        assert_eq!(sequences, expected, "{aggregate} in batches of {batch_size}");
+    }
+    if batch_size == 3 {
+        assert!(store.seen(|s| s.fetched_ahead) > 0, "the relay fetched ahead");
     }
     Ok(())
 }
@@ -276,7 +288,14 @@ async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> T
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_the_fix() -> TestResult {
-    for policy in [PoisonPolicy::Continue, PoisonPolicy::HoldAggregate] {
+    // In batches of 1, the event after the poison is fetched ahead while the poison is
+    // on its way to Kafka; it must not go out once the poison is parked.
+    for (policy, batch_size) in [
+        (PoisonPolicy::Continue, 500),
+        (PoisonPolicy::HoldAggregate, 500),
+        (PoisonPolicy::Continue, 1),
+        (PoisonPolicy::HoldAggregate, 1),
+    ] {
         let f = fixture(1).await?;
         let big = "x".repeat(20_000);
         let [_, poison, after, other] = f
@@ -288,6 +307,7 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
             KafkaPublisher::builder(KafkaConfig::new(f.kafka.brokers()).set("message.max.bytes", "10000")).build()?;
         let store = PgOutboxStore::new(f.db.pool().clone()).poison_policy(policy);
         let relay = Relay::builder(store.clone(), small)
+            .batch_size(batch_size)
             .rebalance_interval(Duration::from_millis(200))
             .build()?;
         let (stop, task) = start_relay(relay);
@@ -296,13 +316,13 @@ async fn parked_poison_event_does_not_block_other_aggregates_and_replays_after_t
         stop.cancel();
         let summary = task.await??;
         let records = reader.finish().await?;
-        assert_eq!(summary.parked, 1, "{policy:?}");
+        assert_eq!(summary.parked, 1, "{policy:?} in batches of {batch_size}");
         let ids: BTreeSet<String> = summarise(&records).into_iter().map(|(_, _, id)| id).collect();
         assert!(ids.contains(&other.message_id), "other aggregates flow ({policy:?})");
         assert_eq!(
             ids.contains(&after.message_id),
             policy == PoisonPolicy::Continue,
-            "{policy:?}"
+            "{policy:?} in batches of {batch_size}"
         );
         assert!(!ids.contains(&poison.message_id));
 
@@ -422,6 +442,91 @@ async fn commands_and_replies_go_to_their_explicit_topic_unsequenced() -> TestRe
             .fetch_one(f.db.pool())
             .await?;
     assert_eq!((kind.as_str(), reply_to.as_deref()), ("command", Some("quote.replies")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn versioned_events_take_the_callers_version_and_leave_the_sequences_table_alone() -> TestResult {
+    let f = fixture(1).await?;
+    sqlx::query("create table quotes (id text primary key, version bigint not null)")
+        .execute(f.db.pool())
+        .await?;
+    let mut committed = Vec::new();
+    for note in ["a", "b", "c"] {
+        let mut tx = f.db.pool().begin().await?;
+        let version: i64 = sqlx::query_scalar(
+            "insert into quotes as q (id, version) values ('q-1', 1)
+             on conflict (id) do update set version = q.version + 1 returning version",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let enqueued = f
+            .outbox
+            .enqueue_versioned_event(&mut tx, "quote", "q-1", version, &change("q-1", note))
+            .await?;
+        assert_eq!(enqueued.sequence, Some(version));
+        tx.commit().await?;
+        committed.push(enqueued.message_id);
+    }
+    let (sequences,): (i64,) = sqlx::query_as("select count(*) from dbps_outbox_sequences")
+        .fetch_one(f.db.pool())
+        .await?;
+    assert_eq!(sequences, 0, "no sequences row for versioned events");
+
+    // A version below 1 is refused and nothing is written.
+    let mut tx = f.db.pool().begin().await?;
+    let error = f
+        .outbox
+        .enqueue_versioned_event(&mut tx, "quote", "q-1", 0, &change("q-1", "x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, OutboxError::InvalidWrite(ref reason) if reason.contains("versions start at 1")),
+        "{error:?}"
+    );
+    tx.commit().await?;
+
+    let (_, records) = drain(
+        fast(PgOutboxStore::new(f.db.pool().clone()), f.kafka.brokers())?,
+        &f.kafka,
+        &f.topic,
+        3,
+    )
+    .await?;
+    let seen = summarise(&records);
+    assert_eq!(
+        seen,
+        vec![
+            ("q-1".to_owned(), 1, committed[0].clone()),
+            ("q-1".to_owned(), 2, committed[1].clone()),
+            ("q-1".to_owned(), 3, committed[2].clone()),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fetch_ahead_leaves_out_the_messages_in_flight_and_keeps_id_order() -> TestResult {
+    let f = fixture(1).await?;
+    let enqueued = f
+        .commit([("q-1", "a"), ("q-2", "a"), ("q-1", "b"), ("q-3", "a"), ("q-2", "b")])
+        .await?;
+    let ids: Vec<i64> = enqueued.iter().map(|e| e.id).collect();
+    let store = PgOutboxStore::new(f.db.pool().clone());
+    assert!(store.overlaps_rounds());
+    let mut lease = store.join().await?;
+    store.rebalance(&mut lease).await?;
+    let fetched = |batch: Vec<dbps_outbox::Pending>| batch.into_iter().map(|p| p.id).collect::<Vec<_>>();
+    let ahead = store.fetch_excluding(&mut lease, 10, &[ids[0], ids[2]]).await?;
+    assert_eq!(fetched(ahead), vec![ids[1], ids[3], ids[4]]);
+    let ahead = store.fetch_excluding(&mut lease, 2, &[ids[1]]).await?;
+    assert_eq!(
+        fetched(ahead),
+        vec![ids[0], ids[2]],
+        "the limit applies after leaving out"
+    );
+    assert_eq!(fetched(store.fetch(&mut lease, 10).await?), ids);
+    store.leave(lease).await?;
     Ok(())
 }
 
