@@ -65,6 +65,30 @@ async fn published_envelope_arrives_as_a_cloudevent_and_decodes_unchanged() -> T
     Ok(())
 }
 
+/// A batch is complete when it is handed over: it goes out at once, not after
+/// `linger.ms` (set here to 20 s, so that waiting for it would time the test out).
+#[tokio::test]
+async fn a_batch_does_not_wait_for_linger() -> TestResult {
+    let kafka = dbps_testkit::kafka().await?;
+    let topic = kafka.create_topic("linger", 2).await?;
+    let publisher = KafkaPublisher::builder(KafkaConfig::new(kafka.brokers()).set("linger.ms", "20000")).build()?;
+    for round in 0..3 {
+        let envelopes: Vec<Envelope> = (0..10)
+            .map(|i| Envelope::event("inventory", "stock", format!("sku-{i}"), &stock("sku", round)))
+            .collect::<Result<_, Error>>()?;
+        let results = tokio::time::timeout(
+            Duration::from_secs(10),
+            publisher.publish_batch(envelopes.iter().map(|e| (topic.as_str(), e))),
+        )
+        .await
+        .map_err(|_| format!("round {round}: the batch waited for linger.ms"))?;
+        for result in results {
+            result?;
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn batch_reports_each_delivery_and_keeps_per_key_order() -> TestResult {
     let kafka = dbps_testkit::kafka().await?;

@@ -2,6 +2,7 @@
 
 mod config;
 mod consumer;
+mod flush;
 mod publisher;
 mod topics;
 

@@ -188,8 +188,7 @@ impl KafkaPublisher {
         let flushing = Arc::clone(&self.flushing);
         let timeout = self.enqueue_timeout;
         tokio::task::spawn_blocking(move || {
-            // A timeout leaves the messages queued: their deliveries report the outcome.
-            let _ = producer.flush(Timeout::After(timeout));
+            super::flush::flush_queued(&producer, timeout);
             flushing.store(false, Ordering::Release);
         });
     }
