@@ -4,6 +4,7 @@
 //! ```sh
 //! eval "$(scripts/stack.sh env)"
 //! cargo run --release -p dbps-bench -- outbox [--duration 20s] [--json PATH] [--chart PATH]
+//! cargo run --release -p dbps-bench -- outbox-soak [--duration 20m] [--interval 60s] [--json PATH]
 //! cargo run --release -p dbps-bench -- outbox-mongo [--duration 20s] [--json PATH]
 //! cargo run --release -p dbps-bench -- cache [--duration 20s] [--json PATH]
 //! cargo run --release -p dbps-bench -- replica [--duration 20s] [--json PATH]
@@ -31,6 +32,7 @@ mod cpu;
 mod observer;
 mod outbox;
 mod outbox_mongo;
+mod outbox_soak;
 mod probes;
 mod progress;
 mod projection;
@@ -57,6 +59,10 @@ enum Scenario {
     /// and idle cost, beside a business transaction without the outbox, a raw Kafka
     /// producer and the server's raw commit rate.
     Outbox(outbox::Args),
+    /// The PostgreSQL outbox under a steady load (half the maximum write rate, relay
+    /// running) for 20 minutes: commit → consumer latency, and the outbox table's and
+    /// indexes' size, per minute.
+    OutboxSoak(outbox_soak::Args),
     /// The MongoDB outbox: relay drain rate and write → consumer latency beside the
     /// server's raw insert rate, and the cost of writing events with inserts and updates.
     OutboxMongo(outbox_mongo::Args),
@@ -87,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.scenario {
         Scenario::Outbox(args) => outbox::run(args).await,
+        Scenario::OutboxSoak(args) => outbox_soak::run(args).await,
         Scenario::OutboxMongo(args) => outbox_mongo::run(args).await,
         Scenario::Cache(args) => cache::run(args).await,
         Scenario::Replica(args) => replica::run(args).await,

@@ -40,7 +40,8 @@ use crate::observer::Observer;
 use crate::probes::{Probe, Variant, commit_latencies, quiet_transactions, sampling, with_wait_sampling};
 use crate::progress;
 use crate::report::{
-    DrainDetail, IdleDetail, LatencyPoint, OutboxReport, RoundProfile, Settings, Target, WaitEvents, WriteCost,
+    DrainDetail, GrowthDetail, IdleDetail, LatencyPoint, OutboxReport, RoundProfile, Settings, Target, WaitEvents,
+    WriteCost,
 };
 use crate::servers::{Scratch, Servers, git_commit};
 use crate::workload::{Documents, Load, SCHEMA, Transaction, Writers};
@@ -52,36 +53,40 @@ pub(crate) struct Args {
     /// the latency point at half load run this long; the other phases are shorter. A run
     /// takes about 7 × this plus half a minute.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    duration: Duration,
+    pub(crate) duration: Duration,
     /// Writes the results as one JSON object to this file.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(crate) json: Option<PathBuf>,
     /// Draws commit → consumer latency against offered load into this SVG file.
     #[arg(long)]
-    chart: Option<PathBuf>,
+    pub(crate) chart: Option<PathBuf>,
     /// Concurrent writers, each on its own connection.
     #[arg(long, default_value_t = 8)]
-    writers: usize,
+    pub(crate) writers: usize,
     /// Messages the relay fetches and publishes per round.
     #[arg(long, default_value_t = 2000)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// `linger.ms` of the relay's publisher and of the raw producer (default: the
     /// publisher's own, 5 ms).
     #[arg(long)]
-    linger_ms: Option<u32>,
+    pub(crate) linger_ms: Option<u32>,
     /// Events in the backlog the relay drains (and records the raw producer sends).
     #[arg(long, default_value_t = 100_000)]
-    drain_events: u64,
+    pub(crate) drain_events: u64,
+    /// Events in the large backlog drained after the drain phase, timed per tenth and
+    /// compared with the drain phase's rate (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub(crate) growth_events: u64,
     /// Partitions of each benchmark topic.
     #[arg(long, default_value_t = 8)]
-    partitions: i32,
+    pub(crate) partitions: i32,
     /// Distinct orders (aggregates) the writers update.
     #[arg(long, default_value_t = 20_000)]
-    keys: i64,
+    pub(crate) keys: i64,
     /// How long the idle relay is watched (a multiple of the relay's 10 s rebalance
     /// interval counts its periodic work fairly).
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    idle: Duration,
+    pub(crate) idle: Duration,
 }
 
 /// How long to wait for the consumer or the relay before the harness gives up.
@@ -93,7 +98,9 @@ const RELAY_APP: &str = "dbps-bench-relay";
 const SWEEP: [f64; 4] = [0.10, 0.25, 0.50, 0.75];
 /// The load the latency target applies to: half of the maximum sustainable write rate.
 const HEADLINE_LOAD: f64 = 0.50;
-const TARGET_P99_MS: f64 = 25.0;
+const TARGET_P99_MS: f64 = 20.0;
+/// The latency target at the sweep's lowest load (10 %).
+const TARGET_LOW_LOAD_P99_MS: f64 = 12.0;
 /// Relay rounds timed step by step before the drain.
 const PROFILE_ROUNDS: usize = 3;
 /// Events per transaction when the drain's backlog is enqueued.
@@ -210,29 +217,29 @@ impl<S: OutboxStore + Clone + 'static> RelayControl<S> {
 }
 
 /// Everything the phases share.
-struct Bench<'a> {
+pub(crate) struct Bench<'a> {
     args: &'a Args,
     servers: &'a Servers,
     scratch: &'a Scratch,
     /// On the server's own database (the admin URL's): statistics and commit timestamps,
     /// so that these queries are not counted against the run's database.
-    admin: PgPool,
+    pub(crate) admin: PgPool,
     /// On the run's database, for the harness's own queries.
-    db: PgPool,
+    pub(crate) db: PgPool,
     writers_pool: PgPool,
-    writers: Writers,
+    pub(crate) writers: Writers,
     docs: Arc<Documents>,
-    observer: Observer,
+    pub(crate) observer: Observer,
     publisher: KafkaPublisher,
     relay_pool: PgPool,
-    relay: RelayControl<PgOutboxStore>,
+    pub(crate) relay: RelayControl<PgOutboxStore>,
 }
 
 impl Bench<'_> {
     /// Waits until the consumer has seen every event committed so far and the outbox is
     /// empty (the relay deletes a batch after its acknowledgements). Returns how long
     /// the consumer took.
-    async fn catch_up(&self) -> anyhow::Result<Duration> {
+    pub(crate) async fn catch_up(&self) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let target = self.writers.events_committed();
         self.observer.wait_for_events(target, CATCH_UP_DEADLINE).await?;
@@ -252,7 +259,12 @@ impl Bench<'_> {
     }
 
     /// Runs one unlimited load of `transaction` for `duration` and reports its rate.
-    async fn flat_out(&self, label: &str, transaction: Transaction, duration: Duration) -> anyhow::Result<f64> {
+    pub(crate) async fn flat_out(
+        &self,
+        label: &str,
+        transaction: Transaction,
+        duration: Duration,
+    ) -> anyhow::Result<f64> {
         let bar = progress::timed(label, duration);
         let result = self
             .writers
@@ -270,7 +282,18 @@ impl Bench<'_> {
     }
 }
 
-async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::Result<OutboxReport> {
+/// What [`setup`] learnt about the run.
+pub(crate) struct SetUp {
+    pub(crate) postgres_version: String,
+    pub(crate) payload_bytes: usize,
+}
+
+/// Creates the run's tables, writers, observer, publisher and (stopped) relay.
+pub(crate) async fn setup<'a>(
+    args: &'a Args,
+    servers: &'a Servers,
+    scratch: &'a Scratch,
+) -> anyhow::Result<(Bench<'a>, SetUp)> {
     let setup = progress::spinner("setting up");
     let admin = PgPoolOptions::new()
         .max_connections(2)
@@ -315,7 +338,7 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
         publisher.clone(),
         args.batch_size,
     );
-    let mut bench = Bench {
+    let bench = Bench {
         args,
         servers,
         scratch,
@@ -334,6 +357,23 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
         "set up",
         &format!("{payload_bytes} B event payload, PostgreSQL {postgres_version}"),
     );
+    Ok((
+        bench,
+        SetUp {
+            postgres_version,
+            payload_bytes,
+        },
+    ))
+}
+
+async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::Result<OutboxReport> {
+    let (
+        mut bench,
+        SetUp {
+            postgres_version,
+            payload_bytes,
+        },
+    ) = setup(args, servers, scratch).await?;
 
     let write_wait_events = warm_up(&mut bench).await?;
     let d = args.duration;
@@ -341,11 +381,12 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
         .flat_out("raw commits (one-row inserts)", Transaction::OneRowInsert, d / 2)
         .await?;
     let rates = write_rates(&mut bench).await?;
-    let mut write_profile = vec![rates.without, rates.with, rates.bare];
+    let mut write_profile = vec![rates.without, rates.with, rates.versioned, rates.bare];
     write_profile.extend(write_diagnostics(&mut bench).await?);
     let write_tps_without_outbox = write_profile[0].tx_per_s;
     let write_tps_with_outbox = write_profile[1].tx_per_s;
-    let write_tps_bare_insert = write_profile[2].tx_per_s;
+    let write_tps_with_versioned_outbox = write_profile[2].tx_per_s;
+    let write_tps_bare_insert = write_profile[3].tx_per_s;
     let latency_sweep = latency_sweep(&mut bench, write_tps_with_outbox).await?;
     let latency_ms = latency_sweep
         .iter()
@@ -353,6 +394,11 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
         .cloned()
         .ok_or_else(|| anyhow!("no latency point at half load"))?;
     let drain = drain(&mut bench).await?;
+    let growth = if args.growth_events > 0 {
+        Some(growth(&mut bench, drain.backlog_events as f64 / drain.relay_s).await?)
+    } else {
+        None
+    };
     let idle = idle(bench).await?;
 
     let write_overhead_pct = (write_tps_without_outbox - write_tps_with_outbox) / write_tps_without_outbox * 100.0;
@@ -361,19 +407,33 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
     let relay_vs_raw_ratio = relay_drain_eps / raw_producer_eps;
     let idle_queries_per_s = idle.transactions as f64 / idle.window_s;
     let with_vs_bare_insert = write_tps_with_outbox / write_tps_bare_insert;
-    let targets = vec![
+    let versioned_vs_bare_insert = write_tps_with_versioned_outbox / write_tps_bare_insert;
+    let mut targets = vec![
         Target::at_least("with_vs_bare_insert", with_vs_bare_insert, 0.9),
+        Target::at_least("versioned_vs_bare_insert", versioned_vs_bare_insert, 0.9),
         Target::at_least("relay_drain_eps", relay_drain_eps, 20_000.0),
-        Target::at_least("relay_vs_raw_ratio", relay_vs_raw_ratio, 0.5),
+        Target::at_least("relay_vs_raw_ratio", relay_vs_raw_ratio, 0.6),
         Target::at_most("latency_ms.p99", latency_ms.p99, TARGET_P99_MS),
         Target::at_most("idle_queries_per_s", idle_queries_per_s, 1.0),
     ];
+    if let Some(low) = latency_sweep.first() {
+        targets.push(Target::at_most(
+            "latency_low_load_ms.p99",
+            low.p99,
+            TARGET_LOW_LOAD_P99_MS,
+        ));
+    }
+    if let Some(g) = &growth {
+        targets.push(Target::at_least("growth_vs_small_backlog", g.vs_small_backlog, 0.8));
+    }
     Ok(OutboxReport {
         scenario: "outbox",
         write_tps_without_outbox,
         write_tps_with_outbox,
         write_tps_bare_insert,
         with_vs_bare_insert,
+        write_tps_with_versioned_outbox,
+        versioned_vs_bare_insert,
         write_overhead_pct,
         raw_producer_eps,
         relay_drain_eps,
@@ -403,6 +463,7 @@ async fn measure(args: &Args, servers: &Servers, scratch: &Scratch) -> anyhow::R
         write_profile,
         write_wait_events,
         drain,
+        growth,
         idle,
     })
 }
@@ -444,29 +505,34 @@ async fn warm_up(b: &mut Bench<'_>) -> anyhow::Result<WaitEvents> {
 struct WriteRates {
     without: WriteCost,
     with: WriteCost,
+    versioned: WriteCost,
     bare: WriteCost,
     sustained_eps: f64,
     max_lag: u64,
 }
 
-/// Phase 3: without the outbox (A), with it (B) and with a bare insert of the event in
-/// its place (C, the floor any outbox pays), alternating ABCCBAABCCBA.
+/// Phase 3: without the outbox (A), with it (B), with it taking the sequence number from
+/// the order's version (V), and with a bare insert of the event in its place (C, the
+/// floor any outbox pays), alternating ABVCCVBA twice.
 async fn write_rates(b: &mut Bench<'_>) -> anyhow::Result<WriteRates> {
     let mut without = Variant::new("without outbox")?;
     let mut with = Variant::new("with outbox (relay running)")?;
+    let mut versioned = Variant::new("with outbox, versioned events (relay running)")?;
     let mut bare = Variant::new("bare insert of the event (the floor)")?;
     let (mut sustained_events, mut sustained_time, mut max_lag) = (0u64, Duration::ZERO, 0u64);
     let slice = b.args.duration / 4;
-    let (a, bb, c) = (
+    let (a, bb, v, c) = (
         Transaction::Business,
         Transaction::BusinessWithOutbox,
+        Transaction::BusinessWithVersionedOutbox,
         Transaction::BusinessBareInsert,
     );
-    let order = [a, bb, c, c, bb, a, a, bb, c, c, bb, a];
+    let order = [a, bb, v, c, c, v, bb, a, a, bb, v, c, c, v, bb, a];
     for (n, transaction) in order.into_iter().enumerate() {
-        let with_outbox = transaction == Transaction::BusinessWithOutbox;
+        let with_outbox = transaction.enqueues();
         let what = match transaction {
             Transaction::BusinessWithOutbox => "with outbox",
+            Transaction::BusinessWithVersionedOutbox => "with outbox, versioned",
             Transaction::BusinessBareInsert => "bare insert",
             _ => "without outbox",
         };
@@ -496,7 +562,11 @@ async fn write_rates(b: &mut Bench<'_>) -> anyhow::Result<WriteRates> {
             let tail = b.catch_up().await?;
             sustained_events += result.committed;
             sustained_time += result.elapsed + tail;
-            with.add(&result, cost)?;
+            if transaction == Transaction::BusinessWithOutbox {
+                with.add(&result, cost)?;
+            } else {
+                versioned.add(&result, cost)?;
+            }
             let summary = format!(
                 "{:.0} tx/s, consumer caught up {:.0} ms later",
                 result.per_second(),
@@ -515,6 +585,7 @@ async fn write_rates(b: &mut Bench<'_>) -> anyhow::Result<WriteRates> {
     Ok(WriteRates {
         without: without.cost(),
         with: with.cost(),
+        versioned: versioned.cost(),
         bare: bare.cost(),
         sustained_eps: sustained_events as f64 / sustained_time.as_secs_f64(),
         max_lag,
@@ -676,6 +747,79 @@ async fn drain(b: &mut Bench<'_>) -> anyhow::Result<DrainDetail> {
         raw_acked_s: raw_runs.iter().map(|r| r.acked.as_secs_f64()).collect(),
         raw_consumed_s: raw_runs.iter().map(|r| r.consumed.as_secs_f64()).collect(),
         rounds,
+    })
+}
+
+/// Phase 6b: the relay drains a large backlog; its rate, per tenth of the backlog too,
+/// beside the drain phase's (`small_backlog_eps`).
+async fn growth(b: &mut Bench<'_>, small_backlog_eps: f64) -> anyhow::Result<GrowthDetail> {
+    b.relay.stop().await?;
+    let events = b.args.growth_events;
+    let label = "enqueueing the large backlog";
+    let bar = progress::counted(label, events);
+    let fill = b.writers.fill_backlog(events, FILL_EVENTS_PER_TX, &bar).await?;
+    let summary = format!("{events} events in {:.1} s", fill.as_secs_f64());
+    progress::done(&bar, label, &summary);
+    let (table_bytes, index_bytes): (i64, i64) =
+        sqlx::query_as("select pg_table_size('dbps_outbox'), pg_indexes_size('dbps_outbox')")
+            .fetch_one(&b.db)
+            .await?;
+    let backlog = u64::try_from(
+        sqlx::query_scalar::<_, i64>("select count(*) from dbps_outbox")
+            .fetch_one(&b.db)
+            .await?,
+    )?;
+    let label = "relay draining the large backlog";
+    let bar = progress::counted(label, backlog);
+    let seen_before = b.observer.events_seen();
+    let tenth = (backlog / 10).max(1);
+    let mut crossed: Vec<Duration> = Vec::with_capacity(10);
+    let probe = Probe::start(&b.admin, RELAY_APP).await?;
+    let started = Instant::now();
+    b.relay.start()?;
+    let observer = &b.observer;
+    sampling(b.catch_up(), Duration::from_millis(20), async || {
+        let seen = observer.events_seen().saturating_sub(seen_before);
+        bar.set_position(seen);
+        while crossed.len() < 10 && seen >= tenth * (crossed.len() as u64 + 1) {
+            crossed.push(started.elapsed());
+        }
+        Ok(())
+    })
+    .await?;
+    let relay_s = started.elapsed();
+    let cost = probe.finish(&b.admin).await?;
+    let cpu = cost.cpu();
+    let cores = |seconds: f64| seconds / relay_s.as_secs_f64();
+    while crossed.len() < 10 {
+        crossed.push(relay_s);
+    }
+    let mut tenths_eps = Vec::with_capacity(10);
+    let mut previous = Duration::ZERO;
+    for at in crossed {
+        tenths_eps.push(tenth as f64 / (at - previous).as_secs_f64().max(1e-3));
+        previous = at;
+    }
+    let relay_eps = backlog as f64 / relay_s.as_secs_f64();
+    let summary = format!(
+        "{:.0} events/s ({backlog} events in {:.2} s)",
+        relay_eps,
+        relay_s.as_secs_f64()
+    );
+    progress::done(&bar, label, &summary);
+    Ok(GrowthDetail {
+        backlog_events: backlog,
+        fill_s: fill.as_secs_f64(),
+        table_bytes,
+        index_bytes,
+        relay_s: relay_s.as_secs_f64(),
+        relay_eps,
+        small_backlog_eps,
+        vs_small_backlog: relay_eps / small_backlog_eps,
+        tenths_eps,
+        machine_busy_pct: cpu.map(crate::cpu::Usage::machine_busy_pct),
+        relay_backends_cores: cpu.map(|c| cores(c.backends_s)),
+        harness_cores: cpu.map(|c| cores(c.harness_s)),
     })
 }
 

@@ -83,6 +83,13 @@ pub(crate) struct Cost {
     wal_bytes: i64,
 }
 
+impl Cost {
+    /// CPU used meanwhile, where `/proc` can be read.
+    pub(crate) fn cpu(&self) -> Option<&cpu::Usage> {
+        self.cpu.as_ref()
+    }
+}
+
 impl Probe {
     /// Reads the counters of the backends named `application` and of the machine.
     pub(crate) async fn start(admin: &PgPool, application: &str) -> anyhow::Result<Self> {

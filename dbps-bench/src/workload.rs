@@ -40,14 +40,14 @@ create table bench_bare (id bigserial primary key, payload json not null);
 ";
 
 /// Creates or updates the order and returns the id of the writing transaction, whose
-/// commit timestamp the latency measurement looks up later.
+/// commit timestamp the latency measurement looks up later, and the order's version.
 const UPSERT_ORDER: &str = "
 insert into bench_orders as o (id, customer_id, status, amount_cents, currency, updated_at, document)
 values ($1, $2, $3, $4, 'EUR', now(), $5::jsonb)
 on conflict (id) do update set customer_id = excluded.customer_id, status = excluded.status,
     amount_cents = excluded.amount_cents, updated_at = excluded.updated_at,
     document = excluded.document, version = o.version + 1
-returning pg_current_xact_id()::text::bigint";
+returning pg_current_xact_id()::text::bigint, version::bigint";
 
 /// The notification the outbox sends when it enqueues (same channel, empty payload).
 const NOTIFY: &str = "select pg_notify('dbps_outbox', '')";
@@ -155,6 +155,11 @@ pub(crate) enum Transaction {
     Business,
     /// The same, plus `PgOutbox::enqueue_event` of one `OrderChanged` in the transaction.
     BusinessWithOutbox,
+    /// The same, with `PgOutbox::enqueue_versioned_event`: the event's sequence number is
+    /// the order's version, which the upsert returns, instead of the sequences table's.
+    /// (The two share the benchmark's orders, whose sequence numbers nobody checks here;
+    /// a service uses one route per aggregate type.)
+    BusinessWithVersionedOutbox,
     /// The floor any outbox pays: the business transaction plus one plain `INSERT` of the
     /// same event's JSON into a table with only a `bigserial` primary key
     /// (`write_tps_bare_insert`).
@@ -172,21 +177,28 @@ pub(crate) enum Transaction {
     BusinessOutboxRowWithoutNotify,
 }
 
+impl Transaction {
+    /// Whether it enqueues an event through the outbox (which the relay publishes).
+    pub(crate) fn enqueues(self) -> bool {
+        matches!(self, Self::BusinessWithOutbox | Self::BusinessWithVersionedOutbox)
+    }
+}
+
 /// The insert of `PgOutbox::enqueue`'s statement (dbps-outbox/src/pg/writer.rs) without
 /// its notification part, for [`Transaction::BusinessOutboxRowWithoutNotify`] only.
 const ENQUEUE_WITHOUT_NOTIFY: &str = r#"
 with seq as (
     insert into dbps_outbox_sequences as s (aggregate_type, aggregate_id, last_sequence)
-    select $7, $8, 1 where $18
+    select $7, $8, 1
     on conflict (aggregate_type, aggregate_id) do update set last_sequence = s.last_sequence + 1
     returning last_sequence
 ), row as (
     insert into dbps_outbox (topic, message_id, kind, message_type, schema_version, source,
         aggregate_type, aggregate_id, sequence, occurred_at, correlation_id, causation_id,
         reply_to, traceparent, tracestate, headers, payload)
-    select $1, $2, $3, $4, $5, $6, $7, $8, coalesce(seq.last_sequence, $9), $10, $11,
+    select $1, $2, $3, $4, $5, $6, $7, $8, seq.last_sequence, $10, $11,
         $12, $13, $14, $15, $16, $17::json
-    from (select) one left join seq on true
+    from seq
     returning id, sequence
 )
 select id, sequence from row"#;
@@ -279,13 +291,14 @@ impl Writers {
             }
             Transaction::Business
             | Transaction::BusinessWithOutbox
+            | Transaction::BusinessWithVersionedOutbox
             | Transaction::BusinessBareInsert
             | Transaction::BusinessNotifyInTx
             | Transaction::BusinessNotifyAfterCommit
             | Transaction::BusinessOutboxRowWithoutNotify => {
                 let doc = self.docs.get(id.unsigned_abs());
                 let mut tx = conn.begin().await?;
-                let xid: i64 = sqlx::query_scalar(UPSERT_ORDER)
+                let (xid, version): (i64, i64) = sqlx::query_as(UPSERT_ORDER)
                     .bind(id)
                     .bind(id % 997)
                     .bind(STATUSES[usize::try_from(id % 4).unwrap_or(0)])
@@ -297,6 +310,12 @@ impl Writers {
                     let event = self.docs.event(xid.unsigned_abs(), id);
                     self.outbox
                         .enqueue_event(&mut tx, AGGREGATE, &id.to_string(), &event)
+                        .await?;
+                }
+                if transaction == Transaction::BusinessWithVersionedOutbox {
+                    let event = self.docs.event(xid.unsigned_abs(), id);
+                    self.outbox
+                        .enqueue_versioned_event(&mut tx, AGGREGATE, &id.to_string(), version, &event)
                         .await?;
                 }
                 if transaction == Transaction::BusinessBareInsert {
@@ -331,7 +350,6 @@ impl Writers {
                         .bind(&envelope.trace.tracestate)
                         .bind(None::<serde_json::Value>)
                         .bind(envelope.payload_json())
-                        .bind(true)
                         .fetch_one(&mut *tx)
                         .await?;
                 }
@@ -419,7 +437,7 @@ impl Writer for PgWriter {
         let slots = (self.this.keys / writers).max(1);
         let id = self.rng.random_range(0..slots) * writers + self.writer;
         self.this.transact(&mut self.conn, self.transaction, id).await?;
-        if self.transaction == Transaction::BusinessWithOutbox {
+        if self.transaction.enqueues() {
             self.this.events_committed.fetch_add(1, Ordering::AcqRel);
         }
         Ok(true)
