@@ -275,12 +275,19 @@ impl OutboxStore for PgOutboxStore {
             .await
             .map_err(store("connect relay"))?;
         // The server ends this session (releasing its locks) if the relay goes quiet.
+        // And the fetch reads the pending index in id order whatever the statistics say:
+        // an outbox analyzed while it was nearly empty, which then holds a backlog (after
+        // a broker outage, say), is estimated at a handful of rows, and the planner would
+        // sort the whole backlog on every fetch (seen: 300 ms per 2,000-row fetch over a
+        // backlog of 106,000, against 13 ms through the index).
         let idle_ms = self.lease_idle_timeout.as_millis().to_string();
         within(
             limit,
-            sqlx::query("select set_config('idle_session_timeout', $1, false)")
-                .bind(&idle_ms)
-                .execute(&mut locks),
+            sqlx::query(
+                "select set_config('idle_session_timeout', $1, false), set_config('enable_sort', 'off', false)",
+            )
+            .bind(&idle_ms)
+            .execute(&mut locks),
         )
         .await
         .map_err(store("join relays"))?;
