@@ -312,7 +312,8 @@ impl<S: OutboxStore> Relay<S> {
         let overlap = self.store.overlaps_rounds();
         let mut last_rebalance: Option<Instant> = None;
         // Acknowledged messages whose mark is still to be written: it overlaps the next
-        // round, and always precedes a rebalance, a wait and the end of the session.
+        // round or the wait for commits, and is done before a rebalance and before the
+        // session ends.
         let mut unmarked: Vec<S::Id> = Vec::new();
         // A batch fetched while the previous one was on its way to Kafka.
         let mut ahead: Option<Vec<Pending<S::Id>>> = None;
