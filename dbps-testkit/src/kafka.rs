@@ -206,7 +206,12 @@ impl TestKafka {
                     for partition in ends.keys() {
                         list.add_partition(&topic, *partition);
                     }
-                    let committed = client.committed_offsets(list, Duration::from_secs(10))?;
+                    let committed = match client.committed_offsets(list, Duration::from_secs(10)) {
+                        Ok(committed) => committed,
+                        // A coordinator moving or not yet known: look again.
+                        Err(error) if error.is_transient() => return Ok(false),
+                        Err(error) => return Err(error),
+                    };
                     // An empty partition has nothing to commit.
                     Ok(ends.iter().all(|(partition, end)| {
                         *end == 0
@@ -236,7 +241,26 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The high watermark (offset of the next record) of each partition of `topic`.
+///
+/// Shortly after a topic is created, a broker may still answer that it does not lead a
+/// partition, or does not know the topic, until its metadata catches up: such transient
+/// answers are asked again, for up to [`ADMIN_TIMEOUT`].
 fn high_watermarks<C: rdkafka::consumer::ConsumerContext>(
+    client: &BaseConsumer<C>,
+    topic: &str,
+) -> std::result::Result<BTreeMap<i32, i64>, KafkaError> {
+    let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
+    loop {
+        match read_high_watermarks(client, topic) {
+            Err(error) if error.is_transient() && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ends => return ends,
+        }
+    }
+}
+
+fn read_high_watermarks<C: rdkafka::consumer::ConsumerContext>(
     client: &BaseConsumer<C>,
     topic: &str,
 ) -> std::result::Result<BTreeMap<i32, i64>, KafkaError> {

@@ -495,16 +495,39 @@ fn count_partitions(consumer: &BaseConsumer<Watching>, topics: &[String]) -> any
     }
 }
 
+/// How long a Kafka read that failed transiently (a leader not known yet, a coordinator
+/// moving) is asked again before the demo gives up.
+const RETRY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs `read` until it succeeds, fails permanently or [`RETRY_DEADLINE`] passes.
+fn retrying<T>(
+    what: impl Fn() -> String,
+    read: impl Fn() -> Result<T, rdkafka::error::KafkaError>,
+) -> anyhow::Result<T> {
+    use dbps_core::classify::Classify as _;
+    let deadline = Instant::now() + RETRY_DEADLINE;
+    loop {
+        match read() {
+            Err(error) if error.is_transient() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            read => return read.with_context(what),
+        }
+    }
+}
+
 /// The end (offset of the next record) of each partition of `topic`.
 fn high_watermarks(client: &BaseConsumer<DefaultConsumerContext>, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let metadata = client
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("reading the metadata of {topic}"))?;
+    let metadata = retrying(
+        || format!("reading the metadata of {topic}"),
+        || client.fetch_metadata(Some(topic), Duration::from_secs(10)),
+    )?;
     let mut ends = BTreeMap::new();
     for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-        let (_, high) = client
-            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
-            .with_context(|| format!("reading the end of {topic}/{}", partition.id()))?;
+        let (_, high) = retrying(
+            || format!("reading the end of {topic}/{}", partition.id()),
+            || client.fetch_watermarks(topic, partition.id(), Duration::from_secs(10)),
+        )?;
         ends.insert(partition.id(), high);
     }
     Ok(ends)
@@ -520,9 +543,10 @@ fn behind(
     for partition in ends.keys() {
         list.add_partition(topic, *partition);
     }
-    let committed = client
-        .committed_offsets(list, Duration::from_secs(10))
-        .with_context(|| format!("reading the committed offsets on {topic}"))?;
+    let committed = retrying(
+        || format!("reading the committed offsets on {topic}"),
+        || client.committed_offsets(list.clone(), Duration::from_secs(10)),
+    )?;
     Ok(ends
         .iter()
         .map(|(partition, end)| {
