@@ -68,6 +68,16 @@ pub enum OutboxError {
         #[source]
         source: mongodb::error::Error,
     },
+    /// MongoDB refused statements of a write; the others of the same command may have
+    /// been applied.
+    #[cfg(feature = "mongodb")]
+    #[error("outbox store mongodb {operation}: the server refused statements: {errors}")]
+    WriteRefused {
+        /// What was being done.
+        operation: &'static str,
+        /// The write errors as the server reported them.
+        errors: String,
+    },
     /// The transactional MongoDB outbox was asked for on a deployment without
     /// multi-document transactions.
     #[cfg(feature = "mongodb")]
@@ -95,6 +105,15 @@ pub enum OutboxError {
         document: String,
         /// How many times the write was tried.
         attempts: u32,
+    },
+    /// A relay's turn outlived the document locks it held (the process stalled for longer
+    /// than a lock lives, and another writer took them): it stopped before its next write.
+    /// Retrying later succeeds.
+    #[cfg(feature = "mongodb")]
+    #[error("the outbox document locks of a relay turn on {collection} expired: the turn stopped writing")]
+    LockExpired {
+        /// The collection whose documents were locked.
+        collection: String,
     },
     /// A stored MongoDB outbox entry could not be turned back into an envelope.
     #[cfg(feature = "mongodb")]
@@ -127,7 +146,7 @@ impl OutboxError {
             #[cfg(feature = "mongodb")]
             Self::Mongo { source, .. } => source.is_transient(),
             #[cfg(feature = "mongodb")]
-            Self::Contention { .. } => true,
+            Self::Contention { .. } | Self::LockExpired { .. } => true,
             Self::StreamEnded(_) => true,
             _ => false,
         }

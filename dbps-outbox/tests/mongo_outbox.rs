@@ -434,6 +434,32 @@ async fn two_relays_share_the_outbox_without_loss_or_reordering() -> TestResult 
     Ok(())
 }
 
+/// A batch over many documents is marked with a statement per document: on FerretDB 1.x
+/// in several `update` commands, since one command of 60 statements leaves that server
+/// waiting for a connection of its own pool forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_many_documents_is_marked_and_cleared() -> TestResult {
+    let f = fixture(2).await?;
+    let mut committed = BTreeSet::new();
+    for i in 0..120 {
+        committed.insert(f.create(&format!("m-{i}")).await?);
+    }
+    // One batch holds all 120 documents: 240 statements to mark and clear them.
+    let (summary, records) = drain(fast(f.store().await?, f.kafka.brokers())?, &f.kafka, &f.topic, 120).await?;
+    let published: BTreeSet<String> = summarise(&records).into_iter().map(|(_, _, id)| id).collect();
+    assert_eq!(published, committed);
+    assert_eq!(summary.published, 120, "{summary:?}");
+    assert_eq!(stored(&f.tenders()).await?, 0);
+    let pending = f
+        .tenders()
+        .count_documents(doc! { PENDING_FIELD: { "$exists": true } })
+        .await?;
+    assert_eq!(pending, 0, "every drained outbox was cleared");
+    // The server still answers.
+    f.db().run_command(doc! { "ping": 1 }).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_stopped_between_ack_and_mark_republishes_and_loses_nothing() -> TestResult {
     let f = fixture(1).await?;

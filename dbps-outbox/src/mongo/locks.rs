@@ -52,7 +52,7 @@ impl DocumentLocks {
         match self {
             Self::Always => Ok(true),
             Self::Never => Ok(false),
-            Self::Auto => lacks_isolation(client).await,
+            Self::Auto => is_ferretdb_v1(client).await,
         }
     }
 }
@@ -67,6 +67,9 @@ const LOCK_TTL: Duration = Duration::from_secs(10);
 const LOCK_TRUSTED: Duration = Duration::from_secs(5);
 /// How long a writer waits for a lock before giving up with a contention error.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
+/// How often a relay's turn that is still running renews the locks it holds, well within
+/// [`LOCK_TRUSTED`].
+const LOCK_RENEW: Duration = Duration::from_millis(1_500);
 
 /// Decides once (per writer or store) whether locks are needed, and takes them.
 #[derive(Debug, Clone)]
@@ -90,8 +93,10 @@ impl Locking {
     }
 }
 
-/// Whether the server is one known to lose concurrent updates of one document.
-async fn lacks_isolation(client: &Client) -> Result<bool> {
+/// Whether the server is FerretDB 1.x, which loses concurrent updates of one document
+/// (see the module docs) and deadlocks on `update` commands of many statements (see
+/// [`super::store`]).
+pub(crate) async fn is_ferretdb_v1(client: &Client) -> Result<bool> {
     let info = client
         .database("admin")
         .run_command(doc! { "buildInfo": 1 })
@@ -192,18 +197,33 @@ impl Locks {
 
     /// Takes every lock of `keys` in turns: `work` runs on the keys taken in each turn,
     /// which are released after it, so a turn never waits while holding locks.
+    ///
+    /// A turn never outlives its locks: while `work` runs, the locks are renewed every
+    /// [`LOCK_RENEW`], and `work` checks its [`Hold`] before each write after its first.
+    /// A lock another writer broke meanwhile (this process stalled for longer than the
+    /// lock's life) ends the hold, and the turn's next check fails instead of writing.
     pub(crate) async fn with_each<F, Fut>(&self, collection: &str, keys: Vec<String>, mut work: F) -> Result<()>
     where
-        F: FnMut(Vec<String>) -> Fut,
+        F: FnMut(Vec<String>, Hold) -> Fut,
         Fut: Future<Output = Result<()>>,
     {
         let started = Instant::now();
         let mut left = keys;
         let mut attempt = 0_u32;
         while !left.is_empty() {
+            // Before the insert: the locks' expiry is computed from a moment no earlier.
+            let taken_at = Instant::now();
             let taken = self.try_lock_many(&left).await?;
             if !taken.is_empty() {
-                let result = work(taken.clone()).await;
+                let hold = Hold::until(collection, taken_at + LOCK_TRUSTED);
+                let result = {
+                    let work = work(taken.clone(), hold.clone());
+                    tokio::pin!(work);
+                    tokio::select! {
+                        result = &mut work => result,
+                        never = self.keep(&taken, &hold) => match never {},
+                    }
+                };
                 self.unlock_many(&taken).await?;
                 result?;
                 left.retain(|k| !taken.contains(k));
@@ -222,6 +242,41 @@ impl Locks {
             backoff(attempt).await;
         }
         Ok(())
+    }
+
+    /// Renews the locks `keys` every [`LOCK_RENEW`] and extends `hold` after each renewal
+    /// that found them all still this holder's; runs until dropped.
+    async fn keep(&self, keys: &[String], hold: &Hold) -> std::convert::Infallible {
+        let ttl = i64::try_from(LOCK_TTL.as_millis()).unwrap_or(i64::MAX);
+        loop {
+            tokio::time::sleep(LOCK_RENEW).await;
+            let renewed_at = Instant::now();
+            let expires_at = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis().saturating_add(ttl));
+            let renewed = self
+                .collection
+                .update_many(
+                    doc! { "_id": { "$in": keys }, "owner": &self.owner },
+                    doc! { "$set": { "expires_at": expires_at } },
+                )
+                .await;
+            match renewed {
+                Ok(result) if usize::try_from(result.matched_count).is_ok_and(|n| n == keys.len()) => {
+                    hold.extend(renewed_at + LOCK_TRUSTED);
+                }
+                Ok(result) => {
+                    metrics::counter!("dbps_outbox_document_locks_lost_total").increment(1);
+                    tracing::error!(
+                        held = keys.len(),
+                        still_held = result.matched_count,
+                        "outbox document locks expired and were taken by another writer during a relay turn: the turn stops writing"
+                    );
+                    hold.lose();
+                }
+                // The hold is not extended: it runs out on its own unless a later renewal
+                // succeeds.
+                Err(error) => tracing::warn!(%error, "could not renew outbox document locks"),
+            }
+        }
     }
 
     /// Releases the lock `key`.
@@ -255,10 +310,156 @@ impl Locks {
     }
 }
 
+/// What a turn of [`Locks::with_each`] may rely on: until when its locks are its own.
+/// Without locks (a server that needs none) it always holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Hold {
+    locked: Option<(Arc<str>, TrustedUntil)>,
+}
+
+/// Until when a turn's locks are its own; `None` once it lost them. Shared between the
+/// turn and its renewals.
+type TrustedUntil = Arc<std::sync::Mutex<Option<Instant>>>;
+
+impl Hold {
+    /// A hold without locks.
+    pub(crate) fn unlocked() -> Self {
+        Self { locked: None }
+    }
+
+    fn until(collection: &str, trusted_until: Instant) -> Self {
+        Self {
+            locked: Some((collection.into(), Arc::new(std::sync::Mutex::new(Some(trusted_until))))),
+        }
+    }
+
+    fn extend(&self, trusted_until: Instant) {
+        if let Some((_, until)) = &self.locked {
+            let mut until = until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(at) = until.as_mut() {
+                *at = (*at).max(trusted_until);
+            }
+        }
+    }
+
+    fn lose(&self) {
+        if let Some((_, until)) = &self.locked {
+            *until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+    }
+
+    /// `Ok` while the turn may still write under its locks; [`OutboxError::LockExpired`]
+    /// (transient: the relay retries the round) once it may not.
+    pub(crate) fn check(&self) -> Result<()> {
+        let Some((collection, until)) = &self.locked else {
+            return Ok(());
+        };
+        let until = *until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match until {
+            Some(until) if Instant::now() < until => Ok(()),
+            _ => Err(OutboxError::LockExpired {
+                collection: collection.to_string(),
+            }),
+        }
+    }
+}
+
 /// A short, growing, jittered pause between attempts to take a lock: writes hold locks
 /// for a few milliseconds.
 async fn backoff(attempt: u32) {
     let ceiling = u64::from(attempt.min(10)) * 2;
     let pause = rand::random_range(1..=ceiling.max(1));
     tokio::time::sleep(Duration::from_millis(pause)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// A turn that runs longer than a lock lives keeps its lock: another writer waits
+    /// for the turn to end instead of breaking the lock as expired.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_turn_keeps_its_lock_until_it_ends() -> TestResult {
+        let mongo = dbps_testkit::mongo().await?;
+        let (relay, writer) = (Locks::new(mongo.database()), Locks::new(mongo.database()));
+        let document = Bson::String("a".into());
+        let turn = LOCK_TTL + Duration::from_secs(2);
+        let ended = Arc::new(std::sync::Mutex::new(None::<Instant>));
+        let held = {
+            let ended = Arc::clone(&ended);
+            let keys = vec![Locks::key("tenders", &document)];
+            tokio::spawn(async move {
+                relay
+                    .with_each("tenders", keys, |_, hold| {
+                        let ended = Arc::clone(&ended);
+                        async move {
+                            tokio::time::sleep(turn).await;
+                            // Renewed all along: still trusted after longer than a lock lives.
+                            hold.check()?;
+                            *ended.lock().expect("ended") = Some(Instant::now());
+                            Ok(())
+                        }
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (key, _) = writer.lock("tenders", &document).await?;
+        let taken = Instant::now();
+        held.await??;
+        let ended = ended.lock().expect("ended").ok_or("the turn never ended")?;
+        assert!(taken >= ended, "the writer took the lock while the turn still ran");
+        writer.unlock(&key).await?;
+        Ok(())
+    }
+
+    /// A turn whose process stalled for longer than its locks live (no renewal ran), and
+    /// whose lock another writer broke meanwhile, writes nothing more: its hold fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_turn_that_outlived_its_lock_stops_writing() -> TestResult {
+        let mongo = dbps_testkit::mongo().await?;
+        let (relay, writer) = (Locks::new(mongo.database()), Locks::new(mongo.database()));
+        let document = Bson::String("b".into());
+        let keys = vec![Locks::key("tenders", &document)];
+        let writer_task = {
+            let document = document.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let (key, _) = writer.lock("tenders", &document).await?;
+                writer.unlock(&key).await?;
+                Ok::<_, OutboxError>(Instant::now())
+            })
+        };
+        let checked = relay
+            .with_each("tenders", keys, |_, hold| async move {
+                hold.check()?;
+                // A stall of the whole thread: neither this turn nor its renewals run.
+                tokio::task::block_in_place(|| std::thread::sleep(LOCK_TTL + Duration::from_secs(1)));
+                hold.check()
+            })
+            .await;
+        assert!(
+            matches!(checked, Err(OutboxError::LockExpired { ref collection }) if collection == "tenders"),
+            "{checked:?}"
+        );
+        // The other writer broke the expired lock and wrote meanwhile.
+        writer_task.await??;
+        assert!(checked.is_err_and(|e| e.is_transient()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_hold_without_locks_always_holds() {
+        assert!(Hold::unlocked().check().is_ok());
+        let hold = Hold::until("c", Instant::now() + Duration::from_secs(60));
+        assert!(hold.check().is_ok());
+        hold.lose();
+        assert!(matches!(hold.check(), Err(OutboxError::LockExpired { .. })));
+        let past = Hold::until("c", Instant::now());
+        assert!(past.check().is_err());
+        past.extend(Instant::now() + Duration::from_secs(60));
+        assert!(past.check().is_ok(), "a renewal extends the hold");
+    }
 }

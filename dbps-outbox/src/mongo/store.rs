@@ -1,16 +1,18 @@
 //! The relay's side of the MongoDB outbox.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, Database, IndexModel};
+use tokio::sync::OnceCell;
 
 use super::entry::{MongoMessageId, decode_all};
 use super::lease::{Leases, MongoLease, Wake};
-use super::locks::{DocumentLocks, Locking, Locks};
+use super::locks::{DocumentLocks, Hold, Locking, Locks, is_ferretdb_v1};
 use super::{
     OUTBOX_FIELD, PARKED_FIELD, PARTITION_FIELD, PARTITIONS, PENDING_FIELD, POSITION_FIELD, PUBLISHED_AT_FIELD,
     PUBLISHED_FIELD, is_replicated, mongo,
@@ -57,7 +59,18 @@ pub struct MongoOutboxStore {
     poll_max: Duration,
     change_streams: bool,
     locking: Locking,
+    ferretdb_v1: Arc<OnceCell<bool>>,
 }
+
+/// How many statements one `update` command carries on FerretDB 1.x. That server keeps a
+/// PostgreSQL connection of its pool (50) for each statement of a command until the whole
+/// command is done, and each statement's write needs one more: a command of 60 statements
+/// waits for a connection forever, and the server answers nothing after it. Measured on
+/// FerretDB 1.24: 48 statements pass, 60 hang. 16 leaves room for other clients.
+const FERRETDB_STATEMENTS_PER_COMMAND: usize = 16;
+
+/// How many statements one `update` command carries elsewhere (MongoDB allows 100,000).
+const STATEMENTS_PER_COMMAND: usize = 1_000;
 
 impl MongoOutboxStore {
     /// A store over `database`, with no collection registered yet, deleting published
@@ -73,6 +86,7 @@ impl MongoOutboxStore {
             poll_max: Duration::from_secs(1),
             change_streams: true,
             locking: Locking::new(DocumentLocks::Auto),
+            ferretdb_v1: Arc::new(OnceCell::new()),
         }
     }
 
@@ -231,7 +245,7 @@ impl MongoOutboxStore {
         unset.insert(path, "");
         let update = doc! { "$unset": unset, "$set": set, "$min": { PENDING_FIELD: bson::DateTime::now() } };
         let (collection, filter, update) = (&collection, &filter, &update);
-        self.write_documents(&id.collection, vec![id.document.clone()], |_| async move {
+        self.write_documents(&id.collection, vec![id.document.clone()], |_, hold| async move {
             let result = collection
                 .update_one(filter.clone(), update.clone())
                 .await
@@ -239,6 +253,7 @@ impl MongoOutboxStore {
             if result.matched_count == 0 {
                 return Err(OutboxError::NotParkedEntry { id: id.to_string() });
             }
+            hold.check()?;
             self.forget_empty_parked(collection, &id.document).await
         })
         .await?;
@@ -255,7 +270,7 @@ impl MongoOutboxStore {
         let mut unset = Document::new();
         unset.insert(path, "");
         let (collection, filter, update) = (&collection, &filter, &doc! { "$unset": unset });
-        self.write_documents(&id.collection, vec![id.document.clone()], |_| async move {
+        self.write_documents(&id.collection, vec![id.document.clone()], |_, hold| async move {
             let result = collection
                 .update_one(filter.clone(), update.clone())
                 .await
@@ -263,6 +278,7 @@ impl MongoOutboxStore {
             if result.matched_count == 0 {
                 return Err(OutboxError::NotParkedEntry { id: id.to_string() });
             }
+            hold.check()?;
             self.forget_empty_parked(collection, &id.document).await
         })
         .await?;
@@ -276,28 +292,28 @@ impl MongoOutboxStore {
 
     /// Runs `write` on `documents` of collection `name`, under their locks on servers that
     /// need them (see [`DocumentLocks`]); `write` gets the documents it may touch, in one
-    /// or several turns.
+    /// or several turns, and a [`Hold`] to check before each write after its first.
     async fn write_documents<F, Fut>(&self, name: &str, documents: Vec<Bson>, mut write: F) -> Result<()>
     where
-        F: FnMut(Vec<Bson>) -> Fut,
+        F: FnMut(Vec<Bson>, Hold) -> Fut,
         Fut: Future<Output = Result<()>>,
     {
         if documents.is_empty() {
             return Ok(());
         }
         let Some(locks) = self.locking.locks(self.database.client(), &self.database).await? else {
-            return write(documents).await;
+            return write(documents, Hold::unlocked()).await;
         };
         let keyed: Vec<(String, Bson)> = documents.into_iter().map(|d| (Locks::key(name, &d), d)).collect();
         let keys = keyed.iter().map(|(k, _)| k.clone()).collect();
         locks
-            .with_each(name, keys, |taken| {
+            .with_each(name, keys, |taken, hold| {
                 let turn = keyed
                     .iter()
                     .filter(|(k, _)| taken.contains(k))
                     .map(|(_, d)| d.clone())
                     .collect();
-                write(turn)
+                write(turn, hold)
             })
             .await
     }
@@ -328,24 +344,79 @@ impl MongoOutboxStore {
             .ok_or_else(|| OutboxError::NotParkedEntry { id: id.to_string() })
     }
 
-    /// Removes the outbox and the pending mark of those `documents` whose outbox is empty
-    /// now. A message written meanwhile makes the outbox non-empty, and the document
-    /// keeps both.
-    async fn forget_empty_outboxes(&self, collection: &Collection<Document>, documents: Vec<Bson>) -> Result<()> {
-        if documents.is_empty() {
+    /// Runs `statements` (`{q, u}` pairs) in order as `update` commands on collection
+    /// `name` (one, or on FerretDB 1.x one per [`FERRETDB_STATEMENTS_PER_COMMAND`], each
+    /// after checking `hold`); a statement's write error fails the whole.
+    async fn update_each(
+        &self,
+        name: &str,
+        statements: Vec<Document>,
+        operation: &'static str,
+        hold: &Hold,
+    ) -> Result<()> {
+        if statements.is_empty() {
             return Ok(());
         }
-        collection
-            .update_many(
-                doc! {
-                    "_id": { "$in": documents },
-                    "$or": [{ OUTBOX_FIELD: {} }, { OUTBOX_FIELD: { "$exists": false } }],
-                },
-                doc! { "$unset": { OUTBOX_FIELD: "", PENDING_FIELD: "" } },
-            )
-            .await
-            .map_err(mongo("clear drained outboxes"))?;
+        let client = self.database.client();
+        let per_command = if *self.ferretdb_v1.get_or_try_init(|| is_ferretdb_v1(client)).await? {
+            FERRETDB_STATEMENTS_PER_COMMAND
+        } else {
+            STATEMENTS_PER_COMMAND
+        };
+        // One command after the other, so statements keep their order.
+        for (i, statements) in statements.chunks(per_command).enumerate() {
+            if i > 0 {
+                hold.check()?;
+            }
+            let reply = self
+                .database
+                .run_command(doc! { "update": name, "updates": statements, "ordered": true })
+                .await
+                .map_err(mongo(operation))?;
+            if let Ok(errors) = reply.get_array("writeErrors")
+                && !errors.is_empty()
+            {
+                return Err(OutboxError::WriteRefused {
+                    operation,
+                    errors: errors
+                        .iter()
+                        .map(|e| {
+                            e.as_document()
+                                .and_then(|e| e.get_str("errmsg").ok())
+                                .unwrap_or("unknown")
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The statement that removes the outbox and the pending mark of `document` if its
+    /// outbox is empty when it runs. A message written meanwhile makes the outbox
+    /// non-empty, and the document keeps both. It selects the document by its `_id`,
+    /// which every server answers from the `_id` index (with `_id` beside other fields
+    /// too; FerretDB 1.x reads the whole collection for `_id: {$in: …}` or `$and`).
+    fn forget_if_empty(document: &Bson) -> Document {
+        doc! {
+            "q": { "_id": document.clone(), OUTBOX_FIELD: {} },
+            "u": { "$unset": { OUTBOX_FIELD: "", PENDING_FIELD: "" } },
+        }
+    }
+
+    /// Removes the outbox and the pending mark of those `documents` of collection `name`
+    /// whose outbox is empty or gone now, in one command.
+    async fn forget_empty_outboxes(&self, name: &str, documents: &[Bson], hold: &Hold) -> Result<()> {
+        let mut statements = Vec::with_capacity(documents.len() * 2);
+        for document in documents {
+            statements.push(Self::forget_if_empty(document));
+            statements.push(doc! {
+                "q": { "_id": document.clone(), OUTBOX_FIELD: { "$exists": false } },
+                "u": { "$unset": { PENDING_FIELD: "" } },
+            });
+        }
+        self.update_each(name, statements, "clear drained outboxes", hold).await
     }
 
     /// Removes the parked map of `document` if it is empty, so that
@@ -478,9 +549,8 @@ impl OutboxStore for MongoOutboxStore {
                     _ => drained.push(id),
                 }
             }
-            let collection = &collection;
-            self.write_documents(name, drained, |documents| {
-                self.forget_empty_outboxes(collection, documents)
+            self.write_documents(name, drained, |documents, hold| async move {
+                self.forget_empty_outboxes(name, &documents, &hold).await
             })
             .await?;
         }
@@ -493,36 +563,47 @@ impl OutboxStore for MongoOutboxStore {
         Ok(batch)
     }
 
+    /// One `update` command per collection (and lock turn): for each document, a
+    /// statement that removes its acknowledged messages and one that removes its outbox
+    /// if that is empty now, each selecting the document by its `_id`, which every server
+    /// answers from the `_id` index (FerretDB 1.x reads the whole collection for
+    /// `_id: {$in: …}`, as one `update_many` over the batch would need).
     async fn mark_published(&self, ids: &[MongoMessageId]) -> Result<()> {
-        let mut by_collection: BTreeMap<&str, (Vec<Bson>, Document)> = BTreeMap::new();
+        let mut by_collection: BTreeMap<&str, Vec<(Bson, Document)>> = BTreeMap::new();
         for id in ids {
-            let (documents, paths) = by_collection.entry(&id.collection).or_default();
-            if !documents.contains(&id.document) {
-                documents.push(id.document.clone());
-            }
-            let path = format!("{OUTBOX_FIELD}.{}", id.key);
-            match self.retention {
-                Retention::Delete => paths.insert(path, ""),
-                Retention::Keep(_) => paths.insert(path, format!("{PUBLISHED_FIELD}.{}", id.key)),
-            };
-        }
-        for (name, (documents, paths)) in by_collection {
-            let collection = &self.handle(name);
-            // Keys are unique in the collection, so one update removes each document's own
-            // acknowledged messages and nothing else (a message written meanwhile has
-            // another key).
-            let update = &match self.retention {
-                Retention::Delete => doc! { "$unset": paths },
-                Retention::Keep(_) => {
-                    doc! { "$rename": paths, "$set": { PUBLISHED_AT_FIELD: bson::DateTime::now() } }
+            let documents = by_collection.entry(&id.collection).or_default();
+            let at = match documents.iter().position(|(d, _)| *d == id.document) {
+                Some(at) => at,
+                None => {
+                    documents.push((id.document.clone(), Document::new()));
+                    documents.len() - 1
                 }
             };
-            self.write_documents(name, documents, |documents| async move {
-                collection
-                    .update_many(doc! { "_id": { "$in": documents.clone() } }, update.clone())
-                    .await
-                    .map_err(mongo("mark published"))?;
-                self.forget_empty_outboxes(collection, documents).await
+            let path = format!("{OUTBOX_FIELD}.{}", id.key);
+            match self.retention {
+                Retention::Delete => documents[at].1.insert(path, ""),
+                Retention::Keep(_) => documents[at].1.insert(path, format!("{PUBLISHED_FIELD}.{}", id.key)),
+            };
+        }
+        for (name, documents) in by_collection {
+            let ids: Vec<Bson> = documents.iter().map(|(d, _)| d.clone()).collect();
+            let documents = &documents;
+            self.write_documents(name, ids, |turn, hold| async move {
+                let mut statements = Vec::with_capacity(turn.len() * 2);
+                for (document, paths) in documents.iter().filter(|(d, _)| turn.contains(d)) {
+                    // Keys are unique in the collection, so this removes the document's own
+                    // acknowledged messages and nothing else (a message written meanwhile
+                    // has another key).
+                    let update = match self.retention {
+                        Retention::Delete => doc! { "$unset": paths.clone() },
+                        Retention::Keep(_) => {
+                            doc! { "$rename": paths.clone(), "$set": { PUBLISHED_AT_FIELD: bson::DateTime::now() } }
+                        }
+                    };
+                    statements.push(doc! { "q": { "_id": document.clone() }, "u": update });
+                    statements.push(Self::forget_if_empty(document));
+                }
+                self.update_each(name, statements, "mark published", &hold).await
             })
             .await?;
         }
@@ -556,15 +637,16 @@ impl OutboxStore for MongoOutboxStore {
         unset.insert(path, "");
         let mut set = Document::new();
         set.insert(format!("{PARKED_FIELD}.{}", id.key), entry);
-        let (collection, filter, update) = (&collection, &filter, &doc! { "$unset": unset, "$set": set });
-        // One write moves the message: it is in the outbox or parked, never both or
-        // neither.
-        self.write_documents(&id.collection, vec![id.document.clone()], |documents| async move {
-            collection
-                .update_one(filter.clone(), update.clone())
+        // One statement moves the message: it is in the outbox or parked, never both or
+        // neither. The next clears the outbox if that was its last message.
+        let statements = vec![
+            doc! { "q": filter, "u": { "$unset": unset, "$set": set } },
+            Self::forget_if_empty(&id.document),
+        ];
+        let statements = &statements;
+        self.write_documents(&id.collection, vec![id.document.clone()], |_, hold| async move {
+            self.update_each(&id.collection, statements.clone(), "park", &hold)
                 .await
-                .map_err(mongo("park"))?;
-            self.forget_empty_outboxes(collection, documents).await
         })
         .await
     }
