@@ -64,10 +64,15 @@ pub struct MongoOutboxStore {
 
 /// How many statements one `update` command carries on FerretDB 1.x. That server keeps a
 /// PostgreSQL connection of its pool (50) for each statement of a command until the whole
-/// command is done, and each statement's write needs one more: a command of 60 statements
-/// waits for a connection forever, and the server answers nothing after it. Measured on
-/// FerretDB 1.24: 48 statements pass, 60 hang. 16 leaves room for other clients.
-const FERRETDB_STATEMENTS_PER_COMMAND: usize = 16;
+/// command is done, and each statement's write needs one more: once the commands in
+/// progress hold every connection, they all wait for one forever, and the server answers
+/// nothing after. Measured on FerretDB 1.24: one command of 48 statements passes, one of
+/// 60 hangs. 8 leaves room for several relays and the writers (two connections each).
+const FERRETDB_STATEMENTS_PER_COMMAND: usize = 8;
+
+/// How many documents a relay locks and writes at a time where writes take locks: those
+/// of one command (each document's write has two statements).
+const LOCKED_DOCUMENTS_PER_TURN: usize = FERRETDB_STATEMENTS_PER_COMMAND / 2;
 
 /// How many statements one `update` command carries elsewhere (MongoDB allows 100,000).
 const STATEMENTS_PER_COMMAND: usize = 1_000;
@@ -292,7 +297,8 @@ impl MongoOutboxStore {
 
     /// Runs `write` on `documents` of collection `name`, under their locks on servers that
     /// need them (see [`DocumentLocks`]); `write` gets the documents it may touch, in one
-    /// or several turns, and a [`Hold`] to check before each write after its first.
+    /// or several turns (of at most [`LOCKED_DOCUMENTS_PER_TURN`] under locks), and a
+    /// [`Hold`] to check before each write after its first.
     async fn write_documents<F, Fut>(&self, name: &str, documents: Vec<Bson>, mut write: F) -> Result<()>
     where
         F: FnMut(Vec<Bson>, Hold) -> Fut,
@@ -305,17 +311,22 @@ impl MongoOutboxStore {
             return write(documents, Hold::unlocked()).await;
         };
         let keyed: Vec<(String, Bson)> = documents.into_iter().map(|d| (Locks::key(name, &d), d)).collect();
-        let keys = keyed.iter().map(|(k, _)| k.clone()).collect();
-        locks
-            .with_each(name, keys, |taken, hold| {
-                let turn = keyed
-                    .iter()
-                    .filter(|(k, _)| taken.contains(k))
-                    .map(|(_, d)| d.clone())
-                    .collect();
-                write(turn, hold)
-            })
-            .await
+        // A few documents at a time, so that a writer waiting for one of them waits for
+        // one command, not for the whole batch.
+        for group in keyed.chunks(LOCKED_DOCUMENTS_PER_TURN) {
+            let keys = group.iter().map(|(k, _)| k.clone()).collect();
+            locks
+                .with_each(name, keys, |taken, hold| {
+                    let turn = group
+                        .iter()
+                        .filter(|(k, _)| taken.contains(k))
+                        .map(|(_, d)| d.clone())
+                        .collect();
+                    write(turn, hold)
+                })
+                .await?;
+        }
+        Ok(())
     }
 
     fn leases(&self) -> Leases {
