@@ -356,8 +356,9 @@ impl MongoOutboxStore {
     }
 
     /// Runs `statements` (`{q, u}` pairs) in order as `update` commands on collection
-    /// `name` (one, or on FerretDB 1.x one per [`FERRETDB_STATEMENTS_PER_COMMAND`], each
-    /// after checking `hold`); a statement's write error fails the whole.
+    /// `name`: one per [`STATEMENTS_PER_COMMAND`], on FerretDB 1.x one per
+    /// [`FERRETDB_STATEMENTS_PER_COMMAND`], each after the first only once `hold` still
+    /// holds; a statement's write error fails the whole.
     async fn update_each(
         &self,
         name: &str,
@@ -417,7 +418,7 @@ impl MongoOutboxStore {
     }
 
     /// Removes the outbox and the pending mark of those `documents` of collection `name`
-    /// whose outbox is empty or gone now, in one command.
+    /// whose outbox is empty or gone now, with two statements each.
     async fn forget_empty_outboxes(&self, name: &str, documents: &[Bson], hold: &Hold) -> Result<()> {
         let mut statements = Vec::with_capacity(documents.len() * 2);
         for document in documents {
@@ -574,11 +575,11 @@ impl OutboxStore for MongoOutboxStore {
         Ok(batch)
     }
 
-    /// One `update` command per collection (and lock turn): for each document, a
-    /// statement that removes its acknowledged messages and one that removes its outbox
-    /// if that is empty now, each selecting the document by its `_id`, which every server
-    /// answers from the `_id` index (FerretDB 1.x reads the whole collection for
-    /// `_id: {$in: …}`, as one `update_many` over the batch would need).
+    /// For each document, a statement that removes its acknowledged messages and one that
+    /// removes its outbox if that is empty now, each selecting the document by its `_id`,
+    /// which every server answers from the `_id` index (FerretDB 1.x reads the whole
+    /// collection for `_id: {$in: …}`, as one `update_many` over the batch would need);
+    /// sent as one command per collection, on FerretDB 1.x one per lock turn.
     async fn mark_published(&self, ids: &[MongoMessageId]) -> Result<()> {
         let mut by_collection: BTreeMap<&str, Vec<(Bson, Document)>> = BTreeMap::new();
         for id in ids {
